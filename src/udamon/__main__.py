@@ -1,0 +1,5 @@
+import sys
+
+from udamon.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""Argument parsing pieces shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from udamon.core.attrs import Attrs, IntervalsGoal
+from udamon.errors import UsageError
+from udamon.probes.filters import FILTER_TYPES, Filter, parse_conditions
+from udamon.probes.probe import Probe
+from udamon.units import parse_duration_ns, parse_duration_us, parse_range
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one line and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def typed(fn, what: str):
+    """Wrap a parser so argparse reports a ValueError's own message."""
+
+    def conv(text: str):
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    conv.__name__ = what
+    return conv
+
+
+FILTER_HELP = "FILTERS are comma-separated conditions that must all hold, each [!]TYPE[:VALUE]:\n" + \
+    "\n".join(f"  {t:<8} {d}" for t, (_, d) in FILTER_TYPES.items()) + \
+    "\nIn a list of ids inside FILTERS, separate ids with '+' (cpus:0+2) or use ranges (cpus:0-3)."
+
+
+def add_monitoring_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("monitoring attributes (DAMON's; defaults as in the kernel)")
+    g.add_argument("--sample", metavar="DUR", type=typed(parse_duration_us, "duration"),
+                   default=5_000, help="sampling interval (default 5ms)")
+    g.add_argument("--aggr", metavar="DUR", type=typed(parse_duration_us, "duration"),
+                   default=100_000, help="aggregation interval (default 100ms)")
+    g.add_argument("--update", metavar="DUR", type=typed(parse_duration_us, "duration"),
+                   default=1_000_000,
+                   help="how often to follow the target's memory map changes (default 1s)")
+    g.add_argument("--regions", metavar="MIN,MAX", type=typed(_parse_minmax, "MIN,MAX"),
+                   default=(10, 1000), help="min and max number of regions (default 10,1000)")
+    g.add_argument("--intervals-goal", metavar="BP,AGGRS,MIN,MAX",
+                   type=typed(_parse_goal, "BP,AGGRS,MIN,MAX"), default=None,
+                   help="auto-tune the intervals toward BP basis points of accesses observed, "
+                        "every AGGRS aggregations, sampling interval within MIN..MAX "
+                        "(e.g. 400,3,5ms,10s, DAMON's suggestion); off by default")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed for region splitting and page sampling (reproducible runs)")
+
+
+def add_filter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "sample filters (only reports that pass them count in nr_accesses) and probes")
+    g.add_argument("--cpus", metavar="LIST", help="only accesses made by these CPUs (e.g. 0-3,8)")
+    g.add_argument("--write-only", action="store_true", help="only writes")
+    g.add_argument("--tids", metavar="LIST", help="only accesses made by these thread ids")
+    g.add_argument("--filter", metavar="FILTERS", action="append", default=[],
+                   help="more sample-filter conditions (repeatable; all must hold)")
+    g.add_argument("--probe", metavar="NAME=FILTERS", action="append", default=[],
+                   help="add a per-region counter of the reports passing FILTERS "
+                        "(repeatable), e.g. --probe w1=cpus:1,write")
+
+
+def attrs_from_args(a: argparse.Namespace) -> Attrs:
+    goal = IntervalsGoal() if a.intervals_goal is None else a.intervals_goal
+    try:
+        return Attrs(sample_us=a.sample, aggr_us=a.aggr, update_us=a.update,
+                     min_nr_regions=a.regions[0], max_nr_regions=a.regions[1],
+                     intervals_goal=goal).validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def filters_from_args(a: argparse.Namespace) -> list[Filter]:
+    conds: list[str] = []
+    if a.cpus:
+        conds.append("cpus:" + a.cpus.replace(",", "+"))
+    if a.tids:
+        conds.append("threads:" + a.tids.replace(",", "+"))
+    if a.write_only:
+        conds.append("write")
+    conds.extend(a.filter)
+    out: list[Filter] = []
+    for c in conds:
+        try:
+            out.extend(parse_conditions(c))
+        except ValueError as e:
+            raise UsageError(f"bad filter {c!r}: {e}") from None
+    return out
+
+
+def probes_from_args(a: argparse.Namespace) -> list[Probe]:
+    out: list[Probe] = []
+    for spec in a.probe:
+        try:
+            out.append(Probe.parse(spec))
+        except ValueError as e:
+            raise UsageError(f"bad --probe {spec!r}: {e}") from None
+    names = [p.name for p in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UsageError(f"probe names must be unique: {', '.join(sorted(dup))} given twice")
+    return out
+
+
+def _parse_minmax(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"expected MIN,MAX, got {text!r}")
+    try:
+        lo, hi = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"expected two integers MIN,MAX, got {text!r}") from None
+    return lo, hi
+
+
+def _parse_goal(text: str) -> IntervalsGoal:
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise ValueError(f"expected BP,AGGRS,MIN,MAX (e.g. 400,3,5ms,10s), got {text!r}")
+    try:
+        bp, aggrs = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"BP and AGGRS must be integers in {text!r}") from None
+    return IntervalsGoal(bp, aggrs, parse_duration_us(parts[2]), parse_duration_us(parts[3]))
+
+
+def parse_ranges(texts: list[str]) -> list[tuple[int, int]] | None:
+    if not texts:
+        return None
+    out = []
+    for t in texts:
+        try:
+            out.append(parse_range(t))
+        except ValueError as e:
+            raise UsageError(f"bad --range: {e}") from None
+    out.sort()
+    for (s0, e0), (s1, _) in zip(out[:-1], out[1:], strict=False):
+        if s1 < e0:
+            raise UsageError(f"--range values overlap ({s0:#x}-{e0:#x} and {s1:#x}-...)")
+    return out
+
+
+def duration_arg(text: str) -> int:
+    ns = parse_duration_ns(text)
+    if ns <= 0:
+        raise ValueError("duration must be positive")
+    return ns
+
+
+def pid_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        try:
+            v = int(part)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a process id") from None
+        if v <= 0:
+            raise ValueError(f"{v} is not a process id")
+        out.append(v)
+    return out

@@ -1,0 +1,339 @@
+"""The DAMON engine over access reports.
+
+``Monitor`` is what the CLI and library users drive: add targets, feed reports
+(``report_access`` / ``report_batch``), and ``advance(now_ns)``; every
+aggregation interval that ends by ``now_ns`` is closed and returned as one
+``Snapshot`` per target.  Time comes from the caller, so the same engine runs
+live (monotonic clock) and on replayed input (the input's clock).
+
+Per aggregation, in mm/damon/core.c order: count accesses (a region is
+accessed in a sampling interval when a report that passes the sample filters
+lands in it; probes count the same way with their own filters), update ages,
+merge adjacent similar regions, tune intervals, emit the snapshot, reset,
+split at random, and follow VMA changes every update interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from udamon.core.attrs import Attrs
+from udamon.core.regions import PAGE, Regions
+from udamon.errors import TargetGone
+from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
+from udamon.intake.reports import make
+from udamon.probes.filters import Filter, evaluate
+from udamon.probes.probe import Probe
+from udamon.targets.procmaps import process_name, read_vmas, three_regions
+
+RangeProvider = Callable[[], list[tuple[int, int]]]
+
+
+@dataclass
+class Target:
+    pid: int
+    regions: Regions
+    provider: RangeProvider | None = None  # re-reads the ranges every update interval
+    name: str = ""
+    exited: bool = False
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "name": self.name,
+                "ranges": [[int(s), int(e)] for s, e in self.ranges],
+                "follows_vmas": self.provider is not None}
+
+
+@dataclass
+class Snapshot:
+    """One target's regions at the end of one aggregation interval."""
+
+    time_ns: int  # end of the aggregation interval
+    start_ns: int  # its start
+    pid: int
+    sample_us: int
+    start: np.ndarray
+    end: np.ndarray
+    nr_accesses: np.ndarray
+    age: np.ndarray
+    probe_hits: dict[str, np.ndarray]
+    nr_reports: int = 0  # reports for this target in the interval, before sample filters
+    nr_passed: int = 0  # ... of which passed the sample filters and landed in a region
+
+    @property
+    def aggr_us(self) -> int:
+        return (self.time_ns - self.start_ns) // 1000
+
+    def to_dict(self) -> dict:
+        names = list(self.probe_hits)
+        hits = [self.probe_hits[n].tolist() for n in names]
+        regions = []
+        for i, (s, e, a, g) in enumerate(zip(self.start.tolist(), self.end.tolist(),
+                                              self.nr_accesses.tolist(), self.age.tolist(),
+                                              strict=True)):
+            regions.append({"start": s, "end": e, "nr_accesses": a, "age": g,
+                            "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}})
+        return {"time_ns": self.time_ns, "pid": self.pid, "sample_us": self.sample_us,
+                "aggr_us": self.aggr_us, "nr_reports": self.nr_reports,
+                "nr_passed": self.nr_passed, "regions": regions}
+
+
+@dataclass
+class MonitorStats:
+    accepted: int = 0
+    dropped: int = 0  # reports the bounded buffer could not take
+    unmatched: int = 0  # reports for pids that are not targets
+    outside: int = 0  # reports outside every region of their target
+    late: int = 0  # reports older than the interval they were counted in
+
+
+class Monitor:
+    def __init__(self, attrs: Attrs | None = None, filters: Sequence[Filter] = (),
+                 probes: Sequence[Probe] = (), *, seed: int | None = None,
+                 buffer_capacity: int = DEFAULT_CAPACITY, min_region_sz: int = PAGE):
+        self.attrs = (attrs or Attrs()).validate()
+        self.filters = tuple(filters)
+        self.probes = tuple(probes)
+        names = [p.name for p in self.probes]
+        if len(set(names)) != len(names):
+            raise ValueError("probe names must be unique")
+        self.targets: list[Target] = []
+        self.buffer = ReportBuffer(buffer_capacity)
+        self.rng = np.random.default_rng(seed)
+        self.min_region_sz = min_region_sz
+        self.window_start: int | None = None
+        self._last_update_ns: int | None = None
+        self._aggrs_since_tune = 0
+        self._last_nr_regions = 0
+        self._unmatched = 0
+        self._outside = 0
+        self._late = 0
+
+    # -- configuration ---------------------------------------------------------
+
+    def add_target(self, pid: int, ranges: Sequence[tuple[int, int]] | None = None,
+                   *, name: str | None = None) -> Target:
+        """Monitor ``pid``.  Without ``ranges`` the ranges come from /proc/<pid>/maps
+        (DAMON's three-region vaddr heuristic) and follow VMA changes."""
+        if any(t.pid == pid for t in self.targets):
+            raise ValueError(f"pid {pid} is already a target")
+        provider: RangeProvider | None = None
+        if ranges is None:
+            def provider() -> list[tuple[int, int]]:
+                return three_regions(read_vmas(pid))
+            ranges = provider()
+            if not ranges:
+                raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
+            if name is None:
+                name = process_name(pid)
+        ranges = sorted((int(s), int(e)) for s, e in ranges)
+        for (s0, e0), (s1, _) in zip(ranges[:-1], ranges[1:], strict=False):
+            if s1 < e0:
+                raise ValueError(f"ranges overlap: {s0:#x}-{e0:#x} and {s1:#x}")
+        regions = Regions.evenly_split(ranges, self.attrs.min_nr_regions, len(self.probes),
+                                       self.min_region_sz)
+        t = Target(pid, regions, provider, name or "", ranges=list(ranges))
+        self.targets.append(t)
+        return t
+
+    def target(self, pid: int) -> Target:
+        for t in self.targets:
+            if t.pid == pid:
+                return t
+        raise KeyError(pid)
+
+    # -- intake ----------------------------------------------------------------
+
+    def report_access(self, *, pid: int, addr: int, time_ns: int, size: int = PAGE,
+                      tid: int = -1, cpu: int = -1, node: int = -1, write: bool = False,
+                      source: str | int = "api") -> bool:
+        """One access report (the user-space damon_report_access()).  Returns False
+        when the bounded buffer was full and the report was counted as dropped."""
+        return self.buffer.add(make(time_ns=time_ns, pid=pid, addr=addr, size=size, tid=tid,
+                                    cpu=cpu, node=node, write=write, source=source)) == 1
+
+    def report_batch(self, reports: np.ndarray) -> int:
+        """A numpy batch of REPORT_DTYPE; returns how many were accepted."""
+        return self.buffer.add(reports)
+
+    @property
+    def stats(self) -> MonitorStats:
+        return MonitorStats(self.buffer.accepted, self.buffer.dropped, self._unmatched,
+                            self._outside, self._late)
+
+    # -- time ------------------------------------------------------------------
+
+    def start(self, now_ns: int) -> None:
+        """Set the start of the first aggregation interval (else: first advance/report)."""
+        if self.window_start is None:
+            self.window_start = int(now_ns)
+            self._last_update_ns = int(now_ns)
+
+    @property
+    def window_end(self) -> int | None:
+        if self.window_start is None:
+            return None
+        return self.window_start + self.attrs.aggr_us * 1000
+
+    def advance(self, now_ns: int) -> list[Snapshot]:
+        """Close every aggregation interval that ends at or before ``now_ns``."""
+        if self.window_start is None:
+            first = self.buffer.earliest()
+            self.start(first if first is not None else now_ns)
+        out: list[Snapshot] = []
+        while self.window_end is not None and self.window_end <= now_ns:
+            out.extend(self._close_window())
+        return out
+
+    def sampling_addresses(self, pid: int) -> np.ndarray:
+        """One random page-aligned address per region, for controlled primitives to arm."""
+        r = self.target(pid).regions
+        sz = (r.end - r.start).astype(np.float64)
+        off = (self.rng.random(len(r)) * sz).astype(np.uint64)
+        return (r.start + off) & ~np.uint64(self.min_region_sz - 1)
+
+    # -- one aggregation -------------------------------------------------------
+
+    def _count(self, t: Target, reports: np.ndarray, ws: int) -> tuple[int, int]:
+        r = t.regions
+        nsamp = self.attrs.aggr_samples
+        if reports.size == 0:
+            return 0, 0
+        k = (reports["time_ns"] - ws) // (self.attrs.sample_us * 1000)
+        self._late += int((k < 0).sum())
+        k = np.clip(k, 0, nsamp - 1)
+        ridx = r.index_of(reports["addr"])
+        inside = ridx >= 0
+        self._outside += int((~inside).sum())
+
+        def count(mask: np.ndarray) -> np.ndarray:
+            seen = np.zeros((nsamp, len(r)), dtype=bool)
+            seen[k[mask], ridx[mask]] = True
+            return seen.sum(axis=0)
+
+        passed = evaluate(self.filters, reports) & inside
+        r.nr_accesses += count(passed)
+        for i, p in enumerate(self.probes):
+            r.probe_hits[i] += count(evaluate(p.filters, reports) & inside)
+        return int(reports.size), int(passed.sum())
+
+    def _close_window(self) -> list[Snapshot]:
+        assert self.window_start is not None
+        ws, we = self.window_start, self.window_end
+        assert we is not None
+        reports = self.buffer.take_before(we)
+        live = [t for t in self.targets if not t.exited]
+        counts: dict[int, tuple[int, int]] = {}
+        if reports.size:
+            pids = reports["pid"]
+            matched = np.zeros(reports.size, dtype=bool)
+            for t in live:
+                sel = pids == t.pid
+                matched |= sel
+                counts[t.pid] = self._count(t, reports[sel], ws)
+            self._unmatched += int((~matched).sum())
+
+        # kdamond_merge_regions: threshold from the hottest region, doubled while
+        # there are too many regions.
+        max_nr = max((int(t.regions.nr_accesses.max(initial=0)) for t in live), default=0)
+        thres = max_nr // 10
+        total = sum(t.regions.total_size() for t in live)
+        sz_limit = max(total // self.attrs.min_nr_regions, self.min_region_sz)
+        for t in live:
+            t.regions.update_ages(thres)
+        while True:
+            for t in live:
+                t.regions.merge(thres, sz_limit)
+            nr = sum(len(t.regions) for t in live)
+            if nr <= self.attrs.max_nr_regions or thres >= self.attrs.aggr_samples:
+                break
+            thres = max(1, thres * 2)
+
+        sample_us = self.attrs.sample_us
+        self._aggrs_since_tune += 1
+        goal = self.attrs.intervals_goal
+        if goal.enabled and self._aggrs_since_tune >= goal.aggrs:
+            self._aggrs_since_tune = 0
+            self._tune_intervals(live)
+
+        snaps = []
+        for t in live:
+            r = t.regions
+            n_rep, n_pass = counts.get(t.pid, (0, 0))
+            snaps.append(Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
+                                  r.nr_accesses.copy(), r.age.copy(),
+                                  {p.name: r.probe_hits[i].copy()
+                                   for i, p in enumerate(self.probes)},
+                                  n_rep, n_pass))
+            r.reset_aggregated()
+
+        # kdamond_split_regions
+        nr = sum(len(t.regions) for t in live)
+        if nr <= self.attrs.max_nr_regions // 2:
+            subs = 3 if (nr == self._last_nr_regions
+                         and nr < self.attrs.max_nr_regions // 3) else 2
+            for t in live:
+                t.regions.split(subs, self.rng, self.min_region_sz)
+            self._last_nr_regions = nr
+
+        self.window_start = we
+        assert self._last_update_ns is not None
+        if we - self._last_update_ns >= self.attrs.update_us * 1000:
+            self._last_update_ns = we
+            self.update_ranges()
+        return snaps
+
+    def update_ranges(self) -> None:
+        """Follow VMA changes (damon_va_update); a target that is gone is marked exited."""
+        for t in self.targets:
+            if t.exited or t.provider is None:
+                continue
+            try:
+                ranges = t.provider()
+            except TargetGone:
+                t.exited = True
+                continue
+            if not ranges:
+                t.exited = True
+                continue
+            if ranges != t.ranges:
+                t.ranges = ranges
+                t.regions.set_ranges(ranges, self.min_region_sz)
+
+    def _tune_intervals(self, live: list[Target]) -> None:
+        """kdamond_tune_intervals: feedback loop toward ``access_bp`` of the maximum
+        possible access events, scaling the sampling interval."""
+        goal = self.attrs.intervals_goal
+        max_events = 0
+        events = 0
+        for t in live:
+            sz = t.regions.sizes().astype(np.int64)
+            max_events += int(sz.sum()) * self.attrs.aggr_samples
+            events += int((sz * t.regions.nr_accesses).sum())
+        target = max_events * goal.access_bp // 10_000 or 1
+        score = events * 10_000 // target
+        adaptation = _feed_loop_next_input(100_000_000, score) // 10_000
+        if adaptation <= 10_000:
+            adaptation = 5_000 + adaptation // 2
+        new = self.attrs.sample_us * adaptation // 10_000
+        new = max(goal.min_sample_us, min(goal.max_sample_us, new))
+        self.attrs = self.attrs.with_sample_us(max(new, 1))
+
+
+def _feed_loop_next_input(last_input: int, score: int) -> int:
+    """damon_feed_loop_next_input from mm/damon/core.c."""
+    goal = 10_000
+    min_input = 10_000
+    if score == goal:
+        return last_input
+    if score >= goal * 2:
+        return min_input
+    over = score > goal
+    diff = score - goal if over else goal - score
+    compensation = last_input * diff // goal
+    if over:
+        return max(last_input - compensation, min_input)
+    return last_input + compensation

@@ -1,0 +1,63 @@
+"""The interface every primitive implements.
+
+Two kinds plug in behind it (DESIGN.md, "Semantics that must match DAMON"):
+
+* **observational** primitives (hint, pmu, replay, external reporters) see
+  accesses wherever they happen; the core counts a region as accessed in a
+  sampling interval when a passing report lands anywhere in it.
+* **controlled** primitives (wp, rwp) are told, each sampling interval, which
+  one page per region to watch (``arm``); they report only accesses to those
+  pages, and the core counts a region only when its armed page was hit.
+
+The session driver calls ``start`` once, then per sampling interval ``arm``
+(controlled kind only) and ``poll``, and ``stop`` exactly once on every exit
+path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Kind = Literal["observational", "controlled"]
+# What a primitive knows about what it sampled: "controlled" (it armed the
+# pages itself), "complete" (it saw every access, e.g. a replay of a full
+# trace) or "unknown" (someone else decides what is sampled, e.g. the NUMA
+# balancing scanner for hint).  Where coverage is unknown a quiet period means
+# "not observed", not "not accessed".
+Coverage = Literal["controlled", "complete", "unknown"]
+
+
+@dataclass
+class PrimitiveStats:
+    lost_samples: int = 0  # events the kernel or a reader lost before udamon saw them
+    notes: list[str] = field(default_factory=list)  # one-line facts for the record header
+
+
+class Primitive(ABC):
+    name: str = "?"
+    kind: Kind = "observational"
+    coverage: Coverage = "unknown"
+
+    def start(self, pids: list[int]) -> None:  # noqa: B027 - optional hook
+        """Begin observing the given target processes."""
+
+    def arm(self, pid: int, addrs: np.ndarray) -> None:  # noqa: B027 - controlled only
+        """Controlled kind: watch the pages holding ``addrs`` until the next poll."""
+
+    @abstractmethod
+    def poll(self, now_ns: int) -> np.ndarray:
+        """Return the reports (REPORT_DTYPE) collected since the last poll."""
+
+    def exited(self) -> list[int]:
+        """Pids among the targets that have exited since start."""
+        return []
+
+    def stats(self) -> PrimitiveStats:
+        return PrimitiveStats()
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release everything; must be safe to call more than once."""

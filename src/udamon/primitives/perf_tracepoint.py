@@ -1,0 +1,682 @@
+"""Read the ``exceptions:page_fault_user`` tracepoint with ``perf_event_open``.
+
+No ``perf`` binary: the events are opened with the raw syscall through ctypes,
+their samples land in mmapped ring buffers, and :meth:`FaultTracer.read` turns
+whatever is in the buffers into one numpy structured array (``FAULT_DTYPE``).
+
+Coverage of the target's threads (FACTS.md, measured again here):
+
+* A task event (``pid=T``, ``cpu=N``, ``inherit=1``) sees thread T and every
+  thread T creates *after* the event was opened, but not T's already
+  existing siblings; a task event with ``cpu=-1`` and ``inherit`` cannot be
+  mmapped.  So the default mode, ``"per-thread"``, opens one event per
+  (existing thread, online CPU), all with ``inherit=1``, and redirects every
+  event of a CPU into a single ring buffer with ``PERF_EVENT_IOC_SET_OUTPUT``
+  (one mmap per CPU).  Threads that appear while attaching are caught by
+  listing ``/proc/PID/task`` again until the list is stable.  Such a thread
+  may have inherited an event *and* have got its own, which would report each
+  of its faults twice: every sample carries ``PERF_SAMPLE_IDENTIFIER`` (the
+  id of the event we opened, also for inherited copies), and per thread only
+  the samples of one "event family" (the events opened for one tid) are
+  kept.  Only the kernel work for the target's own faults is added; other
+  processes pay nothing.  Children forked by the target inherit the events
+  too; their samples are dropped (``pid`` not a target).
+* ``"system-wide"``: one event per CPU with ``pid=-1`` (every process's user
+  faults), filtered in user space on the sample's pid (the tgid).  Complete
+  by construction and cheap in fds, but every page fault on the machine pays
+  the sampling cost (~2 µs) and shares the ring buffers with the target's, so
+  it is the fallback when per-thread would need more than ``max_events``
+  events (many threads × many CPUs).
+
+``"auto"`` (default) picks per-thread unless it would exceed ``max_events``.
+
+Memory order of the ring buffer: ``data_head`` is read with one aligned 8-byte
+load, then the records are copied, then ``data_tail`` is written with one
+aligned 8-byte store.  On x86 (TSO) loads are not reordered with older loads
+and stores are not reordered with older loads, which is exactly the
+``smp_rmb()`` / ``smp_mb()`` pairing the perf ABI asks for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import platform
+import re
+import resource
+import select
+import struct
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+
+from udamon.errors import RuntimeFailure
+from udamon.targets.topology import parse_cpulist
+
+FAULT_DTYPE = np.dtype(
+    [
+        ("time_ns", np.int64),  # CLOCK_MONOTONIC, comparable with time.monotonic_ns()
+        ("pid", np.int32),  # tgid
+        ("tid", np.int32),
+        ("cpu", np.int32),
+        ("addr", np.uint64),  # faulting virtual address
+        ("ip", np.uint64),  # user instruction pointer
+        ("error_code", np.uint64),  # x86 page-fault error code: bit 1 = write
+    ]
+)
+
+Mode = Literal["auto", "per-thread", "system-wide"]
+
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+TRACEPOINT = "exceptions/page_fault_user"
+
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241}
+_PAGE = mmap.PAGESIZE
+
+# perf ABI constants (include/uapi/linux/perf_event.h)
+PERF_TYPE_TRACEPOINT = 2
+PERF_SAMPLE_TID = 1 << 1
+PERF_SAMPLE_TIME = 1 << 2
+PERF_SAMPLE_CPU = 1 << 7
+PERF_SAMPLE_RAW = 1 << 10
+PERF_SAMPLE_IDENTIFIER = 1 << 16
+PERF_RECORD_LOST = 2
+PERF_RECORD_SAMPLE = 9
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+_ATTR_DISABLED = 1 << 0
+_ATTR_INHERIT = 1 << 1
+_ATTR_USE_CLOCKID = 1 << 25
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_DISABLE = 0x2401
+PERF_EVENT_IOC_SET_OUTPUT = 0x2405
+PERF_EVENT_IOC_ID = 0x80082407
+CLOCK_MONOTONIC = 1
+
+# Offsets in struct perf_event_mmap_page.
+_OFF_DATA_HEAD = 1024
+_OFF_DATA_TAIL = 1032
+_OFF_DATA_OFFSET = 1040
+_OFF_DATA_SIZE = 1048
+
+# Layout of a SAMPLE record with IDENTIFIER|TID|TIME|CPU|RAW.
+_S_ID = 8
+_S_PID = 16
+_S_TID = 20
+_S_TIME = 24
+_S_CPU = 32
+_S_RAWSIZE = 40
+_S_RAW = 44
+
+
+class PerfEventAttr(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("sample_period", ctypes.c_uint64),
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("wakeup_events", ctypes.c_uint32),
+        ("bp_type", ctypes.c_uint32),
+        ("config1", ctypes.c_uint64),
+        ("config2", ctypes.c_uint64),
+        ("branch_sample_type", ctypes.c_uint64),
+        ("sample_regs_user", ctypes.c_uint64),
+        ("sample_stack_user", ctypes.c_uint32),
+        ("clockid", ctypes.c_int32),
+        ("sample_regs_intr", ctypes.c_uint64),
+        ("aux_watermark", ctypes.c_uint32),
+        ("sample_max_stack", ctypes.c_uint16),
+        ("reserved_2", ctypes.c_uint16),
+        ("aux_sample_size", ctypes.c_uint32),
+        ("reserved_3", ctypes.c_uint32),
+        ("sig_data", ctypes.c_uint64),
+        ("config3", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(PerfEventAttr) == 136
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _perf_event_open(attr: PerfEventAttr, pid: int, cpu: int, group_fd: int = -1,
+                     flags: int = PERF_FLAG_FD_CLOEXEC) -> int:
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise RuntimeFailure(f"perf_event_open: unsupported architecture {platform.machine()}")
+    fd = _libc.syscall(ctypes.c_long(nr), ctypes.byref(attr), ctypes.c_long(pid),
+                       ctypes.c_long(cpu), ctypes.c_long(group_fd), ctypes.c_ulong(flags))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int(fd)
+
+
+def _ioctl(fd: int, req: int, arg: int = 0) -> None:
+    import fcntl
+
+    fcntl.ioctl(fd, req, arg)
+
+
+def _event_id(fd: int) -> int:
+    import fcntl
+
+    buf = bytearray(8)
+    fcntl.ioctl(fd, PERF_EVENT_IOC_ID, buf)
+    return struct.unpack("<Q", buf)[0]
+
+
+def _open_error(e: OSError, what: str) -> RuntimeFailure:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        try:
+            with open("/proc/sys/kernel/perf_event_paranoid") as f:
+                par = f.read().strip()
+        except OSError:
+            par = "?"
+        return RuntimeFailure(
+            f"perf_event_open({what}) not permitted ({e.strerror}): tracing page faults needs "
+            f"root or CAP_PERFMON (kernel.perf_event_paranoid={par})"
+        )
+    if e.errno == errno.ENOENT:
+        return RuntimeFailure(
+            f"perf_event_open({what}): tracepoint {TRACEPOINT} not found in this kernel"
+        )
+    if e.errno == errno.ESRCH:
+        return RuntimeFailure(f"perf_event_open({what}): no such process")
+    if e.errno == errno.EMFILE:
+        return RuntimeFailure(f"perf_event_open({what}): out of file descriptors")
+    return RuntimeFailure(f"perf_event_open({what}) failed: {e.strerror}")
+
+
+def online_cpus() -> list[int]:
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            return parse_cpulist(f.read())
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- tracefs
+
+
+def _mount(source: str, target: str, fstype: str) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount -t {fstype} {target}: {os.strerror(e)}")
+
+
+def _umount(target: str) -> None:
+    _libc.umount2(target.encode(), 0)
+
+
+def _find_tracepoint_dir() -> str | None:
+    for root in TRACEFS_DIRS:
+        d = os.path.join(root, "events", TRACEPOINT)
+        if os.path.exists(os.path.join(d, "id")):
+            return d
+    return None
+
+
+def _is_mounted(path: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == path for line in f if len(line.split()) > 1)
+    except OSError:
+        return False
+
+
+class _Tracefs:
+    """Find the tracepoint directory, mounting tracefs if it is not mounted."""
+
+    def __init__(self) -> None:
+        self.mounted_here: str | None = None
+
+    def locate(self) -> str:
+        d = _find_tracepoint_dir()
+        if d is not None:
+            return d
+        root = TRACEFS_DIRS[0]
+        if os.path.isdir(root) and not _is_mounted(root):
+            try:
+                _mount("nodev", root, "tracefs")
+            except OSError as e:
+                raise RuntimeFailure(
+                    f"tracefs is not mounted and mounting it failed ({e.strerror}): "
+                    "cannot find the page_fault_user tracepoint id"
+                ) from None
+            self.mounted_here = root
+            d = _find_tracepoint_dir()
+            if d is not None:
+                return d
+        raise RuntimeFailure(
+            f"tracepoint {TRACEPOINT} not found under {' or '.join(TRACEFS_DIRS)}"
+        )
+
+    def release(self) -> None:
+        if self.mounted_here is not None:
+            _umount(self.mounted_here)
+            self.mounted_here = None
+
+
+def _read_format(tp_dir: str) -> tuple[int, dict[str, int], int]:
+    """Tracepoint id, field offsets (address, ip, error_code), raw record size."""
+    with open(os.path.join(tp_dir, "id")) as f:
+        tp_id = int(f.read().strip())
+    with open(os.path.join(tp_dir, "format")) as f:
+        text = f.read()
+    offsets: dict[str, int] = {}
+    end = 0
+    for m in re.finditer(r"field:[^;]*?(\w+);\s*offset:(\d+);\s*size:(\d+);", text):
+        name, off, size = m.group(1), int(m.group(2)), int(m.group(3))
+        end = max(end, off + size)
+        if name in ("address", "ip", "error_code"):
+            if size != 8:
+                raise RuntimeFailure(f"{TRACEPOINT}: field {name} has size {size}, expected 8")
+            offsets[name] = off
+    missing = {"address", "ip", "error_code"} - offsets.keys()
+    if missing:
+        raise RuntimeFailure(f"{TRACEPOINT}: format lacks field(s) {', '.join(sorted(missing))}")
+    return tp_id, offsets, end
+
+
+def page_fault_tracepoint_available() -> tuple[bool, str]:
+    """Whether FaultTracer can work here, and why not (or what it will use)."""
+    if platform.machine() not in _NR_PERF_EVENT_OPEN:
+        return False, f"perf_event_open number unknown for {platform.machine()}"
+    tfs = _Tracefs()
+    try:
+        tp_dir = tfs.locate()
+        tp_id, _, _ = _read_format(tp_dir)
+        attr = _make_attr(tp_id, wakeup_events=1, inherit=False)
+        try:
+            fd = _perf_event_open(attr, os.getpid(), -1)
+        except OSError as e:
+            return False, str(_open_error(e, "self"))
+        os.close(fd)
+        return True, f"{TRACEPOINT} id {tp_id} ({tp_dir})"
+    except (RuntimeFailure, OSError) as e:
+        return False, str(e)
+    finally:
+        tfs.release()
+
+
+def _make_attr(tp_id: int, *, wakeup_events: int, inherit: bool) -> PerfEventAttr:
+    attr = PerfEventAttr()
+    attr.type = PERF_TYPE_TRACEPOINT
+    attr.size = ctypes.sizeof(PerfEventAttr)
+    attr.config = tp_id
+    attr.sample_period = 1
+    attr.sample_type = (
+        PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_SAMPLE_CPU
+        | PERF_SAMPLE_RAW
+    )
+    attr.flags = _ATTR_DISABLED | _ATTR_USE_CLOCKID | (_ATTR_INHERIT if inherit else 0)
+    attr.wakeup_events = max(1, wakeup_events)
+    attr.clockid = CLOCK_MONOTONIC
+    return attr
+
+
+def _list_tids(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if t.isdigit())
+    except FileNotFoundError:
+        return []
+
+
+# ---------------------------------------------------------------- ring buffer
+
+
+class _Ring:
+    """One mmapped perf ring buffer (the output of every event on one CPU)."""
+
+    def __init__(self, fd: int, pages: int) -> None:
+        self.fd = fd
+        self.mm = mmap.mmap(fd, (1 + pages) * _PAGE, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+        self._head = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_HEAD)
+        self._tail = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_TAIL)
+        off = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_OFFSET).value
+        size = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_SIZE).value
+        self.data_off = int(off) or _PAGE
+        self.data_size = int(size) or pages * _PAGE
+
+    def take(self) -> bytes:
+        """Copy every complete record available and release the space."""
+        head = self._head.value  # one aligned load (smp_rmb implied on x86)
+        tail = self._tail.value
+        n = head - tail
+        if n <= 0:
+            return b""
+        size = self.data_size
+        start = tail % size
+        base = self.data_off
+        if start + n <= size:
+            data = self.mm[base + start: base + start + n]
+        else:
+            first = size - start
+            data = self.mm[base + start: base + size] + self.mm[base: base + n - first]
+        self._tail.value = head  # one aligned store after the copy
+        return data
+
+    def close(self) -> None:
+        # ctypes views keep exported buffers alive; drop them before closing.
+        del self._head, self._tail
+        self.mm.close()
+
+
+# ---------------------------------------------------------------- tracer
+
+
+class FaultTracer:
+    """Trace the user page faults of some processes (all their threads).
+
+    ``read()`` returns every fault sampled since the previous call, in buffer
+    order (per CPU, time-ordered within a CPU), as a ``FAULT_DTYPE`` array.
+    """
+
+    def __init__(
+        self,
+        pids: list[int],
+        *,
+        pages_per_buffer: int = 64,
+        wakeup_events: int = 256,
+        mode: Mode = "auto",
+        max_events: int = 4096,
+        cpus: Iterable[int] | None = None,
+    ) -> None:
+        if not pids:
+            raise ValueError("FaultTracer needs at least one pid")
+        if pages_per_buffer <= 0 or pages_per_buffer & (pages_per_buffer - 1):
+            raise ValueError("pages_per_buffer must be a power of two")
+        if mode not in ("auto", "per-thread", "system-wide"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.pids = sorted(set(int(p) for p in pids))
+        self.pages_per_buffer = pages_per_buffer
+        self.wakeup_events = wakeup_events
+        self.requested_mode: Mode = mode
+        self.mode: str | None = None  # the mode actually used, after open()
+        self.max_events = max_events
+        self.cpus = sorted(set(cpus)) if cpus is not None else online_cpus()
+        self._tracefs = _Tracefs()
+        self._fds: list[int] = []
+        self._rings: list[_Ring] = []
+        self._lost = 0
+        self._opened = False
+        self._closed = False
+        # dedup state (per-thread mode): event id -> family, tid -> kept family
+        self._ids = np.zeros(0, dtype=np.uint64)
+        self._fam_of_id = np.zeros(0, dtype=np.int64)
+        self._families: dict[int, int] = {}  # tid an event family was opened for -> family
+        self._kept_family: dict[int, int] = {}
+        self._pid_arr = np.asarray(self.pids, dtype=np.int32)
+        self._dtype: np.dtype | None = None
+        self._rec_size = 0
+        self.duplicates_dropped = 0
+        self.foreign_dropped = 0
+
+    # -- setup ------------------------------------------------------------
+
+    def open(self) -> FaultTracer:
+        if self._closed:
+            raise RuntimeFailure("FaultTracer: cannot reopen a closed tracer")
+        if self._opened:
+            return self
+        self._opened = True
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        for pid in self.pids:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise RuntimeFailure(f"process {pid} does not exist")
+        tp_dir = self._tracefs.locate()
+        tp_id, offsets, raw_end = _read_format(tp_dir)
+        self._build_dtype(offsets, raw_end)
+        mode = self.requested_mode
+        if mode == "auto":
+            ntid = sum(len(_list_tids(p)) for p in self.pids)
+            mode = "per-thread" if ntid * len(self.cpus) <= self.max_events else "system-wide"
+        self.mode = mode
+        if mode == "system-wide":
+            self._open_system_wide(tp_id)
+        else:
+            self._open_per_thread(tp_id)
+        for fd in self._fds:
+            _ioctl(fd, PERF_EVENT_IOC_ENABLE)
+
+    def _build_dtype(self, offsets: dict[str, int], raw_end: int) -> None:
+        raw_size = ((4 + raw_end + 7) & ~7) - 4  # the kernel pads u32 size + data to u64
+        self._rec_size = _S_RAW + raw_size
+        self._raw_size = raw_size
+        self._dtype = np.dtype({
+            "names": ["type", "size", "id", "pid", "tid", "time", "cpu", "rawsize",
+                      "addr", "ip", "error_code"],
+            "formats": ["<u4", "<u2", "<u8", "<i4", "<i4", "<i8", "<i4", "<u4",
+                        "<u8", "<u8", "<u8"],
+            "offsets": [0, 6, _S_ID, _S_PID, _S_TID, _S_TIME, _S_CPU, _S_RAWSIZE,
+                        _S_RAW + offsets["address"], _S_RAW + offsets["ip"],
+                        _S_RAW + offsets["error_code"]],
+            "itemsize": self._rec_size,
+        })
+
+    def _raise_nofile(self, need: int) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need + 256:
+            new = need + 256 if hard == resource.RLIM_INFINITY else min(hard, need + 256)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            except (ValueError, OSError):
+                pass
+
+    def _open_system_wide(self, tp_id: int) -> None:
+        self._raise_nofile(len(self.cpus))
+        attr = _make_attr(tp_id, wakeup_events=self.wakeup_events, inherit=False)
+        for cpu in self.cpus:
+            try:
+                fd = _perf_event_open(attr, -1, cpu)
+            except OSError as e:
+                raise _open_error(e, f"cpu {cpu}, all processes") from None
+            self._fds.append(fd)
+            self._rings.append(_Ring(fd, self.pages_per_buffer))
+
+    def _open_per_thread(self, tp_id: int) -> None:
+        attr = _make_attr(tp_id, wakeup_events=self.wakeup_events, inherit=True)
+        leader: dict[int, int] = {}  # cpu -> fd of the mmapped event
+        ids: list[int] = []
+        fams: list[int] = []
+        done: set[int] = set()
+        for _ in range(20):  # list the threads again until no new one appears
+            todo = [(p, t) for p in self.pids for t in _list_tids(p) if t not in done]
+            if not todo:
+                break
+            self._raise_nofile(len(self._fds) + len(todo) * len(self.cpus))
+            for pid, tid in todo:
+                done.add(tid)
+                fam = len(self._families)
+                opened_any = False
+                for cpu in self.cpus:
+                    try:
+                        fd = _perf_event_open(attr, tid, cpu)
+                    except OSError as e:
+                        if e.errno == errno.ESRCH:
+                            break  # thread exited meanwhile
+                        raise _open_error(e, f"pid {pid} tid {tid} cpu {cpu}") from None
+                    self._fds.append(fd)
+                    opened_any = True
+                    if cpu in leader:
+                        try:
+                            _ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, leader[cpu])
+                        except OSError as e:
+                            raise RuntimeFailure(
+                                f"PERF_EVENT_IOC_SET_OUTPUT failed: {e.strerror}"
+                            ) from None
+                    else:
+                        leader[cpu] = fd
+                        self._rings.append(_Ring(fd, self.pages_per_buffer))
+                    ids.append(_event_id(fd))
+                    fams.append(fam)
+                if opened_any:
+                    self._families[tid] = fam
+        if not any(os.path.exists(f"/proc/{p}") for p in self.pids):
+            raise RuntimeFailure(f"process(es) {self.pids} exited while attaching")
+        order = np.argsort(np.asarray(ids, dtype=np.uint64))
+        self._ids = np.asarray(ids, dtype=np.uint64)[order]
+        self._fam_of_id = np.asarray(fams, dtype=np.int64)[order]
+
+    # -- reading ----------------------------------------------------------
+
+    def fileno(self) -> int:
+        """One pollable fd (the first ring); see ``filenos`` for all of them."""
+        return self._rings[0].fd
+
+    def filenos(self) -> list[int]:
+        return [r.fd for r in self._rings]
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Block until a ring has data past its wakeup mark (or timeout); True if so."""
+        if not self._rings:
+            return False
+        p = select.poll()
+        for r in self._rings:
+            p.register(r.fd, select.POLLIN)
+        ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+        return bool(p.poll(ms))
+
+    @property
+    def lost(self) -> int:
+        """Total events the kernel dropped (PERF_RECORD_LOST) so far."""
+        return self._lost
+
+    def read(self) -> np.ndarray:
+        """Every fault sampled since the last call (FAULT_DTYPE)."""
+        if not self._rings:
+            return np.zeros(0, dtype=FAULT_DTYPE)
+        parts = [self._parse(r.take()) for r in self._rings]
+        recs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        recs = self._filter(recs)
+        out = np.empty(recs.size, dtype=FAULT_DTYPE)
+        out["time_ns"] = recs["time"]
+        out["pid"] = recs["pid"]
+        out["tid"] = recs["tid"]
+        out["cpu"] = recs["cpu"]
+        out["addr"] = recs["addr"]
+        out["ip"] = recs["ip"]
+        out["error_code"] = recs["error_code"]
+        return out
+
+    def _parse(self, data: bytes) -> np.ndarray:
+        dt = self._dtype
+        assert dt is not None
+        n = len(data)
+        if n == 0:
+            return np.zeros(0, dtype=dt)
+        rs = self._rec_size
+        if n % rs == 0:  # fast path: only samples of the expected size
+            recs = np.frombuffer(data, dtype=dt)
+            if np.all(recs["type"] == PERF_RECORD_SAMPLE) and np.all(recs["size"] == rs):
+                return recs
+        return self._parse_slow(data)
+
+    def _parse_slow(self, data: bytes) -> np.ndarray:
+        rs = self._rec_size
+        hdr = struct.Struct("<IHH")
+        lost_s = struct.Struct("<QQ")
+        chunks: list[bytes] = []
+        off = 0
+        n = len(data)
+        while off + 8 <= n:
+            typ, _misc, size = hdr.unpack_from(data, off)
+            if size < 8 or off + size > n:
+                break  # corrupt or truncated: give up on this chunk
+            if typ == PERF_RECORD_SAMPLE and size == rs:
+                chunks.append(data[off: off + size])
+            elif typ == PERF_RECORD_LOST and size >= 24:
+                self._lost += lost_s.unpack_from(data, off + 8)[1]
+            off += size
+        assert self._dtype is not None
+        return np.frombuffer(b"".join(chunks), dtype=self._dtype)
+
+    def _filter(self, recs: np.ndarray) -> np.ndarray:
+        if recs.size == 0:
+            return recs
+        keep = np.isin(recs["pid"], self._pid_arr)
+        nforeign = int(recs.size - np.count_nonzero(keep))
+        if nforeign:
+            self.foreign_dropped += nforeign
+            recs = recs[keep]
+        if self.mode != "per-thread" or recs.size == 0 or self._ids.size == 0:
+            return recs
+        # Keep one event family per thread (see module docstring).
+        idx = np.searchsorted(self._ids, recs["id"])
+        idx = np.minimum(idx, self._ids.size - 1)
+        fam = np.where(self._ids[idx] == recs["id"], self._fam_of_id[idx], -1)
+        tids = recs["tid"].astype(np.int64)
+        key = (tids << 20) | (fam & 0xFFFFF)
+        ukeys, first = np.unique(key, return_index=True)
+        if ukeys.size == np.unique(tids).size and all(
+            self._kept_family.get(int(k >> 20), int(k & 0xFFFFF)) == int(k & 0xFFFFF)
+            for k in ukeys
+        ):
+            for k in ukeys:
+                self._kept_family.setdefault(int(k >> 20), int(k & 0xFFFFF))
+            return recs
+        good: list[int] = []
+        for i in np.argsort(first):  # earliest-seen family of a new thread wins
+            k = int(ukeys[i])
+            tid, f = k >> 20, k & 0xFFFFF
+            if self._kept_family.setdefault(tid, f) == f:
+                good.append(k)
+        mask = np.isin(key, np.asarray(good, dtype=np.int64))
+        self.duplicates_dropped += int(recs.size - np.count_nonzero(mask))
+        return recs[mask]
+
+    # -- teardown ---------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in self._fds:
+            try:
+                _ioctl(fd, PERF_EVENT_IOC_DISABLE)
+            except OSError:
+                pass
+        for r in self._rings:
+            try:
+                r.close()
+            except (BufferError, ValueError):
+                pass
+        self._rings = []
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        self._tracefs.release()
+
+    def __enter__(self) -> FaultTracer:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,214 @@
+"""The replay primitive: a recorded stream of access reports from a CSV file.
+
+Input contract (DESIGN.md): a header ``time_ns,pid,tid,cpu,addr,size,write``
+(column order free; optional extra columns ``node`` and ``source``), one report
+per line, sorted by time.  Integers are decimal; ``addr`` may be 0x-hex.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+
+from udamon.errors import InputError
+from udamon.intake.reports import SOURCE_IDS, empty
+from udamon.primitives.base import Primitive
+
+REQUIRED = ("time_ns", "pid", "tid", "cpu", "addr", "size", "write")
+OPTIONAL = ("node", "source")
+CHUNK = 65_536
+
+
+def _open_text(path: str):
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic == b"\x1f\x8b":
+            return gzip.open(path, "rt")
+        return open(path)  # noqa: SIM115 - caller closes
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a CSV file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _conv(name: str, text: str, where: str) -> int:
+    """Convert and check one field; used to name the exact bad line."""
+    text = text.strip()
+    try:
+        v = int(text, 0) if name == "addr" else int(text)
+    except ValueError:
+        raise InputError(f"{where}: field {name!r}: {text!r} is not an integer") from None
+    lo, hi = _LIMITS[name]
+    if not lo <= v <= hi:
+        raise InputError(f"{where}: field {name!r}: {text!r} is out of range "
+                         f"({_LIMIT_TEXT[name]})")
+    return v
+
+
+_LIMITS = {"time_ns": (-(1 << 63), (1 << 63) - 1), "pid": (0, (1 << 31) - 1),
+           "tid": (-1, (1 << 31) - 1), "cpu": (-1, (1 << 31) - 1), "node": (-1, (1 << 31) - 1),
+           "addr": (0, (1 << 64) - 1), "size": (1, (1 << 64) - 1), "write": (0, 1)}
+_LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
+               "tid": "-1 (unknown) or a thread id", "cpu": "-1 (unknown) or a CPU number",
+               "node": "-1 (unknown) or a node number", "addr": "0 to 2^64-1",
+               "size": "1 to 2^64-1", "write": "0 or 1"}
+
+
+def read_csv(path: str, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+    """Yield REPORT_DTYPE chunks; raises InputError naming FILE:LINE on bad data.
+
+    Parsing is vectorised per chunk (numpy converts the text columns); when a
+    chunk fails, it is re-checked field by field to name the exact line.
+    """
+    f = _open_text(path)
+    with f:
+        try:
+            first = f.readline()
+        except (UnicodeDecodeError, EOFError, OSError) as e:
+            raise InputError(f"{path}:1: cannot read the header ({e})") from None
+        if not first.strip():
+            raise InputError(f"{path}: empty file (expected a header "
+                             f"'{','.join(REQUIRED)}')")
+        cols = [c.strip().strip('"') for c in first.strip().split(",")]
+        missing = [c for c in REQUIRED if c not in cols]
+        unknown = [c for c in cols if c not in REQUIRED + OPTIONAL]
+        if missing or unknown or len(set(cols)) != len(cols):
+            what = []
+            if missing:
+                what.append("missing " + ", ".join(missing))
+            if unknown:
+                what.append("unknown " + ", ".join(unknown))
+            if len(set(cols)) != len(cols):
+                what.append("duplicate columns")
+            raise InputError(f"{path}:1: bad header ({'; '.join(what)}); expected "
+                             f"'{','.join(REQUIRED)}' (optional: {', '.join(OPTIONAL)})")
+        ncol = len(cols)
+        lineno = 1
+        last_time: int | None = None
+        while True:
+            try:
+                lines = list(itertools.islice(f, chunk))
+            except (UnicodeDecodeError, EOFError, OSError, ValueError) as e:
+                raise InputError(f"{path}:{lineno + 1}: cannot read ({e})") from None
+            if not lines:
+                return
+            linenos = []
+            rows = []
+            for i, line in enumerate(lines, lineno + 1):
+                if line.strip():
+                    rows.append(line)
+                    linenos.append(i)
+            lineno += len(lines)
+            if not lines[-1].endswith("\n") and lines[-1].count(",") != ncol - 1:
+                raise InputError(f"{path}:{linenos[-1]}: the last line is cut off")
+            if not rows:
+                continue
+            out = _parse_rows(path, rows, linenos, cols, ncol)
+            t = out["time_ns"]
+            if last_time is not None and t[0] < last_time:
+                _backwards(path, linenos[0], int(t[0]), last_time)
+            back = np.flatnonzero(t[1:] < t[:-1])
+            if back.size:
+                i = int(back[0]) + 1
+                _backwards(path, linenos[i], int(t[i]), int(t[i - 1]))
+            last_time = int(t[-1])
+            yield out
+
+
+def _backwards(path: str, line: int, t: int, prev: int):
+    raise InputError(f"{path}:{line}: time_ns goes backwards ({t} after {prev}); "
+                     "replay input must be sorted by time")
+
+
+def _parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
+                ncol: int) -> np.ndarray:
+    dt = np.dtype([(c, "U16" if c == "source" else
+                    (np.uint64 if c in ("addr", "size") else np.int64)) for c in cols])
+    try:
+        table = np.loadtxt(rows, delimiter=",", dtype=dt, ndmin=1)
+        for name in cols:
+            if name != "source":
+                lo, hi = _LIMITS[name]
+                if ((table[name] < lo) | (table[name] > hi)).any():
+                    raise ValueError(name)
+    except ValueError:
+        table = _parse_slow(path, rows, linenos, cols, ncol, dt)
+    out = empty(len(rows))
+    for name in cols:
+        if name == "source":
+            col = np.char.strip(table[name])
+            ids = np.full(col.shape, 255, dtype=np.int64)
+            for sname, sid in SOURCE_IDS.items():
+                ids[col == sname] = sid
+            if (ids == 255).any():
+                i = int(np.flatnonzero(ids == 255)[0])
+                raise InputError(f"{path}:{linenos[i]}: unknown source {str(col[i])!r} "
+                                 f"(known: {', '.join(SOURCE_IDS)})")
+            out["source"] = ids
+        else:
+            out[name] = table[name]
+    if "source" not in cols:
+        out["source"] = SOURCE_IDS["replay"]
+    return out
+
+
+def _parse_slow(path: str, rows: list[str], linenos: list[int], cols: list[str], ncol: int,
+                dt: np.dtype) -> np.ndarray:
+    """Field-by-field conversion: accepts 0x-hex addresses and names the first bad line."""
+    table = np.empty(len(rows), dtype=dt)
+    for i, (row, ln) in enumerate(zip(rows, linenos, strict=True)):
+        fields = row.strip().split(",")
+        if len(fields) != ncol:
+            raise InputError(f"{path}:{ln}: expected {ncol} fields, got {len(fields)}")
+        table[i] = tuple(f.strip() if name == "source" else _conv(name, f, f"{path}:{ln}")
+                         for name, f in zip(cols, fields, strict=True))
+    return table
+
+
+def derive_ranges(path: str, page: int = 4096) -> dict[int, list[tuple[int, int]]]:
+    """Monitoring ranges per pid from the reports themselves: the spans of touched
+    pages, reduced to at most three by cutting at the two largest gaps (the
+    same idea as DAMON's vaddr heuristic)."""
+    pages: dict[int, np.ndarray] = {}
+    for chunk in read_csv(path):
+        for pid in np.unique(chunk["pid"]).tolist():
+            sel = chunk[chunk["pid"] == pid]
+            first = sel["addr"] // np.uint64(page)
+            last = (sel["addr"] + sel["size"] - np.uint64(1)) // np.uint64(page)
+            p = np.unique(np.concatenate([first, last]))
+            prev = pages.get(pid)
+            pages[pid] = p if prev is None else np.union1d(prev, p)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for pid, p in pages.items():
+        p = p.astype(np.uint64)
+        gaps = np.diff(p)
+        cut = np.argsort(gaps)[::-1][:2] if gaps.size else np.array([], dtype=np.int64)
+        cut = sorted(int(c) for c in cut if gaps[c] > 1)
+        bounds = [0] + [c + 1 for c in cut] + [p.size]
+        out[pid] = [(int(p[a]) * page, (int(p[b - 1]) + 1) * page)
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return out
+
+
+class ReplayPrimitive(Primitive):
+    """Observational; the input is taken as the whole truth of what was accessed."""
+
+    name = "replay"
+    kind = "observational"
+    coverage = "complete"
+
+    def __init__(self, path: str, chunk: int = CHUNK):
+        self.path = path
+        self._it = read_csv(path, chunk)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        return self._it
+
+    def poll(self, now_ns: int) -> np.ndarray:  # replay is data-driven; see Session
+        return next(self._it, empty(0))

@@ -1,0 +1,222 @@
+"""Validating record reader.
+
+Every problem is reported as ``FILE:LINE: what is wrong``.  A record that ends
+without its end line (udamon was killed) is readable and says so through
+``Record.complete``; a damaged line is an error unless ``salvage`` is set, in
+which case everything before it is returned.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from udamon.core.attrs import Attrs
+from udamon.core.monitor import Snapshot
+from udamon.errors import InputError
+from udamon.probes.filters import Filter
+from udamon.probes.probe import Probe
+from udamon.record.format import (
+    END_KEYS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GZIP_MAGIC,
+    HEADER_KEYS,
+    SNAPSHOT_KEYS,
+)
+
+
+@dataclass
+class Record:
+    path: str
+    header: dict
+    attrs: Attrs
+    filters: list[Filter]
+    probes: list[Probe]
+    snapshots: list[Snapshot] = field(default_factory=list)
+    end: dict | None = None
+    damage: str | None = None  # set when salvaging: where the readable part stops
+
+    @property
+    def complete(self) -> bool:
+        return self.end is not None
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [p.name for p in self.probes]
+
+    @property
+    def pids(self) -> list[int]:
+        seen: dict[int, None] = {}
+        for t in self.header.get("targets", []):
+            seen[int(t["pid"])] = None
+        for s in self.snapshots:
+            seen[s.pid] = None
+        return list(seen)
+
+    def snapshots_of(self, pid: int) -> list[Snapshot]:
+        return [s for s in self.snapshots if s.pid == pid]
+
+    @property
+    def coverage(self) -> str:
+        return str(self.header.get("coverage", "unknown"))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _lines(path: str) -> Iterator[tuple[int, bytes]]:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a record file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    opener = gzip.open if magic == GZIP_MAGIC else open
+    n = 0
+    try:
+        with opener(path, "rb") as f:
+            for n, line in enumerate(f, 1):  # noqa: B007 - n is used after the loop
+                yield n, line
+    except EOFError:
+        raise _Bad(f"{path}:{n + 1}: compressed stream is truncated (the file was cut off)"
+                   ) from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise _Bad(f"{path}:{n + 1}: compressed data is corrupted ({e})") from None
+
+
+def _need(d: dict, keys, where: str) -> None:
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise _Bad(f"{where}: missing {', '.join(repr(k) for k in missing)}")
+
+
+def _int(v, what: str, where: str, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise _Bad(f"{where}: {what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _parse_header(obj, where: str) -> tuple[dict, Attrs, list[Filter], list[Probe]]:
+    if not isinstance(obj, dict):
+        raise _Bad(f"{where}: the header must be a JSON object")
+    if obj.get("format") != FORMAT_NAME:
+        raise _Bad(f"{where}: not a udamon record (format is {obj.get('format')!r}, "
+                   f"expected {FORMAT_NAME!r})")
+    _need(obj, HEADER_KEYS, where)
+    if obj["version"] != FORMAT_VERSION:
+        raise _Bad(f"{where}: record version {obj['version']!r} is not supported "
+                   f"(this udamon reads version {FORMAT_VERSION})")
+    try:
+        if not isinstance(obj["attrs"], dict):
+            raise ValueError("attrs must be an object")
+        attrs = Attrs.from_dict(obj["attrs"])
+    except (TypeError, ValueError) as e:
+        raise _Bad(f"{where}: bad attrs: {e}") from None
+    try:
+        if not isinstance(obj["filters"], list) or not isinstance(obj["probes"], list):
+            raise ValueError("filters and probes must be lists")
+        filters = [Filter.from_dict(f) for f in obj["filters"]]
+        probes = [Probe.from_dict(p) for p in obj["probes"]]
+    except (TypeError, ValueError) as e:
+        raise _Bad(f"{where}: bad filters or probes: {e}") from None
+    if not isinstance(obj["targets"], list) or not all(
+            isinstance(t, dict) and isinstance(t.get("pid"), int) for t in obj["targets"]):
+        raise _Bad(f"{where}: targets must be a list of objects with a 'pid'")
+    return obj, attrs, filters, probes
+
+
+def _parse_snapshot(obj: dict, where: str, probe_names: list[str]) -> Snapshot:
+    _need(obj, SNAPSHOT_KEYS, where)
+    time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63))
+    pid = _int(obj["pid"], "pid", where, lo=-(1 << 31))
+    sample_us = _int(obj["sample_us"], "sample_us", where, lo=1)
+    aggr_us = _int(obj.get("aggr_us", sample_us), "aggr_us", where, lo=1)
+    regions = obj["regions"]
+    if not isinstance(regions, list):
+        raise _Bad(f"{where}: regions must be a list")
+    n = len(regions)
+    start = np.empty(n, dtype=np.uint64)
+    end = np.empty(n, dtype=np.uint64)
+    acc = np.empty(n, dtype=np.int64)
+    age = np.empty(n, dtype=np.int64)
+    hits = {name: np.zeros(n, dtype=np.int64) for name in probe_names}
+    prev_end = 0
+    for i, r in enumerate(regions):
+        rw = f"{where}: region {i}"
+        if not isinstance(r, dict):
+            raise _Bad(f"{rw}: must be an object")
+        _need(r, ("start", "end", "nr_accesses", "age"), rw)
+        s = _int(r["start"], "start", rw)
+        e = _int(r["end"], "end", rw)
+        if e <= s or e >= 1 << 64:
+            raise _Bad(f"{rw}: end {e:#x} must be above start {s:#x} and below 2^64")
+        if s < prev_end:
+            raise _Bad(f"{rw}: starts at {s:#x}, inside or before the previous region")
+        prev_end = e
+        start[i], end[i] = s, e
+        acc[i] = _int(r["nr_accesses"], "nr_accesses", rw)
+        age[i] = _int(r["age"], "age", rw)
+        probes = r.get("probes", {})
+        if not isinstance(probes, dict):
+            raise _Bad(f"{rw}: probes must be an object")
+        for name, v in probes.items():
+            if name not in hits:
+                raise _Bad(f"{rw}: probe {name!r} is not declared in the header")
+            hits[name][i] = _int(v, f"probe {name!r} hits", rw)
+    return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
+                    hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
+                    _int(obj.get("nr_passed", 0), "nr_passed", where))
+
+
+def read_record(path: str, *, salvage: bool = False) -> Record:
+    """Read and validate a whole record.  Raises InputError with FILE:LINE."""
+    rec: Record | None = None
+    try:
+        for lineno, raw in _lines(path):
+            where = f"{path}:{lineno}"
+            if rec is not None and rec.end is not None:
+                if raw.strip():
+                    raise _Bad(f"{where}: data after the end line")
+                continue
+            if not raw.endswith(b"\n"):
+                raise _Bad(f"{where}: the last line is cut off (the file was truncated)")
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                msg = getattr(e, "msg", str(e))
+                raise _Bad(f"{where}: not valid JSON ({msg})") from None
+            if rec is None:
+                header, attrs, filters, probes = _parse_header(obj, where)
+                rec = Record(path, header, attrs, filters, probes)
+                continue
+            if not isinstance(obj, dict):
+                raise _Bad(f"{where}: expected a JSON object")
+            if "end" in obj:
+                end = obj["end"]
+                if not isinstance(end, dict):
+                    raise _Bad(f"{where}: 'end' must be an object")
+                _need(end, END_KEYS, where)
+                rec.end = end
+                continue
+            rec.snapshots.append(_parse_snapshot(obj, where, rec.probe_names))
+    except _Bad as e:
+        if salvage and rec is not None:
+            rec.damage = str(e)
+            return rec
+        hint = ""
+        if rec is not None and rec.snapshots:
+            hint = f" ({len(rec.snapshots)} snapshots before it are intact; --salvage reads them)"
+        raise InputError(f"{e}{hint}") from None
+    if rec is None:
+        raise InputError(f"{path}: empty file, not a udamon record")
+    return rec

@@ -1,0 +1,113 @@
+"""Record writer: header, one line per snapshot, end line.
+
+Every snapshot line is flushed as it is written, so a record of a session that
+was killed is still readable up to the last complete aggregation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from typing import IO
+
+from udamon import __version__
+from udamon.core.attrs import Attrs
+from udamon.core.monitor import Snapshot, Target
+from udamon.errors import RuntimeFailure, UsageError
+from udamon.probes.filters import Filter
+from udamon.probes.probe import Probe
+from udamon.record.format import END_REASONS, FORMAT_NAME, FORMAT_VERSION
+
+
+def build_header(attrs: Attrs, primitive: str, coverage: str, filters: Sequence[Filter],
+                 probes: Sequence[Probe], targets: Sequence[Target], **extra) -> dict:
+    h = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "attrs": attrs.to_dict(),
+        "primitive": primitive,
+        "coverage": coverage,
+        "filters": [f.to_dict() for f in filters],
+        "probes": [p.to_dict() for p in probes],
+        "targets": [t.to_dict() for t in targets],
+        "udamon_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    h.update(extra)
+    return h
+
+
+class RecordWriter:
+    def __init__(self, path: str, *, compress: bool | None = None):
+        self.path = path
+        if compress is None:
+            compress = path.endswith(".gz")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise UsageError(f"cannot write {path}: directory {parent} does not exist")
+        try:
+            raw = open(path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror}") from None
+        self._gz: gzip.GzipFile | None = None
+        self._raw = raw
+        if compress:
+            self._gz = gzip.GzipFile(fileobj=raw, mode="wb")
+            self._f: IO[bytes] = self._gz
+        else:
+            self._f = raw
+        self.snapshots = 0
+        self.closed = False
+        self._header_written = False
+
+    def _line(self, obj: dict) -> None:
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        try:
+            self._f.write(data)
+            if self._gz is not None:
+                self._gz.flush(zlib.Z_SYNC_FLUSH)
+            self._raw.flush()
+        except OSError as e:
+            raise RuntimeFailure(f"writing {self.path} failed: {e.strerror}") from None
+
+    def write_header(self, header: dict) -> None:
+        assert not self._header_written
+        self._line(header)
+        self._header_written = True
+
+    def write_snapshot(self, snap: Snapshot | dict) -> None:
+        self._line(snap.to_dict() if isinstance(snap, Snapshot) else snap)
+        self.snapshots += 1
+
+    def close(self, reason: str = "stopped", *, dropped_reports: int = 0,
+              lost_samples: int = 0, **extra) -> None:
+        """Write the end line and close.  Idempotent."""
+        if self.closed:
+            return
+        if reason not in END_REASONS:
+            raise ValueError(f"unknown end reason {reason!r}")
+        end = {"reason": reason, "dropped_reports": int(dropped_reports),
+               "lost_samples": int(lost_samples), "snapshots": self.snapshots}
+        end.update(extra)
+        try:
+            self._line({"end": end})
+        finally:
+            self.closed = True
+            if self._gz is not None:
+                self._gz.close()
+            self._raw.close()
+
+    def abandon(self) -> None:
+        """Close without an end line (the record stays visibly incomplete)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                if self._gz is not None:
+                    self._gz.close()
+                self._raw.close()
+            except OSError:
+                pass

@@ -1,0 +1,145 @@
+"""``report access``: the regions table of a record, with per-probe columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from udamon.core.monitor import Snapshot
+from udamon.probes.filters import conditions_text
+from udamon.record.reader import Record
+from udamon.units import fmt_duration_ns, fmt_size
+
+SORT_KEYS = ("address", "size", "nr_accesses", "age")
+
+
+@dataclass
+class AccessOptions:
+    snapshot: str = "last"  # "last", "all" or an index (negative counts from the end)
+    sort: str = "address"  # a SORT_KEYS entry or "probe:NAME"
+    pid: int | None = None
+    top: int | None = None
+
+
+def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[int, Snapshot]]]:
+    """Per pid: (index within that pid's snapshots, snapshot) pairs to show."""
+    out: dict[int, list[tuple[int, Snapshot]]] = {}
+    pids = [opts.pid] if opts.pid is not None else rec.pids
+    for pid in pids:
+        snaps = rec.snapshots_of(pid)
+        if not snaps:
+            out[pid] = []
+            continue
+        if opts.snapshot == "all":
+            out[pid] = list(enumerate(snaps))
+        elif opts.snapshot == "last":
+            out[pid] = [(len(snaps) - 1, snaps[-1])]
+        else:
+            i = int(opts.snapshot)
+            j = i if i >= 0 else len(snaps) + i
+            if not 0 <= j < len(snaps):
+                raise IndexError(f"snapshot {i} does not exist for pid {pid} "
+                                 f"(it has {len(snaps)}: 0..{len(snaps) - 1})")
+            out[pid] = [(j, snaps[j])]
+    return out
+
+
+def order(snap: Snapshot, key: str) -> np.ndarray:
+    if key == "address":
+        return np.arange(snap.start.size)
+    if key == "size":
+        v = (snap.end - snap.start).astype(np.float64)
+    elif key == "nr_accesses":
+        v = snap.nr_accesses.astype(np.float64)
+    elif key == "age":
+        v = snap.age.astype(np.float64)
+    else:
+        v = snap.probe_hits[key.removeprefix("probe:")].astype(np.float64)
+    return np.lexsort((snap.start, -v))
+
+
+def rows(snap: Snapshot, key: str, top: int | None) -> list[dict]:
+    aggr_samples = max(snap.aggr_us * 1000 // max(snap.sample_us * 1000, 1), 1)
+    idx = order(snap, key)
+    if top is not None:
+        idx = idx[:top]
+    out = []
+    for i in idx.tolist():
+        s, e = int(snap.start[i]), int(snap.end[i])
+        out.append({
+            "start": s, "end": e, "size": e - s,
+            "nr_accesses": int(snap.nr_accesses[i]),
+            "access_rate": float(snap.nr_accesses[i]) / aggr_samples,
+            "age": int(snap.age[i]),
+            "age_ns": int(snap.age[i]) * snap.aggr_us * 1000,
+            "probes": {n: int(h[i]) for n, h in snap.probe_hits.items()},
+        })
+    return out
+
+
+def to_json(rec: Record, opts: AccessOptions) -> dict:
+    t0 = rec.snapshots[0].start_ns if rec.snapshots else 0
+    targets = []
+    for pid, chosen in select_snapshots(rec, opts).items():
+        targets.append({"pid": pid, "snapshots": [
+            {"index": i, "time_ns": s.time_ns, "elapsed_ns": s.time_ns - t0,
+             "sample_us": s.sample_us, "aggr_us": s.aggr_us, "nr_reports": s.nr_reports,
+             "regions": rows(s, opts.sort, opts.top)} for i, s in chosen]})
+    return {"record": rec.path, "primitive": rec.header.get("primitive"),
+            "coverage": rec.coverage, "complete": rec.complete, "end": rec.end,
+            "filters": [f.to_dict() for f in rec.filters],
+            "probes": [p.to_dict() for p in rec.probes], "targets": targets}
+
+
+def to_text(rec: Record, opts: AccessOptions) -> str:
+    a = rec.attrs
+    lines = [f"record {rec.path}: primitive {rec.header.get('primitive')} "
+             f"(coverage {rec.coverage}), sample {fmt_duration_ns(a.sample_us * 1000)}, "
+             f"aggr {fmt_duration_ns(a.aggr_us * 1000)}, {len(rec.snapshots)} snapshots"]
+    if rec.filters:
+        lines.append(f"sample filters: {conditions_text(rec.filters)}  ("
+                     + "; ".join(f.describe() for f in rec.filters) + ")")
+    else:
+        lines.append("sample filters: none (every report counts)")
+    for p in rec.probes:
+        lines.append(f"probe {p.name}: {conditions_text(p.filters) or 'every report'}")
+    if rec.coverage == "unknown":
+        lines.append("note: this primitive does not control what it samples; a region with "
+                     "nr_accesses 0 was not observed, which is not the same as not accessed")
+    t0 = rec.snapshots[0].start_ns if rec.snapshots else 0
+    names = rec.probe_names
+    for pid, chosen in select_snapshots(rec, opts).items():
+        tname = next((t.get("name", "") for t in rec.header.get("targets", [])
+                      if t.get("pid") == pid), "")
+        if not chosen:
+            lines.append(f"\ntarget {pid} {tname}: no snapshots")
+            continue
+        for i, s in chosen:
+            lines.append(f"\ntarget {pid} {tname}  snapshot {i} at "
+                         f"{fmt_duration_ns(s.time_ns - t0)} (aggr "
+                         f"{fmt_duration_ns(s.aggr_us * 1000)}), {s.nr_reports} reports, "
+                         f"{len(s.start)} regions, {fmt_size(int((s.end - s.start).sum()))}")
+            header = ["start", "end", "size", "nr_acc", "rate", "age", *names]
+            table = [header]
+            for r in rows(s, opts.sort, opts.top):
+                table.append([f"{r['start']:#x}", f"{r['end']:#x}", fmt_size(r["size"]),
+                              str(r["nr_accesses"]), f"{r['access_rate'] * 100:.0f}%",
+                              fmt_duration_ns(r["age_ns"]),
+                              *[str(r["probes"][n]) for n in names]])
+            widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+            for row in table:
+                cells = [row[c].rjust(widths[c]) if c >= 2 else row[c].ljust(widths[c])
+                         for c in range(len(row))]
+                lines.append("  " + "  ".join(cells).rstrip())
+    if rec.end is not None:
+        e = rec.end
+        tail = f"\nend: {e['reason']}, dropped reports {e['dropped_reports']}, " \
+               f"lost samples {e['lost_samples']}"
+        lines.append(tail)
+    else:
+        lines.append("\nend: the record is incomplete (no end line): udamon was stopped "
+                     "before it finished")
+    if rec.damage:
+        lines.append(f"damaged: {rec.damage}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,117 @@
+"""Virtual memory areas of a process from /proc/<pid>/maps, and DAMON's
+vaddr heuristic that turns them into three monitoring ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from udamon.errors import RuntimeFailure, TargetGone
+
+
+@dataclass(frozen=True)
+class Vma:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str
+
+    @property
+    def anonymous(self) -> bool:
+        return self.inode == 0 and not self.path.startswith("/")
+
+    @property
+    def private(self) -> bool:
+        return self.perms[3:4] == "p"
+
+
+def parse_maps(text: str) -> list[Vma]:
+    out = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        lo, _, hi = parts[0].partition("-")
+        out.append(Vma(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
+                       int(parts[4]), parts[5].strip() if len(parts) > 5 else ""))
+    return out
+
+
+def read_vmas(pid: int) -> list[Vma]:
+    """The process's VMAs; raises TargetGone when it has exited."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise TargetGone(f"process {pid} does not exist (or has exited)") from None
+    except PermissionError:
+        raise RuntimeFailure(f"cannot read /proc/{pid}/maps: permission denied "
+                             "(run as root or as the process's owner)") from None
+    except ProcessLookupError:
+        raise TargetGone(f"process {pid} has exited") from None
+    vmas = parse_maps(text)
+    if not vmas and _is_zombie_or_gone(pid):
+        raise TargetGone(f"process {pid} has exited")
+    return vmas
+
+
+def _is_zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def three_regions(vmas: list[Vma]) -> list[tuple[int, int]]:
+    """DAMON's vaddr heuristic (__damon_va_three_regions): cover the address
+    space from the first to the last mapping, minus the two largest gaps
+    (between heap and mmap area, and between mmap area and stack).
+
+    [vsyscall] is not a VMA of the process in the kernel and is left out.
+    """
+    spans = sorted((v.start, v.end) for v in vmas if v.path != "[vsyscall]")
+    if not spans:
+        return []
+    if len(spans) < 3:
+        return [(s, e) for s, e in _coalesce(spans)]
+    gaps = []
+    for (_, e0), (s1, _) in zip(spans[:-1], spans[1:], strict=True):
+        if s1 > e0:
+            gaps.append((s1 - e0, e0, s1))
+    gaps.sort(reverse=True)
+    big = sorted(gaps[:2], key=lambda g: g[1])
+    first, last = spans[0][0], max(e for _, e in spans)
+    if len(big) < 2:
+        return [(s, e) for s, e in _coalesce(spans)]
+    (_, g1s, g1e), (_, g2s, g2e) = big
+    return [(first, g1s), (g1e, g2s), (g2e, last)]
+
+
+def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for s, e in spans:
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def thread_ids(pid: int) -> list[int]:
+    import os
+
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise TargetGone(f"process {pid} does not exist (or has exited)") from None
