@@ -36,9 +36,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="tracing page faults needs root"),
     pytest.mark.skipif(not _avail, reason=f"page_fault_user tracepoint unavailable: {_why}"),
 ]
-two_cpus = pytest.mark.skipif(
-    not {0, 1} <= set(online_cpus()), reason="needs CPUs 0 and 1 online"
-)
+two_cpus = pytest.mark.skipif(not {0, 1} <= set(online_cpus()), reason="needs CPUs 0 and 1 online")
 WRITE = np.uint64(2)
 
 
@@ -165,8 +163,13 @@ def test_self_touch_exact():
         assert t.wait(1.0)
         a = t.read()
     del base
-    a = _in(a, (np.frombuffer(m, dtype=np.uint8).ctypes.data,
-                np.frombuffer(m, dtype=np.uint8).ctypes.data + n * mmap.PAGESIZE))
+    a = _in(
+        a,
+        (
+            np.frombuffer(m, dtype=np.uint8).ctypes.data,
+            np.frombuffer(m, dtype=np.uint8).ctypes.data + n * mmap.PAGESIZE,
+        ),
+    )
     assert a.dtype == FAULT_DTYPE
     assert a.size == n
     assert np.unique(a["addr"] // mmap.PAGESIZE).size == n
@@ -266,8 +269,13 @@ def test_parse_slow_path_lost_and_foreign():
     lost = np.array([PERF_RECORD_LOST, 24 << 16, 7, 42], dtype="<u4").tobytes()[:8]
     lost += np.array([7, 42], dtype="<u8").tobytes()
     other = np.array([3, 16 << 16, 0, 0], dtype="<u4").tobytes()  # unknown record: skipped
-    data = (_samples(t, 3).tobytes() + lost + other + _samples(t, 2, pid=999, tid=999).tobytes()
-            + _samples(t, 4, tid=101, ident=2).tobytes())
+    data = (
+        _samples(t, 3).tobytes()
+        + lost
+        + other
+        + _samples(t, 2, pid=999, tid=999).tobytes()
+        + _samples(t, 4, tid=101, ident=2).tobytes()
+    )
     recs = t._filter(t._parse(data))
     assert t.lost == 42
     assert recs.size == 7  # 3 + 4; the foreign pid's samples dropped
@@ -322,9 +330,13 @@ def test_hint_fault_attribution(workload_bin, numa_on, mode):
             lost = t.lost
         assert set(a["pid"].tolist()) <= {wl.pid}
         stats = _check_attribution(a, wl.info, ranges)
-        _report(f"hint {mode}", faults_per_s=round(a.size / dt), seconds=round(dt, 2),
-                lost=lost, **{k: (round(v, 4) if isinstance(v, float) else v)
-                              for k, v in stats.items()})
+        _report(
+            f"hint {mode}",
+            faults_per_s=round(a.size / dt),
+            seconds=round(dt, 2),
+            lost=lost,
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
+        )
     finally:
         rc = wl.stop()
     assert rc == 0, "workload data corrupted"
@@ -344,8 +356,10 @@ def test_hint_faults_threads_spawned_after_attach(workload_bin, numa_on):
             tids = (info["reader_tid"], info["writer_tid"])
             a = _collect(t, 10.0, _enough(wl.ranges(), tids))
         stats = _check_attribution(a, info, wl.ranges())
-        _report("hint spawn-late", **{k: (round(v, 4) if isinstance(v, float) else v)
-                                      for k, v in stats.items()})
+        _report(
+            "hint spawn-late",
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
+        )
     finally:
         rc = wl.stop()
     assert rc == 0
@@ -369,3 +383,20 @@ def test_other_process_faults_not_returned(workload_bin, numa_on, mode):
     finally:
         rc_a, rc_b = a_wl.stop(), b_wl.stop()
     assert rc_a == 0 and rc_b == 0
+
+
+def test_auto_falls_back_to_system_wide():
+    with FaultTracer([os.getpid()], max_events=1) as t:
+        assert t.mode == "system-wide"
+        assert len(t.filenos()) == len(online_cpus())
+    with FaultTracer([os.getpid()]) as t:
+        assert t.mode == "per-thread"
+        assert len(t.filenos()) == len(online_cpus())  # one ring per CPU (SET_OUTPUT)
+
+
+def test_target_exits_while_traced(workload_bin):
+    wl = Workload(workload_bin, "--size", "1", duration=0.3)
+    with FaultTracer([wl.pid]) as t:
+        assert wl.stop() == 0
+        t.read()
+        assert t.read().size == 0

@@ -173,9 +173,18 @@ CHILD = textwrap.dedent(
 def _start_child(state_dir: Path, value: str, watchdog: bool = True) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=SRC)
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(state_dir), NUMA_BALANCING, value,
-         "1" if watchdog else "0"],
-        stdout=subprocess.PIPE, env=env, text=True,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(state_dir),
+            NUMA_BALANCING,
+            value,
+            "1" if watchdog else "0",
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -36,9 +36,7 @@ def build(name: str) -> str:
         return str(out)
     outdir.mkdir(parents=True, exist_ok=True)
     tmp = outdir / f".{name}.{os.getpid()}.tmp"
-    proc = subprocess.run(
-        [gcc, *CFLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True
-    )
+    proc = subprocess.run([gcc, *CFLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise BuildError(f"gcc failed for {src}:\n{proc.stderr}")
     os.replace(tmp, out)  # atomic: concurrent builders never see a half-written binary

@@ -198,8 +198,15 @@ class SettingsGuard:
         script = Path(wd.__file__).resolve()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", str(script), "--state", self.state_path,
-                 "--parent", str(os.getpid())],
+                [
+                    sys.executable,
+                    "-I",
+                    str(script),
+                    "--state",
+                    self.state_path,
+                    "--parent",
+                    str(os.getpid()),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 close_fds=True,
@@ -352,8 +359,13 @@ def _mount(fstype: str, target: str) -> None:
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                           ctypes.c_void_p]
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+    ]
     if libc.mount(b"nodev", target.encode(), fstype.encode(), 0, None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

@@ -56,7 +56,7 @@ def proc_start_time(pid: int) -> int | None:
             data = f.read()
     except OSError:
         return None
-    rest = data[data.rindex(b")") + 2:].split()
+    rest = data[data.rindex(b")") + 2 :].split()
     return int(rest[19])
 
 

@@ -177,6 +177,8 @@ def parse_conditions(text: str) -> list[Filter]:
     text = text.strip()
     if not text:
         raise ValueError("empty filter (expected e.g. 'cpus:0-3,write')")
+    if re.search(r"(^,|,\s*,|,$)", text):
+        raise ValueError(f"empty condition in {text!r}")
     out: list[Filter] = []
     # Split on commas that start a new condition: a comma followed by an
     # optional '!' and a known type name.  This keeps kernel-style lists
