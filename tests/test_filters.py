@@ -10,16 +10,27 @@ from udamon.intake.reports import SOURCES, make
 from udamon.probes.filters import Filter, evaluate, evaluate_reference, parse_conditions
 from udamon.probes.probe import Probe
 
+
+def id_list(ftype, lo, hi, n):
+    return st.builds(lambda ids: (ftype, "+".join(map(str, ids))),
+                     st.lists(st.integers(lo, hi), min_size=1, max_size=n))
+
+
+def with_flags(tv):
+    return st.builds(lambda m, a: Filter(tv[0], tv[1], m, a), st.booleans(), st.booleans())
+
+
 filter_st = st.one_of(
-    st.builds(lambda ids: ("cpus", "+".join(map(str, ids))), st.lists(st.integers(0, 7), min_size=1, max_size=3)),
-    st.builds(lambda ids: ("nodes", "+".join(map(str, ids))), st.lists(st.integers(0, 2), min_size=1, max_size=2)),
-    st.builds(lambda ids: ("threads", "+".join(map(str, ids))), st.lists(st.integers(100, 105), min_size=1, max_size=3)),
-    st.builds(lambda ids: ("pids", "+".join(map(str, ids))), st.lists(st.integers(1, 3), min_size=1, max_size=2)),
+    id_list("cpus", 0, 7, 3),
+    id_list("nodes", 0, 2, 2),
+    id_list("threads", 100, 105, 3),
+    id_list("pids", 1, 3, 2),
     st.just(("write", None)),
     st.just(("read", None)),
-    st.builds(lambda a, n: ("addr", f"{a:#x}-{a + n:#x}"), st.integers(0, 1 << 20), st.integers(1, 1 << 20)),
+    st.builds(lambda a, n: ("addr", f"{a:#x}-{a + n:#x}"), st.integers(0, 1 << 20),
+              st.integers(1, 1 << 20)),
     st.builds(lambda s: ("source", s), st.sampled_from(SOURCES)),
-).flatmap(lambda tv: st.builds(lambda m, a: Filter(tv[0], tv[1], m, a), st.booleans(), st.booleans()))
+).flatmap(with_flags)
 
 report_st = st.fixed_dictionaries({
     "time_ns": st.integers(0, 10**9), "pid": st.integers(1, 3), "tid": st.integers(99, 106),

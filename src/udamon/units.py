@@ -13,8 +13,8 @@ def parse_duration_ns(text: str) -> int:
     different places (DAMON speaks microseconds, people speak seconds)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zµ]+)\s*", str(text))
     if not m or m.group(2) not in _DUR:
-        raise ValueError(f"bad duration {text!r} (expected a number and a unit: ns, us, ms, s, m, h;"
-                         " e.g. 5ms)")
+        raise ValueError(f"bad duration {text!r} (expected a number and a unit: "
+                         "ns, us, ms, s, m, h; e.g. 5ms)")
     return int(round(float(m.group(1)) * _DUR[m.group(2)]))
 
 

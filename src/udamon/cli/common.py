@@ -33,9 +33,12 @@ def typed(fn, what: str):
     return conv
 
 
-FILTER_HELP = "FILTERS are comma-separated conditions that must all hold, each [!]TYPE[:VALUE]:\n" + \
-    "\n".join(f"  {t:<8} {d}" for t, (_, d) in FILTER_TYPES.items()) + \
-    "\nIn a list of ids inside FILTERS, separate ids with '+' (cpus:0+2) or use ranges (cpus:0-3)."
+FILTER_HELP = (
+    "FILTERS are comma-separated conditions that must all hold, each [!]TYPE[:VALUE]:\n"
+    + "\n".join(f"  {t:<8} {d}" for t, (_, d) in FILTER_TYPES.items())
+    + "\nIn a list of ids inside FILTERS, separate ids with '+' (cpus:0+2) or use ranges"
+    " (cpus:0-3)."
+)
 
 
 def add_monitoring_args(p: argparse.ArgumentParser) -> None:

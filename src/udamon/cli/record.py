@@ -40,7 +40,8 @@ EPILOG = FILTER_HELP + """
 examples:
   udamon record --primitive replay --input accesses.csv -o rec.jsonl
   udamon record --input accesses.csv --cpus 0 --probe writes=write --probe cpu1=cpus:1 -o rec.jsonl
-  udamon record --input accesses.csv --filter 'nodes:1,!threads:1234' --range 0x7f00000000-0x7f40000000 -o r.jsonl
+  udamon record --input accesses.csv --filter 'nodes:1,!threads:1234' \\
+      --range 0x7f00000000-0x7f40000000 -o r.jsonl
 """
 
 

@@ -13,7 +13,7 @@ Coverage of the target's threads (FACTS.md, measured again here):
   (existing thread, online CPU), all with ``inherit=1``, and redirects every
   event of a CPU into a single ring buffer with ``PERF_EVENT_IOC_SET_OUTPUT``
   (one mmap per CPU).  Threads that appear while attaching are caught by
-  listing ``/proc/PID/task`` again until the list is stable.  Such a thread
+  listing ``/proc/PID/task`` again (two more passes at most).  Such a thread
   may have inherited an event *and* have got its own, which would report each
   of its faults twice: every sample carries ``PERF_SAMPLE_IDENTIFIER`` (the
   id of the event we opened, also for inherited copies), and per thread only
@@ -560,7 +560,11 @@ class FaultTracer:
         ids: list[int] = []
         fams: list[int] = []
         done: set[int] = set()
-        for _ in range(20):  # list the threads again until no new one appears
+        # List the threads again, twice at most: once every thread of a listing
+        # has its events, threads they create inherit them, so only threads
+        # created during the previous pass by a not-yet-covered creator need
+        # their own (bounded so that a thread-spawning storm cannot stall us).
+        for _ in range(3):
             todo = [(p, t) for p in self.pids for t in _list_tids(p) if t not in done]
             if not todo:
                 break

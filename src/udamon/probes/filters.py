@@ -63,7 +63,8 @@ class Filter:
             )
         takes_value, _ = FILTER_TYPES[self.type]
         if takes_value and not self.value:
-            raise ValueError(f"filter type {self.type!r} needs a value ({FILTER_TYPES[self.type][1]})")
+            raise ValueError(f"filter type {self.type!r} needs a value "
+                             f"({FILTER_TYPES[self.type][1]})")
         if not takes_value and self.value:
             raise ValueError(f"filter type {self.type!r} takes no value (got {self.value!r})")
         if self.type in _LIST_TYPES:
