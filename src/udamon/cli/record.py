@@ -20,10 +20,11 @@ from udamon.cli.common import (
     typed,
 )
 from udamon.core.monitor import Monitor
-from udamon.core.session import SessionResult, StopFlag, run_replay
+from udamon.core.session import SessionResult, StopFlag, run_live, run_replay
 from udamon.errors import UsageError
 from udamon.primitives import registry
-from udamon.primitives.replay import ReplayPrimitive, derive_ranges
+from udamon.primitives.replay import ReplayPrimitive, summarize
+from udamon.probes import breakdown as breakdown_mod
 from udamon.record.writer import RecordWriter, build_header
 
 DESCRIPTION = """\
@@ -65,6 +66,9 @@ def add_parser(sub) -> None:
     p.add_argument("--duration", metavar="DUR", type=typed(duration_arg, "duration"),
                    help="stop after this long (live primitives; default: until the targets "
                         "exit or Ctrl-C)")
+    p.add_argument("--breakdown", metavar="KIND[,KIND]", action="append", default=[],
+                   help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
+                        "thread (thread:<tid> per thread present at start), rw (write, read)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_filter_args(p)
     add_monitoring_args(p)
@@ -77,6 +81,10 @@ def run(a: argparse.Namespace) -> int:
     attrs = attrs_from_args(a)
     filters = filters_from_args(a)
     probes = probes_from_args(a)
+    try:
+        breakdown = breakdown_mod.parse_kinds(a.breakdown)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     ranges = parse_ranges(a.range)
     pids = [p for group in a.pid for p in group]
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
@@ -88,10 +96,12 @@ def run(a: argparse.Namespace) -> int:
             raise UsageError("--primitive replay needs --input FILE")
         if command:
             raise UsageError("replay reads recorded reports; it cannot launch a command")
-        return _record_replay(a, attrs, filters, probes, ranges, pids)
+        return _record_replay(a, attrs, filters, probes, breakdown, ranges, pids)
     if a.input:
         raise UsageError(f"--input is for the replay primitive, not {prim}")
-    return registry.record_live(prim, a, attrs, filters, probes, ranges, pids, command)
+    if bool(pids) == bool(command):
+        raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
+    return _record_live(a, prim, attrs, filters, probes, breakdown, ranges, pids, command)
 
 
 def _install_stop() -> StopFlag:
@@ -105,11 +115,26 @@ def _install_stop() -> StopFlag:
     return stop
 
 
-def _record_replay(a, attrs, filters, probes, ranges, pids) -> int:
+def _add_breakdown(probes, breakdown, **who):
+    try:
+        extra = breakdown_mod.breakdown_probes(breakdown, **who)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    clash = {p.name for p in probes} & {p.name for p in extra}
+    if clash:
+        raise UsageError(f"--probe names clash with --breakdown probes: {', '.join(sorted(clash))}")
+    return probes + extra
+
+
+def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
     if not os.path.exists(a.input):
         raise UsageError(f"--input {a.input}: no such file")
-    per_pid = derive_ranges(a.input) if ranges is None or not pids else {}
+    summary = summarize(a.input) if ranges is None or not pids or breakdown else None
+    per_pid = summary.ranges if summary else {}
     targets = pids or sorted(per_pid)
+    if summary and breakdown:
+        probes = _add_breakdown(probes, breakdown, cpus=summary.cpus, nodes=summary.nodes,
+                                tids=set().union(*[summary.tids.get(p, set()) for p in targets]))
     if not targets:
         raise UsageError(f"{a.input}: holds no reports, nothing to monitor")
     monitor = Monitor(attrs, filters, probes, seed=a.seed)
@@ -137,10 +162,88 @@ def _record_replay(a, attrs, filters, probes, ranges, pids) -> int:
     return finish(writer, monitor, res, a.quiet)
 
 
-def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bool) -> int:
+def _record_live(a, prim_name, attrs, filters, probes, breakdown, ranges, pids,
+                 command) -> int:
+    from udamon.errors import TargetGone
+    from udamon.primitives.perf_tracepoint import online_cpus
+    from udamon.targets.launch import Launched
+    from udamon.targets.procmaps import read_vmas, thread_ids
+    from udamon.targets.topology import cpu_to_node
+
+    entry = registry.entry(prim_name)
+    for pid in pids:
+        try:
+            read_vmas(pid)
+        except TargetGone as e:
+            raise UsageError(str(e)) from None
+    primitive = registry.make_live(prim_name, attrs)
+    stop = _install_stop()
+    launched = Launched(command) if command else None
+    targets = [launched.pid] if launched else pids
+    writer = None
+    started = False
+    try:
+        if launched and entry.attach_before_exec:
+            primitive.start(targets)
+            started = True
+            launched.release()
+        elif launched:
+            launched.release()
+        if not started:
+            primitive.start(targets)
+            started = True
+        if breakdown:
+            cpus = online_cpus()
+            table = cpu_to_node()
+            nodes = {int(table[c]) for c in cpus if c < table.size and table[c] >= 0}
+            tids = set()
+            for pid in targets:
+                try:
+                    tids.update(thread_ids(pid))
+                except TargetGone:
+                    pass
+            probes = _add_breakdown(probes, breakdown, cpus=cpus, nodes=nodes, tids=tids)
+        monitor = Monitor(attrs, filters, probes, seed=a.seed)
+        for pid in targets:
+            monitor.add_target(pid, ranges)
+        writer = RecordWriter(a.output)
+        extra = {"command": command} if command else {}
+        start_notes = primitive.stats().notes
+        writer.write_header(build_header(attrs, prim_name, primitive.coverage, filters, probes,
+                                         monitor.targets, clock="monotonic", notes=start_notes,
+                                         **extra))
+        progress = _LiveProgress(not a.quiet and sys.stderr.isatty(), a.duration)
+        try:
+            res = run_live(monitor, primitive, writer.write_snapshot, duration_ns=a.duration,
+                           stop=stop, on_tick=progress.update)
+        finally:
+            progress.done()
+        notes = [n for n in primitive.stats().notes if n not in start_notes]
+        rc = finish(writer, monitor, res, a.quiet, notes=notes)
+    except BaseException as e:
+        primitive.stop()  # idempotent; restores system settings
+        if writer is not None and not writer.closed:
+            writer.close("error", error=str(e) or type(e).__name__)
+        if launched and launched.poll() is None and not started:
+            launched.release()
+        raise
+    if launched and launched.poll() is None:
+        if not a.quiet:
+            print(f"udamon: recording done; waiting for {command[0]} (pid {launched.pid}) "
+                  "to exit (Ctrl-C passes on to it)", file=sys.stderr)
+        launched.wait_forwarding_signals()
+    if launched and not a.quiet:
+        print(f"udamon: {command[0]} exited with status {launched.returncode}", file=sys.stderr)
+    return rc
+
+
+def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bool,
+           notes: list[str] | None = None) -> int:
     st = monitor.stats
     extra = {"reports": st.accepted, "unmatched_reports": st.unmatched,
              "outside_reports": st.outside, "late_reports": st.late}
+    if notes:
+        extra["notes"] = notes
     if res.error:
         extra["error"] = res.error
     writer.close(res.reason, dropped_reports=st.dropped, lost_samples=res.lost_samples, **extra)
@@ -174,6 +277,31 @@ class _Progress:
         self.n += n
         if self._p is not None:
             self._p.update(self._task, description=f"replaying: {self.n:,} reports")
+
+    def done(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+
+class _LiveProgress:
+    """Elapsed time (and a bar with --duration) on stderr when it is a terminal."""
+
+    def __init__(self, enabled: bool, duration_ns: int | None):
+        self._p = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            cols = [TextColumn("recording"), TimeElapsedColumn()]
+            if duration_ns:
+                cols.insert(1, BarColumn())
+            self._p = Progress(*cols, transient=True)
+            self._p.start()
+            self._task = self._p.add_task("rec", total=(duration_ns or 0) / 1e9 or None)
+
+    def update(self, elapsed_ns: int) -> None:
+        if self._p is not None:
+            self._p.update(self._task, completed=elapsed_ns / 1e9)
 
     def done(self) -> None:
         if self._p is not None:

@@ -1,26 +1,77 @@
-"""Which primitives exist, which this machine can run, and how to start a live one."""
+"""Which primitives exist, which this machine can run, and how to make a live one."""
 
 from __future__ import annotations
 
-from udamon.errors import UsageError
+from collections.abc import Callable
+from dataclasses import dataclass
 
-# name -> one-line description; order is preference for 'auto' among live ones
-PRIMITIVES: dict[str, str] = {
-    "replay": "recorded reports from a CSV file (--input)",
+from udamon.core.attrs import Attrs
+from udamon.errors import RuntimeFailure, UsageError
+from udamon.primitives.base import Primitive
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    help: str
+    live: bool
+    available: Callable[[], tuple[bool, str]]
+    make: Callable[[Attrs], Primitive] | None = None
+    # True when the primitive can attach to a launched command before it execs
+    # (a tracer follows exec); False when it needs the program's own mappings.
+    attach_before_exec: bool = True
+
+
+def _hint_available() -> tuple[bool, str]:
+    from udamon.primitives.hint import hint_available
+
+    return hint_available()
+
+
+def _make_hint(attrs: Attrs) -> Primitive:
+    from udamon.primitives.hint import HintPrimitive
+
+    return HintPrimitive(attrs.sample_us)
+
+
+ENTRIES: dict[str, Entry] = {
+    "replay": Entry("replay", "recorded reports from a CSV file (--input)", False,
+                    lambda: (True, "")),
+    "hint": Entry("hint", "NUMA-balancing hinting faults: reads and writes, any CPU, "
+                  "attributed to CPU/node/thread (root; changes kernel.numa_balancing "
+                  "for the session)", True, _hint_available, _make_hint),
 }
-LIVE: list[str] = []
 
 
 def names() -> list[str]:
-    return ["auto", *PRIMITIVES]
+    return ["auto", *ENTRIES]
+
+
+def entry(name: str) -> Entry:
+    try:
+        return ENTRIES[name]
+    except KeyError:
+        raise UsageError(f"unknown primitive {name!r} (known: {', '.join(ENTRIES)})") from None
 
 
 def best_live() -> str:
-    for name in LIVE:
-        return name
-    raise UsageError("no live primitive is available in this udamon yet; "
-                     "use --primitive replay --input FILE")
+    """'auto': the first live primitive this machine can run, or a clear error."""
+    reasons = []
+    for e in ENTRIES.values():
+        if not e.live:
+            continue
+        ok, why = e.available()
+        if ok:
+            return e.name
+        reasons.append(f"{e.name}: {why}")
+    raise RuntimeFailure("no live primitive can run here (" + "; ".join(reasons) + ")")
 
 
-def record_live(name, args, attrs, filters, probes, ranges, pids, command) -> int:
-    raise UsageError(f"primitive {name!r} is not available")
+def make_live(name: str, attrs: Attrs) -> Primitive:
+    e = entry(name)
+    if not e.live or e.make is None:
+        raise UsageError(f"primitive {name!r} does not monitor live processes")
+    ok, why = e.available()
+    if not ok:
+        raise RuntimeFailure(f"primitive {name!r} cannot run here: {why}")
+    return e.make(attrs)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import gzip
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from udamon.errors import InputError
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives.base import Primitive
+from udamon.targets.topology import nodes_of
 
 REQUIRED = ("time_ns", "pid", "tid", "cpu", "addr", "size", "write")
 OPTIONAL = ("node", "source")
@@ -171,29 +173,48 @@ def _parse_slow(path: str, rows: list[str], linenos: list[int], cols: list[str],
     return table
 
 
-def derive_ranges(path: str, page: int = 4096) -> dict[int, list[tuple[int, int]]]:
-    """Monitoring ranges per pid from the reports themselves: the spans of touched
-    pages, reduced to at most three by cutting at the two largest gaps (the
-    same idea as DAMON's vaddr heuristic)."""
+@dataclass
+class InputSummary:
+    """What a pre-pass over a replay input learns: ranges per pid (the spans of
+    touched pages, cut at the two largest gaps like DAMON's vaddr heuristic),
+    and who appears in it (for --breakdown)."""
+
+    ranges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    cpus: set[int] = field(default_factory=set)
+    nodes: set[int] = field(default_factory=set)
+    tids: dict[int, set[int]] = field(default_factory=dict)
+    reports: int = 0
+
+
+def summarize(path: str, page: int = 4096) -> InputSummary:
+    summary = InputSummary()
     pages: dict[int, np.ndarray] = {}
     for chunk in read_csv(path):
+        summary.reports += int(chunk.size)
+        summary.cpus.update(int(c) for c in np.unique(chunk["cpu"]) if c >= 0)
+        nodes = chunk["node"]
+        known = chunk["cpu"] >= 0
+        derived = nodes_of(chunk["cpu"][known & (nodes < 0)])
+        summary.nodes.update(int(n) for n in np.unique(np.concatenate(
+            [nodes[nodes >= 0], derived])) if n >= 0)
         for pid in np.unique(chunk["pid"]).tolist():
             sel = chunk[chunk["pid"] == pid]
+            summary.tids.setdefault(pid, set()).update(
+                int(t) for t in np.unique(sel["tid"]) if t >= 0)
             first = sel["addr"] // np.uint64(page)
             last = (sel["addr"] + sel["size"] - np.uint64(1)) // np.uint64(page)
             p = np.unique(np.concatenate([first, last]))
             prev = pages.get(pid)
             pages[pid] = p if prev is None else np.union1d(prev, p)
-    out: dict[int, list[tuple[int, int]]] = {}
     for pid, p in pages.items():
         p = p.astype(np.uint64)
         gaps = np.diff(p)
         cut = np.argsort(gaps)[::-1][:2] if gaps.size else np.array([], dtype=np.int64)
         cut = sorted(int(c) for c in cut if gaps[c] > 1)
         bounds = [0] + [c + 1 for c in cut] + [p.size]
-        out[pid] = [(int(p[a]) * page, (int(p[b - 1]) + 1) * page)
-                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return out
+        summary.ranges[pid] = [(int(p[a]) * page, (int(p[b - 1]) + 1) * page)
+                               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return summary
 
 
 class ReplayPrimitive(Primitive):

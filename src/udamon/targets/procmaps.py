@@ -51,18 +51,19 @@ def read_vmas(pid: int) -> list[Vma]:
     except ProcessLookupError:
         raise TargetGone(f"process {pid} has exited") from None
     vmas = parse_maps(text)
-    if not vmas and _is_zombie_or_gone(pid):
+    if not vmas and not is_alive(pid):
         raise TargetGone(f"process {pid} has exited")
     return vmas
 
 
-def _is_zombie_or_gone(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
-        return state in ("Z", "X")
     except (OSError, IndexError):
-        return True
+        return False
+    return state not in ("Z", "X")
 
 
 def three_regions(vmas: list[Vma]) -> list[tuple[int, int]]:

@@ -1,0 +1,135 @@
+"""The ``hint`` primitive: NUMA-balancing hinting faults as access reports.
+
+With ``kernel.numa_balancing`` on, the kernel periodically makes a task's
+PTEs PROT_NONE and the next access to each page faults.  Every user page
+fault of the targets is read from the ``exceptions:page_fault_user``
+tracepoint (``FaultTracer``) and becomes a report: who (CPU, node, thread),
+where (the page) and how (error_code bit 1: write).
+
+What it cannot see: only the *first* access after a hint faults, so a
+read-modify-write shows as a read, and a page is seen at most once per scan
+pass.  The kernel's scanner, not udamon, decides what is sampled and when: it
+goes quiet for seconds when it thinks placement is good, so coverage is
+"unknown" and a quiet region is "not observed", not "not accessed".
+Faults that are not hints (first touch, copy-on-write) are real accesses too
+and are reported the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from udamon.errors import RuntimeFailure
+from udamon.intake.reports import SOURCE_IDS, empty
+from udamon.primitives.base import Primitive, PrimitiveStats
+from udamon.primitives.perf_tracepoint import FaultTracer, page_fault_tracepoint_available
+from udamon.primitives.sysctl_guard import SettingsGuard, apply_numa_balancing, restore_stale
+from udamon.targets.procmaps import is_alive
+from udamon.targets.topology import nodes_of
+
+PAGE = 4096
+WRITE_BIT = 0x2
+
+SYSTEM_CHANGES = (
+    "kernel.numa_balancing is switched on for the session (system-wide: every process's "
+    "pages get hinting faults and may be migrated between nodes), and, where writable, "
+    "the scan tunables in /sys/kernel/debug/sched/numa_balancing/ are set from the "
+    "sampling interval; all are restored when udamon exits, also when it is killed "
+    "(a watchdog process restores them)"
+)
+
+
+def hint_available() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "the hint primitive needs root (it changes kernel.numa_balancing)"
+    if not os.path.exists("/proc/sys/kernel/numa_balancing"):
+        return False, "this kernel has no NUMA balancing (CONFIG_NUMA_BALANCING)"
+    return page_fault_tracepoint_available()
+
+
+def faults_to_reports(faults: np.ndarray) -> np.ndarray:
+    """FAULT_DTYPE -> REPORT_DTYPE (vectorised)."""
+    out = empty(faults.size)
+    if faults.size == 0:
+        return out
+    out["time_ns"] = faults["time_ns"]
+    out["pid"] = faults["pid"]
+    out["tid"] = faults["tid"]
+    out["cpu"] = faults["cpu"]
+    out["node"] = nodes_of(faults["cpu"])
+    out["addr"] = faults["addr"] & ~np.uint64(PAGE - 1)
+    out["size"] = PAGE
+    out["write"] = (faults["error_code"] & np.uint64(WRITE_BIT)) != 0
+    out["source"] = SOURCE_IDS["hint"]
+    return out
+
+
+class HintPrimitive(Primitive):
+    name = "hint"
+    kind = "observational"
+    coverage = "unknown"
+
+    def __init__(self, sample_us: int, *, enable_balancing: bool = True,
+                 state_dir: str | None = None):
+        self.sample_us = sample_us
+        self.enable_balancing = enable_balancing
+        self._state_dir = state_dir
+        self._guard: SettingsGuard | None = None
+        self._tracer: FaultTracer | None = None
+        self._pids: list[int] = []
+        self._exited: set[int] = set()
+        self._notes: list[str] = []
+        self._stopped = False
+
+    def start(self, pids: list[int]) -> None:
+        ok, why = hint_available()
+        if not ok:
+            raise RuntimeFailure(why)
+        self._pids = list(pids)
+        kw = {} if self._state_dir is None else {"state_dir": self._state_dir}
+        for line in restore_stale(**kw):
+            self._notes.append(f"restored settings left by a crashed udamon: {line}")
+        try:
+            if self.enable_balancing:
+                self._guard = SettingsGuard(handle_signals=False, **kw)
+                self._notes.extend(apply_numa_balancing(self._guard, self.sample_us))
+            # hint faults come in bursts of a whole scan pass: 4 MiB per CPU holds ~80k
+            self._tracer = FaultTracer(self._pids, pages_per_buffer=1024).open()
+            self._notes.append(f"fault tracer mode: {self._tracer.mode}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def poll(self, now_ns: int) -> np.ndarray:
+        if self._tracer is None:
+            return empty(0)
+        return faults_to_reports(self._tracer.read())
+
+    def exited(self) -> list[int]:
+        out = []
+        for pid in self._pids:
+            if pid in self._exited:
+                continue
+            if not is_alive(pid):
+                self._exited.add(pid)
+                out.append(pid)
+        return out
+
+    def stats(self) -> PrimitiveStats:
+        lost = self._tracer.lost if self._tracer is not None else 0
+        return PrimitiveStats(lost_samples=lost, notes=list(self._notes))
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._tracer is not None:
+                self._tracer.close()
+        finally:
+            if self._guard is not None:
+                for line in self._guard.restore():
+                    self._notes.append(line)
+

@@ -1,0 +1,213 @@
+"""The hint primitive end to end, through the CLI, on a real pinned workload.
+
+A reader thread on CPU 0 reads R, a writer on CPU 1 writes W, both use S, and
+I is touched once and then left alone.  The record must attribute R to the
+reader's CPU and thread and W to the writer's, as reads and writes.
+Needs root (kernel.numa_balancing, perf_event_open) and gcc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_udamon
+
+from udamon.primitives.hint import hint_available
+from udamon.primitives.perf_tracepoint import online_cpus
+from udamon.record.reader import read_record
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads.build import BuildError, build  # noqa: E402
+
+NUMA = "/proc/sys/kernel/numa_balancing"
+_ok, _why = hint_available()
+pytestmark = [
+    pytest.mark.skipif(not _ok, reason=f"hint primitive unavailable: {_why}"),
+    pytest.mark.skipif(not {0, 1} <= set(online_cpus()), reason="needs CPUs 0 and 1"),
+]
+
+
+@pytest.fixture(scope="module")
+def workload_bin():
+    try:
+        return build("access_pattern")
+    except BuildError as e:
+        pytest.skip(f"cannot build the workload: {e}")
+
+
+@pytest.fixture(autouse=True)
+def numa_restored():
+    """Whatever a test does, kernel.numa_balancing ends as it started."""
+    orig = Path(NUMA).read_text().strip()
+    yield orig
+    deadline = time.time() + 5
+    while Path(NUMA).read_text().strip() != orig and time.time() < deadline:
+        time.sleep(0.05)
+    now = Path(NUMA).read_text().strip()
+    if now != orig:
+        Path(NUMA).write_text(orig)
+    assert now == orig, "udamon left kernel.numa_balancing changed"
+
+
+def start_workload(binary, *args):
+    p = subprocess.Popen([binary, "--reader-cpu", "0", "--writer-cpu", "1", *args],
+                         stdout=subprocess.PIPE, text=True)
+    info = json.loads(p.stdout.readline())
+    return p, info
+
+
+def buffer_hits(rec, lo, hi):
+    """Probe hits (and nr_accesses) summed over all snapshots, regions wholly in [lo, hi)."""
+    tot: dict[str, int] = {}
+    for s in rec.snapshots:
+        inside = (s.start >= lo) & (s.end <= hi)
+        tot["nr_accesses"] = tot.get("nr_accesses", 0) + int(s.nr_accesses[inside].sum())
+        for name, h in s.probe_hits.items():
+            tot[name] = tot.get(name, 0) + int(h[inside].sum())
+    return tot
+
+
+def share(hits, name, *others):
+    total = hits.get(name, 0) + sum(hits.get(o, 0) for o in others)
+    return hits.get(name, 0) / total if total else float("nan")
+
+
+def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, workload_bin):
+    wl, info = start_workload(workload_bin, "--duration", "30", "--size", "16")
+    try:
+        lo = min(v[0] for k, v in info.items() if k in "RWSI")
+        hi = max(v[1] for k, v in info.items() if k in "RWSI")
+        rec_path = tmp_path / "hint.jsonl"
+        p = run_udamon("record", "--primitive", "hint", "--pid", str(info["pid"]),
+                       "--range", f"{lo:#x}-{hi:#x}", "--regions", "64,1000", "--cpus", "0",
+                       "--breakdown", "cpu,thread,rw", "--duration", "6s", "-q",
+                       "-o", str(rec_path), timeout=60)
+        assert p.returncode == 0, p.stderr
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        assert wl.wait(10) == 0, "the workload's data was damaged"
+    rec = read_record(str(rec_path))
+    assert rec.complete and rec.end["reason"] == "duration"
+    assert rec.coverage == "unknown" and rec.header["primitive"] == "hint"
+    reader, writer = f"thread:{info['reader_tid']}", f"thread:{info['writer_tid']}"
+    assert {"cpu:0", "cpu:1", reader, writer, "write", "read"} <= set(rec.probe_names)
+    h = {k: buffer_hits(rec, *info[k]) for k in "RWSI"}
+    print({k: v for k, v in h.items()})
+    assert h["R"]["cpu:0"] >= 20 and h["W"]["cpu:1"] >= 20, "too few hint faults observed"
+    assert share(h["R"], "cpu:0", "cpu:1") >= 0.95
+    assert share(h["R"], reader, writer) >= 0.95
+    assert share(h["R"], "read", "write") >= 0.95
+    assert share(h["W"], "cpu:1", "cpu:0") >= 0.95
+    assert share(h["W"], writer, reader) >= 0.95
+    assert share(h["W"], "write", "read") >= 0.95
+    assert h["S"]["cpu:0"] > 0 and h["S"]["cpu:1"] > 0  # shared: both CPUs
+    assert h["I"]["cpu:0"] + h["I"]["cpu:1"] <= 0.02 * (h["R"]["cpu:0"] + h["W"]["cpu:1"])
+    # the sample filter --cpus 0: only CPU 0's accesses count in nr_accesses
+    assert h["R"]["nr_accesses"] >= 20
+    assert h["W"]["nr_accesses"] <= 0.05 * h["W"]["cpu:1"]
+
+
+def test_target_exit_closes_the_record(tmp_path, workload_bin):
+    wl, info = start_workload(workload_bin, "--duration", "1.5", "--size", "4")
+    rec_path = tmp_path / "exit.jsonl"
+    t0 = time.monotonic()
+    p = run_udamon("record", "--primitive", "hint", "--pid", str(info["pid"]),
+                   "--duration", "30s", "-q", "-o", str(rec_path), timeout=60)
+    assert wl.wait(10) == 0
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 < 10
+    rec = read_record(str(rec_path))
+    assert rec.end["reason"] == "targets-exited"
+    assert len(rec.snapshots) >= 3
+
+
+def test_launch_a_command(tmp_path, workload_bin):
+    rec_path = tmp_path / "cmd.jsonl"
+    p = run_udamon("record", "--primitive", "hint", "--duration", "2s", "-o", str(rec_path),
+                   "--", workload_bin, "--duration", "3", "--size", "4", timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert lines[0]["event"] == "start" and lines[-1] == {**lines[-1], "intact": True}
+    assert "exited with status 0" in p.stderr
+    rec = read_record(str(rec_path))
+    assert rec.header["targets"][0]["pid"] == lines[0]["pid"]
+    assert rec.header["command"][0] == workload_bin
+    # monitored from its start: the first-touch faults of the buffers are seen
+    assert sum(s.nr_reports for s in rec.snapshots) >= 4 * (4 << 20) // 4096 * 0.9
+
+
+def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, workload_bin,
+                                                                   numa_restored):
+    wl, info = start_workload(workload_bin, "--duration", "30", "--size", "8")
+    try:
+        rec_path = tmp_path / "killed.jsonl"
+        u = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "hint",
+                              "--pid", str(info["pid"]), "--duration", "60s", "-q",
+                              "-o", str(rec_path)], stderr=subprocess.PIPE)
+        deadline = time.time() + 10
+        while Path(NUMA).read_text().strip() == numa_restored and time.time() < deadline:
+            time.sleep(0.02)
+        if numa_restored != "1":
+            assert Path(NUMA).read_text().strip() != numa_restored, "udamon never turned it on"
+        time.sleep(1.0)
+        u.kill()
+        u.wait(10)
+        deadline = time.time() + 5
+        while Path(NUMA).read_text().strip() != numa_restored and time.time() < deadline:
+            time.sleep(0.05)
+        assert Path(NUMA).read_text().strip() == numa_restored
+        assert wl.poll() is None, "the target died with udamon"
+        # the record is readable up to the kill, and says it is incomplete
+        rec = read_record(str(rec_path))
+        assert not rec.complete
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        assert wl.wait(10) == 0, "the workload's data was damaged"
+
+
+def test_sigterm_ends_the_record_cleanly(tmp_path, workload_bin):
+    wl, info = start_workload(workload_bin, "--duration", "30", "--size", "4")
+    try:
+        rec_path = tmp_path / "term.jsonl"
+        u = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "hint",
+                              "--pid", str(info["pid"]), "-q", "-o", str(rec_path)],
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        u.send_signal(signal.SIGTERM)
+        assert u.wait(10) == 0, u.stderr.read()
+        rec = read_record(str(rec_path))
+        assert rec.complete and rec.end["reason"] == "interrupted"
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        assert wl.wait(10) == 0
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--pid", "999999999"], "does not exist"),
+    ([], "--pid PID or -- COMMAND"),
+    (["--", "/nonexistent/cmd"], "not found"),
+    (["--pid", "1", "--input", "x.csv"], "--input is for the replay"),
+])
+def test_bad_live_usage(tmp_path, argv, msg):
+    p = run_udamon("record", "--primitive", "hint", "-o", str(tmp_path / "r.jsonl"), *argv,
+                   cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and msg in p.stderr, p.stderr
+
+
+def test_not_root_is_a_clear_error(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-m", "udamon", "record", "--primitive", "hint",
+                        "--pid", str(os.getpid()), "-o", "/tmp/udamon-nobody.jsonl"],
+                       capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
+    assert p.returncode in (1, 2), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "root" in p.stderr, p.stderr
