@@ -89,10 +89,28 @@ def test_all_snapshots_and_ranges(tmp_path, demo_csv, udamon):
         assert len(s["regions"]) <= 20
 
 
-def test_demo_runs(tmp_path, udamon):
-    p = udamon("demo", "--dir", str(tmp_path), check=True)
+def test_replay_demo_runs(tmp_path, udamon):
+    p = udamon("demo", "--replay", "--dir", str(tmp_path), check=True)
     assert "nr_acc" in p.stdout and "cpu0" in p.stdout and "cpu1" in p.stdout
     assert (tmp_path / "rec.jsonl").exists()
+
+
+def test_demo_runs_live_when_it_can(tmp_path, udamon):
+    from udamon.primitives.hint import hint_available
+
+    ok, why = hint_available()
+    if not ok:
+        pytest.skip(f"live demo unavailable: {why}")
+    p = udamon("demo", "--live", "--dir", str(tmp_path), check=True)
+    rows = {}
+    for ln in p.stdout.splitlines():
+        parts = ln.split()
+        if len(parts) >= 5 and parts[0] in "RWSI" and parts[1].isdigit():
+            rows[parts[0]] = [int(x) for x in parts[1:5]]  # cpu:0 cpu:1 read write
+    assert set(rows) == set("RWSI"), p.stdout
+    assert rows["R"][1] == 0 and rows["R"][3] == 0  # R: never CPU 1, never written
+    assert rows["W"][0] == 0 and rows["W"][2] == 0  # W: never CPU 0, never read
+    assert rows["R"][0] + rows["W"][1] > 0, "no hint faults in 5 s"
 
 
 BAD_USAGE = [

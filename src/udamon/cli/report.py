@@ -23,9 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("kind", choices=list(KINDS), help="what to report")
     p.add_argument("-i", "--input", metavar="FILE", required=True, help="record file")
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--snapshot", default="last", metavar="last|all|N",
-                   help="which aggregation snapshot(s): last (default), all, or an index "
-                        "(negative counts from the end)")
+    p.add_argument("--snapshot", default="last", metavar="last|all|busiest|N",
+                   help="which aggregation snapshot(s): last (default), all, busiest (the one "
+                        "with the most reports: useful for bursty primitives such as hint), "
+                        "or an index (negative counts from the end)")
     p.add_argument("--sort", default="address", metavar="KEY",
                    help="order of regions: address (default), size, nr_accesses, age, "
                         "or probe:NAME (hottest first)")
@@ -37,11 +38,11 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    if a.snapshot not in ("last", "all"):
+    if a.snapshot not in ("last", "all", "busiest"):
         try:
             int(a.snapshot)
         except ValueError:
-            raise UsageError(f"--snapshot must be last, all or an integer, "
+            raise UsageError(f"--snapshot must be last, all, busiest or an integer, "
                              f"got {a.snapshot!r}") from None
     if a.top is not None and a.top <= 0:
         raise UsageError("--top must be positive")

@@ -127,8 +127,9 @@ class Monitor:
             ranges = provider()
             if not ranges:
                 raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
-            if name is None:
-                name = process_name(pid)
+        if name is None:
+            name = process_name(pid)
+            name = "" if name == "?" else name
         ranges = sorted((int(s), int(e)) for s, e in ranges)
         for (s0, e0), (s1, _) in zip(ranges[:-1], ranges[1:], strict=False):
             if s1 < e0:

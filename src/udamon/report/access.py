@@ -16,7 +16,7 @@ SORT_KEYS = ("address", "size", "nr_accesses", "age")
 
 @dataclass
 class AccessOptions:
-    snapshot: str = "last"  # "last", "all" or an index (negative counts from the end)
+    snapshot: str = "last"  # "last", "all", "busiest" or an index (negative from the end)
     sort: str = "address"  # a SORT_KEYS entry or "probe:NAME"
     pid: int | None = None
     top: int | None = None
@@ -35,6 +35,9 @@ def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[i
             out[pid] = list(enumerate(snaps))
         elif opts.snapshot == "last":
             out[pid] = [(len(snaps) - 1, snaps[-1])]
+        elif opts.snapshot == "busiest":
+            i = max(range(len(snaps)), key=lambda j: (snaps[j].nr_reports, j))
+            out[pid] = [(i, snaps[i])]
         else:
             i = int(opts.snapshot)
             j = i if i >= 0 else len(snaps) + i

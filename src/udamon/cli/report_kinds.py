@@ -1,0 +1,252 @@
+"""The report kinds beyond ``access``, for ``udamon report KIND``.
+
+``KINDS`` maps a kind to ``(help, add_args(parser), run(args, record) -> int)``.
+``add_args`` adds only the kind's own options; the common ones are expected
+from ``cli/report.py``: ``-i/--input``, ``--format`` (text|json|png; each kind
+checks which it supports), ``--pid``, ``--top``, ``--salvage``.  ``--output``
+and ``--color`` are added here by the kinds that use them.  ``run`` writes
+text or JSON to stdout and images to ``--output``.
+
+``python -m udamon.cli.report_kinds KIND -i FILE ...`` runs a kind standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from udamon.cli.common import typed
+from udamon.errors import UdamonError, UsageError
+from udamon.record.reader import Record, read_record
+from udamon.report import dirty, heatmap, ksm, numa, sharing, wss
+from udamon.report.common import check_probe
+from udamon.units import parse_duration_ns
+
+
+def _formats(a: argparse.Namespace, kind: str, allowed: tuple[str, ...]) -> str:
+    fmt = getattr(a, "format", None) or "text"
+    if fmt not in allowed:
+        raise UsageError(f"report {kind} supports --format {', '.join(allowed)}, not {fmt}")
+    return fmt
+
+
+def _positive(name: str, v: int | None) -> None:
+    if v is not None and v <= 0:
+        raise UsageError(f"{name} must be positive, got {v}")
+
+
+def _emit_json(doc: dict) -> int:
+    json.dump(doc, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _probe_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--probe", metavar="NAME", default=None,
+                   help=f"use this probe's hits instead of nr_accesses ({what})")
+
+
+# -- heatmap ----------------------------------------------------------------------
+
+
+def _heatmap_args(p: argparse.ArgumentParser) -> None:
+    _probe_arg(p, "e.g. write")
+    p.add_argument("--resol-addr", type=int, metavar="N",
+                   help="address columns (default 60 for text, 600 for png/json)")
+    p.add_argument("--resol-time", type=int, metavar="N",
+                   help="time rows (default 30 for text, 300 for png/json)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="ANSI colours in text (default: when stdout is a terminal)")
+    p.add_argument("--output", "-o", metavar="FILE", help="image file for --format png")
+    p.add_argument("--size", metavar="WxH", default="1200x700",
+                   help="png size in pixels (default 1200x700)")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size must be WIDTHxHEIGHT in pixels, got {text!r}") from None
+    if not (200 <= w <= 10000 and 150 <= h <= 10000):
+        raise UsageError(f"--size {text}: width 200..10000 and height 150..10000 pixels")
+    return w, h
+
+
+def _heatmap_run(a: argparse.Namespace, rec: Record) -> int:
+    fmt = _formats(a, "heatmap", ("text", "json", "png"))
+    probe = check_probe(rec, getattr(a, "probe", None))
+    cols = getattr(a, "resol_addr", None)
+    rows = getattr(a, "resol_time", None)
+    _positive("--resol-addr", cols)
+    _positive("--resol-time", rows)
+    if (cols or 0) > 10000 or (rows or 0) > 10000:
+        raise UsageError("--resol-addr and --resol-time must be at most 10000")
+    out = getattr(a, "output", None)
+    if fmt == "png" and not out:
+        raise UsageError("--format png needs --output FILE")
+    if fmt != "png" and out:
+        raise UsageError("--output is for --format png; text and json go to stdout")
+    size = _size(getattr(a, "size", "1200x700"))
+    text = fmt == "text"
+    h = heatmap.build(rec, getattr(a, "pid", None), probe, cols or (60 if text else 600),
+                      rows or (30 if text else 300))
+    if fmt == "json":
+        return _emit_json(heatmap.to_json(rec, h))
+    if fmt == "png":
+        try:
+            heatmap.to_png(rec, h, out, *size)
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+        print(f"udamon: wrote {out}", file=sys.stderr)
+        return 0
+    color = getattr(a, "color", "auto")
+    sys.stdout.write(heatmap.to_text(rec, h, color == "always"
+                                     or (color == "auto" and sys.stdout.isatty())))
+    return 0
+
+
+# -- wss ----------------------------------------------------------------------------
+
+
+def _wss_args(p: argparse.ArgumentParser) -> None:
+    _probe_arg(p, "e.g. write: the working set of writes")
+    p.add_argument("--min-accesses", type=int, default=1, metavar="N",
+                   help="a region is in the working set when its count is >= N (default 1)")
+    p.add_argument("--resol-time", type=int, metavar="N", default=20,
+                   help="rows of the over-time chart (default 20)")
+
+
+def _wss_run(a: argparse.Namespace, rec: Record) -> int:
+    fmt = _formats(a, "wss", ("text", "json"))
+    probe = check_probe(rec, getattr(a, "probe", None))
+    _positive("--min-accesses", getattr(a, "min_accesses", 1))
+    _positive("--resol-time", getattr(a, "resol_time", 20))
+    res = wss.compute(rec, getattr(a, "pid", None), probe, getattr(a, "min_accesses", 1))
+    if fmt == "json":
+        return _emit_json(wss.to_json(rec, res))
+    sys.stdout.write(wss.to_text(rec, res, getattr(a, "resol_time", 20)))
+    return 0
+
+
+# -- ksm ----------------------------------------------------------------------------
+
+
+def _ksm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-age", metavar="DUR", type=typed(parse_duration_ns, "duration"),
+                   help="unwritten for at least this long (default: 10 s or half the "
+                        "record, whichever is smaller)")
+
+
+def _ksm_run(a: argparse.Namespace, rec: Record) -> int:
+    fmt = _formats(a, "ksm", ("text", "json"))
+    top = getattr(a, "top", None)
+    _positive("--top", top)
+    res = ksm.compute(rec, getattr(a, "pid", None), getattr(a, "min_age", None))
+    if fmt == "json":
+        return _emit_json(ksm.to_json(rec, res))
+    sys.stdout.write(ksm.to_text(rec, res, top or 20))
+    return 0
+
+
+# -- dirty --------------------------------------------------------------------------
+
+
+def _dirty_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _dirty_run(a: argparse.Namespace, rec: Record) -> int:
+    fmt = _formats(a, "dirty", ("text", "json"))
+    res = dirty.compute(rec, getattr(a, "pid", None))
+    if fmt == "json":
+        return _emit_json(dirty.to_json(rec, res))
+    sys.stdout.write(dirty.to_text(rec, res))
+    return 0
+
+
+# -- sharing ------------------------------------------------------------------------
+
+
+def _sharing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--groups", type=int, metavar="N",
+                   help="thread groups to suggest (default: the number of node:<n> probes, "
+                        "at least 2)")
+
+
+def _sharing_run(a: argparse.Namespace, rec: Record) -> int:
+    fmt = _formats(a, "sharing", ("text", "json"))
+    _positive("--groups", getattr(a, "groups", None))
+    top = getattr(a, "top", None)
+    _positive("--top", top)
+    res = sharing.compute(rec, getattr(a, "pid", None), getattr(a, "groups", None))
+    if fmt == "json":
+        return _emit_json(sharing.to_json(rec, res))
+    sys.stdout.write(sharing.to_text(rec, res, top or 10))
+    return 0
+
+
+# -- numa ---------------------------------------------------------------------------
+
+
+def _numa_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _numa_run(a: argparse.Namespace, rec: Record) -> int:
+    fmt = _formats(a, "numa", ("text", "json"))
+    top = getattr(a, "top", None)
+    _positive("--top", top)
+    res = numa.compute(rec, getattr(a, "pid", None))
+    if fmt == "json":
+        return _emit_json(numa.to_json(rec, res))
+    sys.stdout.write(numa.to_text(rec, res, top or 10))
+    return 0
+
+
+Kind = tuple[str, Callable[[argparse.ArgumentParser], None],
+             Callable[[argparse.Namespace, Record], int]]
+
+KINDS: dict[str, Kind] = {
+    "heatmap": ("time x address heat of nr_accesses or a probe (text, json, png)",
+                _heatmap_args, _heatmap_run),
+    "wss": ("working set size over time and its distribution", _wss_args, _wss_run),
+    "ksm": ("KSM candidates: memory not written for a long time (needs write counts)",
+            _ksm_args, _ksm_run),
+    "dirty": ("dirty rate per target, slowest dirtier first (live migration)",
+              _dirty_args, _dirty_run),
+    "sharing": ("bytes shared between CPUs and threads, thread grouping suggestions",
+                _sharing_args, _sharing_run),
+    "numa": ("accesses per node (node:<n> probes) vs page locations: local/remote",
+             _numa_args, _numa_run),
+}
+
+
+# -- standalone runner (until cli/report.py dispatches these kinds) -------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    from udamon.cli.common import Parser
+
+    parser = Parser(prog="udamon report")
+    sub = parser.add_subparsers(dest="kind", required=True, parser_class=Parser)
+    for name, (help_text, add_args, _) in KINDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-i", "--input", metavar="FILE", required=True)
+        p.add_argument("--format", choices=("text", "json", "png"), default="text")
+        p.add_argument("--pid", type=int)
+        p.add_argument("--top", type=int, metavar="N")
+        p.add_argument("--salvage", action="store_true")
+        add_args(p)
+    a = parser.parse_args(argv)
+    try:
+        rec = read_record(a.input, salvage=a.salvage)
+        return KINDS[a.kind][2](a, rec)
+    except UdamonError as e:
+        print(f"udamon: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

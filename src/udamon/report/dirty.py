@@ -1,0 +1,141 @@
+"""``report dirty``: how fast each target dirties memory (live migration).
+
+Per snapshot, the estimated dirty rate is
+
+    sum over regions of size * (write hits / sampling intervals per aggregation)
+    / aggregation interval
+
+that is, each region contributes its bytes weighted by the fraction of
+sampling intervals in which it was written, per second of aggregation.  When a
+region is written in every sampling interval it counts fully once per
+aggregation interval (pages re-dirtied within one interval are counted once).
+"Regions written" is the upper bound: the bytes of the regions with any write
+in the interval, per second.  Targets are ranked slowest dirtier first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from udamon.record.reader import Record
+from udamon.report.common import (
+    aggr_samples,
+    describe_source,
+    fmt_rate,
+    notes,
+    percentiles,
+    pick_pids,
+    record_line,
+    render_table,
+    t0_of,
+    target_name,
+    values,
+    write_source,
+)
+from udamon.units import fmt_duration_ns
+
+STABLE_WITHIN = 0.10  # |slope * duration| below this fraction of the mean: stable
+
+
+@dataclass
+class TargetDirty:
+    pid: int
+    elapsed_ns: np.ndarray
+    rate: np.ndarray  # estimated dirty bytes/s per snapshot
+    upper: np.ndarray  # bytes/s of regions with any write, per snapshot
+
+    @property
+    def mean(self) -> float:
+        return float(self.rate.mean()) if self.rate.size else 0.0
+
+    @property
+    def median(self) -> float:
+        return percentiles(self.rate, (50,))[0]
+
+    @property
+    def p90(self) -> float:
+        return percentiles(self.rate, (90,))[0]
+
+    @property
+    def slope(self) -> float:
+        """Least-squares slope of the rate over time, bytes/s per second."""
+        if self.rate.size < 2:
+            return 0.0
+        t = self.elapsed_ns / 1e9
+        if np.ptp(t) == 0:
+            return 0.0
+        return float(np.polyfit(t, self.rate, 1)[0])
+
+    @property
+    def trend(self) -> str:
+        span = float(np.ptp(self.elapsed_ns)) / 1e9 if self.rate.size else 0.0
+        change = self.slope * span
+        if self.mean <= 0 or abs(change) < STABLE_WITHIN * self.mean:
+            return "stable"
+        return "rising" if change > 0 else "falling"
+
+
+@dataclass
+class DirtyResult:
+    write_src: str | None
+    targets: list[TargetDirty]  # slowest dirtier first
+
+
+def compute(rec: Record, pid: int | None) -> DirtyResult:
+    wsrc = write_source(rec, "report dirty")
+    t0 = t0_of(rec)
+    out = []
+    for p in pick_pids(rec, pid):
+        snaps = rec.snapshots_of(p)
+        rate, upper = [], []
+        for s in snaps:
+            size = (s.end - s.start).astype(np.float64)
+            w = values(s, wsrc)
+            secs = max(s.time_ns - s.start_ns, 1) / 1e9
+            rate.append(float((size * np.minimum(w / aggr_samples(s), 1.0)).sum()) / secs)
+            upper.append(float(size[w > 0].sum()) / secs)
+        out.append(TargetDirty(p, np.array([s.time_ns - t0 for s in snaps], dtype=np.int64),
+                               np.array(rate), np.array(upper)))
+    out.sort(key=lambda t: (t.mean, t.pid))
+    return DirtyResult(wsrc, out)
+
+
+def to_json(rec: Record, res: DirtyResult) -> dict:
+    return {
+        "record": rec.path, "coverage": rec.coverage,
+        "writes_from": describe_source(res.write_src),
+        "targets": [{
+            "rank": i + 1, "pid": t.pid, "mean_bps": t.mean, "median_bps": t.median,
+            "p90_bps": t.p90, "slope_bps_per_s": t.slope, "trend": t.trend,
+            "upper_mean_bps": float(t.upper.mean()) if t.upper.size else 0.0,
+            "series": [{"elapsed_ns": int(e), "bps": float(r), "upper_bps": float(u)}
+                       for e, r, u in zip(t.elapsed_ns, t.rate, t.upper, strict=True)],
+        } for i, t in enumerate(res.targets)],
+    }
+
+
+def to_text(rec: Record, res: DirtyResult) -> str:
+    lines = [record_line(rec)]
+    lines.append(f"dirty rate from {describe_source(res.write_src)}: per snapshot, region "
+                 "bytes x fraction of sampling intervals written / aggregation interval")
+    lines += notes(rec)
+    if rec.coverage == "unknown":
+        lines.append("note: with unknown coverage unobserved writes are missing: rates are "
+                     "lower bounds")
+    lines.append("targets, slowest dirtier first (best live-migration candidate first):")
+    table = [["rank", "pid", "name", "mean", "median", "p90", "regions written", "trend",
+              "slope"]]
+    for i, t in enumerate(res.targets):
+        span = fmt_duration_ns(int(np.ptp(t.elapsed_ns))) if t.rate.size else "0 ns"
+        table.append([str(i + 1), str(t.pid), target_name(rec, t.pid), fmt_rate(t.mean),
+                      fmt_rate(t.median), fmt_rate(t.p90),
+                      fmt_rate(float(t.upper.mean()) if t.upper.size else 0.0), t.trend,
+                      ("-" if t.slope < 0 else "+") + f"{fmt_rate(abs(t.slope))} per s "
+                      f"over {span}"])
+    lines += render_table(table, left=3)
+    lines.append("'regions written': bytes of regions with any write per second (upper "
+                 "bound); trend: least-squares slope, stable when it changes the rate by less "
+                 f"than {STABLE_WITHIN:.0%} of the mean over the record")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,176 @@
+"""``report ksm``: KSM merge candidates, memory that has not been written for long.
+
+Write counts come from a write probe (``write``, or any probe whose filters are
+exactly "write"), or from nr_accesses when the record's sample filters keep
+only writes.  The address space is cut into atoms at every region boundary of
+every snapshot (within an atom every snapshot has a single value), and each
+atom's last written snapshot is tracked; the unwritten time is measured from
+then (or from when the atom was first mapped) to the end of the record.
+Adjacent candidate atoms are merged into ranges, ranked by size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from udamon.record.reader import Record
+from udamon.report.common import (
+    atom_values,
+    atoms,
+    describe_source,
+    notes,
+    pick_pids,
+    record_line,
+    render_table,
+    rw_probe,
+    target_name,
+    values,
+    write_only,
+    write_source,
+)
+from udamon.units import fmt_duration_ns, fmt_size
+
+DEFAULT_MIN_AGE_NS = 10_000_000_000
+
+
+@dataclass
+class Candidate:
+    start: int
+    end: int
+    unwritten_ns: int  # at least this long without an observed write, up to the end
+    never_written: bool  # no write seen in the whole record
+    read_bytes: int  # bytes of it read (or accessed) while unwritten; -1 unknown
+
+
+@dataclass
+class TargetKsm:
+    pid: int
+    mapped: int
+    length_ns: int
+    min_age_ns: int
+    candidates: list[Candidate]
+
+
+@dataclass
+class KsmResult:
+    write_src: str | None  # probe name, None: nr_accesses of a write-only record
+    read_src: str | None  # probe name, "nr_accesses" (any access), or None (unknown)
+    targets: list[TargetKsm]
+
+
+def _read_source(rec: Record) -> str | None:
+    name = rw_probe(rec, "read")
+    if name is not None:
+        return name
+    return None if write_only(rec) else "nr_accesses"
+
+
+def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
+    wsrc = write_source(rec, "report ksm")
+    rsrc = _read_source(rec)
+    out = []
+    for p in pick_pids(rec, pid):
+        snaps = rec.snapshots_of(p)
+        lo, hi = atoms(snaps)
+        last_w = np.full(lo.size, -1, dtype=np.int64)
+        last_r = np.full(lo.size, -1, dtype=np.int64)
+        first = np.full(lo.size, -1, dtype=np.int64)
+        for s in snaps:
+            w = atom_values(s, values(s, wsrc), lo)
+            mapped = np.isfinite(w)
+            first[mapped & (first < 0)] = s.start_ns
+            last_w[np.nan_to_num(w) > 0] = s.time_ns
+            if rsrc is not None:
+                r = atom_values(s, values(s, None if rsrc == "nr_accesses" else rsrc), lo)
+                last_r[np.nan_to_num(r) > 0] = s.time_ns
+        last = snaps[-1]
+        t_end = last.time_ns
+        length = t_end - snaps[0].start_ns
+        min_age = min_age_ns if min_age_ns is not None else min(DEFAULT_MIN_AGE_NS,
+                                                                length // 2)
+        since = np.where(last_w >= 0, last_w, first)
+        unwritten = t_end - since
+        cand = np.isfinite(atom_values(last, values(last, wsrc), lo)) & (unwritten >= min_age)
+        read = last_r > since
+        found: list[Candidate] = []
+        for i in np.flatnonzero(cand).tolist():
+            size = int(hi[i] - lo[i])
+            rb = (size if read[i] else 0) if rsrc is not None else -1
+            c = found[-1] if found else None
+            if c is not None and c.end == int(lo[i]):
+                c.end = int(hi[i])
+                c.unwritten_ns = min(c.unwritten_ns, int(unwritten[i]))
+                c.never_written = c.never_written and bool(last_w[i] < 0)
+                c.read_bytes = -1 if rb < 0 else c.read_bytes + rb
+            else:
+                found.append(Candidate(int(lo[i]), int(hi[i]), int(unwritten[i]),
+                                       bool(last_w[i] < 0), rb))
+        found.sort(key=lambda c: (-(c.end - c.start), c.start))
+        mapped = int((last.end - last.start).sum())
+        out.append(TargetKsm(p, mapped, int(length), int(min_age), found))
+    return KsmResult(wsrc, rsrc, out)
+
+
+def _read_text(c: Candidate) -> str:
+    if c.read_bytes < 0:
+        return "?"
+    if c.read_bytes == 0:
+        return "no"
+    if c.read_bytes >= c.end - c.start:
+        return "yes"
+    return f"partly ({fmt_size(c.read_bytes)})"
+
+
+def to_json(rec: Record, res: KsmResult) -> dict:
+    return {
+        "record": rec.path, "coverage": rec.coverage,
+        "writes_from": describe_source(res.write_src),
+        "reads_from": None if res.read_src is None else (
+            "nr_accesses" if res.read_src == "nr_accesses" else f"probe {res.read_src}"),
+        "targets": [{
+            "pid": t.pid, "mapped": t.mapped, "length_ns": t.length_ns,
+            "min_age_ns": t.min_age_ns,
+            "candidate_bytes": sum(c.end - c.start for c in t.candidates),
+            "candidates": [{"start": c.start, "end": c.end, "size": c.end - c.start,
+                            "unwritten_ns": c.unwritten_ns, "never_written": c.never_written,
+                            "read_bytes": None if c.read_bytes < 0 else c.read_bytes}
+                           for c in t.candidates],
+        } for t in res.targets],
+    }
+
+
+def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
+    lines = [record_line(rec)]
+    lines.append(f"KSM candidates: memory without writes ({describe_source(res.write_src)}) "
+                 "until the end of the record, largest first")
+    if res.read_src is None:
+        lines.append("reads: unknown (write-only record without a read probe)")
+    elif res.read_src == "nr_accesses":
+        lines.append("read meanwhile: any access counted in nr_accesses (no read probe)")
+    else:
+        lines.append(f"read meanwhile: from probe {res.read_src}")
+    lines += notes(rec)
+    if rec.coverage == "unknown":
+        lines.append("note: 'unwritten' means no write was observed; confirm before merging")
+    for t in res.targets:
+        total = sum(c.end - c.start for c in t.candidates)
+        share = total / t.mapped * 100 if t.mapped else 0.0
+        lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}: "
+                     f"{fmt_size(total)} of {fmt_size(t.mapped)} ({share:.1f}%) not written "
+                     f"for >= {fmt_duration_ns(t.min_age_ns)} (record "
+                     f"{fmt_duration_ns(t.length_ns)}), {len(t.candidates)} range(s)")
+        if not t.candidates:
+            continue
+        table = [["start", "end", "size", "unwritten for", "read meanwhile"]]
+        for c in t.candidates[:top]:
+            age = fmt_duration_ns(c.unwritten_ns) + (" (never)" if c.never_written else "")
+            table.append([f"{c.start:#x}", f"{c.end:#x}", fmt_size(c.end - c.start), age,
+                          _read_text(c)])
+        lines += render_table(table, left=2)
+        if len(t.candidates) > top:
+            lines.append(f"  ... {len(t.candidates) - top} more (--top N)")
+    lines.append("\n'(never)': no write in the whole record; the time is then since the range "
+                 "was first seen")
+    return "\n".join(lines) + "\n"

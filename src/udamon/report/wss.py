@@ -1,0 +1,101 @@
+"""``report wss``: working set size over time and its distribution.
+
+The working set of a snapshot is the bytes of the regions whose count
+(nr_accesses, or a probe's hits) is at least ``min_accesses``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from udamon.record.reader import Record
+from udamon.report.common import (
+    bar,
+    describe_source,
+    notes,
+    percentiles,
+    pick_pids,
+    record_line,
+    render_table,
+    t0_of,
+    target_name,
+    values,
+)
+from udamon.units import fmt_duration_ns, fmt_size
+
+PERCENTILES = (0, 25, 50, 75, 90, 99, 100)
+
+
+@dataclass
+class TargetWss:
+    pid: int
+    elapsed_ns: np.ndarray  # end of each snapshot, since the record start
+    wss: np.ndarray  # bytes, per snapshot
+    mapped: np.ndarray  # bytes of all regions, per snapshot
+
+
+@dataclass
+class WssResult:
+    probe: str | None
+    min_accesses: int
+    targets: list[TargetWss]
+
+
+def compute(rec: Record, pid: int | None, probe: str | None, min_accesses: int) -> WssResult:
+    t0 = t0_of(rec)
+    out = []
+    for p in pick_pids(rec, pid):
+        snaps = rec.snapshots_of(p)
+        sizes = [(s.end - s.start).astype(np.float64) for s in snaps]
+        out.append(TargetWss(
+            p, np.array([s.time_ns - t0 for s in snaps], dtype=np.int64),
+            np.array([float(sz[values(s, probe) >= min_accesses].sum())
+                      for s, sz in zip(snaps, sizes, strict=True)]),
+            np.array([float(sz.sum()) for sz in sizes])))
+    return WssResult(probe, min_accesses, out)
+
+
+def to_json(rec: Record, res: WssResult) -> dict:
+    return {
+        "record": rec.path, "value": describe_source(res.probe), "coverage": rec.coverage,
+        "min_accesses": res.min_accesses,
+        "targets": [{
+            "pid": t.pid,
+            "percentiles": {str(p): v for p, v in zip(PERCENTILES, percentiles(
+                t.wss, PERCENTILES), strict=True)},
+            "mean": float(t.wss.mean()) if t.wss.size else 0.0,
+            "series": [{"elapsed_ns": int(e), "wss": int(w), "mapped": int(m)}
+                       for e, w, m in zip(t.elapsed_ns, t.wss, t.mapped, strict=True)],
+        } for t in res.targets],
+    }
+
+
+def to_text(rec: Record, res: WssResult, resol_time: int = 20) -> str:
+    lines = [record_line(rec)]
+    lines.append(f"working set: bytes of regions with {describe_source(res.probe)} >= "
+                 f"{res.min_accesses} per snapshot")
+    lines += notes(rec)
+    if rec.coverage == "unknown":
+        lines.append("note: with unknown coverage this is the observed working set, a lower "
+                     "bound")
+    for t in res.targets:
+        lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}: {t.wss.size} snapshots, "
+                     f"up to {fmt_size(t.mapped.max(initial=0))} mapped, mean wss "
+                     f"{fmt_size(t.wss.mean() if t.wss.size else 0)}")
+        top = max(float(t.wss.max(initial=0)), 1.0)
+        lines.append("  distribution (percentile of snapshots):")
+        table = [["%ile", "wss", ""]]
+        for p, v in zip(PERCENTILES, percentiles(t.wss, PERCENTILES), strict=True):
+            table.append([str(p), fmt_size(v), bar(v / top)])
+        lines += render_table(table, left=0, indent="    ")
+        lines.append("  over time (mean of the snapshots ending in each slice):")
+        n = max(1, min(resol_time, t.wss.size))
+        table = [["until", "wss", ""]]
+        for chunk_e, chunk_w in zip(np.array_split(t.elapsed_ns, n),
+                                    np.array_split(t.wss, n), strict=True):
+            v = float(chunk_w.mean())
+            table.append([fmt_duration_ns(int(chunk_e[-1])), fmt_size(v), bar(v / top)])
+        lines += render_table(table, left=0, indent="    ")
+    return "\n".join(lines) + "\n"

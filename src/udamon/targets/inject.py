@@ -1,0 +1,491 @@
+"""Run a system call inside another process with ptrace (pure Python, ctypes).
+
+The use: create a ``userfaultfd`` *inside* a target process and take it with
+``pidfd_getfd`` (DESIGN.md, the wp primitive).  The sequence (FACTS.md,
+"ptrace syscall injection"):
+
+1. refuse when the target runs under seccomp (an injected syscall the filter
+   does not allow can kill it with SIGSYS) or is not a 64-bit x86 process;
+2. ``PTRACE_SEIZE`` one live thread (the fd table is shared by all threads,
+   so one is enough; the others keep running) and ``PTRACE_INTERRUPT`` it;
+3. save its registers, point ``rip`` at a ``syscall`` instruction (``0f 05``)
+   in the target's ``[vdso]`` (or at ``rip - 2`` when it stopped in a syscall),
+   load the syscall number and arguments, and run exactly that syscall with
+   two ``PTRACE_SYSCALL`` stops (entry, exit);
+4. put the saved registers back *unchanged* and let the thread pass through
+   one more ``PTRACE_INTERRUPT`` stop before detaching.  That last stop sits in
+   the kernel's signal path (``get_signal``), so on detach the kernel applies
+   its own syscall-restart rules to the original registers
+   (``-ERESTARTSYS`` & co. -> restart, ``-ERESTART_RESTARTBLOCK`` ->
+   ``restart_syscall``, ``-EINTR`` stays ``-EINTR``): a target interrupted in
+   ``read``/``nanosleep``/``futex``/``poll`` carries on as if nothing happened.
+   Without it the thread would return to user space from the injected
+   syscall's exit stop and see ``-512`` in ``rax``.
+
+Signals that arrive while the injection regs are loaded are held back and
+sent again (``tgkill``) after the detach.  The arch-specific part is the
+register layout and the three syscall numbers below.
+
+Not covered: if udamon itself is SIGKILLed in the ~0.3 ms while the target's
+registers point into the vDSO, the kernel detaches the target with those
+registers (ptrace has no "restore on tracer death"); the window is the length
+of one injection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from udamon.errors import RuntimeFailure, TargetGone
+
+# ------------------------------------------------------------ x86_64 specifics
+
+ARCH = "x86_64"
+NR_CLOSE = 3
+NR_RESTART_SYSCALL = 219
+NR_USERFAULTFD = 323
+NR_PIDFD_OPEN = 434
+NR_PIDFD_GETFD = 438
+NR_TGKILL = 234
+NR_PTRACE = 101
+USER_CS_64 = 0x33  # %cs of a 64-bit user process (0x23 for 32-bit compat)
+SYSCALL_INSN = b"\x0f\x05"
+
+
+class UserRegs(ctypes.Structure):
+    """struct user_regs_struct (arch/x86/include/asm/user_64.h)."""
+
+    _fields_ = [
+        (n, ctypes.c_ulonglong)
+        for n in (
+            "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
+            "rip cs eflags rsp ss fs_base gs_base ds es fs gs"
+        ).split()
+    ]
+
+    def copy(self) -> UserRegs:
+        r = UserRegs()
+        ctypes.memmove(ctypes.byref(r), ctypes.byref(self), ctypes.sizeof(UserRegs))
+        return r
+
+    def raw(self) -> bytes:
+        return bytes(memoryview(self).cast("B"))
+
+
+assert ctypes.sizeof(UserRegs) == 27 * 8
+_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
+def _load_syscall(regs: UserRegs, insn: int, nr: int, args: tuple[int, ...]) -> None:
+    regs.rip = insn
+    regs.rax = nr
+    regs.orig_rax = (1 << 64) - 1  # -1: "not in a syscall", no restart fix-up on resume
+    for name, val in zip(_ARG_REGS, args, strict=False):
+        setattr(regs, name, val & ((1 << 64) - 1))
+
+
+def _result(regs: UserRegs) -> int:
+    v = regs.rax
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+# ------------------------------------------------------------ ptrace plumbing
+
+PTRACE_CONT = 7
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SYSCALL = 24
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_O_TRACESYSGOOD = 1
+PTRACE_EVENT_STOP = 128
+WALL = 0x40000000
+SYSCALL_STOP = signal.SIGTRAP | 0x80
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_ptrace_fn = _libc.ptrace
+_ptrace_fn.restype = ctypes.c_long
+_ptrace_fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+
+
+class _Gone(Exception):
+    """The traced thread exited (or was killed) under us."""
+
+
+def _ptrace(req: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p = 0) -> int:
+    ctypes.set_errno(0)
+    r = _ptrace_fn(req, tid, addr, data)
+    if r == -1:
+        e = ctypes.get_errno()
+        if e:
+            if e == errno.ESRCH:
+                raise _Gone()
+            raise OSError(e, os.strerror(e))
+    return r
+
+
+def _syscall(nr: int, *args: int) -> int:
+    r = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int(r)
+
+
+def _getregs(tid: int) -> UserRegs:
+    regs = UserRegs()
+    _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+    return regs
+
+
+def _setregs(tid: int, regs: UserRegs) -> None:
+    _ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def _wait(tid: int) -> int:
+    """Wait for the next stop of the tracee; raise _Gone when it exited."""
+    while True:
+        try:
+            _, status = os.waitpid(tid, WALL)
+        except ChildProcessError:
+            raise _Gone() from None
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+        if os.WIFSTOPPED(status):
+            return status
+        raise _Gone()
+
+
+def _is_event_stop(status: int) -> bool:
+    return (status >> 16) == PTRACE_EVENT_STOP
+
+
+# ------------------------------------------------------------ checks
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetGone(f"process {pid} does not exist (or has exited)") from None
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def check_injectable(pid: int) -> None:
+    """Raise RuntimeFailure/TargetGone (one line) when we must not inject into ``pid``."""
+    if platform.machine() != ARCH:
+        raise RuntimeFailure(
+            f"syscall injection is only implemented for {ARCH} (this is {platform.machine()})"
+        )
+    if pid == os.getpid():
+        raise RuntimeFailure("cannot inject a syscall into udamon itself")
+    st = _status_fields(pid)
+    if st.get("State", "").startswith(("Z", "X")):
+        raise TargetGone(f"process {pid} has exited")
+    if st.get("Tgid") and int(st["Tgid"]) != pid:
+        raise RuntimeFailure(f"{pid} is a thread id, not a process id (its process is {st['Tgid']})")
+    mode = st.get("Seccomp", "0")
+    if mode != "0":
+        kind = {"1": "strict", "2": "filter"}.get(mode, mode)
+        raise RuntimeFailure(
+            f"process {pid} runs under seccomp ({kind} mode): injecting a syscall could kill it, "
+            "so udamon refuses"
+        )
+
+
+def _pick_thread(pid: int) -> int:
+    """The main thread if it is alive, else any live thread."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if t.isdigit())
+    except FileNotFoundError:
+        raise TargetGone(f"process {pid} has exited") from None
+    tids.sort(key=lambda t: t != pid)
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return tid
+    raise TargetGone(f"process {pid} has no live thread")
+
+
+def _find_syscall_insn(pid: int, memfd: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("[vdso]"):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    data = os.pread(memfd, hi - lo, lo)
+                    i = data.find(SYSCALL_INSN)
+                    if i >= 0:
+                        return lo + i
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------ the injector
+
+
+@dataclass
+class InjectStats:
+    cycles: int = 0
+    last_us: float = 0.0
+
+
+STATS = InjectStats()
+
+
+class Injector:
+    """A thread of ``pid`` held in a ptrace stop; ``call()`` runs syscalls in it.
+
+    Use as a context manager: on exit the registers are restored, the thread
+    is detached and held-back signals are re-sent.  ``on_stopped`` work (e.g.
+    ``pidfd_getfd``) must happen inside the ``with`` block.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tid = -1
+        self._seized = False
+        self._saved: UserRegs | None = None
+        self._dirty = False  # the thread's registers are not its own right now
+        self._insn: int | None = None
+        self._memfd = -1
+        self._held: list[int] = []
+        self._t0 = 0.0
+
+    # -- attach --------------------------------------------------------
+
+    def __enter__(self) -> Injector:
+        check_injectable(self.pid)
+        self._t0 = time.perf_counter()
+        self.tid = _pick_thread(self.pid)
+        try:
+            _ptrace(PTRACE_SEIZE, self.tid, 0, PTRACE_O_TRACESYSGOOD)
+        except _Gone:
+            raise TargetGone(f"process {self.pid} exited before it could be attached") from None
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise RuntimeFailure(_perm_message(self.pid, e)) from None
+            raise RuntimeFailure(f"ptrace(SEIZE, {self.tid}) failed: {e.strerror}") from None
+        self._seized = True
+        try:
+            self._stop()
+            self._memfd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException as e:
+            self._release()
+            if isinstance(e, _Gone):
+                raise TargetGone(f"process {self.pid} exited during attach") from None
+            if isinstance(e, FileNotFoundError | ProcessLookupError):
+                raise TargetGone(f"process {self.pid} exited during attach") from None
+            raise
+        return self
+
+    def _stop(self) -> None:
+        _ptrace(PTRACE_INTERRUPT, self.tid)
+        while True:
+            status = _wait(self.tid)
+            sig = os.WSTOPSIG(status)
+            if _is_event_stop(status):
+                if sig != signal.SIGTRAP:  # group-stop: the process is stopped (SIGSTOP)
+                    raise RuntimeFailure(
+                        f"process {self.pid} is stopped (signal {sig}); continue it first"
+                    )
+                break
+            # A signal-delivery-stop that raced with the interrupt: deliver it
+            # normally (registers are still the thread's own) and stop again.
+            _ptrace(PTRACE_CONT, self.tid, 0, 0 if sig == SYSCALL_STOP else sig)
+        self._saved = _getregs(self.tid)
+        if self._saved.cs != USER_CS_64:
+            raise RuntimeFailure(
+                f"process {self.pid} is not a 64-bit {ARCH} process (cs={self._saved.cs:#x})"
+            )
+
+    # -- running syscalls ----------------------------------------------
+
+    def _syscall_insn(self) -> int:
+        if self._insn is None:
+            self._insn = _find_syscall_insn(self.pid, self._memfd)
+        if self._insn is None:
+            saved = self._saved
+            assert saved is not None
+            if saved.orig_rax < 1 << 63:  # stopped in a syscall: rip - 2 is one
+                try:
+                    if os.pread(self._memfd, 2, saved.rip - 2) == SYSCALL_INSN:
+                        self._insn = saved.rip - 2
+                except OSError:
+                    pass
+        if self._insn is None:
+            raise RuntimeFailure(
+                f"no syscall instruction found in process {self.pid} (no [vdso]?)"
+            )
+        return self._insn
+
+    def _resume_to(self, want_syscall_stop: bool) -> UserRegs:
+        """PTRACE_SYSCALL until the next syscall stop; hold back signals meanwhile."""
+        sig = 0
+        while True:
+            _ptrace(PTRACE_SYSCALL, self.tid, 0, sig)
+            sig = 0
+            status = _wait(self.tid)
+            s = os.WSTOPSIG(status)
+            if s == SYSCALL_STOP and not _is_event_stop(status):
+                return _getregs(self.tid)
+            if _is_event_stop(status):
+                continue  # a late interrupt/group stop: keep going
+            self._held.append(s)  # signal-delivery-stop: suppress now, re-send later
+
+    def call(self, nr: int, *args: int) -> int:
+        """Run syscall ``nr`` in the stopped thread; return its raw result (-errno on error)."""
+        assert self._saved is not None
+        try:
+            regs = self._saved.copy()
+            _load_syscall(regs, self._syscall_insn(), nr, args)
+            self._dirty = True
+            _setregs(self.tid, regs)
+            entry = self._resume_to(True)
+            if entry.orig_rax != nr:
+                raise RuntimeFailure(
+                    f"injection into {self.pid}: stopped in syscall {entry.orig_rax}, not {nr}"
+                )
+            out = self._resume_to(True)
+            return _result(out)
+        except _Gone:
+            self._seized = False
+            raise TargetGone(f"process {self.pid} exited during syscall injection") from None
+
+    # -- detach --------------------------------------------------------
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._memfd >= 0:
+            os.close(self._memfd)
+            self._memfd = -1
+        if not self._seized:
+            return
+        self._seized = False
+        try:
+            if self._dirty and self._saved is not None:
+                _setregs(self.tid, self._saved)
+                # One more stop inside get_signal so that the kernel's restart
+                # logic sees the original registers when the thread resumes.
+                _ptrace(PTRACE_INTERRUPT, self.tid)
+                _ptrace(PTRACE_CONT, self.tid, 0, 0)
+                while True:
+                    status = _wait(self.tid)
+                    if _is_event_stop(status):
+                        break
+                    s = os.WSTOPSIG(status)
+                    if s != SYSCALL_STOP:
+                        self._held.append(s)
+                    _ptrace(PTRACE_CONT, self.tid, 0, 0)
+                self._dirty = False
+            _ptrace(PTRACE_DETACH, self.tid, 0, 0)
+        except _Gone:
+            return
+        for s in self._held:
+            try:
+                _syscall(NR_TGKILL, self.pid, self.tid, s)
+            except OSError:
+                pass
+        self._held = []
+        STATS.cycles += 1
+        STATS.last_us = (time.perf_counter() - self._t0) * 1e6
+
+
+def _perm_message(pid: int, e: OSError) -> str:
+    scope = "?"
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        scope = "n/a"
+    return (
+        f"ptrace of process {pid} not permitted ({e.strerror}): needs root or CAP_SYS_PTRACE "
+        f"and kernel.yama.ptrace_scope < 3 (ptrace_scope={scope}); is it already traced?"
+    )
+
+
+# ------------------------------------------------------------ userfaultfd
+
+O_CLOEXEC = 0o2000000
+O_NONBLOCK = 0o4000
+UFFD_USER_MODE_ONLY = 1
+
+
+def pidfd_open(pid: int) -> int:
+    try:
+        return _syscall(NR_PIDFD_OPEN, pid, 0)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            raise TargetGone(f"process {pid} does not exist (or has exited)") from None
+        raise RuntimeFailure(f"pidfd_open({pid}) failed: {e.strerror}") from None
+
+
+def inject_call(pid: int, nr: int, *args: int,
+                on_stopped: Callable[[Injector, int], None] | None = None) -> int:
+    """Run one syscall in ``pid`` and return its raw result (negative errno on error)."""
+    with Injector(pid) as inj:
+        r = inj.call(nr, *args)
+        if on_stopped is not None:
+            on_stopped(inj, r)
+        return r
+
+
+def inject_userfaultfd(pid: int, flags: int = O_CLOEXEC | O_NONBLOCK) -> int:
+    """Create a userfaultfd inside ``pid`` and return our own fd for it.
+
+    The target's copy is taken with ``pidfd_getfd`` while the target is still
+    stopped, then closed in the target, so the uffd lives only in udamon (and
+    closing it drops every protection).  When the target may not create a
+    kernel-fault-handling uffd (``vm.unprivileged_userfaultfd=0`` and no
+    CAP_SYS_PTRACE), ``UFFD_USER_MODE_ONLY`` is added.
+    """
+    pidfd = pidfd_open(pid)
+    try:
+        with Injector(pid) as inj:
+            r = inj.call(NR_USERFAULTFD, flags)
+            if r == -errno.EPERM and not flags & UFFD_USER_MODE_ONLY:
+                r = inj.call(NR_USERFAULTFD, flags | UFFD_USER_MODE_ONLY)
+            if r < 0:
+                raise RuntimeFailure(
+                    f"userfaultfd() inside process {pid} failed: {os.strerror(-r)}"
+                )
+            try:
+                ours = _syscall(NR_PIDFD_GETFD, pidfd, r, 0)
+            except OSError as e:
+                inj.call(NR_CLOSE, r)
+                if e.errno == errno.ESRCH:
+                    raise TargetGone(f"process {pid} exited during injection") from None
+                raise RuntimeFailure(f"pidfd_getfd on process {pid} failed: {e.strerror}") from None
+            try:
+                rc = inj.call(NR_CLOSE, r)
+            except BaseException:
+                os.close(ours)
+                raise
+            if rc < 0:  # pragma: no cover - close of a fd we just created
+                os.close(ours)
+                raise RuntimeFailure(f"close({r}) inside process {pid} failed: {os.strerror(-rc)}")
+            return ours
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,177 @@
+/*
+ * wp_torture: small target programs for the syscall-injection and wp tests.
+ *
+ *   wp_torture spin N        LCG chain of N steps kept in registers; prints
+ *                            {"result":R} (compare with an undisturbed run).
+ *   wp_torture sleep MS      one nanosleep(MS); prints {"rc":..,"errno":..,"ms":..}.
+ *   wp_torture read          prints {"ready":1}, blocks in read(0, 64 bytes),
+ *                            prints {"n":..,"errno":..,"data":"..."}.
+ *   wp_torture churn S [--exec]
+ *                            for S seconds: writes a main 8 MiB buffer, mmaps /
+ *                            writes / munmaps scratch buffers, mremaps (grow and
+ *                            move), MADV_DONTNEEDs and checks for zeros, forks a
+ *                            child that writes its copy and exits; every ~50 ms
+ *                            prints {"tick":N}.  With --exec it execs itself
+ *                            ("churn S2") halfway.  Verifies the main buffer and
+ *                            every remapped buffer; exits 0 when all intact, 3
+ *                            otherwise.  The start line is
+ *                            {"event":"start","pid":P,"main":[lo,hi]}.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int bad;
+#define CHECK(c) do { if (!(c)) { fprintf(stderr, "wp_torture: check failed: %s (line %d)\n", #c, __LINE__); bad = 1; } } while (0)
+
+static void fill(uint64_t *p, size_t words, uint64_t seed)
+{
+	for (size_t i = 0; i < words; i += 8)
+		p[i] = seed ^ (i * 0x9E3779B97F4A7C15ull);
+}
+
+static int verify(const uint64_t *p, size_t words, uint64_t seed)
+{
+	for (size_t i = 0; i < words; i += 8)
+		if (p[i] != (seed ^ (i * 0x9E3779B97F4A7C15ull)))
+			return 0;
+	return 1;
+}
+
+static int churn(char *self, double secs, int do_exec)
+{
+	const size_t MB = 1 << 20, msz = 8 * MB;
+	uint64_t *m = mmap(NULL, msz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (m == MAP_FAILED)
+		return 1;
+	madvise(m, msz, MADV_NOHUGEPAGE);
+	uint64_t seed = 1;
+	fill(m, msz / 8, seed);
+	printf("{\"event\":\"start\",\"pid\":%d,\"main\":[%lu,%lu]}\n", (int)getpid(),
+	       (unsigned long)m, (unsigned long)m + msz);
+	fflush(stdout);
+	double t0 = now_ms(), next_tick = t0;
+	long tick = 0, round = 0;
+	while (now_ms() - t0 < secs * 1e3) {
+		round++;
+		CHECK(verify(m, msz / 8, seed));
+		seed++;
+		fill(m, msz / 8, seed);
+		/* scratch mmap / write / munmap */
+		uint64_t *s = mmap(NULL, 2 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		CHECK(s != MAP_FAILED);
+		fill(s, 2 * MB / 8, seed * 7);
+		CHECK(verify(s, 2 * MB / 8, seed * 7));
+		/* mremap grow + move, contents must follow */
+		uint64_t *r = mremap(s, 2 * MB, 4 * MB, MREMAP_MAYMOVE);
+		CHECK(r != MAP_FAILED);
+		CHECK(verify(r, 2 * MB / 8, seed * 7));
+		fill(r, 4 * MB / 8, seed * 11);
+		/* MADV_DONTNEED on half: zeros there, data kept in the rest */
+		CHECK(madvise(r, 2 * MB, MADV_DONTNEED) == 0);
+		for (size_t i = 0; i < 2 * MB / 8; i += 512)
+			CHECK(r[i] == 0);
+		for (size_t i = 2 * MB / 8; i < 4 * MB / 8; i += 8)
+			CHECK(r[i] == ((seed * 11) ^ (i * 0x9E3779B97F4A7C15ull)));
+		fill(r, 2 * MB / 8, seed * 13);
+		CHECK(verify(r, 2 * MB / 8, seed * 13));
+		munmap(r, 4 * MB);
+		/* partial munmap of a fresh mapping */
+		uint64_t *u = mmap(NULL, 1 * MB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		CHECK(u != MAP_FAILED);
+		fill(u, MB / 8, 5);
+		munmap((char *)u + MB / 2, MB / 2);
+		CHECK(verify(u, MB / 16, 5));
+		munmap(u, MB / 2);
+		/* fork every 4th round: the child writes its copy, parent's stays */
+		if (round % 4 == 0) {
+			pid_t c = fork();
+			if (c == 0) {
+				int ok = verify(m, msz / 8, seed);
+				fill(m, msz / 8, seed + 1000);
+				ok &= verify(m, msz / 8, seed + 1000);
+				_exit(ok ? 0 : 3);
+			}
+			int st = 0;
+			CHECK(c > 0 && waitpid(c, &st, 0) == c && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+			CHECK(verify(m, msz / 8, seed));
+		}
+		if (now_ms() >= next_tick) {
+			printf("{\"tick\":%ld}\n", tick++);
+			fflush(stdout);
+			next_tick += 50;
+		}
+		if (do_exec && now_ms() - t0 > secs * 500) {
+			char arg[32];
+			snprintf(arg, sizeof(arg), "%g", secs / 2);
+			if (bad)
+				return 3;
+			printf("{\"event\":\"exec\"}\n");
+			fflush(stdout);
+			execl(self, self, "churn", arg, (char *)NULL);
+			return 1;
+		}
+	}
+	CHECK(verify(m, msz / 8, seed));
+	printf("{\"event\":\"end\",\"rounds\":%ld,\"intact\":%s}\n", round, bad ? "false" : "true");
+	fflush(stdout);
+	return bad ? 3 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 3 && !strcmp(argv[1], "spin")) {
+		unsigned long n = strtoul(argv[2], NULL, 10);
+		register uint64_t a = 1, b = 2, c = 3, d = 4;
+		for (unsigned long i = 0; i < n; i++) {
+			a = a * 6364136223846793005ull + 1442695040888963407ull;
+			b ^= a >> 17;
+			c += b * 31;
+			d = (d << 7 | d >> 57) ^ c;
+			__asm__ volatile("" : "+r"(a), "+r"(b), "+r"(c), "+r"(d));
+		}
+		printf("{\"result\":%lu}\n", (unsigned long)(a ^ b ^ c ^ d));
+		return 0;
+	}
+	if (argc >= 3 && !strcmp(argv[1], "sleep")) {
+		long ms = strtol(argv[2], NULL, 10);
+		struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+		printf("{\"ready\":1}\n");
+		fflush(stdout);
+		double t0 = now_ms();
+		int rc = nanosleep(&ts, NULL);
+		int e = rc ? errno : 0;
+		printf("{\"rc\":%d,\"errno\":%d,\"ms\":%.1f}\n", rc, e, now_ms() - t0);
+		return 0;
+	}
+	if (argc >= 2 && !strcmp(argv[1], "read")) {
+		char buf[65] = {0};
+		printf("{\"ready\":1}\n");
+		fflush(stdout);
+		ssize_t n = read(0, buf, 64);
+		int e = n < 0 ? errno : 0;
+		for (char *p = buf; *p; p++)
+			if (*p == '"' || *p == '\\' || *p < ' ')
+				*p = '_';
+		printf("{\"n\":%zd,\"errno\":%d,\"data\":\"%s\"}\n", n, e, n > 0 ? buf : "");
+		return 0;
+	}
+	if (argc >= 3 && !strcmp(argv[1], "churn"))
+		return churn(argv[0], strtod(argv[2], NULL), argc >= 4 && !strcmp(argv[3], "--exec"));
+	fprintf(stderr, "usage: wp_torture spin N | sleep MS | read | churn S [--exec]\n");
+	return 2;
+}
