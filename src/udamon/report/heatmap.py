@@ -93,7 +93,7 @@ def _addr_ticks(h: Heatmap, cols: int) -> list[tuple[int, str]]:
                                                                    strict=True)]
     for c in range(0, cols, 20):
         cand.append((c, int(ax.to_addr(c * per_col))))
-    cand.append((cols - 1, int(ax.to_addr(ax.length - 1))))
+    cand.append((cols - 1, ax.segments[-1][1]))
     out: dict[int, int] = {}
     for c, a in sorted(cand):
         if all(abs(c - k) >= 4 for k in out) or c in out:
@@ -114,7 +114,7 @@ def to_text(rec: Record, h: Heatmap, color: bool) -> str:
     lines.append(f"time: {fmt_duration_ns(h.t_edges[-1] - h.t_edges[0])} in {rows} rows "
                  f"({fmt_duration_ns((h.t_edges[-1] - h.t_edges[0]) / rows)} each)")
     lv = levels(h)
-    labels = [fmt_duration_ns(t) for t in h.t_edges[:-1]]
+    labels = [fmt_duration_ns(t) if t else "0 s" for t in h.t_edges[:-1]]
     lw = max(len(x) for x in labels)
     for r in range(rows):
         if color:
