@@ -6,6 +6,9 @@
  *   wp_torture sleep MS      one nanosleep(MS); prints {"rc":..,"errno":..,"ms":..}.
  *   wp_torture read          prints {"ready":1}, blocks in read(0, 64 bytes),
  *                            prints {"n":..,"errno":..,"data":"..."}.
+ *   wp_torture seccomp S     installs a seccomp filter that kills on userfaultfd,
+ *                            prints {"ready":1}, then {"tick":N} every 50 ms
+ *                            for S seconds and {"event":"end"}.
  *   wp_torture churn S [--exec]
  *                            for S seconds: writes a main 8 MiB buffer, mmaps /
  *                            writes / munmaps scratch buffers, mremaps (grow and
@@ -23,7 +26,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -170,8 +178,32 @@ int main(int argc, char **argv)
 		printf("{\"n\":%zd,\"errno\":%d,\"data\":\"%s\"}\n", n, e, n > 0 ? buf : "");
 		return 0;
 	}
+	if (argc >= 3 && !strcmp(argv[1], "seccomp")) {
+		struct sock_filter f[] = {
+			BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+			BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_userfaultfd, 0, 1),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = {sizeof(f) / sizeof(f[0]), f};
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
+			perror("wp_torture: seccomp");
+			return 1;
+		}
+		printf("{\"ready\":1}\n");
+		fflush(stdout);
+		double t0 = now_ms();
+		for (long tick = 0; now_ms() - t0 < strtod(argv[2], NULL) * 1e3; tick++) {
+			struct timespec ts = {0, 50000000L};
+			nanosleep(&ts, NULL);
+			printf("{\"tick\":%ld}\n", tick);
+			fflush(stdout);
+		}
+		printf("{\"event\":\"end\"}\n");
+		return 0;
+	}
 	if (argc >= 3 && !strcmp(argv[1], "churn"))
 		return churn(argv[0], strtod(argv[2], NULL), argc >= 4 && !strcmp(argv[3], "--exec"));
-	fprintf(stderr, "usage: wp_torture spin N | sleep MS | read | churn S [--exec]\n");
+	fprintf(stderr, "usage: wp_torture spin N | sleep MS | read | seccomp S | churn S [--exec]\n");
 	return 2;
 }

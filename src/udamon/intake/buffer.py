@@ -55,18 +55,30 @@ class ReportBuffer:
         return self.add(make(**fields)) == 1
 
     def take_before(self, end_ns: int) -> np.ndarray:
-        """Remove and return every report with ``time_ns < end_ns``."""
-        if not self._chunks:
+        """Remove and return every report with ``time_ns < end_ns``.
+
+        Chunks whose times are sorted (the usual case) are cut with a binary
+        search, as views; only unsorted chunks pay for a boolean mask."""
+        outs: list[np.ndarray] = []
+        rest: list[np.ndarray] = []
+        for chunk in self._chunks:
+            t = chunk["time_ns"]
+            if t.size > 1 and not (t[1:] >= t[:-1]).all():
+                mask = t < end_ns
+                outs.append(chunk[mask])
+                if not mask.all():
+                    rest.append(chunk[~mask])
+                continue
+            i = int(np.searchsorted(t, end_ns, side="left"))
+            if i:
+                outs.append(chunk[:i])
+            if i < t.size:
+                rest.append(chunk[i:])
+        self._chunks = rest
+        self._len = sum(int(c.size) for c in rest)
+        if not outs:
             return np.empty(0, dtype=REPORT_DTYPE)
-        all_ = self._chunks[0] if len(self._chunks) == 1 else np.concatenate(self._chunks)
-        mask = all_["time_ns"] < end_ns
-        if mask.all():
-            out, rest = all_, None
-        else:
-            out, rest = all_[mask], all_[~mask]
-        self._chunks = [rest] if rest is not None and rest.size else []
-        self._len = 0 if rest is None else int(rest.size)
-        return out
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def earliest(self) -> int | None:
         if not self._chunks:

@@ -209,8 +209,9 @@ def to_png(rec: Record, h: Heatmap, path: str, width: int = 1200, height: int = 
                 ticks = np.append(ticks, off)
         ticks = np.sort(ticks)
         ax.set_xticks(ticks)
+        end = h.axis.segments[-1][1]
         ax.xaxis.set_major_formatter(FuncFormatter(
-            lambda x, _: f"{int(h.axis.to_addr(min(x, length - 1))):#x}"))
+            lambda x, _: f"{end if x >= length else int(h.axis.to_addr(x)):#x}"))
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
         ax.set_xlabel(f"address ({fmt_size(length)} mapped"
                       + (", unmapped gaps cut out" if h.axis.gaps() else "") + ")")
@@ -220,7 +221,7 @@ def to_png(rec: Record, h: Heatmap, path: str, width: int = 1200, height: int = 
         if rec.coverage == "unknown":
             title += "\n(coverage unknown: 0 = not observed)"
         ax.set_title(title)
-        fig.subplots_adjust(left=0.07, right=0.98, top=0.92, bottom=0.14)
+        fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.14)
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)

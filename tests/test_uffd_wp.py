@@ -1,0 +1,472 @@
+"""Syscall injection and the wp primitive against real processes (no mocks).
+
+Needs root (ptrace, pidfd_getfd, perf tracepoint), x86_64, gcc, and a kernel
+with UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN (6.7+).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from udamon.errors import RuntimeFailure
+from udamon.intake.reports import REPORT_DTYPE, SOURCE_IDS
+from udamon.primitives.perf_tracepoint import FaultTracer, online_cpus
+from udamon.primitives.uffd_wp import WpPrimitive, wp_available
+from udamon.targets import inject
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads.build import BuildError, build  # noqa: E402
+
+_root = os.geteuid() == 0
+_x86 = platform.machine() == "x86_64"
+_avail, _why = wp_available() if _root and _x86 else (False, "not root or not x86_64")
+needs_root = pytest.mark.skipif(not (_root and _x86), reason="needs root on x86_64 (ptrace)")
+needs_wp = pytest.mark.skipif(not _avail, reason=f"wp unavailable: {_why}")
+two_cpus = pytest.mark.skipif(not {0, 1} <= set(online_cpus()), reason="needs CPUs 0 and 1")
+PAGE = 4096
+
+
+def _bin(name: str) -> str:
+    try:
+        return build(name)
+    except BuildError as e:
+        pytest.skip(f"cannot build {name}: {e}")
+
+
+@pytest.fixture(scope="module")
+def torture():
+    return _bin("wp_torture")
+
+
+@pytest.fixture(scope="module")
+def access_pattern():
+    return _bin("access_pattern")
+
+
+def _spawn(args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, **kw)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+class TickWatch:
+    """Reads {"tick":N} lines of a target and checks it never stalls or blocks."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[dict] = []
+        self.last_tick_t = time.monotonic()
+        self.max_gap = 0.0
+        self.states: set[str] = set()
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._s = threading.Thread(target=self._sample, daemon=True)
+        self._t.start()
+        self._s.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            d = json.loads(line)
+            self.lines.append(d)
+            if "tick" in d:
+                now = time.monotonic()
+                self.max_gap = max(self.max_gap, now - self.last_tick_t)
+                self.last_tick_t = now
+
+    def _sample(self) -> None:
+        while self.proc.poll() is None:
+            st = _state(self.proc.pid)
+            if st != "gone":
+                self.states.add(st)
+            time.sleep(0.01)
+
+    def ticks(self) -> int:
+        return sum(1 for d in self.lines if "tick" in d)
+
+    def join(self, timeout: float = 30) -> int:
+        rc = self.proc.wait(timeout)
+        self._t.join(5)
+        return rc
+
+
+# ---------------------------------------------------------------- injection
+
+
+@needs_root
+def test_inject_100_cycles_registers_exact(torture):
+    n = "400000000"
+    clean = json.loads(subprocess.run([torture, "spin", n], capture_output=True, text=True,
+                                      check=True).stdout)["result"]
+    p = _spawn([torture, "spin", n])
+    times = []
+    try:
+        time.sleep(0.02)
+        for _ in range(100):
+            t = time.perf_counter()
+            fd = inject.inject_userfaultfd(p.pid)
+            times.append(time.perf_counter() - t)
+            os.close(fd)
+            assert sorted(os.listdir(f"/proc/{p.pid}/fd")) == ["0", "1", "2"]
+            if p.poll() is not None:
+                break
+        out = p.communicate(timeout=60)[0]
+    finally:
+        p.kill()
+        p.wait()
+    assert len(times) >= 50, "the target finished too early to exercise the injector"
+    assert p.returncode == 0
+    assert json.loads(out)["result"] == clean  # every register came back exactly
+    print(f"inject+steal cycle: median {np.median(times) * 1e3:.2f} ms")
+
+
+@needs_root
+def test_inject_python_target_keeps_counting():
+    code = textwrap.dedent("""
+        import sys, time, zlib
+        n = 0; crc = 0; t = time.monotonic()
+        while time.monotonic() - t < 1.5:
+            n += 1; crc = zlib.crc32(n.to_bytes(8, "little"), crc)
+            if n % 1000 == 0: time.sleep(0.0005)
+        c2 = 0
+        for i in range(1, n + 1): c2 = zlib.crc32(i.to_bytes(8, "little"), c2)
+        print(n, crc == c2, flush=True)
+    """)
+    p = _spawn([sys.executable, "-c", code])
+    try:
+        time.sleep(0.1)
+        for _ in range(100):
+            if p.poll() is not None:
+                break
+            os.close(inject.inject_userfaultfd(p.pid))
+        out = p.communicate(timeout=30)[0].split()
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0 and out[1] == "True" and int(out[0]) > 1000
+
+
+@needs_root
+def test_inject_restarts_nanosleep(torture):
+    p = _spawn([torture, "sleep", "800"])
+    try:
+        p.stdout.readline()
+        time.sleep(0.1)
+        for _ in range(20):
+            os.close(inject.inject_userfaultfd(p.pid))
+            time.sleep(0.005)
+        res = json.loads(p.communicate(timeout=10)[0])
+    finally:
+        p.kill()
+        p.wait()
+    assert res["rc"] == 0 and res["errno"] == 0  # restarted, not EINTR
+    assert 790 <= res["ms"] < 1500
+
+
+@needs_root
+def test_inject_restarts_read(torture):
+    p = subprocess.Popen([torture, "read"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        p.stdout.readline()
+        time.sleep(0.1)
+        for _ in range(20):
+            os.close(inject.inject_userfaultfd(p.pid))
+        assert _state(p.pid) == "S"
+        p.stdin.write("hello")
+        p.stdin.flush()
+        res = json.loads(p.communicate(timeout=10)[0])
+    finally:
+        p.kill()
+        p.wait()
+    assert res == {"n": 5, "errno": 0, "data": "hello"}
+
+
+@needs_root
+def test_inject_refuses_seccomp_target(torture):
+    p = _spawn([torture, "seccomp", "1"])
+    try:
+        p.stdout.readline()
+        with pytest.raises(RuntimeFailure, match="seccomp"):
+            inject.inject_userfaultfd(p.pid)
+        with pytest.raises(RuntimeFailure, match="seccomp"):
+            WpPrimitive([p.pid]).start([p.pid])
+        out = p.communicate(timeout=10)[0]
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0 and '"end"' in out
+
+
+@needs_root
+def test_inject_gone_target():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    with pytest.raises(RuntimeFailure):  # TargetGone is a RuntimeFailure
+        inject.inject_userfaultfd(p.pid)
+
+
+@needs_root
+def test_inject_multithreaded_target(access_pattern):
+    p = _spawn([access_pattern, "--duration", "1.5"])
+    try:
+        info = json.loads(p.stdout.readline())
+        for _ in range(30):
+            os.close(inject.inject_userfaultfd(info["pid"]))
+        end = json.loads(p.stdout.readline())
+        p.wait(10)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0 and end["intact"]
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def _drive(w: WpPrimitive, pid: int, bufs: dict, seconds: float, *, chunk=256 << 10,
+           interval=0.005, seed=1):
+    rng = np.random.default_rng(seed)
+    armed = dict.fromkeys(bufs, 0)
+    reps = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        addrs = []
+        for k, (lo, hi) in bufs.items():
+            starts = np.arange(lo, hi, chunk, dtype=np.uint64)
+            addrs.append(starts + rng.integers(0, chunk, starts.size).astype(np.uint64))
+            armed[k] += starts.size
+        w.arm(pid, np.concatenate(addrs))
+        time.sleep(interval)
+        reps.append(w.poll(time.monotonic_ns()))
+    return armed, np.concatenate(reps)
+
+
+@needs_wp
+@two_cpus
+def test_wp_detects_writer_and_attributes(access_pattern):
+    p = _spawn([access_pattern, "--duration", "4", "--reader-cpu", "0", "--writer-cpu", "1"])
+    w = None
+    try:
+        info = json.loads(p.stdout.readline())
+        pid = info["pid"]
+        w = WpPrimitive([pid])
+        w.start([pid])
+        bufs = {k: info[k] for k in "RWI"}
+        armed, r = _drive(w, pid, bufs, 2.0)
+        w.stop()
+        end = json.loads(p.stdout.readline())
+        p.wait(10)
+    finally:
+        if w is not None:
+            w.stop()
+        p.kill()
+        p.wait()
+    assert r.dtype == REPORT_DTYPE
+    assert (r["source"] == SOURCE_IDS["wp"]).all() and r["write"].all()
+    assert (r["pid"] == pid).all()
+    hits = {k: int(((r["addr"] >= lo) & (r["addr"] < hi)).sum()) for k, (lo, hi) in bufs.items()}
+    assert hits["R"] == 0 and hits["I"] == 0, hits
+    assert hits["W"] >= 0.3 * armed["W"], (hits, armed)
+    wr = r[(r["addr"] >= bufs["W"][0]) & (r["addr"] < bufs["W"][1])]
+    good = (wr["tid"] == info["writer_tid"]) & (wr["cpu"] == 1)
+    frac = good.mean()
+    print(f"W armed {armed['W']} written {hits['W']} attributed {frac:.4f}")
+    assert frac >= 0.95
+    assert (wr["node"][good] >= 0).all()
+    assert end["intact"] and p.returncode == 0
+
+
+@needs_wp
+def test_wp_kernel_writes_reported_without_cpu(torture):
+    """A write by another process (/proc/pid/mem) is a write without a fault of the target."""
+    p = subprocess.Popen([torture, "read"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    w = WpPrimitive([p.pid])
+    try:
+        p.stdout.readline()
+        w.start([p.pid])
+        vmas = [v for v in _anon_rw(p.pid)]
+        lo, hi = vmas[0]
+        page = lo
+        w.arm(p.pid, np.asarray([page], dtype=np.uint64))
+        assert w.poll(time.monotonic_ns()).size == 0
+        w.arm(p.pid, np.asarray([page], dtype=np.uint64))
+        with open(f"/proc/{p.pid}/mem", "r+b", buffering=0) as f:
+            f.seek(page)
+            old = f.read(1)
+            f.seek(page)
+            f.write(old)
+        r = w.poll(time.monotonic_ns())
+        assert r.size == 1 and int(r["addr"][0]) == page
+        assert r["cpu"][0] == -1 and r["tid"][0] == -1 and r["write"][0]
+    finally:
+        w.stop()
+        p.kill()
+        p.wait()
+
+
+def _anon_rw(pid: int) -> list[tuple[int, int]]:
+    from udamon.targets.procmaps import read_vmas
+
+    return [(v.start, v.end) for v in read_vmas(pid)
+            if v.anonymous and v.private and "w" in v.perms and not v.path.startswith("[v")]
+
+
+# ---------------------------------------------------------------- safety
+
+_WRITER = textwrap.dedent("""
+    import ctypes, mmap, sys
+    n = 512
+    m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(n): m[i * 4096] = 1
+    print(ctypes.addressof(ctypes.c_char.from_buffer(m)), n, flush=True)
+    for line in sys.stdin:
+        for i in range(n): m[i * 4096 + 1] = (m[i * 4096 + 1] + 1) % 256
+        print("done", flush=True)
+""")
+
+
+@needs_wp
+def test_stop_drops_protection_without_faults():
+    p = subprocess.Popen([sys.executable, "-c", _WRITER], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        addr, n = (int(x) for x in p.stdout.readline().split())
+        pages = np.arange(n, dtype=np.uint64) * np.uint64(PAGE) + np.uint64(addr)
+        lo, hi = addr, addr + n * PAGE
+
+        def wp_faults(stop_first: bool) -> int:
+            w = WpPrimitive([p.pid], attribute=False)
+            w.start([p.pid])
+            w.arm(p.pid, pages)
+            if stop_first:
+                w.stop()
+            with FaultTracer([p.pid]) as tr:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+                assert p.stdout.readline().strip() == "done"
+                f = tr.read()
+            w.stop()
+            sel = (f["addr"] >= lo) & (f["addr"] < hi) & ((f["error_code"] & 7) == 7)
+            return int(sel.sum())
+
+        assert wp_faults(False) >= n * 0.9  # armed: every page faults once
+        assert wp_faults(True) == 0  # closed uffd: nothing left protected
+        p.stdin.close()
+        p.wait(10)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 0
+
+
+_MONITOR_CHILD = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from udamon.primitives.uffd_wp import WpPrimitive
+    from udamon.targets.procmaps import read_vmas
+    pid = int(sys.argv[1])
+    w = WpPrimitive([pid]); w.start([pid])
+    vmas = [v for v in read_vmas(pid) if v.anonymous and v.private and "w" in v.perms]
+    pages = np.concatenate([np.arange(v.start, v.end, 4096, dtype=np.uint64) for v in vmas])
+    w.arm(pid, pages)
+    print("armed", pages.size, flush=True)
+    time.sleep(60)
+""")
+
+
+@needs_wp
+def test_sigkill_of_monitor_leaves_target_running(torture):
+    p = _spawn([torture, "churn", "3"])
+    watch = None
+    mon = None
+    try:
+        start = json.loads(p.stdout.readline())
+        watch = TickWatch(p)
+        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(start["pid"])],
+                               stdout=subprocess.PIPE, text=True)
+        line = mon.stdout.readline()
+        assert line.startswith("armed"), line
+        time.sleep(0.3)
+        mon.kill()
+        mon.wait()
+        ticks = watch.ticks()
+        time.sleep(0.5)
+        assert watch.ticks() > ticks  # still making progress
+        rc = watch.join()
+    finally:
+        if mon is not None:
+            mon.kill()
+            mon.wait()
+        p.kill()
+        p.wait()
+    assert rc == 0
+    assert watch.lines[-1].get("intact") is True
+    assert watch.max_gap < 1.0
+    assert watch.states <= {"R", "S", "D"} and "t" not in watch.states
+
+
+@needs_wp
+@pytest.mark.parametrize("exec_", [False, True], ids=["churn", "churn-exec"])
+def test_churning_target_survives_monitoring(torture, exec_):
+    args = [torture, "churn", "3"] + (["--exec"] if exec_ else [])
+    p = _spawn(args)
+    w = None
+    try:
+        start = json.loads(p.stdout.readline())
+        pid = start["pid"]
+        watch = TickWatch(p)
+        w = WpPrimitive([pid])
+        w.start([pid])
+        rng = np.random.default_rng(2)
+        reported = 0
+        while p.poll() is None:
+            try:
+                spans = _anon_rw(pid)
+            except RuntimeFailure:
+                spans = []
+            if spans:
+                addrs = np.concatenate([
+                    np.uint64(lo) + rng.integers(0, hi - lo, 8).astype(np.uint64)
+                    for lo, hi in spans])
+                w.arm(pid, addrs)
+            time.sleep(0.005)
+            reported += w.poll(time.monotonic_ns()).size
+            w.exited()
+        # the target has exited: the primitive says so and keeps working
+        time.sleep(0.05)
+        assert w.exited() == [pid]
+        w.arm(pid, np.asarray([start["main"][0]], dtype=np.uint64))
+        assert w.poll(time.monotonic_ns()).size == 0
+        w.stop()
+        w.stop()  # idempotent
+        rc = watch.join()
+    finally:
+        if w is not None:
+            w.stop()
+        p.kill()
+        p.wait()
+    assert rc == 0, watch.lines[-3:]
+    assert watch.lines[-1].get("intact") is True
+    assert reported > 0
+    assert watch.max_gap < 1.0
+    if exec_:
+        assert any(d.get("event") == "exec" for d in watch.lines)
+        assert any("exec" in n for n in w.stats().notes)
