@@ -92,7 +92,7 @@ def main() -> None:
         rows.append({"what": f"intake + filters + counting, {n} probes", "rates": r,
                      "ns_per_report": 1e9 / med,
                      "extra_ns_per_report_per_probe": (1e9 / med - 1e9 / base) / n if n else 0})
-    print(f"| what | median | spread | note |\n|---|---|---|---|")
+    print("| what | median | spread | note |\n|---|---|---|---|")
     for row in rows:
         m, s = fmt(row["rates"])
         if "ratio_to_goal" in row:
