@@ -299,6 +299,10 @@ def test_numa_local_remote(demo, tmp_path):
     hot = [int(ln.split()[0], 16) for ln in text.splitlines() if ln.startswith("    0x")]
     assert len(hot) == 3
     wlo, whi = (BASE + x * MiB for x in DEMO_BUFFERS["W"])
-    assert all(rlo <= a < rhi or wlo <= a < whi for a in hot)
+    slo, shi = (BASE + x * MiB for x in DEMO_BUFFERS["S"])
+    assert all(rlo <= a < rhi or wlo <= a < whi or slo <= a < shi for a in hot)
+    regions = {r["start"]: r for r in t["regions"]}
+    s_reg = [r for a, r in regions.items() if slo + MiB <= a < shi - 2 * MiB]
+    assert s_reg and all(0.4 < r["remote"] / (r["local"] + r["remote"]) < 0.6 for r in s_reg)
     plain = report("numa", "-i", "demo.jsonl", cwd=demo).stdout
     assert "needs per-region page nodes" in plain or "no local/remote split" in plain

@@ -291,7 +291,9 @@ class WpPrimitive(Primitive):
                 try:
                     fcntl.ioctl(t.uffd, UFFDIO_REGISTER, buf)
                 except OSError as e:
-                    if e.errno in (errno.ESRCH,):
+                    # A dead mm (the process exec'd or exited) gives ENOMEM here.
+                    if e.errno == errno.ESRCH or (e.errno == errno.ENOMEM
+                                                  and self._mm_dead(t, v.start)):
                         self._mm_gone(t)
                         return
                     continue  # raced with munmap, not registrable, used by another uffd...
@@ -302,6 +304,15 @@ class WpPrimitive(Primitive):
         spans.sort()
         t.starts = np.asarray([s for s, _ in spans], dtype=np.uint64)
         t.ends = np.asarray([e for _, e in spans], dtype=np.uint64)
+
+    def _mm_dead(self, t: _Target, addr: int) -> bool:
+        try:
+            self._scan_range(t.pagemap, addr, addr + self.page_size, [])
+        except _MmGone:
+            return True
+        except OSError:
+            return False
+        return False
 
     def _inside(self, t: _Target, pages: np.ndarray) -> np.ndarray:
         if t.starts.size == 0:

@@ -41,7 +41,6 @@ import os
 import platform
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from udamon.errors import RuntimeFailure, TargetGone
@@ -198,7 +197,9 @@ def check_injectable(pid: int) -> None:
     if st.get("State", "").startswith(("Z", "X")):
         raise TargetGone(f"process {pid} has exited")
     if st.get("Tgid") and int(st["Tgid"]) != pid:
-        raise RuntimeFailure(f"{pid} is a thread id, not a process id (its process is {st['Tgid']})")
+        raise RuntimeFailure(
+            f"{pid} is a thread id, not a process id (its process is {st['Tgid']})"
+        )
     mode = st.get("Seccomp", "0")
     if mode != "0":
         kind = {"1": "strict", "2": "filter"}.get(mode, mode)
@@ -339,7 +340,7 @@ class Injector:
             )
         return self._insn
 
-    def _resume_to(self, want_syscall_stop: bool) -> UserRegs:
+    def _resume_to(self) -> UserRegs:
         """PTRACE_SYSCALL until the next syscall stop; hold back signals meanwhile."""
         sig = 0
         while True:
@@ -361,12 +362,12 @@ class Injector:
             _load_syscall(regs, self._syscall_insn(), nr, args)
             self._dirty = True
             _setregs(self.tid, regs)
-            entry = self._resume_to(True)
+            entry = self._resume_to()
             if entry.orig_rax != nr:
                 raise RuntimeFailure(
                     f"injection into {self.pid}: stopped in syscall {entry.orig_rax}, not {nr}"
                 )
-            out = self._resume_to(True)
+            out = self._resume_to()
             return _result(out)
         except _Gone:
             self._seized = False
@@ -442,14 +443,10 @@ def pidfd_open(pid: int) -> int:
         raise RuntimeFailure(f"pidfd_open({pid}) failed: {e.strerror}") from None
 
 
-def inject_call(pid: int, nr: int, *args: int,
-                on_stopped: Callable[[Injector, int], None] | None = None) -> int:
+def inject_call(pid: int, nr: int, *args: int) -> int:
     """Run one syscall in ``pid`` and return its raw result (negative errno on error)."""
     with Injector(pid) as inj:
-        r = inj.call(nr, *args)
-        if on_stopped is not None:
-            on_stopped(inj, r)
-        return r
+        return inj.call(nr, *args)
 
 
 def inject_userfaultfd(pid: int, flags: int = O_CLOEXEC | O_NONBLOCK) -> int:
