@@ -112,6 +112,13 @@ def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, workload_bin):
     # the sample filter --cpus 0: only CPU 0's accesses count in nr_accesses
     assert h["R"]["nr_accesses"] >= 20
     assert h["W"]["nr_accesses"] <= 0.05 * h["W"]["cpu:1"]
+    # page locations were sampled: the populated buffers live on this machine's nodes
+    from udamon.targets.topology import cpu_to_node
+
+    nodes = {str(n) for n in cpu_to_node().tolist() if n >= 0}
+    located = [n for s in rec.snapshots for n in (s.page_nodes or [])]
+    assert located and sum(sum(d.values()) for d in located) > 0
+    assert all(set(d) <= nodes for d in located)
 
 
 def test_target_exit_closes_the_record(tmp_path, workload_bin):

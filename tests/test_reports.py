@@ -302,7 +302,21 @@ def test_numa_local_remote(demo, tmp_path):
     slo, shi = (BASE + x * MiB for x in DEMO_BUFFERS["S"])
     assert all(rlo <= a < rhi or wlo <= a < whi or slo <= a < shi for a in hot)
     regions = {r["start"]: r for r in t["regions"]}
-    s_reg = [r for a, r in regions.items() if slo + MiB <= a < shi - 2 * MiB]
+    s_reg = [r for a, r in regions.items() if slo <= a and r["end"] <= shi and r["size"] > MiB]
     assert s_reg and all(0.4 < r["remote"] / (r["local"] + r["remote"]) < 0.6 for r in s_reg)
     plain = report("numa", "-i", "demo.jsonl", cwd=demo).stdout
     assert "needs per-region page nodes" in plain or "no local/remote split" in plain
+
+
+def test_unknown_coverage_is_said(demo, tmp_path):
+    with open(demo / "demo.jsonl") as f:
+        lines = f.read().splitlines()
+    head = json.loads(lines[0])
+    head["coverage"] = "unknown"
+    rec = tmp_path / "hint.jsonl"
+    rec.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    for kind in ("heatmap", "wss", "ksm", "dirty", "sharing", "numa"):
+        out = report(kind, "-i", str(rec), "--color", "never") if kind == "heatmap" else \
+            report(kind, "-i", str(rec))
+        assert "not observed" in out.stdout, kind
+    assert "observed hits" in report("heatmap", "-i", str(rec)).stdout

@@ -9,6 +9,11 @@
  *   wp_torture seccomp S     installs a seccomp filter that kills on userfaultfd,
  *                            prints {"ready":1}, then {"tick":N} every 50 ms
  *                            for S seconds and {"event":"end"}.
+ *   wp_torture write S MIB CPU
+ *                            one thread pinned to CPU stores one word per 64-byte
+ *                            line over a MIB MiB anonymous buffer for S seconds;
+ *                            prints {"event":"start","pid":P,"buf":[lo,hi]} and at
+ *                            the end {"event":"end","passes":N,"rate":N/S,"intact":B}.
  *   wp_torture churn S [--exec]
  *                            for S seconds: writes a main 8 MiB buffer, mmaps /
  *                            writes / munmaps scratch buffers, mremaps (grow and
@@ -22,6 +27,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -202,8 +208,37 @@ int main(int argc, char **argv)
 		printf("{\"event\":\"end\"}\n");
 		return 0;
 	}
+	if (argc >= 5 && !strcmp(argv[1], "write")) {
+		double secs = strtod(argv[2], NULL);
+		size_t sz = (size_t)strtol(argv[3], NULL, 10) << 20, words = sz / 8;
+		cpu_set_t set;
+		CPU_ZERO(&set);
+		CPU_SET(atoi(argv[4]), &set);
+		if (sched_setaffinity(0, sizeof(set), &set)) {
+			perror("wp_torture: sched_setaffinity");
+			return 1;
+		}
+		uint64_t *b = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (b == MAP_FAILED)
+			return 1;
+		madvise(b, sz, MADV_NOHUGEPAGE);
+		fill(b, words, 0);
+		printf("{\"event\":\"start\",\"pid\":%d,\"buf\":[%lu,%lu]}\n", (int)getpid(),
+		       (unsigned long)b, (unsigned long)b + sz);
+		fflush(stdout);
+		double t0 = now_ms();
+		uint64_t pass = 0;
+		while (now_ms() - t0 < secs * 1e3) {
+			pass++;
+			fill(b, words, pass);
+		}
+		double el = (now_ms() - t0) / 1e3;
+		printf("{\"event\":\"end\",\"passes\":%lu,\"rate\":%.3f,\"intact\":%s}\n",
+		       (unsigned long)pass, pass / el, verify(b, words, pass) ? "true" : "false");
+		return 0;
+	}
 	if (argc >= 3 && !strcmp(argv[1], "churn"))
 		return churn(argv[0], strtod(argv[2], NULL), argc >= 4 && !strcmp(argv[3], "--exec"));
-	fprintf(stderr, "usage: wp_torture spin N | sleep MS | read | seccomp S | churn S [--exec]\n");
+	fprintf(stderr, "usage: wp_torture spin N | sleep MS | read | seccomp S | write S MIB CPU | churn S [--exec]\n");
 	return 2;
 }

@@ -69,6 +69,10 @@ def add_parser(sub) -> None:
     p.add_argument("--breakdown", metavar="KIND[,KIND]", action="append", default=[],
                    help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
                         "thread (thread:<tid> per thread present at start), rw (write, read)")
+    p.add_argument("--no-page-nodes", action="store_true",
+                   help="live primitives: do not sample which NUMA node holds each region's "
+                        "pages (by default 2 random pages per region per aggregation, with "
+                        "move_pages(2) in query mode; 'report numa' uses them)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_filter_args(p)
     add_monitoring_args(p)
@@ -215,7 +219,8 @@ def _record_live(a, prim_name, attrs, filters, probes, breakdown, ranges, pids,
         progress = _LiveProgress(not a.quiet and sys.stderr.isatty(), a.duration)
         try:
             res = run_live(monitor, primitive, writer.write_snapshot, duration_ns=a.duration,
-                           stop=stop, on_tick=progress.update)
+                           stop=stop, on_tick=progress.update,
+                           annotate=None if a.no_page_nodes else _page_node_sampler(a.seed))
         finally:
             progress.done()
         notes = [n for n in primitive.stats().notes if n not in start_notes]
@@ -282,6 +287,19 @@ class _Progress:
         if self._p is not None:
             self._p.stop()
             self._p = None
+
+
+def _page_node_sampler(seed):
+    import numpy as np
+
+    from udamon.targets.page_nodes import sample_region_nodes
+
+    rng = np.random.default_rng(seed)
+
+    def annotate(snap) -> None:
+        snap.page_nodes = sample_region_nodes(snap.pid, snap.start, snap.end, rng)
+
+    return annotate
 
 
 class _LiveProgress:

@@ -62,6 +62,8 @@ class Snapshot:
     probe_hits: dict[str, np.ndarray]
     nr_reports: int = 0  # reports for this target in the interval, before sample filters
     nr_passed: int = 0  # ... of which passed the sample filters and landed in a region
+    # per region {"<node>": sampled pages}, where page locations were sampled (live only)
+    page_nodes: list[dict[str, int]] | None = None
 
     @property
     def aggr_us(self) -> int:
@@ -74,8 +76,11 @@ class Snapshot:
         for i, (s, e, a, g) in enumerate(zip(self.start.tolist(), self.end.tolist(),
                                               self.nr_accesses.tolist(), self.age.tolist(),
                                               strict=True)):
-            regions.append({"start": s, "end": e, "nr_accesses": a, "age": g,
-                            "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}})
+            reg = {"start": s, "end": e, "nr_accesses": a, "age": g,
+                   "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}}
+            if self.page_nodes is not None:
+                reg["nodes"] = self.page_nodes[i]
+            regions.append(reg)
         return {"time_ns": self.time_ns, "pid": self.pid, "sample_us": self.sample_us,
                 "aggr_us": self.aggr_us, "nr_reports": self.nr_reports,
                 "nr_passed": self.nr_passed, "regions": regions}

@@ -81,7 +81,8 @@ def run_replay(monitor: Monitor, chunks, sink: SnapshotSink,
 def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
              duration_ns: int | None = None, stop: StopFlag | None = None,
              clock: Callable[[], int] = time.monotonic_ns,
-             on_tick: Callable[[int], None] | None = None) -> SessionResult:
+             on_tick: Callable[[int], None] | None = None,
+             annotate: Callable[[Snapshot], None] | None = None) -> SessionResult:
     """Real-time loop, one turn per sampling interval.  The caller has started the
     primitive; this calls ``primitive.stop()`` before returning (any path)."""
     stop = stop or StopFlag()
@@ -109,6 +110,8 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                 except KeyError:
                     pass
             for s in monitor.advance(now):
+                if annotate is not None:
+                    annotate(s)
                 sink(s)
                 res.snapshots += 1
             if on_tick is not None:

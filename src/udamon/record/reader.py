@@ -151,6 +151,7 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str]) -> Snapshot:
     age = np.empty(n, dtype=np.int64)
     hits = {name: np.zeros(n, dtype=np.int64) for name in probe_names}
     prev_end = 0
+    page_nodes: list[dict[str, int]] | None = None
     for i, r in enumerate(regions):
         rw = f"{where}: region {i}"
         if not isinstance(r, dict):
@@ -173,9 +174,17 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str]) -> Snapshot:
             if name not in hits:
                 raise _Bad(f"{rw}: probe {name!r} is not declared in the header")
             hits[name][i] = _int(v, f"probe {name!r} hits", rw)
+        if "nodes" in r:
+            nodes = r["nodes"]
+            if not isinstance(nodes, dict) or not all(
+                    k.isdigit() and isinstance(v, int) and v >= 0 for k, v in nodes.items()):
+                raise _Bad(f"{rw}: nodes must map node numbers to page counts")
+            if page_nodes is None:
+                page_nodes = [{} for _ in range(n)]
+            page_nodes[i] = nodes
     return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
-                    _int(obj.get("nr_passed", 0), "nr_passed", where))
+                    _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes)
 
 
 def read_record(path: str, *, salvage: bool = False) -> Record:

@@ -68,7 +68,7 @@ def load_page_nodes(rec: Record) -> list[PageNodes | None]:
     snapshot has none.  Uses ``Snapshot.page_nodes`` when the reader provides it,
     else reads the record's lines again."""
     if rec.snapshots and all(hasattr(s, "page_nodes") for s in rec.snapshots):
-        return [getattr(s, "page_nodes") for s in rec.snapshots]
+        return [s.page_nodes for s in rec.snapshots]  # type: ignore[attr-defined]
     out: list[PageNodes | None] = []
     try:
         with open(rec.path, "rb") as f:
