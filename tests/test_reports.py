@@ -277,7 +277,7 @@ def _add_page_nodes(src, dst, node_of) -> None:
         obj = json.loads(ln)
         for r in obj.get("regions", []):
             n = node_of(r["start"])
-            r["nodes"] = {str(n): max((r["end"] - r["start"]) // PAGE // 64, 1), "-1": 1}
+            r["nodes"] = {str(n): max((r["end"] - r["start"]) // PAGE // 64, 1)}
         out.append(json.dumps(obj))
     with gzip.open(dst, "wt") as f:
         f.write("\n".join(out) + "\n")

@@ -92,7 +92,7 @@ def _addr_ticks(h: Heatmap, cols: int) -> list[tuple[int, str]]:
     cand = [(int(round(off / per_col)), a) for (a, _), off in zip(ax.segments, ax.offsets,
                                                                    strict=True)]
     for c in range(0, cols, 20):
-        cand.append((c, int(ax.to_addr(c * per_col))))
+        cand.append((c, int(ax.to_addr(c * per_col)) // 4096 * 4096))
     cand.append((cols - 1, ax.segments[-1][1]))
     out: dict[int, int] = {}
     for c, a in sorted(cand):
@@ -211,7 +211,7 @@ def to_png(rec: Record, h: Heatmap, path: str, width: int = 1200, height: int = 
         ax.set_xticks(ticks)
         end = h.axis.segments[-1][1]
         ax.xaxis.set_major_formatter(FuncFormatter(
-            lambda x, _: f"{end if x >= length else int(h.axis.to_addr(x)):#x}"))
+            lambda x, _: f"{end if x >= length else int(h.axis.to_addr(x)) // 4096 * 4096:#x}"))
         plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
         ax.set_xlabel(f"address ({fmt_size(length)} mapped"
                       + (", unmapped gaps cut out" if h.axis.gaps() else "") + ")")

@@ -1,14 +1,9 @@
 """``report numa``: accesses by the CPUs of each node versus where the pages are.
 
-Accesses per node come from the ``node:<n>`` probes.  Page locations are read
-from the snapshot lines, per region, in one of these keys (first found wins):
-
-* ``"nodes": {"<node>": sampled_page_count, ...}`` (preferred; node "-1" =
-  unknown, ignored),
-* ``"page_nodes": [[node, count], ...]``,
-* ``"node": N`` (all sampled pages on node N; -1 = unknown).
-
-A region without any of them (or with no known count) has unknown location.
+Accesses per node come from the ``node:<n>`` probes.  Page locations come from
+the snapshot lines' per-region key ``"nodes": {"<node>": sampled_page_count}``
+(``Snapshot.page_nodes``); a region without it, or with no pages counted, has
+an unknown location and is left out of the local/remote split.
 In a snapshot, the local share of a region's accesses by node m is the
 fraction of its sampled pages on m; remote is the rest.  Everything is
 accumulated onto the last snapshot's regions and weighted by bytes: a
@@ -18,14 +13,12 @@ intervals per aggregation), averaged over the snapshots ("hot bytes").
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from udamon.core.monitor import Snapshot
-from udamon.errors import InputError, UsageError
+from udamon.errors import UsageError
 from udamon.record.reader import Record
 from udamon.report.common import (
     aggr_samples,
@@ -43,61 +36,26 @@ from udamon.units import fmt_size
 PageNodes = dict[int, np.ndarray]  # node -> sampled page count per region
 
 
-def _region_nodes(r: dict) -> dict[int, int] | None:
-    if "nodes" in r and isinstance(r["nodes"], dict):
-        out = {}
-        for k, v in r["nodes"].items():
-            try:
-                out[int(k)] = int(v)
-            except (TypeError, ValueError):
-                return None
-        return out
-    if "page_nodes" in r and isinstance(r["page_nodes"], list):
-        out: dict[int, int] = {}
-        for pair in r["page_nodes"]:
-            if isinstance(pair, list | tuple) and len(pair) == 2:
-                out[int(pair[0])] = out.get(int(pair[0]), 0) + int(pair[1])
-        return out
-    if isinstance(r.get("node"), int) and not isinstance(r.get("node"), bool):
-        return {int(r["node"]): 1}
-    return None
+def page_nodes_of(snap: Snapshot) -> PageNodes | None:
+    """``Snapshot.page_nodes`` (per region {"<node>": sampled pages}) as node ->
+    per-region counts; None when the snapshot has no page locations."""
+    per = getattr(snap, "page_nodes", None)
+    if not per:
+        return None
+    nodes = sorted({int(k) for d in per for k in d if int(k) >= 0})
+    if not nodes:
+        return None
+    out = {n: np.zeros(len(per)) for n in nodes}
+    for i, d in enumerate(per):
+        for k, c in d.items():
+            if int(k) >= 0:
+                out[int(k)][i] = float(c)
+    return out
 
 
 def load_page_nodes(rec: Record) -> list[PageNodes | None]:
-    """Page locations per snapshot (aligned with ``rec.snapshots``), None where a
-    snapshot has none.  Uses ``Snapshot.page_nodes`` when the reader provides it,
-    else reads the record's lines again."""
-    if rec.snapshots and all(hasattr(s, "page_nodes") for s in rec.snapshots):
-        return [s.page_nodes for s in rec.snapshots]  # type: ignore[attr-defined]
-    out: list[PageNodes | None] = []
-    try:
-        with open(rec.path, "rb") as f:
-            gz = f.read(2) == b"\x1f\x8b"
-        opener = gzip.open if gz else open
-        with opener(rec.path, "rb") as f:
-            next(f, None)  # header
-            for line in f:
-                if len(out) >= len(rec.snapshots):
-                    break
-                obj = json.loads(line)
-                if "end" in obj:
-                    break
-                regions = obj.get("regions", [])
-                per = [_region_nodes(r) if isinstance(r, dict) else None for r in regions]
-                if not any(p for p in per):
-                    out.append(None)
-                    continue
-                nodes = sorted({n for p in per if p for n in p if n >= 0})
-                pn = {n: np.zeros(len(regions)) for n in nodes}
-                for i, p in enumerate(per):
-                    for n, c in (p or {}).items():
-                        if n >= 0:
-                            pn[n][i] = c
-                out.append(pn)
-    except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"{rec.path}: cannot read page locations: {e}") from None
-    out += [None] * (len(rec.snapshots) - len(out))
-    return out
+    """Page locations per snapshot, aligned with ``rec.snapshots``."""
+    return [page_nodes_of(s) for s in rec.snapshots]
 
 
 @dataclass

@@ -1,0 +1,259 @@
+"""A live monitoring session shared by ``record``, ``monitor`` and ``exporter``:
+resolve the targets (pids or a launched command), start the primitive, build
+the monitor (with breakdown probes), run in real time, and hand snapshots to
+sinks.  Every path stops the primitive (which restores system settings) and
+never harms the target: a launched command is waited for, not killed."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from udamon.cli.common import (
+    add_filter_args,
+    add_monitoring_args,
+    attrs_from_args,
+    duration_arg,
+    filters_from_args,
+    parse_ranges,
+    pid_list,
+    probes_from_args,
+    typed,
+)
+from udamon.core.attrs import Attrs
+from udamon.core.monitor import Monitor, Snapshot
+from udamon.core.session import SessionResult, StopFlag, run_live
+from udamon.errors import TargetGone, UsageError
+from udamon.primitives import registry
+from udamon.probes import breakdown as breakdown_mod
+from udamon.probes.filters import Filter
+from udamon.probes.probe import Probe
+
+
+class Sink(Protocol):
+    def begin(self, header: dict, monitor: Monitor) -> None: ...
+    def snapshot(self, snap: Snapshot) -> None: ...
+    def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None: ...
+    def fail(self, error: str) -> None: ...
+
+
+def install_stop() -> StopFlag:
+    stop = StopFlag()
+
+    def handler(signum, frame):
+        stop.set("interrupted")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def add_breakdown(probes: list[Probe], kinds: list[str], **who) -> list[Probe]:
+    try:
+        extra = breakdown_mod.breakdown_probes(kinds, **who)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    clash = {p.name for p in probes} & {p.name for p in extra}
+    if clash:
+        raise UsageError(f"--probe names clash with --breakdown probes: {', '.join(sorted(clash))}")
+    return probes + extra
+
+
+def page_node_sampler(seed):
+    from udamon.targets.page_nodes import sample_region_nodes
+
+    rng = np.random.default_rng(seed)
+
+    def annotate(snap: Snapshot) -> None:
+        snap.page_nodes = sample_region_nodes(snap.pid, snap.start, snap.end, rng)
+
+    return annotate
+
+
+@dataclass
+class SessionSpec:
+    primitive: str
+    attrs: Attrs
+    filters: list[Filter]
+    probes: list[Probe]
+    kinds: list[str]  # --breakdown
+    ranges: list[tuple[int, int]] | None
+    pids: list[int]
+    command: list[str]
+
+
+def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
+    """The target, primitive, filter and monitoring options of a session."""
+    p.add_argument("--primitive", default="auto",
+                   choices=registry.names() if replay else
+                   ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)],
+                   help="how accesses are seen (default auto: " +
+                        ("replay when --input is given, else " if replay else "") +
+                        "the best live primitive this machine has)")
+    if replay:
+        p.add_argument("--input", metavar="CSV",
+                       help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write")
+    p.add_argument("--pid", metavar="PID[,PID...]", action="append", default=[],
+                   type=typed(pid_list, "pid list"),
+                   help="target process(es)" + ("; with --input, which pids of the input to "
+                                               "monitor (default: all)" if replay else ""))
+    p.add_argument("--range", metavar="START-END", action="append", default=[],
+                   help="monitor this address range (repeatable; decimal or 0x-hex) instead of "
+                        "the process's mappings" +
+                        (" or, for replay, the ranges the reports touch" if replay else ""))
+    p.add_argument("--duration", metavar="DUR", type=typed(duration_arg, "duration"),
+                   help="stop after this long (default: until the targets exit or Ctrl-C)")
+    p.add_argument("--breakdown", metavar="KIND[,KIND]", action="append", default=[],
+                   help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
+                        "thread (thread:<tid> per thread present at start), rw (write, read)")
+    p.add_argument("--no-page-nodes", action="store_true",
+                   help="do not sample which NUMA node holds each region's pages (by default "
+                        "2 random pages per region per aggregation, with move_pages(2) in query "
+                        "mode; 'report numa' uses them)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_filter_args(p)
+    add_monitoring_args(p)
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND ARGS: launch and monitor a command from its start")
+
+
+def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
+    """Validate the session options into a spec (UsageError on bad input)."""
+    attrs = attrs_from_args(a)
+    filters = filters_from_args(a)
+    probes = probes_from_args(a)
+    try:
+        kinds = breakdown_mod.parse_kinds(a.breakdown)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ranges = parse_ranges(a.range)
+    pids = [p for group in a.pid for p in group]
+    command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    inp = getattr(a, "input", None)
+    prim = a.primitive
+    if prim == "auto":
+        prim = "replay" if inp else registry.best_live()
+    if prim == "replay":
+        if not inp:
+            raise UsageError("--primitive replay needs --input FILE")
+        if command:
+            raise UsageError("replay reads recorded reports; it cannot launch a command")
+    elif inp:
+        raise UsageError(f"--input is for the replay primitive, not {prim}")
+    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command)
+
+
+def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = True) -> int:
+    from udamon.primitives.perf_tracepoint import online_cpus
+    from udamon.record.writer import build_header
+    from udamon.targets.launch import Launched
+    from udamon.targets.procmaps import read_vmas, thread_ids
+    from udamon.targets.topology import cpu_to_node
+
+    prim_name, attrs, filters, probes = spec.primitive, spec.attrs, spec.filters, spec.probes
+    kinds, ranges, pids, command = spec.kinds, spec.ranges, spec.pids, spec.command
+    if bool(pids) == bool(command):
+        raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
+    entry = registry.entry(prim_name)
+    for pid in pids:
+        try:
+            read_vmas(pid)
+        except TargetGone as e:
+            raise UsageError(str(e)) from None
+    primitive = registry.make_live(prim_name, attrs)
+    stop = install_stop()
+    launched = Launched(command) if command else None
+    targets = [launched.pid] if launched else pids
+    begun: list[Sink] = []
+    released = launched is None
+    try:
+        if launched and entry.attach_before_exec:
+            primitive.start(targets)
+            launched.release()
+            released = True
+        else:
+            if launched:
+                launched.release()
+                released = True
+            primitive.start(targets)
+        if kinds:
+            cpus = online_cpus()
+            table = cpu_to_node()
+            nodes = {int(table[c]) for c in cpus if c < table.size and table[c] >= 0}
+            tids: set[int] = set()
+            for pid in targets:
+                try:
+                    tids.update(thread_ids(pid))
+                except TargetGone:
+                    pass
+            probes = add_breakdown(probes, kinds, cpus=cpus, nodes=nodes, tids=tids)
+        monitor = Monitor(attrs, filters, probes, seed=a.seed)
+        for pid in targets:
+            monitor.add_target(pid, ranges)
+        extra = {"command": command} if command else {}
+        start_notes = primitive.stats().notes
+        header = build_header(attrs, prim_name, primitive.coverage, filters, probes,
+                              monitor.targets, clock="monotonic", notes=start_notes, **extra)
+        for s in sinks:
+            s.begin(header, monitor)
+            begun.append(s)
+
+        def sink(snap: Snapshot) -> None:
+            for s in sinks:
+                s.snapshot(snap)
+
+        bar = LiveProgress(progress and not a.quiet and sys.stderr.isatty(), a.duration)
+        try:
+            res = run_live(monitor, primitive, sink, duration_ns=a.duration, stop=stop,
+                           on_tick=bar.update,
+                           annotate=None if a.no_page_nodes else page_node_sampler(a.seed))
+        finally:
+            bar.done()
+        notes = [n for n in primitive.stats().notes if n not in start_notes]
+        for s in sinks:
+            s.end(res, monitor, notes)
+    except BaseException as e:
+        primitive.stop()  # idempotent; restores system settings
+        for s in begun:
+            s.fail(str(e) or type(e).__name__)
+        if not released:
+            launched.release()
+        raise
+    if launched and launched.poll() is None:
+        if not a.quiet:
+            print(f"udamon: monitoring done; waiting for {command[0]} (pid {launched.pid}) "
+                  "to exit (Ctrl-C passes on to it)", file=sys.stderr)
+        launched.wait_forwarding_signals()
+    if launched and not a.quiet:
+        print(f"udamon: {command[0]} exited with status {launched.returncode}", file=sys.stderr)
+    return 0
+
+
+class LiveProgress:
+    """Elapsed time (and a bar with --duration) on stderr when it is a terminal."""
+
+    def __init__(self, enabled: bool, duration_ns: int | None):
+        self._p = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            cols = [TextColumn("monitoring"), TimeElapsedColumn()]
+            if duration_ns:
+                cols.insert(1, BarColumn())
+            self._p = Progress(*cols, transient=True)
+            self._p.start()
+            self._task = self._p.add_task("mon", total=(duration_ns or 0) / 1e9 or None)
+
+    def update(self, elapsed_ns: int) -> None:
+        if self._p is not None:
+            self._p.update(self._task, completed=elapsed_ns / 1e9)
+
+    def done(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
