@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -19,3 +20,38 @@ def run_udamon(*args: str, check: bool = False, timeout: float = 120, **kw):
 @pytest.fixture
 def udamon():
     return run_udamon
+
+
+def start_workload(binary, *args):
+    p = subprocess.Popen([binary, "--reader-cpu", "0", "--writer-cpu", "1", *args],
+                         stdout=subprocess.PIPE, text=True)
+    info = json.loads(p.stdout.readline())
+    return p, info
+
+
+def buffer_hits(rec, lo, hi):
+    """Probe hits (and nr_accesses) summed over all snapshots, regions wholly in [lo, hi)."""
+    tot: dict[str, int] = {}
+    for s in rec.snapshots:
+        inside = (s.start >= lo) & (s.end <= hi)
+        tot["nr_accesses"] = tot.get("nr_accesses", 0) + int(s.nr_accesses[inside].sum())
+        for name, h in s.probe_hits.items():
+            tot[name] = tot.get(name, 0) + int(h[inside].sum())
+    return tot
+
+
+def share(hits, name, *others):
+    total = hits.get(name, 0) + sum(hits.get(o, 0) for o in others)
+    return hits.get(name, 0) / total if total else float("nan")
+
+
+@pytest.fixture(scope="session")
+def access_pattern_bin():
+    """The pinned C workload (tests/workloads/access_pattern.c), built once."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from workloads.build import BuildError, build
+
+    try:
+        return build("access_pattern")
+    except BuildError as e:
+        pytest.skip(f"cannot build the workload: {e}")

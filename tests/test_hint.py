@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_udamon
+from conftest import buffer_hits, run_udamon, share, start_workload
 
 from udamon.primitives.hint import hint_available
 from udamon.primitives.perf_tracepoint import online_cpus
@@ -54,29 +54,6 @@ def numa_restored():
     if now != orig:
         Path(NUMA).write_text(orig)
     assert now == orig, "udamon left kernel.numa_balancing changed"
-
-
-def start_workload(binary, *args):
-    p = subprocess.Popen([binary, "--reader-cpu", "0", "--writer-cpu", "1", *args],
-                         stdout=subprocess.PIPE, text=True)
-    info = json.loads(p.stdout.readline())
-    return p, info
-
-
-def buffer_hits(rec, lo, hi):
-    """Probe hits (and nr_accesses) summed over all snapshots, regions wholly in [lo, hi)."""
-    tot: dict[str, int] = {}
-    for s in rec.snapshots:
-        inside = (s.start >= lo) & (s.end <= hi)
-        tot["nr_accesses"] = tot.get("nr_accesses", 0) + int(s.nr_accesses[inside].sum())
-        for name, h in s.probe_hits.items():
-            tot[name] = tot.get(name, 0) + int(h[inside].sum())
-    return tot
-
-
-def share(hits, name, *others):
-    total = hits.get(name, 0) + sum(hits.get(o, 0) for o in others)
-    return hits.get(name, 0) / total if total else float("nan")
 
 
 def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, workload_bin):

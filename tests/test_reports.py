@@ -8,8 +8,6 @@ whose ground truth the test knows.
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,12 +28,8 @@ DEMO_PROBES = ["cpu:0=cpus:0", "cpu:1=cpus:1", "node:0=cpus:0", "node:1=cpus:1",
 
 
 def report(kind: str, *args: str, cwd=None, check: bool = True):
-    """``udamon report KIND ...``; until cli/report.py dispatches these kinds, falls back
-    to the standalone runner in udamon.cli.report_kinds."""
+    """``udamon report KIND ...`` as a user runs it."""
     p = run_udamon("report", kind, *args, cwd=cwd)
-    if p.returncode == 2 and "invalid choice" in p.stderr:
-        p = subprocess.run([sys.executable, "-m", "udamon.cli.report_kinds", kind, *args],
-                           capture_output=True, text=True, timeout=120, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"report {kind} {' '.join(args)} failed ({p.returncode}):\n"
                              f"{p.stderr}")

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable
 
 from udamon.cli.common import typed
-from udamon.errors import UdamonError, UsageError
-from udamon.record.reader import Record, read_record
+from udamon.errors import UsageError
+from udamon.record.reader import Record
 from udamon.report import dirty, heatmap, ksm, numa, sharing, wss
 from udamon.report.common import check_probe
 from udamon.units import parse_duration_ns
@@ -221,32 +221,3 @@ KINDS: dict[str, Kind] = {
     "numa": ("accesses per node (node:<n> probes) vs page locations: local/remote",
              _numa_args, _numa_run),
 }
-
-
-# -- standalone runner (until cli/report.py dispatches these kinds) -------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    from udamon.cli.common import Parser
-
-    parser = Parser(prog="udamon report")
-    sub = parser.add_subparsers(dest="kind", required=True, parser_class=Parser)
-    for name, (help_text, add_args, _) in KINDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-i", "--input", metavar="FILE", required=True)
-        p.add_argument("--format", choices=("text", "json", "png"), default="text")
-        p.add_argument("--pid", type=int)
-        p.add_argument("--top", type=int, metavar="N")
-        p.add_argument("--salvage", action="store_true")
-        add_args(p)
-    a = parser.parse_args(argv)
-    try:
-        rec = read_record(a.input, salvage=a.salvage)
-        return KINDS[a.kind][2](a, rec)
-    except UdamonError as e:
-        print(f"udamon: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

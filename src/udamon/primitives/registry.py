@@ -34,12 +34,32 @@ def _make_hint(attrs: Attrs) -> Primitive:
     return HintPrimitive(attrs.sample_us)
 
 
+def _wp_available() -> tuple[bool, str]:
+    import os
+
+    from udamon.primitives.uffd_wp import wp_available
+
+    if os.geteuid() != 0:
+        return False, "the wp primitive needs root (ptrace injection, pagemap)"
+    return wp_available()
+
+
+def _make_wp(attrs: Attrs) -> Primitive:
+    from udamon.primitives.uffd_wp import WpPrimitive
+
+    return WpPrimitive([])
+
+
 ENTRIES: dict[str, Entry] = {
     "replay": Entry("replay", "recorded reports from a CSV file (--input)", False,
                     lambda: (True, "")),
     "hint": Entry("hint", "NUMA-balancing hinting faults: reads and writes, any CPU, "
                   "attributed to CPU/node/thread (root; changes kernel.numa_balancing "
                   "for the session)", True, _hint_available, _make_hint),
+    "wp": Entry("wp", "userfaultfd async write-protect injected into the target: controlled "
+                "write sampling (one page per region per sampling interval), attributed to "
+                "CPU/thread (root, x86_64)", True, _wp_available, _make_wp,
+                attach_before_exec=False),
 }
 
 

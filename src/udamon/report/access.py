@@ -9,6 +9,7 @@ import numpy as np
 from udamon.core.monitor import Snapshot
 from udamon.probes.filters import conditions_text
 from udamon.record.reader import Record
+from udamon.report.common import render_table
 from udamon.units import fmt_duration_ns, fmt_size
 
 SORT_KEYS = ("address", "size", "nr_accesses", "age")
@@ -130,11 +131,7 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
                               str(r["nr_accesses"]), f"{r['access_rate'] * 100:.0f}%",
                               fmt_duration_ns(r["age_ns"]),
                               *[str(r["probes"][n]) for n in names]])
-            widths = [max(len(row[c]) for row in table) for c in range(len(header))]
-            for row in table:
-                cells = [row[c].rjust(widths[c]) if c >= 2 else row[c].ljust(widths[c])
-                         for c in range(len(row))]
-                lines.append("  " + "  ".join(cells).rstrip())
+            lines.extend(render_table(table, left=2))
     if rec.end is not None:
         e = rec.end
         tail = f"\nend: {e['reason']}, dropped reports {e['dropped_reports']}, " \

@@ -1,0 +1,253 @@
+"""Accuracy against ground truth on the pinned workload, udamon hint versus the kernel's DAMON.
+
+    sudo .venv/bin/python bench/bench_accuracy.py [--repeat 3] [--duration 8]
+
+Workload: tests/workloads/access_pattern, 4 buffers of 16 MiB: the reader
+(CPU 0) reads R and S, the writer (CPU 1) writes W and S, I is populated once
+and never touched again.  Truth: R, W, S hot; I cold; working set 3 x 16 MiB.
+
+udamon: 'udamon record --primitive hint --pid PID' with, per buffer B, probes
+B (addr:B), B_c0/B_c1 (cpus), B_tr/B_tw (reader/writer thread), B_w (write):
+probe counts are exact per buffer whatever the region boundaries.
+- hot/cold: a buffer's score is its page-weighted nr_accesses, averaged over the
+  snapshots that have any access ("busy" snapshots; hint goes quiet for
+  seconds, and a quiet snapshot is "not observed", not "cold"); hot when the
+  score is at least 10% of the highest buffer's score.
+- CPU / thread precision: share of a buffer's probe hits from the right CPU /
+  thread (R: reader, W: writer; S: its write hits from the writer).
+- write precision: write hits on W and S / write hits on all four buffers;
+  write recall: write hits on W / all hits on W (W is only ever written).
+- WSS error: per busy snapshot, (bytes of all the target's regions with
+  nr_accesses > 0 - 48 MiB) / 48 MiB; median over busy snapshots, then
+  median (min..max) over runs.
+
+Kernel DAMON (when a kdamond can be started here): paddr over the physical
+ranges of the four buffers (from /proc/PID/pagemap), snapshots every
+aggregation interval; each page takes the nr_accesses of the kernel region that
+holds it; same hot/cold rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from common import UDAMON, build, read_record, start_json_workload, summary
+
+BUFS = "RWSI"
+HOT = {"R", "W", "S"}
+SIZE_MIB = 16
+
+
+def _overlap(a0, a1, b0, b1) -> int:
+    return max(0, min(a1, b1) - max(a0, b0))
+
+
+def classify(scores: dict[str, float]) -> dict[str, str]:
+    top = max(scores.values()) if scores else 0
+    return {b: ("hot" if top > 0 and s >= 0.1 * top else "cold") for b, s in scores.items()}
+
+
+def udamon_run(duration: float) -> dict:
+    wl, info = start_json_workload([build("access_pattern"), "--size", str(SIZE_MIB),
+                                    "--duration", str(duration + 30)])
+    rng = {b: tuple(info[b]) for b in BUFS}
+    probes = []
+    for b in BUFS:
+        a = f"addr:{rng[b][0]:#x}-{rng[b][1]:#x}"
+        probes += [f"{b}={a}", f"{b}_c0={a},cpus:{info['reader_cpu']}",
+                   f"{b}_c1={a},cpus:{info['writer_cpu']}",
+                   f"{b}_tr={a},threads:{info['reader_tid']}",
+                   f"{b}_tw={a},threads:{info['writer_tid']}", f"{b}_w={a},write"]
+    fd, rec = tempfile.mkstemp(prefix="udamon-bench-", suffix=".jsonl")
+    os.close(fd)
+    try:
+        argv = [*UDAMON, "record", "--primitive", "hint", "-q", "--pid", str(wl.pid),
+                "--duration", f"{duration}s", "-o", rec]
+        for p in probes:
+            argv += ["--probe", p]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+        if r.returncode != 0:
+            raise RuntimeError(f"udamon record failed: {r.stderr.strip()[-300:]}")
+        _, snaps, end = read_record(rec)
+    finally:
+        wl.terminate()
+        wl.wait(30)
+        os.unlink(rec)
+    hits = {}
+    busy = 0
+    score = dict.fromkeys(BUFS, 0.0)
+    wss_err = []
+    truth = 3 * SIZE_MIB << 20
+    for s in snaps:
+        regs = s["regions"]
+        for reg in regs:
+            for k, v in reg["probes"].items():
+                hits[k] = hits.get(k, 0) + v
+        if not any(reg["nr_accesses"] for reg in regs):
+            continue
+        busy += 1
+        wss = sum(reg["end"] - reg["start"] for reg in regs if reg["nr_accesses"] > 0)
+        for b in BUFS:
+            lo, hi = rng[b]
+            acc = sum(_overlap(reg["start"], reg["end"], lo, hi) * reg["nr_accesses"]
+                      for reg in regs)
+            score[b] += acc / (hi - lo)
+        wss_err.append((wss - truth) / truth * 100)
+    score = {b: v / busy if busy else 0.0 for b, v in score.items()}
+
+    def share(num, den):
+        return hits.get(num, 0) / hits[den] if hits.get(den) else None
+
+    wr_all = sum(hits.get(f"{b}_w", 0) for b in BUFS)
+    return {"snapshots": len(snaps), "busy_snapshots": busy, "reports": end.get("reports"),
+            "scores": score, "classes": classify(score), "hits": hits,
+            "cpu_precision": {"R": share("R_c0", "R"), "W": share("W_c1", "W")},
+            "thread_precision": {"R": share("R_tr", "R"), "W": share("W_tw", "W")},
+            "write_precision": ((hits.get("W_w", 0) + hits.get("S_w", 0)) / wr_all
+                                if wr_all else None),
+            "write_recall": share("W_w", "W"),
+            "s_write_share": share("S_w", "S"),
+            "wss_err_pct": summary(wss_err)}
+
+
+def kernel_run(duration: float) -> dict:
+    from udamon.primitives.kernel_damon import (
+        KernelAttrs,
+        KernelDamon,
+        classify_pages,
+        kernel_damon_available,
+        pfn_ranges,
+        virt_to_pfns,
+    )
+
+    ok, why = kernel_damon_available()
+    if not ok:
+        return {"skipped": why}
+    wl, info = start_json_workload([build("access_pattern"), "--size", str(SIZE_MIB),
+                                    "--duration", str(duration + 30)])
+    attrs = KernelAttrs()
+    try:
+        pfns = {b: virt_to_pfns(wl.pid, *info[b]) for b in BUFS}
+        k = KernelDamon(attrs)
+        try:
+            k.start(pfn_ranges(np.concatenate(list(pfns.values())), 32))
+            t_end = time.monotonic() + duration
+            score = dict.fromkeys(BUFS, 0.0)
+            n = 0
+            while time.monotonic() < t_end:
+                time.sleep(attrs.aggr_us / 1e6)
+                regs = k.snapshot()
+                n += 1
+                for b in BUFS:
+                    score[b] += classify_pages(pfns[b], regs)[0].clip(0).mean()
+        finally:
+            k.stop()
+    finally:
+        wl.terminate()
+        wl.wait(30)
+    score = {b: v / n if n else 0.0 for b, v in score.items()}
+    return {"snapshots": n, "scores": score, "classes": classify(score)}
+
+
+def run(repeat: int = 3, duration: float = 8.0, log=print) -> dict:
+    ud, kd = [], []
+    for i in range(repeat):
+        ud.append(udamon_run(duration))
+        log(f"  accuracy rep {i}: udamon {ud[-1]['classes']} busy {ud[-1]['busy_snapshots']}"
+            f"/{ud[-1]['snapshots']}")
+        k = kernel_run(duration)
+        kd.append(k)
+        if "skipped" in k:
+            log(f"  kernel DAMON: skipped: {k['skipped']}")
+            kd = [k]
+            break
+        log(f"  accuracy rep {i}: kernel {k['classes']}")
+    for i in range(len(kd), repeat):
+        if "skipped" not in kd[0]:
+            kd.append(kernel_run(duration))
+
+    def med(key, sub=None):
+        xs = [(r[key] if sub is None else r[key][sub]) for r in ud]
+        xs = [x for x in xs if x is not None]
+        return summary(xs)
+
+    def correct(rs):
+        return summary([sum((r["classes"][b] == "hot") == (b in HOT) for b in BUFS)
+                        for r in rs if "classes" in r])
+
+    return {"repeat": repeat, "duration_s": duration, "runs_udamon": ud, "runs_kernel": kd,
+            "udamon": {"correct_of_4": correct(ud),
+                       "scores": {b: med("scores", b) for b in BUFS},
+                       "cpu_precision": {b: med("cpu_precision", b) for b in "RW"},
+                       "thread_precision": {b: med("thread_precision", b) for b in "RW"},
+                       "write_precision": med("write_precision"),
+                       "write_recall": med("write_recall"),
+                       "s_write_share": med("s_write_share"),
+                       "wss_err_pct_median": summary([r["wss_err_pct"]["median"] for r in ud
+                                                      if r["wss_err_pct"].get("n")]),
+                       "busy_snapshots": med("busy_snapshots"),
+                       "snapshots": med("snapshots")},
+            "kernel": ({"skipped": kd[0]["skipped"]} if kd and "skipped" in kd[0] else
+                       {"correct_of_4": correct(kd),
+                        "scores": {b: summary([r["scores"][b] for r in kd]) for b in BUFS}})}
+
+
+def _pct(s: dict) -> str:
+    if not s.get("n"):
+        return "–"
+    return f"{s['median'] * 100:.1f}% ({s['min'] * 100:.1f}..{s['max'] * 100:.1f})"
+
+
+def markdown(res: dict) -> list[str]:
+    u, k = res["udamon"], res["kernel"]
+    out = [f"{res['repeat']} runs of {res['duration_s']:g} s each; median (min..max over runs).",
+           "", "| measure | udamon hint | kernel DAMON paddr |", "|---|---|---|"]
+    ks = "not run: " + k["skipped"] if "skipped" in k else None
+    c = u["correct_of_4"]
+    kc = ks or f"{k['correct_of_4']['median']:.0f}/4"
+    out.append(f"| buffers classified right (R, W, S hot; I cold) | {c['median']:.0f}/4 "
+               f"(min {c['min']:.0f}) | {kc} |")
+    for b in BUFS:
+        s = u["scores"][b]
+        kb = "–" if ks else f"{k['scores'][b]['median']:.2f}"
+        out.append(f"| score of {b} (mean nr_accesses per page, busy snapshots) | "
+                   f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f}) | {kb} |")
+    out += [f"| CPU precision, R (reader CPU) | {_pct(u['cpu_precision']['R'])} | n/a |",
+            f"| CPU precision, W (writer CPU) | {_pct(u['cpu_precision']['W'])} | n/a |",
+            f"| thread precision, R (reader tid) | {_pct(u['thread_precision']['R'])} | n/a |",
+            f"| thread precision, W (writer tid) | {_pct(u['thread_precision']['W'])} | n/a |",
+            f"| write precision (write hits on W+S / on all) | {_pct(u['write_precision'])} "
+            "| n/a |",
+            f"| write recall (write hits on W / hits on W) | {_pct(u['write_recall'])} | n/a |",
+            f"| share of S hits seen as writes | {_pct(u['s_write_share'])} | n/a |"]
+    w = u["wss_err_pct_median"]
+    wss = (f"{w['median']:+.0f}% ({w['min']:+.0f}..{w['max']:+.0f})" if w.get("n") else "–")
+    b, n = u["busy_snapshots"], u["snapshots"]
+    out += [f"| WSS error, median over busy snapshots | {wss} | – |",
+            f"| busy snapshots / snapshots | {b['median']:.0f} / {n['median']:.0f} | – |"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--json", metavar="FILE")
+    a = ap.parse_args()
+    res = run(a.repeat, a.duration, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print("\n".join(markdown(res)))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The wp primitive through the CLI: controlled write sampling of a real pinned
+workload, attributed to the writer's CPU and thread; the target stays intact."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from conftest import buffer_hits, run_udamon, share, start_workload
+
+from udamon.primitives.registry import entry
+from udamon.record.reader import read_record
+
+_ok, _why = entry("wp").available()
+pytestmark = pytest.mark.skipif(not _ok, reason=f"wp primitive unavailable: {_why}")
+
+
+def test_write_only_sampling_finds_written_buffers(tmp_path, access_pattern_bin):
+    wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "16")
+    try:
+        lo = min(v[0] for k, v in info.items() if k in "RWSI")
+        hi = max(v[1] for k, v in info.items() if k in "RWSI")
+        rec_path = tmp_path / "wp.jsonl"
+        p = run_udamon("record", "--primitive", "wp", "--pid", str(info["pid"]),
+                       "--range", f"{lo:#x}-{hi:#x}", "--regions", "32,400", "--write-only",
+                       "--breakdown", "cpu,thread", "--duration", "3s", "-q",
+                       "-o", str(rec_path), timeout=60)
+        assert p.returncode == 0, p.stderr
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        assert wl.wait(10) == 0, "the workload's data was damaged"
+    rec = read_record(str(rec_path))
+    assert rec.complete and rec.coverage == "controlled"
+    h = {k: buffer_hits(rec, *info[k]) for k in "RWSI"}
+    print(h)
+    assert h["W"]["nr_accesses"] >= 20 and h["S"]["nr_accesses"] >= 20
+    assert h["R"]["nr_accesses"] == 0 and h["I"]["nr_accesses"] == 0
+    writer = f"thread:{info['writer_tid']}"
+    assert share(h["W"], "cpu:1", "cpu:0") >= 0.95
+    assert share(h["W"], writer, f"thread:{info['reader_tid']}") >= 0.95
