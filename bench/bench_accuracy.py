@@ -9,10 +9,11 @@ and never touched again.  Truth: R, W, S hot; I cold; working set 3 x 16 MiB.
 udamon: 'udamon record --primitive hint --pid PID' with, per buffer B, probes
 B (addr:B), B_c0/B_c1 (cpus), B_tr/B_tw (reader/writer thread), B_w (write):
 probe counts are exact per buffer whatever the region boundaries.
-- hot/cold: a buffer's score is its page-weighted nr_accesses, averaged over the
+- hot/cold (DAMON's way, by region nr_accesses): a buffer's score is its page-weighted nr_accesses, averaged over the
   snapshots that have any access ("busy" snapshots; hint goes quiet for
   seconds, and a quiet snapshot is "not observed", not "cold"); hot when the
-  score is at least 10% of the highest buffer's score.
+  score is at least 10% of the highest buffer's score.  Also by the exact
+  per-buffer probe hits, with the same 10% rule.
 - CPU / thread precision: share of a buffer's probe hits from the right CPU /
   thread (R: reader, W: writer; S: its write hits from the writer).
 - write precision: write hits on W and S / write hits on all four buffers;
@@ -108,6 +109,7 @@ def udamon_run(duration: float) -> dict:
     wr_all = sum(hits.get(f"{b}_w", 0) for b in BUFS)
     return {"snapshots": len(snaps), "busy_snapshots": busy, "reports": end.get("reports"),
             "scores": score, "classes": classify(score), "hits": hits,
+            "probe_classes": classify({b: float(hits.get(b, 0)) for b in BUFS}),
             "cpu_precision": {"R": share("R_c0", "R"), "W": share("W_c1", "W")},
             "thread_precision": {"R": share("R_tr", "R"), "W": share("W_tw", "W")},
             "write_precision": ((hits.get("W_w", 0) + hits.get("S_w", 0)) / wr_all
@@ -182,8 +184,12 @@ def run(repeat: int = 3, duration: float = 8.0, log=print) -> dict:
         return summary([sum((r["classes"][b] == "hot") == (b in HOT) for b in BUFS)
                         for r in rs if "classes" in r])
 
+    def correct_probe(rs):
+        return summary([sum((r["probe_classes"][b] == "hot") == (b in HOT) for b in BUFS)
+                        for r in rs])
+
     return {"repeat": repeat, "duration_s": duration, "runs_udamon": ud, "runs_kernel": kd,
-            "udamon": {"correct_of_4": correct(ud),
+            "udamon": {"correct_of_4": correct(ud), "probe_correct_of_4": correct_probe(ud),
                        "scores": {b: med("scores", b) for b in BUFS},
                        "cpu_precision": {b: med("cpu_precision", b) for b in "RW"},
                        "thread_precision": {b: med("thread_precision", b) for b in "RW"},
@@ -214,6 +220,9 @@ def markdown(res: dict) -> list[str]:
     kc = ks or f"{k['correct_of_4']['median']:.0f}/4"
     out.append(f"| buffers classified right (R, W, S hot; I cold) | {c['median']:.0f}/4 "
                f"(min {c['min']:.0f}) | {kc} |")
+    pc = u["probe_correct_of_4"]
+    out.append(f"| same, by each buffer's exact probe hits (addr probe) | {pc['median']:.0f}/4 "
+               f"(min {pc['min']:.0f}) | – |")
     for b in BUFS:
         s = u["scores"][b]
         kb = "–" if ks else f"{k['scores'][b]['median']:.2f}"
@@ -226,7 +235,8 @@ def markdown(res: dict) -> list[str]:
             f"| write precision (write hits on W+S / on all) | {_pct(u['write_precision'])} "
             "| n/a |",
             f"| write recall (write hits on W / hits on W) | {_pct(u['write_recall'])} | n/a |",
-            f"| share of S hits seen as writes | {_pct(u['s_write_share'])} | n/a |"]
+            f"| write recall on S (read and written every pass: write hits / hits) | "
+            f"{_pct(u['s_write_share'])} | n/a |"]
     w = u["wss_err_pct_median"]
     wss = (f"{w['median']:+.0f}% ({w['min']:+.0f}..{w['max']:+.0f})" if w.get("n") else "–")
     b, n = u["busy_snapshots"], u["snapshots"]

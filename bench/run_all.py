@@ -1,0 +1,258 @@
+"""Run the whole benchmark suite and write docs/benchmarks.md and docs/benchmarks.json.
+
+    .venv/bin/python bench/run_all.py [--quick] [--out-dir docs]      (as root)
+
+Sections (each also runs on its own, see the bench_*.py files):
+1. target slowdown per live primitive (and kernel DAMON) vs unmonitored;
+2. monitor CPU time and peak RSS vs touched memory and thread count;
+3. accuracy against ground truth (hot/cold, CPU/thread/write attribution, WSS);
+4. kernel DAMON (paddr, sysfs) on the same workload;
+5. intake and filter throughput (bench/bench_intake.py), and the wp primitive's
+   own overhead benchmark (bench/bench_wp_overhead.py) when it is present.
+Plus a cProfile of udamon recording the pinned workload (full run only).
+The full run takes about 8-10 minutes on a 2-vCPU machine, --quick under 2.
+Needs root (the live primitives do); exits 1 with one line otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_accuracy
+import bench_scale
+import bench_slowdown
+from common import ROOT, UDAMON, build, load1, start_json_workload
+
+MODES = {
+    "full": {"slowdown": {"repeat": 5, "duration": 4.0},
+             "scale": {"repeat": 3, "duration": 5.0, "sizes": (64, 256, 1024, 2048),
+                       "threads": (1, 2, 8, 32)},
+             "accuracy": {"repeat": 3, "duration": 10.0},
+             "intake": ["--reports", "2000000", "--repeat", "5"],
+             "wp_overhead": ["--runs", "5", "--duration", "3"],
+             "profile_s": 8},
+    "quick": {"slowdown": {"repeat": 3, "duration": 2.0},
+              "scale": {"repeat": 1, "duration": 3.0, "sizes": (64, 1024), "threads": (1, 8)},
+              "accuracy": {"repeat": 1, "duration": 6.0},
+              "intake": ["--reports", "300000", "--repeat", "3"],
+              "wp_overhead": ["--runs", "2", "--duration", "1"],
+              "profile_s": 0},
+}
+
+
+def machine_facts() -> dict:
+    def first(path, pat):
+        try:
+            with open(path) as f:
+                m = re.search(pat, f.read(), re.M)
+            return m.group(1).strip() if m else "?"
+        except OSError:
+            return "?"
+
+    nodes = len([d for d in os.listdir("/sys/devices/system/node")
+                 if re.fullmatch(r"node\d+", d)]) if os.path.isdir(
+                     "/sys/devices/system/node") else 1
+    pmu = os.path.exists("/sys/bus/event_source/devices/cpu/events/cpu-cycles") or \
+        os.path.exists("/sys/bus/event_source/devices/cpu_core")
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True).stdout.strip() != ""
+    except OSError:
+        commit, dirty = "?", False
+    return {"kernel": platform.release(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "cpu_model": first("/proc/cpuinfo", r"^model name\s*:(.*)$"),
+            "mem_total": first("/proc/meminfo", r"^MemTotal:\s*(.*)$"), "numa_nodes": nodes,
+            "hardware_pmu": pmu, "python": platform.python_version(),
+            "git": commit + ("+dirty" if dirty else "")}
+
+
+def run_intake(args: list[str], log) -> dict:
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_intake.py"), *args,
+                        "--json", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+    with open(path) as f:
+        rows = json.load(f)
+    os.unlink(path)
+    log("  intake: " + "; ".join(f"{row['what']}" for row in rows[:1]) + " ...")
+    return {"args": args, "rows": rows, "table": r.stdout.strip()}
+
+
+def run_wp_overhead(args: list[str], log) -> dict:
+    script = ROOT / "bench" / "bench_wp_overhead.py"
+    if not script.exists():
+        return {"skipped": "bench/bench_wp_overhead.py not present"}
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout.strip()
+    if r.returncode != 0:
+        return {"skipped": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
+    m = re.search(r"ratio monitored/unmonitored:\s*([0-9.]+)", out)
+    summary = [ln for ln in out.splitlines() if not ln.startswith("run ")]
+    log("  wp overhead: " + (summary[-1] if summary else "?"))
+    return {"args": args, "ratio": float(m.group(1)) if m else None, "summary": summary}
+
+
+def run_profile(seconds: float, log) -> dict:
+    """cProfile of 'udamon record --primitive hint' on the pinned workload."""
+    import pstats
+
+    wl, _ = start_json_workload([build("access_pattern"), "--size", "64",
+                                 "--duration", str(seconds + 30)])
+    tmp = tempfile.mkdtemp(prefix="udamon-prof-")
+    prof, rec = os.path.join(tmp, "prof.out"), os.path.join(tmp, "rec.jsonl")
+    try:
+        r = subprocess.run([sys.executable, "-m", "cProfile", "-o", prof, *UDAMON[1:],
+                            "record", "--primitive", "hint", "-q", "--pid", str(wl.pid),
+                            "--duration", f"{seconds}s", "-o", rec],
+                           capture_output=True, text=True, timeout=seconds + 120)
+    finally:
+        wl.terminate()
+        wl.wait(30)
+    if r.returncode != 0 or not os.path.exists(prof):
+        return {"skipped": (r.stderr.strip().splitlines() or ["?"])[-1]}
+    st = pstats.Stats(prof)
+    total = st.total_tt
+    rows = []
+    for (fn, line, name), (_cc, nc, tt, ct, _callers) in sorted(
+            st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]:
+        short = fn.split("/src/")[-1] if "/src/" in fn else os.path.basename(fn)
+        rows.append({"function": f"{short}:{line}({name})", "calls": nc, "tottime_s": tt,
+                     "cumtime_s": ct})
+    subprocess.run(["rm", "-rf", tmp])
+    log(f"  profile: {total:.2f} s CPU in Python over {seconds:g} s")
+    return {"seconds": seconds, "total_s": total, "top_tottime": rows}
+
+
+def write_markdown(res: dict, path: Path, png: str | None) -> None:
+    m = res["machine"]
+    out = ["# udamon benchmarks", "",
+           "Generated by `bench/run_all.py`; do not edit by hand (the analysis comes from "
+           "`bench/analysis.md`).", "",
+           f"- date: {res['date']}; mode: {res['mode']}; suite wall time "
+           f"{res['wall_s'] / 60:.1f} min",
+           f"- command: `{res['command']}`",
+           f"- machine: Linux {m['kernel']} {m['machine']}, {m['cpus']} vCPUs "
+           f"({m['cpu_model']}), {m['mem_total']} RAM, {m['numa_nodes']} NUMA node(s), "
+           f"hardware PMU: {'yes' if m['hardware_pmu'] else 'no'}; Python {m['python']}; "
+           f"git {m['git']}",
+           f"- load average (1 min) at start {res['load_start']:.2f}, at end "
+           f"{res['load_end']:.2f}" + (" — **other jobs were running: numbers are "
+                                        "preliminary (noisy)**" if res["noisy"] else ""),
+           ""]
+    analysis = ROOT / "bench" / "analysis.md"
+    if analysis.exists():
+        out += [analysis.read_text().strip(), ""]
+    out += ["## 1. Target slowdown (goal: at most 2%)", ""]
+    out += bench_slowdown.markdown(res["slowdown"]) + [""]
+    wp = res.get("wp_overhead", {})
+    if wp:
+        out += ["wp primitive's own benchmark (`bench/bench_wp_overhead.py "
+                f"{' '.join(wp.get('args', []))}`, driving WpPrimitive directly):", ""]
+        out += (["    " + ln for ln in wp["summary"]] if "summary" in wp
+                else [f"skipped: {wp['skipped']}"]) + [""]
+    out += ["## 2. Monitor cost and scale", ""]
+    out += bench_scale.markdown(res["scale"]) + [""]
+    if png:
+        out += [f"![udamon CPU and RSS vs memory and threads]({png})", ""]
+    out += ["## 3. Accuracy against ground truth (pinned workload)", "",
+            bench_accuracy.__doc__.split("\n\n", 2)[2].strip(), ""]
+    out += bench_accuracy.markdown(res["accuracy"]) + [""]
+    out += ["## 4. Kernel DAMON on the same workload", ""]
+    k = res["accuracy"]["kernel"]
+    if "skipped" in k:
+        out += [f"Not run on this machine: {k['skipped']}. The driver "
+                "(`src/udamon/primitives/kernel_damon.py`) and the comparison code run "
+                "where no foreign kdamond is running; the detection column in section 3 "
+                "and the kernel DAMON row in section 1 are filled in then.", ""]
+    else:
+        out += ["Detection: see the kernel DAMON column of section 3; overhead: the kernel "
+                "DAMON rows of section 1.", ""]
+    out += ["## 5. Intake and filters (`bench/bench_intake.py "
+            f"{' '.join(res['intake'].get('args', []))}`)", ""]
+    out += [res["intake"].get("table", "error: " + res["intake"].get("error", "?")), ""]
+    prof = res.get("profile")
+    if prof and "top_tottime" in prof:
+        out += [f"## Profile: udamon record --primitive hint, {prof['seconds']:g} s "
+                "(cProfile, sorted by own time)", "",
+                f"{prof['total_s']:.2f} s of Python CPU in total (includes start-up).", "",
+                "| function | calls | own s | cumulative s |", "|---|---|---|---|"]
+        out += [f"| `{r['function']}` | {r['calls']:,} | {r['tottime_s']:.3f} | "
+                f"{r['cumtime_s']:.3f} |" for r in prof["top_tottime"]]
+        out.append("")
+    path.write_text("\n".join(out))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short settings (under ~2 minutes)")
+    ap.add_argument("--out-dir", default=str(ROOT / "docs"))
+    ap.add_argument("--only", default="slowdown,scale,accuracy,intake,wp_overhead,profile",
+                    help="comma-separated sections to run (default: all)")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/run_all.py: needs root (the live primitives change kernel settings "
+              "and read other processes' page tables)", file=sys.stderr)
+        return 1
+    mode = "quick" if a.quick else "full"
+    cfg = MODES[mode]
+    only = set(a.only.split(","))
+
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    res = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "mode": mode, "command": ".venv/bin/python bench/run_all.py"
+           + (" --quick" if a.quick else ""), "machine": machine_facts(), "load_start": load1()}
+    if "slowdown" in only:
+        log("1. slowdown")
+        res["slowdown"] = bench_slowdown.run(log=log, **cfg["slowdown"])
+    if "scale" in only:
+        log("2. monitor cost and scale")
+        res["scale"] = bench_scale.run(log=log, **cfg["scale"])
+    if "accuracy" in only:
+        log("3+4. accuracy, udamon hint and kernel DAMON")
+        res["accuracy"] = bench_accuracy.run(log=log, **cfg["accuracy"])
+    if "intake" in only:
+        log("5. intake")
+        res["intake"] = run_intake(cfg["intake"], log)
+    if "wp_overhead" in only:
+        log("wp overhead (bench_wp_overhead.py)")
+        res["wp_overhead"] = run_wp_overhead(cfg["wp_overhead"], log)
+    if "profile" in only and cfg["profile_s"]:
+        log("profile")
+        res["profile"] = run_profile(cfg["profile_s"], log)
+    res["load_end"] = load1()
+    res["noisy"] = max(res["load_start"], res["load_end"]) >= 0.5
+    res["wall_s"] = time.monotonic() - t0
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = None
+    if "scale" in res and bench_scale.plot(res["scale"], str(out / "benchmarks-scale.png")):
+        png = "benchmarks-scale.png"
+    (out / "benchmarks.json").write_text(json.dumps(res, indent=1, default=str))
+    if {"slowdown", "scale", "accuracy", "intake"} <= res.keys():
+        write_markdown(res, out / "benchmarks.md", png)
+        log(f"wrote {out / 'benchmarks.md'} and benchmarks.json ({res['wall_s']:.0f} s)")
+    else:
+        log(f"wrote {out / 'benchmarks.json'} only (partial run: --only)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

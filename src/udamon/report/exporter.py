@@ -1,0 +1,125 @@
+"""Prometheus metrics of a live session, updated every aggregation interval.
+
+Per target: working set size, estimated write (dirty) rate, accessed bytes by
+the CPUs of each node, the share of those that hit pages on the same node
+(where page locations are sampled), reports seen; per session: dropped
+reports and kernel-lost samples.  "Bytes" estimates weight each region by
+the fraction of sampling intervals it was hit in (size x hits / max hits).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from udamon.core.monitor import Monitor, Snapshot
+from udamon.core.session import SessionResult
+
+
+def hot_bytes(snap: Snapshot, counts: np.ndarray) -> float:
+    """Size-weighted share of sampling intervals hit: bytes accessed per interval."""
+    samples = max(snap.aggr_us // max(snap.sample_us, 1), 1)
+    return float(((snap.end - snap.start).astype(np.float64) * counts / samples).sum())
+
+
+class MetricsSink:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        lp = ["pid"]
+        self.wss = Gauge("udamon_wss_bytes", "Bytes of regions accessed in the last "
+                         "aggregation interval (nr_accesses > 0)", lp, registry=r)
+        self.write_rate = Gauge("udamon_write_bytes_per_second", "Estimated rate at which the "
+                                "target dirties memory (needs a write probe or --write-only)",
+                                lp, registry=r)
+        self.node_bytes = Gauge("udamon_node_access_bytes", "Estimated bytes accessed by the "
+                                "CPUs of a node in the last aggregation interval",
+                                ["pid", "node"], registry=r)
+        self.node_share = Gauge("udamon_node_access_ratio", "Share of the target's accesses "
+                                "made by the CPUs of a node", ["pid", "node"], registry=r)
+        self.local_ratio = Gauge("udamon_local_access_ratio", "Share of node-attributed "
+                                 "accesses that hit pages on the accessing CPU's node "
+                                 "(sampled page locations)", lp, registry=r)
+        self.reports = Gauge("udamon_reports", "Reports for the target in the last "
+                             "aggregation interval", lp, registry=r)
+        self.regions = Gauge("udamon_regions", "Number of regions", lp, registry=r)
+        self.dropped = Gauge("udamon_dropped_reports_total", "Reports the bounded buffer "
+                             "could not take (cumulative)", registry=r)
+        self.lost = Gauge("udamon_lost_samples_total", "Events lost by the kernel before "
+                          "udamon read them (cumulative)", registry=r)
+        self.snapshots = Gauge("udamon_snapshots_total", "Aggregation snapshots taken",
+                               registry=r)
+        self.up = Gauge("udamon_session_up", "1 while the monitoring session runs",
+                        registry=r)
+        self._monitor: Monitor | None = None
+        self._write: str | None = None
+        self._nodes: dict[int, str] = {}
+        self._lost_fn = None
+        self.server = None
+
+    def serve(self, addr: str, port: int) -> int:
+        self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return int(self.server.server_port)
+
+    def stop_serving(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def begin(self, header: dict, monitor: Monitor) -> None:
+        self._monitor = monitor
+        names = [p["name"] for p in header["probes"]]
+        self._write = "write" if "write" in names else None
+        flt = header.get("filters", [])
+        if self._write is None and len(flt) == 1 and flt[0]["type"] == "write" \
+                and not flt[0]["allow"] and not flt[0]["matching"]:
+            self._write = ""  # write-only sample filters: nr_accesses counts writes
+        self._nodes = {int(m.group(1)): n for n in names
+                       if (m := re.fullmatch(r"node:(\d+)", n))}
+        self.up.set(1)
+
+    def snapshot(self, snap: Snapshot) -> None:
+        pid = str(snap.pid)
+        size = (snap.end - snap.start).astype(np.float64)
+        self.wss.labels(pid).set(float(size[snap.nr_accesses > 0].sum()))
+        aggr_s = max(snap.aggr_us, 1) / 1e6
+        if self._write is not None:
+            counts = snap.nr_accesses if self._write == "" else snap.probe_hits[self._write]
+            self.write_rate.labels(pid).set(hot_bytes(snap, counts) / aggr_s)
+        per_node = {n: hot_bytes(snap, snap.probe_hits[name]) for n, name in self._nodes.items()}
+        total = sum(per_node.values())
+        for n, b in per_node.items():
+            self.node_bytes.labels(pid, str(n)).set(b)
+            self.node_share.labels(pid, str(n)).set(b / total if total else 0.0)
+        if snap.page_nodes is not None and self._nodes:
+            local = located = 0.0
+            for n, name in self._nodes.items():
+                hits = snap.probe_hits[name]
+                for i in np.flatnonzero(hits):
+                    where = snap.page_nodes[i]
+                    pages = sum(where.values())
+                    if not pages:
+                        continue
+                    w = float(size[i]) * float(hits[i])
+                    located += w
+                    local += w * where.get(str(n), 0) / pages
+            if located:
+                self.local_ratio.labels(pid).set(local / located)
+        self.reports.labels(pid).set(snap.nr_reports)
+        self.regions.labels(pid).set(len(snap.start))
+        self.snapshots.inc()
+        if self._monitor is not None:
+            self.dropped.set(self._monitor.stats.dropped)
+
+    def set_lost(self, lost: int) -> None:
+        self.lost.set(lost)
+
+    def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None:
+        self.lost.set(res.lost_samples)
+        self.up.set(0)
+
+    def fail(self, error: str) -> None:
+        self.up.set(0)
