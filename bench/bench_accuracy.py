@@ -9,10 +9,10 @@ and never touched again.  Truth: R, W, S hot; I cold; working set 3 x 16 MiB.
 udamon: 'udamon record --primitive hint --pid PID' with, per buffer B, probes
 B (addr:B), B_c0/B_c1 (cpus), B_tr/B_tw (reader/writer thread), B_w (write):
 probe counts are exact per buffer whatever the region boundaries.
-- hot/cold (DAMON's way, by region nr_accesses): a buffer's score is its page-weighted nr_accesses, averaged over the
-  snapshots that have any access ("busy" snapshots; hint goes quiet for
-  seconds, and a quiet snapshot is "not observed", not "cold"); hot when the
-  score is at least 10% of the highest buffer's score.  Also by the exact
+- hot/cold (DAMON's way, by region nr_accesses): a buffer's score is its
+  page-weighted nr_accesses, averaged over the snapshots that have any access
+  ("busy" snapshots; hint goes quiet for seconds, and a quiet snapshot is "not
+  observed", not "cold"); hot when the score is at least 10% of the highest buffer's score.  Also by the exact
   per-buffer probe hits, with the same 10% rule.
 - CPU / thread precision: share of a buffer's probe hits from the right CPU /
   thread (R: reader, W: writer; S: its write hits from the writer).
@@ -171,7 +171,7 @@ def run(repeat: int = 3, duration: float = 8.0, log=print) -> dict:
             kd = [k]
             break
         log(f"  accuracy rep {i}: kernel {k['classes']}")
-    for i in range(len(kd), repeat):
+    for _ in range(len(kd), repeat):
         if "skipped" not in kd[0]:
             kd.append(kernel_run(duration))
 

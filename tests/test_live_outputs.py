@@ -64,7 +64,7 @@ def test_exporter_serves_metrics_while_monitoring(tmp_path, access_pattern_bin):
         while time.time() < deadline:
             text = urllib.request.urlopen(url, timeout=5).read().decode()
             snaps = metric(text, "udamon_snapshots_total") or 0
-            if snaps >= 20 and metric(text, "udamon_node_access_bytes", pid=pid, node=0):
+            if snaps >= 20 and metric(text, "udamon_node_access_bytes_total", pid=pid, node=0):
                 seen_node = True
                 break
             time.sleep(0.5)
@@ -72,6 +72,7 @@ def test_exporter_serves_metrics_while_monitoring(tmp_path, access_pattern_bin):
         assert metric(text, "udamon_regions", pid=pid) >= 1
         assert metric(text, "udamon_wss_bytes", pid=pid) is not None
         assert metric(text, "udamon_write_bytes_per_second", pid=pid) is not None
+        assert metric(text, "udamon_written_bytes_total", pid=pid) > 0
         assert metric(text, "udamon_dropped_reports_total") == 0
         assert metric(text, "udamon_lost_samples_total") is not None
         assert seen_node, "no node-attributed accesses within 20 s"

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
         description="Monitor like 'udamon record' and serve metrics at "
                     "http://BIND:PORT/metrics, updated every aggregation interval: per target "
                     "udamon_wss_bytes, udamon_write_bytes_per_second, "
-                    "udamon_node_access_bytes/ratio{node}, udamon_local_access_ratio, "
+                    "udamon_written_bytes_total, udamon_node_access_bytes_total{node}, "
+                    "udamon_node_access_ratio{node}, udamon_local_access_ratio, "
                     "udamon_reports; udamon_dropped_reports_total, udamon_lost_samples_total. "
                     "Adds --breakdown node,rw automatically.",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,10 +1,13 @@
 """Prometheus metrics of a live session, updated every aggregation interval.
 
-Per target: working set size, estimated write (dirty) rate, accessed bytes by
-the CPUs of each node, the share of those that hit pages on the same node
-(where page locations are sampled), reports seen; per session: dropped
-reports and kernel-lost samples.  "Bytes" estimates weight each region by
-the fraction of sampling intervals it was hit in (size x hits / max hits).
+Per target: working set size and estimated write (dirty) rate of the last
+aggregation; cumulative written bytes and bytes accessed by the CPUs of each
+node (so that Prometheus' rate() works even for bursty primitives such as
+hint, whose last aggregation is often empty), the node shares and the share
+that hit pages on the accessing CPU's node (where page locations are
+sampled); reports seen; per session: dropped reports and kernel-lost samples.
+"Bytes" estimates weight each region by the fraction of sampling intervals it
+was hit in (size x hits / max hits).
 """
 
 from __future__ import annotations
@@ -34,14 +37,19 @@ class MetricsSink:
         self.write_rate = Gauge("udamon_write_bytes_per_second", "Estimated rate at which the "
                                 "target dirties memory (needs a write probe or --write-only)",
                                 lp, registry=r)
-        self.node_bytes = Gauge("udamon_node_access_bytes", "Estimated bytes accessed by the "
-                                "CPUs of a node in the last aggregation interval",
+        self.written = Gauge("udamon_written_bytes_total", "Estimated bytes written since the "
+                             "session started (cumulative; rate() gives the dirty rate)",
+                             lp, registry=r)
+        self.node_bytes = Gauge("udamon_node_access_bytes_total", "Estimated bytes accessed by "
+                                "the CPUs of a node since the session started (cumulative)",
                                 ["pid", "node"], registry=r)
         self.node_share = Gauge("udamon_node_access_ratio", "Share of the target's accesses "
-                                "made by the CPUs of a node", ["pid", "node"], registry=r)
+                                "made by the CPUs of a node, since the session started",
+                                ["pid", "node"], registry=r)
         self.local_ratio = Gauge("udamon_local_access_ratio", "Share of node-attributed "
                                  "accesses that hit pages on the accessing CPU's node "
-                                 "(sampled page locations)", lp, registry=r)
+                                 "(sampled page locations), since the session started",
+                                 lp, registry=r)
         self.reports = Gauge("udamon_reports", "Reports for the target in the last "
                              "aggregation interval", lp, registry=r)
         self.regions = Gauge("udamon_regions", "Number of regions", lp, registry=r)
@@ -56,8 +64,11 @@ class MetricsSink:
         self._monitor: Monitor | None = None
         self._write: str | None = None
         self._nodes: dict[int, str] = {}
-        self._lost_fn = None
         self.server = None
+        # cumulative per pid: node -> bytes; [local, located]; written bytes
+        self._node_tot: dict[str, dict[int, float]] = {}
+        self._local: dict[str, list[float]] = {}
+        self._written: dict[str, float] = {}
 
     def serve(self, addr: str, port: int) -> int:
         self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
@@ -88,13 +99,19 @@ class MetricsSink:
         aggr_s = max(snap.aggr_us, 1) / 1e6
         if self._write is not None:
             counts = snap.nr_accesses if self._write == "" else snap.probe_hits[self._write]
-            self.write_rate.labels(pid).set(hot_bytes(snap, counts) / aggr_s)
-        per_node = {n: hot_bytes(snap, snap.probe_hits[name]) for n, name in self._nodes.items()}
-        total = sum(per_node.values())
-        for n, b in per_node.items():
+            written = hot_bytes(snap, counts)
+            self.write_rate.labels(pid).set(written / aggr_s)
+            self._written[pid] = self._written.get(pid, 0.0) + written
+            self.written.labels(pid).set(self._written[pid])
+        tot = self._node_tot.setdefault(pid, {})
+        for n, name in self._nodes.items():
+            tot[n] = tot.get(n, 0.0) + hot_bytes(snap, snap.probe_hits[name])
+        total = sum(tot.values())
+        for n, b in tot.items():
             self.node_bytes.labels(pid, str(n)).set(b)
             self.node_share.labels(pid, str(n)).set(b / total if total else 0.0)
         if snap.page_nodes is not None and self._nodes:
+            acc = self._local.setdefault(pid, [0.0, 0.0])
             local = located = 0.0
             for n, name in self._nodes.items():
                 hits = snap.probe_hits[name]
@@ -106,16 +123,15 @@ class MetricsSink:
                     w = float(size[i]) * float(hits[i])
                     located += w
                     local += w * where.get(str(n), 0) / pages
-            if located:
-                self.local_ratio.labels(pid).set(local / located)
+            acc[0] += local
+            acc[1] += located
+            if acc[1]:
+                self.local_ratio.labels(pid).set(acc[0] / acc[1])
         self.reports.labels(pid).set(snap.nr_reports)
         self.regions.labels(pid).set(len(snap.start))
         self.snapshots.inc()
         if self._monitor is not None:
             self.dropped.set(self._monitor.stats.dropped)
-
-    def set_lost(self, lost: int) -> None:
-        self.lost.set(lost)
 
     def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None:
         self.lost.set(res.lost_samples)
