@@ -12,8 +12,8 @@ probe counts are exact per buffer whatever the region boundaries.
 - hot/cold (DAMON's way, by region nr_accesses): a buffer's score is its
   page-weighted nr_accesses, averaged over the snapshots that have any access
   ("busy" snapshots; hint goes quiet for seconds, and a quiet snapshot is "not
-  observed", not "cold"); hot when the score is at least 10% of the highest buffer's score.  Also by the exact
-  per-buffer probe hits, with the same 10% rule.
+  observed", not "cold"); hot when the score is at least 10% of the highest
+  buffer's score.  Also by the exact per-buffer probe hits, same 10% rule.
 - CPU / thread precision: share of a buffer's probe hits from the right CPU /
   thread (R: reader, W: writer; S: its write hits from the writer).
 - write precision: write hits on W and S / write hits on all four buffers;

@@ -55,3 +55,10 @@ def access_pattern_bin():
         return build("access_pattern")
     except BuildError as e:
         pytest.skip(f"cannot build the workload: {e}")
+
+
+def buffers_span(info: dict) -> str:
+    """'START-END' covering the workload's four buffers, for --range."""
+    lo = min(v[0] for k, v in info.items() if k in "RWSI")
+    hi = max(v[1] for k, v in info.items() if k in "RWSI")
+    return f"{lo:#x}-{hi:#x}"

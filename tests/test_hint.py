@@ -17,14 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import buffer_hits, run_udamon, share, start_workload
+from conftest import buffer_hits, buffers_span, run_udamon, share, start_workload
 
 from udamon.primitives.hint import hint_available
 from udamon.primitives.perf_tracepoint import online_cpus
 from udamon.record.reader import read_record
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads.build import BuildError, build  # noqa: E402
 
 NUMA = "/proc/sys/kernel/numa_balancing"
 _ok, _why = hint_available()
@@ -32,14 +29,6 @@ pytestmark = [
     pytest.mark.skipif(not _ok, reason=f"hint primitive unavailable: {_why}"),
     pytest.mark.skipif(not {0, 1} <= set(online_cpus()), reason="needs CPUs 0 and 1"),
 ]
-
-
-@pytest.fixture(scope="module")
-def workload_bin():
-    try:
-        return build("access_pattern")
-    except BuildError as e:
-        pytest.skip(f"cannot build the workload: {e}")
 
 
 @pytest.fixture(autouse=True)
@@ -56,14 +45,12 @@ def numa_restored():
     assert now == orig, "udamon left kernel.numa_balancing changed"
 
 
-def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, workload_bin):
-    wl, info = start_workload(workload_bin, "--duration", "30", "--size", "16")
+def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, access_pattern_bin):
+    wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "16")
     try:
-        lo = min(v[0] for k, v in info.items() if k in "RWSI")
-        hi = max(v[1] for k, v in info.items() if k in "RWSI")
         rec_path = tmp_path / "hint.jsonl"
         p = run_udamon("record", "--primitive", "hint", "--pid", str(info["pid"]),
-                       "--range", f"{lo:#x}-{hi:#x}", "--regions", "64,1000", "--cpus", "0",
+                       "--range", buffers_span(info), "--regions", "64,1000", "--cpus", "0",
                        "--breakdown", "cpu,thread,rw", "--duration", "6s", "-q",
                        "-o", str(rec_path), timeout=60)
         assert p.returncode == 0, p.stderr
@@ -98,8 +85,8 @@ def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, workload_bin):
     assert all(set(d) <= nodes for d in located)
 
 
-def test_target_exit_closes_the_record(tmp_path, workload_bin):
-    wl, info = start_workload(workload_bin, "--duration", "3", "--size", "4")
+def test_target_exit_closes_the_record(tmp_path, access_pattern_bin):
+    wl, info = start_workload(access_pattern_bin, "--duration", "3", "--size", "4")
     rec_path = tmp_path / "exit.jsonl"
     t0 = time.monotonic()
     p = run_udamon("record", "--primitive", "hint", "--pid", str(info["pid"]),
@@ -112,24 +99,24 @@ def test_target_exit_closes_the_record(tmp_path, workload_bin):
     assert len(rec.snapshots) >= 3
 
 
-def test_launch_a_command(tmp_path, workload_bin):
+def test_launch_a_command(tmp_path, access_pattern_bin):
     rec_path = tmp_path / "cmd.jsonl"
     p = run_udamon("record", "--primitive", "hint", "--duration", "2s", "-o", str(rec_path),
-                   "--", workload_bin, "--duration", "3", "--size", "4", timeout=60)
+                   "--", access_pattern_bin, "--duration", "3", "--size", "4", timeout=60)
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     assert lines[0]["event"] == "start" and lines[-1] == {**lines[-1], "intact": True}
     assert "exited with status 0" in p.stderr
     rec = read_record(str(rec_path))
     assert rec.header["targets"][0]["pid"] == lines[0]["pid"]
-    assert rec.header["command"][0] == workload_bin
+    assert rec.header["command"][0] == access_pattern_bin
     # monitored from its start: the first-touch faults of the buffers are seen
     assert sum(s.nr_reports for s in rec.snapshots) >= 4 * (4 << 20) // 4096 * 0.9
 
 
-def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, workload_bin,
+def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, access_pattern_bin,
                                                                    numa_restored):
-    wl, info = start_workload(workload_bin, "--duration", "30", "--size", "8")
+    wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "8")
     try:
         rec_path = tmp_path / "killed.jsonl"
         u = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "hint",
@@ -156,8 +143,8 @@ def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, wor
         assert wl.wait(10) == 0, "the workload's data was damaged"
 
 
-def test_sigterm_ends_the_record_cleanly(tmp_path, workload_bin):
-    wl, info = start_workload(workload_bin, "--duration", "30", "--size", "4")
+def test_sigterm_ends_the_record_cleanly(tmp_path, access_pattern_bin):
+    wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "4")
     try:
         rec_path = tmp_path / "term.jsonl"
         u = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "hint",

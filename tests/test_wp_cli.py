@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from conftest import buffer_hits, run_udamon, share, start_workload
+from conftest import buffer_hits, buffers_span, run_udamon, share, start_workload
 
 from udamon.primitives.registry import entry
 from udamon.record.reader import read_record
@@ -18,11 +18,9 @@ pytestmark = pytest.mark.skipif(not _ok, reason=f"wp primitive unavailable: {_wh
 def test_write_only_sampling_finds_written_buffers(tmp_path, access_pattern_bin):
     wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "16")
     try:
-        lo = min(v[0] for k, v in info.items() if k in "RWSI")
-        hi = max(v[1] for k, v in info.items() if k in "RWSI")
         rec_path = tmp_path / "wp.jsonl"
         p = run_udamon("record", "--primitive", "wp", "--pid", str(info["pid"]),
-                       "--range", f"{lo:#x}-{hi:#x}", "--regions", "32,400", "--write-only",
+                       "--range", buffers_span(info), "--regions", "32,400", "--write-only",
                        "--breakdown", "cpu,thread", "--duration", "3s", "-q",
                        "-o", str(rec_path), timeout=60)
         assert p.returncode == 0, p.stderr

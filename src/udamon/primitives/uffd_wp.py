@@ -50,7 +50,7 @@ from udamon.errors import RuntimeFailure, TargetGone
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives.base import Primitive, PrimitiveStats
 from udamon.targets import inject
-from udamon.targets.procmaps import Vma, read_vmas
+from udamon.targets.procmaps import Vma, is_alive, read_vmas
 from udamon.targets.topology import nodes_of
 
 # include/uapi/linux/userfaultfd.h
@@ -331,7 +331,7 @@ class WpPrimitive(Primitive):
     def _mm_gone(self, t: _Target) -> None:
         """The uffd's mm is gone: the process exited or exec'd."""
         t.close()
-        if _alive(t.pid) and t.reattached < 16:
+        if is_alive(t.pid) and t.reattached < 16:
             t.reattached += 1
             try:
                 self._attach(t)
@@ -510,7 +510,7 @@ class WpPrimitive(Primitive):
     def exited(self) -> list[int]:
         out = []
         for pid, t in self._targets.items():
-            if not t.gone and not _alive(pid):
+            if not t.gone and not is_alive(pid):
                 self._mark_gone(t)
             if t.gone:
                 out.append(pid)
@@ -543,11 +543,3 @@ class WpPrimitive(Primitive):
         except Exception:
             pass
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
