@@ -15,6 +15,7 @@ import pytest
 
 from udamon.errors import RuntimeFailure
 from udamon.primitives import sysctl_guard as sg
+from udamon.primitives.mounts import is_mounted
 from udamon.primitives.sysctl_guard import (
     NUMA_BALANCING,
     SettingsGuard,
@@ -146,7 +147,7 @@ def test_numa_balancing_settings():
 
 
 def test_apply_numa_balancing(numa_original, tmp_path):
-    debugfs_before = sg._is_mounted(sg.DEBUGFS)
+    debugfs_before = is_mounted(sg.DEBUGFS)
     g = SettingsGuard(state_dir=str(tmp_path))
     notes = apply_numa_balancing(g, 5000)
     assert int(_read(NUMA_BALANCING)) & 1
@@ -154,7 +155,7 @@ def test_apply_numa_balancing(numa_original, tmp_path):
         assert "scan" in note
     g.restore()
     assert _read(NUMA_BALANCING) == numa_original
-    assert sg._is_mounted(sg.DEBUGFS) == debugfs_before
+    assert is_mounted(sg.DEBUGFS) == debugfs_before
 
 
 CHILD = textwrap.dedent(

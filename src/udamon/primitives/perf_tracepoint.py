@@ -55,6 +55,7 @@ from typing import Literal
 import numpy as np
 
 from udamon.errors import RuntimeFailure
+from udamon.primitives.mounts import is_mounted, mount, umount
 from udamon.targets.topology import parse_cpulist
 
 FAULT_DTYPE = np.dtype(
@@ -144,14 +145,6 @@ assert ctypes.sizeof(PerfEventAttr) == 136
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _perf_event_open(
@@ -221,30 +214,12 @@ def online_cpus() -> list[int]:
 # ---------------------------------------------------------------- tracefs
 
 
-def _mount(source: str, target: str, fstype: str) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount -t {fstype} {target}: {os.strerror(e)}")
-
-
-def _umount(target: str) -> None:
-    _libc.umount2(target.encode(), 0)
-
-
 def _find_tracepoint_dir() -> str | None:
     for root in TRACEFS_DIRS:
         d = os.path.join(root, "events", TRACEPOINT)
         if os.path.exists(os.path.join(d, "id")):
             return d
     return None
-
-
-def _is_mounted(path: str) -> bool:
-    try:
-        with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == path for line in f if len(line.split()) > 1)
-    except OSError:
-        return False
 
 
 class _Tracefs:
@@ -258,9 +233,9 @@ class _Tracefs:
         if d is not None:
             return d
         root = TRACEFS_DIRS[0]
-        if os.path.isdir(root) and not _is_mounted(root):
+        if os.path.isdir(root) and not is_mounted(root):
             try:
-                _mount("nodev", root, "tracefs")
+                mount("tracefs", root)
             except OSError as e:
                 raise RuntimeFailure(
                     f"tracefs is not mounted and mounting it failed ({e.strerror}): "
@@ -274,7 +249,7 @@ class _Tracefs:
 
     def release(self) -> None:
         if self.mounted_here is not None:
-            _umount(self.mounted_here)
+            umount(self.mounted_here)
             self.mounted_here = None
 
 

@@ -32,6 +32,7 @@ import threading
 from pathlib import Path
 
 from udamon.errors import RuntimeFailure
+from udamon.primitives import mounts
 from udamon.primitives import sysctl_watchdog as wd
 
 DEFAULT_STATE_DIR = "/run/udamon"
@@ -110,7 +111,7 @@ class SettingsGuard:
 
         Returns True if this call mounted it.
         """
-        if _is_mounted(target):
+        if mounts.is_mounted(target):
             return False
         with self._lock:
             self._arm()
@@ -118,7 +119,7 @@ class SettingsGuard:
             self._mounts.append(m)
             self._save()
             try:
-                _mount(fstype, target)
+                mounts.mount(fstype, target)
             except OSError as e:
                 self._mounts.remove(m)
                 self._save()
@@ -344,28 +345,3 @@ def apply_numa_balancing(guard: SettingsGuard, sample_us: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- mounts
-
-
-def _is_mounted(target: str) -> bool:
-    try:
-        with open("/proc/self/mounts") as f:
-            return any(len(p) > 1 and p[1] == target for p in (ln.split() for ln in f))
-    except OSError:
-        return False
-
-
-def _mount(fstype: str, target: str) -> None:
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.mount.argtypes = [
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_ulong,
-        ctypes.c_void_p,
-    ]
-    if libc.mount(b"nodev", target.encode(), fstype.encode(), 0, None) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
