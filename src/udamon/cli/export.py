@@ -28,8 +28,7 @@ def add_parser(sub) -> None:
                     "probe hit counts (by position, without names), intervals, snapshot "
                     "times; dropped: filter and probe definitions, page NUMA nodes, "
                     "report counts, primitive and coverage.")
-    p.add_argument("--format", required=True, metavar="FORMAT",
-                   help=f"output format: {', '.join(FORMATS)}")
+    p.add_argument("--format", required=True, choices=FORMATS, help="output format")
     p.add_argument("-i", "--input", metavar="FILE", required=True, help="record file")
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="file to write")
     p.add_argument("--pid", type=int, help="only this target (default: every target)")
@@ -44,8 +43,6 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    if a.format not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {a.format!r}")
     if os.path.isdir(a.output):
         raise UsageError(f"-o {a.output}: is a directory")
     if os.path.exists(a.output) and os.path.samefile(a.output, a.input):

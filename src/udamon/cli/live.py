@@ -87,8 +87,22 @@ class SessionSpec:
     command: list[str]
 
 
+def primitives_help(replay: bool) -> str:
+    """The epilog paragraph that lists the primitives and what each changes."""
+    from udamon.primitives.hint import SYSTEM_CHANGES
+
+    lines = ["primitives:"]
+    for e in registry.ENTRIES.values():
+        if e.live or replay:
+            lines.append(f"  {e.name:<7} {e.help}")
+    lines.append("\nSystem-wide changes: with --primitive hint, " + SYSTEM_CHANGES + ".")
+    return "\n".join(lines)
+
+
 def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     """The target, primitive, filter and monitoring options of a session."""
+    p.epilog = primitives_help(replay) + ("\n\n" + p.epilog if p.epilog else "")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--primitive", default="auto",
                    choices=registry.names() if replay else
                    ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)],

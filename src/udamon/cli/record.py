@@ -28,6 +28,9 @@ in the region), age, and one hit counter per probe.  Read it with
 EPILOG = FILTER_HELP + """
 
 examples:
+  udamon record --primitive hint --pid 1234 --breakdown cpu,rw --duration 10s -o rec.jsonl
+  udamon record --primitive wp --pid 1234 --write-only --breakdown cpu -o rec.jsonl
+  udamon record --primitive hint -o rec.jsonl -- ./program args
   udamon record --primitive replay --input accesses.csv -o rec.jsonl
   udamon record --input accesses.csv --cpus 0 --probe writes=write --probe cpu1=cpus:1 -o rec.jsonl
   udamon record --input accesses.csv --filter 'nodes:1,!threads:1234' \\

@@ -47,17 +47,22 @@ FILE_TYPES = ("json_compressed", "json")
 DEFAULT_FILE_TYPE = "json_compressed"
 
 
+def _n(v) -> str:
+    """A number the way damo's raw form writes it ('%d')."""
+    return str(int(v))
+
+
 def _intervals(rec: Record) -> OrderedDict:
     a = rec.attrs
     g = a.intervals_goal
     on = g.enabled
     # damo tunes (and reads per-snapshot sample intervals) iff aggrs != 0
-    goal = OrderedDict([("access_bp", "%f" % (g.access_bp if on else 0)),
-                        ("aggrs", "%d" % (g.aggrs if on else 0)),
-                        ("min_sample_us", "%d" % (g.min_sample_us if on else 0)),
-                        ("max_sample_us", "%d" % (g.max_sample_us if on else 0))])
-    return OrderedDict([("sample_us", "%d" % a.sample_us), ("aggr_us", "%d" % a.aggr_us),
-                        ("ops_update_us", "%d" % a.update_us), ("intervals_goal", goal)])
+    goal = OrderedDict([("access_bp", f"{g.access_bp if on else 0:f}"),
+                        ("aggrs", _n(g.aggrs if on else 0)),
+                        ("min_sample_us", _n(g.min_sample_us if on else 0)),
+                        ("max_sample_us", _n(g.max_sample_us if on else 0))])
+    return OrderedDict([("sample_us", _n(a.sample_us)), ("aggr_us", _n(a.aggr_us)),
+                        ("ops_update_us", _n(a.update_us)), ("intervals_goal", goal)])
 
 
 def _snapshot(s: Snapshot, probe_names: list[str]) -> OrderedDict:
@@ -68,17 +73,17 @@ def _snapshot(s: Snapshot, probe_names: list[str]) -> OrderedDict:
                                                 s.nr_accesses.tolist(), s.age.tolist(),
                                                 strict=True)):
         regions.append(OrderedDict([
-            ("start", "%d" % st), ("end", "%d" % en),
+            ("start", _n(st)), ("end", _n(en)),
             ("nr_accesses", OrderedDict([("samples", int(acc)), ("percent", None)])),
-            ("age", OrderedDict([("usec", None), ("aggr_intervals", "%d" % age)])),
+            ("age", OrderedDict([("usec", None), ("aggr_intervals", _n(age))])),
             ("probe_hits", [int(h[i]) for h in hits]),
             ("sz_filter_passed", "0"),
         ]))
     total = int((s.end - s.start).sum()) if len(s.start) else 0
     return OrderedDict([
-        ("start_time", "%d" % s.start_ns), ("end_time", "%d" % s.time_ns),
-        ("regions", regions), ("total_bytes", "%d" % total), ("damos_stats", None),
-        ("sample_interval_us", "%d" % s.sample_us),
+        ("start_time", _n(s.start_ns)), ("end_time", _n(s.time_ns)),
+        ("regions", regions), ("total_bytes", _n(total)), ("damos_stats", None),
+        ("sample_interval_us", _n(s.sample_us)),
     ])
 
 
