@@ -48,8 +48,12 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "udamon-guest: init at $(cut -d' ' -f1 /proc/uptime)s"
-for m in $(cat /modules/order); do insmod /modules/$m.ko || echo "udamon-guest: insmod $m failed"; done
-fail() { echo "udamon-guest: $*"; echo "udamon-guest: FAILED"; echo o > /proc/sysrq-trigger; sleep 5; }
+for m in $(cat /modules/order); do
+    insmod /modules/$m.ko || echo "udamon-guest: insmod $m failed"
+done
+fail() {
+    echo "udamon-guest: $*"; echo "udamon-guest: FAILED"; echo o > /proc/sysrq-trigger; sleep 5
+}
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroot /lower \
     || fail "cannot mount the host root (9p)"
 mount -t tmpfs -o size=300m tmpfs /upper
@@ -107,8 +111,8 @@ def newest_kernel(update: bool) -> str:
         out = subprocess.run(["apt-cache", "search", "--names-only",
                               r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"],
                              capture_output=True, text=True).stdout
-        found = sorted(((int(m.group(2)), m.group(1)) for line in out.splitlines()
-                        if (m := KERNEL_RE.match(line))))
+        found = sorted((int(m.group(2)), m.group(1)) for line in out.splitlines()
+                        if (m := KERNEL_RE.match(line)))
         if found:
             return "linux-image-" + found[-1][1]
         if attempt == 0 and update and os.geteuid() == 0:

@@ -35,8 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--damo-type", choices=damo_export.FILE_TYPES,
                    default=damo_export.DEFAULT_FILE_TYPE,
                    help="damo record file type (default json_compressed; damo 3.4.3 reads "
-                        "plain json only where 'file' calls it 'JSON data', not with "
-                        "file >= 5.4x)")
+                        "plain json only where 'file' calls it 'JSON data': file 5.44 "
+                        "says 'JSON text data' and damo then fails)")
     p.add_argument("--salvage", action="store_true",
                    help="read a damaged record up to the damage instead of failing")
     p.set_defaults(func=run)

@@ -6,10 +6,10 @@ pairs, exactly what ``damo record`` writes (``_damo_records.write_json_compresse
 i.e. ``DamonRecord.to_kvpairs(raw=True)``) and what ``damo report access``,
 ``damo report heatmap`` and ``damo report wss`` read with ``-i FILE``.  Plain
 ``json`` is also offered, but damo 3.4.3 recognises a file's type with
-``file -b`` and accepts JSON only when it says exactly ``JSON data``; newer
-``file`` (5.4x, e.g. Debian 12) says ``JSON text data`` and damo then fails, so
-``json_compressed`` is the default.  Either way damo needs the ``file``
-command installed.
+``file -b`` and accepts JSON only when it says exactly ``JSON data``; ``file``
+5.44 (Debian 12) says ``JSON text data`` and damo then tries ``perf script`` on
+it and fails, so ``json_compressed`` (``zlib compressed data``) is the default.
+Either way damo needs the ``file`` command installed.
 
 Mapping, one ``DamonRecord`` per target pid (in the record's pid order)::
 

@@ -1,0 +1,190 @@
+"""NUMA hits and misses, end to end, on a machine with two NUMA nodes.
+
+Runs where there are two nodes with CPUs, i.e. in the QEMU guest of
+tests/guest/ (``python3 tests/guest/run.py``; tests/test_guest_tier.py runs it
+from the host).  Elsewhere it skips with the reason.
+
+The workload (tests/workloads/numa_remote.c) has a thread on CPU 0 (node 0)
+reading and writing REMOTE, whose pages are bound to node 1, and a thread on
+CPU 1 (node 1) reading and writing LOCAL, also bound to node 1.  Ground truth:
+every access to REMOTE is a miss by node 0, every access to LOCAL a hit by
+node 1.  ``udamon record --primitive hint --breakdown node,thread,rw`` and
+``udamon report numa --format json`` must show exactly that split, per region
+and per thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_udamon
+
+from udamon.primitives.hint import hint_available
+from udamon.record.reader import read_record
+from udamon.targets.topology import cpu_to_node
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads.build import BuildError, build  # noqa: E402
+
+NODE_ROOT = "/sys/devices/system/node"
+DURATION = os.environ.get("UDAMON_GUEST_RECORD", "10s")
+
+
+def nodes_with_cpus() -> dict[int, str]:
+    out = {}
+    try:
+        names = os.listdir(NODE_ROOT)
+    except OSError:
+        return out
+    for name in names:
+        m = re.fullmatch(r"node(\d+)", name)
+        if m:
+            try:
+                cpus = Path(NODE_ROOT, name, "cpulist").read_text().strip()
+            except OSError:
+                continue
+            if cpus:
+                out[int(m.group(1))] = cpus
+    return out
+
+
+_nodes = nodes_with_cpus()
+_c2n = cpu_to_node()
+_ok, _why = hint_available()
+pytestmark = [
+    pytest.mark.skipif(len(_nodes) < 2, reason=(
+        f"needs two NUMA nodes with CPUs (this machine has {len(_nodes)}); runs in the QEMU "
+        "guest: python3 tests/guest/run.py")),
+    pytest.mark.skipif(len(_nodes) >= 2 and not (_c2n.size > 1 and _c2n[0] != _c2n[1]),
+                       reason="needs CPUs 0 and 1 on different nodes"),
+    pytest.mark.skipif(not _ok, reason=f"hint primitive unavailable: {_why}"),
+]
+
+
+@pytest.fixture(scope="module")
+def numa_remote_bin():
+    try:
+        return build("numa_remote")
+    except BuildError as e:
+        pytest.skip(f"cannot build the workload: {e}")
+
+
+def region_sums(rec, lo: int, hi: int) -> dict[str, float]:
+    """Probe hits summed over all snapshots, regions wholly in [lo, hi)."""
+    tot: dict[str, float] = {}
+    for s in rec.snapshots:
+        inside = (s.start >= lo) & (s.end <= hi)
+        for name, h in s.probe_hits.items():
+            tot[name] = tot.get(name, 0) + float(h[inside].sum())
+    return tot
+
+
+def thread_split(rec, tid: int, node: int) -> tuple[float, float]:
+    """(local, remote) hits of thread ``tid`` (running on ``node``): each region's
+    hits by the thread, split by the region's sampled page locations."""
+    local = remote = 0.0
+    name = f"thread:{tid}"
+    for s in rec.snapshots:
+        if not s.page_nodes or name not in s.probe_hits:
+            continue
+        hits = s.probe_hits[name]
+        for i, d in enumerate(s.page_nodes):
+            pages = sum(d.values())
+            if hits[i] <= 0 or pages <= 0:
+                continue
+            here = d.get(str(node), 0) / pages
+            local += hits[i] * here
+            remote += hits[i] * (1 - here)
+    return local, remote
+
+
+def test_numa_hit_miss_split(tmp_path, numa_remote_bin):
+    rnode, lnode = int(_c2n[0]), int(_c2n[1])  # the REMOTE thread's node; LOCAL's
+    wl = subprocess.Popen([numa_remote_bin, "--remote-cpu", "0", "--local-cpu", "1",
+                           "--remote-node", str(lnode), "--local-node", str(lnode),
+                           "--size", "2", "--duration", "300"],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(wl.stdout.readline())
+        pages = (2 << 20) // info["page_size"]
+        # ground truth: both buffers entirely on the LOCAL thread's node
+        assert info["REMOTE_pages"] == {str(lnode): pages}, info
+        assert info["LOCAL_pages"] == {str(lnode): pages}, info
+        rec_path = tmp_path / "numa.jsonl"
+        R, L = info["REMOTE"], info["LOCAL"]
+        p = run_udamon("record", "--primitive", "hint", "--pid", str(info["pid"]),
+                       "--range", f"{R[0]:#x}-{R[1]:#x}", "--range", f"{L[0]:#x}-{L[1]:#x}",
+                       "--regions", "2,16", "--sample", "20ms", "--aggr", "400ms",
+                       "--breakdown", "node,thread,rw", "--duration", DURATION, "-q",
+                       "-o", str(rec_path), timeout=600)
+        assert p.returncode == 0, p.stderr
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        out, _ = wl.communicate(timeout=30)
+    assert wl.returncode == 0, "the workload's data were damaged"
+    end = json.loads(out.strip().splitlines()[-1])
+    print("workload:", json.dumps(info), "\n", json.dumps(end))
+    # no page moved: NUMA balancing may not migrate MPOL_BIND pages off node lnode
+    assert end["REMOTE_pages"] == {str(lnode): pages} and end["LOCAL_pages"] == {
+        str(lnode): pages}
+
+    rec = read_record(str(rec_path))
+    assert rec.complete and rec.header["primitive"] == "hint"
+    rt, lt = f"thread:{info['remote_tid']}", f"thread:{info['local_tid']}"
+    assert {f"node:{rnode}", f"node:{lnode}", rt, lt, "read", "write"} <= set(rec.probe_names)
+
+    hr, hl = region_sums(rec, *R), region_sums(rec, *L)
+    print("REMOTE buffer probe hits:", hr, "\nLOCAL buffer probe hits:", hl)
+    assert hr.get(f"node:{rnode}", 0) >= 5 and hl.get(f"node:{lnode}", 0) >= 5, (
+        "too few hint faults observed")
+    # who: REMOTE is touched by node rnode / the remote thread only, LOCAL by lnode / local
+    assert hr[f"node:{rnode}"] >= 0.95 * (hr[f"node:{rnode}"] + hr[f"node:{lnode}"])
+    assert hl[f"node:{lnode}"] >= 0.95 * (hl[f"node:{rnode}"] + hl[f"node:{lnode}"])
+    assert hr[rt] >= 0.95 * (hr[rt] + hr[lt]) and hl[lt] >= 0.95 * (hl[rt] + hl[lt])
+    # how: both buffers are read and written
+    for h in (hr, hl):
+        assert h["read"] > 0 and h["write"] > 0
+
+    # the numa report: per region, and per target
+    p = run_udamon("report", "numa", "-i", str(rec_path), "--format", "json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["page_locations"] is True
+    (tgt,) = rep["targets"]
+    text = run_udamon("report", "numa", "-i", str(rec_path), timeout=300).stdout
+    print(text)
+    sums = {"REMOTE": [0.0, 0.0], "LOCAL": [0.0, 0.0]}  # local, remote
+    for r in tgt["regions"]:
+        if r["local"] + r["remote"] <= 0:
+            continue
+        buf = ("REMOTE" if R[0] <= r["start"] and r["end"] <= R[1] else
+               "LOCAL" if L[0] <= r["start"] and r["end"] <= L[1] else None)
+        assert buf is not None, f"region {r['start']:#x}-{r['end']:#x} outside the buffers"
+        assert set(r["pages"]) == {str(lnode)}, r  # where: sampled pages all on lnode
+        sums[buf][0] += r["local"]
+        sums[buf][1] += r["remote"]
+        share_remote = r["remote"] / (r["local"] + r["remote"])
+        if buf == "REMOTE":
+            assert share_remote >= 0.95, r
+        else:
+            assert share_remote <= 0.05, r
+    print("report numa hot bytes [local, remote] per buffer:", sums,
+          "target local/remote:", tgt["local"], tgt["remote"])
+    assert sums["REMOTE"][1] > 0 and sums["LOCAL"][0] > 0
+    assert tgt["local"] == pytest.approx(sums["LOCAL"][0] + sums["REMOTE"][0], rel=1e-6)
+    assert tgt["remote"] == pytest.approx(sums["LOCAL"][1] + sums["REMOTE"][1], rel=1e-6)
+
+    # per thread: the remote thread's accesses are misses, the local thread's hits
+    rl, rr = thread_split(rec, info["remote_tid"], rnode)
+    ll, lr = thread_split(rec, info["local_tid"], lnode)
+    print(f"per thread hits (local, remote): remote thread {rl:.0f}, {rr:.0f}; "
+          f"local thread {ll:.0f}, {lr:.0f}")
+    assert rr >= 5 and rr >= 0.95 * (rl + rr)
+    assert ll >= 5 and ll >= 0.95 * (ll + lr)
