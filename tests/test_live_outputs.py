@@ -94,3 +94,38 @@ def test_exporter_serves_metrics_while_monitoring(tmp_path, access_pattern_bin):
 def test_exporter_binds_loopback_by_default():
     p = run_udamon("exporter", "--help")
     assert "default 127.0.0.1" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def live_record(tmp_path_factory, access_pattern_bin):
+    wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "8")
+    try:
+        rec = tmp_path_factory.mktemp("live") / "live.jsonl"
+        run_udamon("record", "--primitive", "hint", "--pid", str(info["pid"]),
+                   "--breakdown", "cpu,node,thread,rw", "--duration", "4s", "-q",
+                   "-o", str(rec), timeout=60, check=True)
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        assert wl.wait(10) == 0
+    return rec
+
+
+@pytest.mark.parametrize("kind", ["access", "heatmap", "wss", "ksm", "dirty", "sharing", "numa"])
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_report_works_on_a_live_record(live_record, kind, fmt):
+    import json
+
+    p = run_udamon("report", kind, "-i", str(live_record), "--format", fmt)
+    assert p.returncode == 0, p.stderr
+    if fmt == "json":
+        json.loads(p.stdout)
+    else:
+        assert "not observed" in p.stdout or kind == "access" and "not observed" in p.stdout
+
+
+def test_heatmap_png_of_a_live_record(live_record, tmp_path):
+    out = tmp_path / "h.png"
+    p = run_udamon("report", "heatmap", "-i", str(live_record), "--format", "png",
+                   "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
