@@ -42,8 +42,11 @@ def default_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def guest_script(python: str, pytest_args: list[str]) -> str:
+def guest_script(python: str, pytest_args: list[str], shell: str | None = None) -> str:
     args = " ".join(shlex.quote(a) for a in pytest_args)
+    cmd = shell if shell is not None else (
+        f"{shlex.quote(python)} -m pytest -p no:cacheprovider -q -rs \\\n"
+        f"    --junitxml=/udamon-results/junit.xml {args}")
     return f"""#!/bin/sh
 # written by tests/guest/run.py; runs chrooted in the guest's overlay root
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -54,8 +57,7 @@ echo "guest: Linux $(uname -r), $(nproc) CPUs, nodes: $(cd /sys/devices/system/n
 for n in /sys/devices/system/node/node*; do
     echo "guest: $(basename $n) cpus $(cat $n/cpulist)"
 done
-{shlex.quote(python)} -m pytest -p no:cacheprovider -q -rs \\
-    --junitxml=/udamon-results/junit.xml {args}
+{cmd}
 """
 
 
@@ -66,7 +68,8 @@ def qemu_command(cache: Path, results: Path, mem_per_node_mb: int) -> list[str]:
                          "or run with --install as root)")
     m = mem_per_node_mb
     return [
-        qemu, "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", f"{2 * m}M",
+        qemu, "-accel", "tcg", "-cpu", os.environ.get("UDAMON_GUEST_CPU", "Haswell-noTSX"),
+        "-smp", "2", "-m", f"{2 * m}M",
         "-object", f"memory-backend-ram,id=m0,size={m}M",
         "-object", f"memory-backend-ram,id=m1,size={m}M",
         "-numa", "node,nodeid=0,cpus=0,memdev=m0",
@@ -108,7 +111,7 @@ class Tail:
 
 def run_guest(pytest_args: list[str], *, cache: Path, results: Path, python: str,
               timeout: float = 900, mem_per_node_mb: int = 512, stream: bool = True,
-              install: bool = False) -> dict:
+              install: bool = False, shell: str | None = None) -> dict:
     """Boot the guest, run pytest in it; return the summary (also in results/summary.json)."""
     t0 = time.monotonic()
     prepare(cache, install=install)
@@ -116,7 +119,7 @@ def run_guest(pytest_args: list[str], *, cache: Path, results: Path, python: str
     results.mkdir(parents=True, exist_ok=True)
     for name in ("status", "guest.log", "junit.xml", "boot_s", "console.log"):
         (results / name).unlink(missing_ok=True)
-    (results / "guest.sh").write_text(guest_script(python, pytest_args))
+    (results / "guest.sh").write_text(guest_script(python, pytest_args, shell))
     cmd = qemu_command(cache, results, mem_per_node_mb)
     (results / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     t1 = time.monotonic()
@@ -181,12 +184,14 @@ def main() -> int:
     ap.add_argument("--install", action="store_true",
                     help="as root, apt-get install qemu-system-x86 when it is missing")
     ap.add_argument("--quiet", "-q", action="store_true", help="do not stream the guest's output")
+    ap.add_argument("--shell", metavar="CMD",
+                    help="run this shell command in the guest instead of pytest (debugging)")
     ap.add_argument("pytest_args", nargs="*")
     a = ap.parse_args()
     results = a.results or Path(tempfile.mkdtemp(prefix="udamon-guest-results-"))
     s = run_guest(a.pytest_args or DEFAULT_TESTS, cache=a.cache, results=results,
                   python=a.python, timeout=a.timeout, mem_per_node_mb=a.mem_per_node,
-                  stream=not a.quiet, install=a.install)
+                  stream=not a.quiet, install=a.install, shell=a.shell)
     if s["why"]:
         print(f"run: {s['why']}; console (last lines):", file=sys.stderr)
         con = results / "console.log"

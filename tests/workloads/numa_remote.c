@@ -25,6 +25,8 @@
  *   {"event":"end","passes_remote":N,"passes_local":N,"REMOTE_pages":{...},
  *    "LOCAL_pages":{...},"intact":true|false}
  * (*_pages: where the buffer's pages are, from move_pages(2) in query mode.)
+ * --pause-us N makes each thread sleep N µs after each pass (default 0), which
+ * leaves CPU time to a monitor on small or emulated machines.
  * Runs for --duration seconds (default 30) or until SIGTERM/SIGINT; exits 0
  * when the data are intact, 3 when corrupted, 2 on bad usage, 1 on error.
  */
@@ -59,6 +61,7 @@ struct worker {
 };
 
 static size_t buf_size, page_size;
+static long pause_us;
 static atomic_int stop_flag;
 static volatile sig_atomic_t got_signal;
 static struct worker remote_w = {.name = "remote", .cpu = 0, .tid = -1};
@@ -101,6 +104,10 @@ static void *work(void *arg)
 			b[i] = val(pass, i);
 		w->passes = pass;
 		w->last_written = pass;
+		if (pause_us > 0) {
+			struct timespec ts = {pause_us / 1000000, (pause_us % 1000000) * 1000};
+			nanosleep(&ts, NULL);
+		}
 	}
 	return (void *)(uintptr_t)(sink & 1);
 }
@@ -158,7 +165,7 @@ static void on_signal(int sig) { (void)sig; got_signal = 1; }
 static void usage(void)
 {
 	fprintf(stderr, "usage: numa_remote [--size MIB] [--duration SEC] [--remote-cpu N] "
-			"[--local-cpu N] [--remote-node N] [--local-node N]\n");
+			"[--local-cpu N] [--remote-node N] [--local-node N] [--pause-us N]\n");
 	exit(2);
 }
 
@@ -179,6 +186,8 @@ int main(int argc, char **argv)
 			local_w.cpu = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--remote-node"))
 			remote_node = atoi(argv[++i]);
+		else if (!strcmp(argv[i], "--pause-us"))
+			pause_us = atol(argv[++i]);
 		else if (!strcmp(argv[i], "--local-node"))
 			local_node = atoi(argv[++i]);
 		else
