@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/bench_slowdown.py [--repeat 5] [--duration 4]
 
 Workloads: tests/workloads/access_pattern (reader pinned to CPU 0, writer to
-CPU 1, 64 MiB buffers; throughput = reader + writer passes per second) and
+CPU 1, 64 MiB buffers (--size); throughput = reader + writer passes per second) and
 stress-ng --vm (2 workers x 128 MiB, inc-nybble; bogo ops/s, real time),
 installed with apt-get when missing.  Conditions run alternately in every
 repeat (ABAB..., the order flipped on odd repeats): none; udamon record
@@ -65,11 +65,12 @@ def _stress_rate(yaml_path: str) -> float:
     return float(m.group(1))
 
 
-def one_run(workload: str, cond: str, duration: float) -> tuple[float, dict]:
+def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
+            ) -> tuple[float, dict]:
     """One run: (throughput, extra info)."""
     tmp = tempfile.mkdtemp(prefix="udamon-bench-")
     yaml_path = os.path.join(tmp, "sng.yaml")
-    cmd = (access_pattern_cmd(duration) if workload == "access_pattern"
+    cmd = (access_pattern_cmd(duration, size_mib) if workload == "access_pattern"
            else stress_cmd(duration, yaml_path))
     extra: dict = {}
     rec = os.path.join(tmp, "rec.jsonl")
@@ -127,7 +128,7 @@ def probe_condition(cond: str) -> tuple[bool, str]:
 
 
 def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
-        log=print) -> dict:
+        workloads=("access_pattern", "stress-ng"), log=print, size_mib: int = 64) -> dict:
     conds, unavailable = ["none"], {}
     for c in [*primitives, "kdamond"]:
         ok, why = probe_condition(c)
@@ -136,12 +137,13 @@ def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
         else:
             unavailable[c] = why
             log(f"  {c}: not available: {why}")
-    workloads = {"access_pattern": "", "stress-ng": ""}
-    ok, why = ensure_debian_package("stress-ng", "stress-ng")
-    if not ok:
-        workloads["stress-ng"] = why
-    elif why:
-        log(f"  {why}")
+    workloads = dict.fromkeys(workloads, "")
+    if "stress-ng" in workloads:
+        ok, why = ensure_debian_package("stress-ng", "stress-ng")
+        if not ok:
+            workloads["stress-ng"] = why
+        elif why:
+            log(f"  {why}")
     results = {}
     for wl, skip in workloads.items():
         if skip:
@@ -154,7 +156,7 @@ def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
             order = conds if i % 2 == 0 else conds[::-1]
             this = {}
             for c in order:
-                rate, extra = one_run(wl, c, duration)
+                rate, extra = one_run(wl, c, duration, size_mib)
                 this[c] = rate
                 rates[c].append(rate)
                 if extra:
@@ -173,7 +175,7 @@ def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
                        "runs": extras[c]}
         results[wl] = {"unit": ("reader+writer passes/s" if wl == "access_pattern"
                                 else "bogo ops/s (real time)"), "conditions": rows}
-    return {"repeat": repeat, "duration_s": duration, "goal_pct": GOAL_PCT,
+    return {"repeat": repeat, "duration_s": duration, "goal_pct": GOAL_PCT, "size_mib": size_mib,
             "unavailable": unavailable, "workloads": results}
 
 
@@ -207,10 +209,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--duration", type=float, default=4.0)
+    ap.add_argument("--primitives", default="hint,wp",
+                    help="comma-separated live primitives to try ('' for none)")
+    ap.add_argument("--workloads", default="access_pattern,stress-ng")
+    ap.add_argument("--size", type=int, default=64, help="access_pattern MiB per buffer")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
     t = time.monotonic()
-    res = run(a.repeat, a.duration, log=lambda s: print(s, file=sys.stderr, flush=True))
+    res = run(a.repeat, a.duration, [p for p in a.primitives.split(",") if p],
+              a.workloads.split(","), log=lambda s: print(s, file=sys.stderr, flush=True),
+              size_mib=a.size)
     print("\n".join(markdown(res)))
     print(f"({time.monotonic() - t:.0f} s)", file=sys.stderr)
     if a.json:

@@ -39,7 +39,8 @@ DEFAULT_STATE_DIR = "/run/udamon"
 NUMA_BALANCING = "/proc/sys/kernel/numa_balancing"
 DEBUGFS = "/sys/kernel/debug"
 NUMA_TUNABLES_DIR = f"{DEBUGFS}/sched/numa_balancing"
-_WATCHDOG_READY_TIMEOUT_S = 10.0
+# generous: a starved machine (busy pinned workloads) can take seconds to start Python
+_WATCHDOG_READY_TIMEOUT_S = 30.0
 
 
 def _reason(e: OSError) -> str:
