@@ -83,25 +83,41 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
              clock: Callable[[], int] = time.monotonic_ns,
              on_tick: Callable[[int], None] | None = None,
              annotate: Callable[[Snapshot], None] | None = None) -> SessionResult:
-    """Real-time loop, one turn per sampling interval.  The caller has started the
-    primitive; this calls ``primitive.stop()`` before returning (any path)."""
+    """Real-time loop.  A controlled primitive turns once per sampling interval (arm,
+    wait, poll); an observational one sleeps until the end of each aggregation
+    interval or until it has data waiting.  The caller has started the primitive;
+    this calls ``primitive.stop()`` before returning (any path)."""
     stop = stop or StopFlag()
     res = SessionResult("duration")
     try:
         t0 = clock()
         monitor.start(t0)
         next_tick = t0
+        controlled = primitive.kind == "controlled"
         while True:
-            if primitive.kind == "controlled":
+            if controlled:
+                # one turn per sampling interval: arm, wait, check
                 for t in monitor.targets:
                     if not t.exited:
                         primitive.arm(t.pid, monitor.sampling_addresses(t.pid))
-            next_tick += monitor.attrs.sample_us * 1000
-            delay = (next_tick - clock()) / 1e9
-            if delay > 0 and stop.wait(delay):
-                res.reason = stop.why
-            elif delay < -1.0:  # far behind (suspended?): do not try to catch up turn by turn
-                next_tick = clock()
+                next_tick += monitor.attrs.sample_us * 1000
+                delay = (next_tick - clock()) / 1e9
+                if delay > 0 and stop.wait(delay):
+                    res.reason = stop.why
+                elif delay < -1.0:  # far behind (suspended?): do not catch up turn by turn
+                    next_tick = clock()
+            else:
+                # observational: reports carry their time, so wake at the end of each
+                # aggregation, or earlier when the primitive has data waiting
+                next_tick = monitor.window_end or clock()
+                while not stop.is_set():
+                    remaining = (next_tick - clock()) / 1e9
+                    if remaining <= 0:
+                        break
+                    if primitive.wait(min(remaining, 0.1)):
+                        monitor.report_batch(primitive.poll(clock()))
+                if stop.is_set():
+                    res.reason = stop.why
             now = clock()
             monitor.report_batch(primitive.poll(now))
             for pid in primitive.exited():

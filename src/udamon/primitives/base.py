@@ -52,6 +52,14 @@ class Primitive(ABC):
     def poll(self, now_ns: int) -> np.ndarray:
         """Return the reports (REPORT_DTYPE) collected since the last poll."""
 
+    def wait(self, timeout_s: float) -> bool:
+        """Observational kind: block until reports may be waiting (True) or the timeout
+        passes (False).  The default just sleeps."""
+        import time
+
+        time.sleep(timeout_s)
+        return False
+
     def exited(self) -> list[int]:
         """Pids among the targets that have exited since start."""
         return []

@@ -107,6 +107,11 @@ class HintPrimitive(Primitive):
             return empty(0)
         return faults_to_reports(self._tracer.read())
 
+    def wait(self, timeout_s: float) -> bool:
+        if self._tracer is None:
+            return super().wait(timeout_s)
+        return self._tracer.wait(timeout_s)
+
     def exited(self) -> list[int]:
         out = []
         for pid in self._pids:
