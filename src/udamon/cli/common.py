@@ -44,12 +44,13 @@ FILTER_HELP = (
 def add_monitoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("monitoring attributes (DAMON's; defaults as in the kernel)")
     g.add_argument("--sample", metavar="DUR", type=typed(parse_duration_us, "duration"),
-                   default=5_000, help="sampling interval (default 5ms)")
+                   default=None, help="sampling interval (default 5ms; 50ms for wp)")
     g.add_argument("--aggr", metavar="DUR", type=typed(parse_duration_us, "duration"),
-                   default=100_000, help="aggregation interval (default 100ms)")
+                   default=None, help="aggregation interval (default 100ms; 1s for wp)")
     g.add_argument("--update", metavar="DUR", type=typed(parse_duration_us, "duration"),
-                   default=1_000_000,
-                   help="how often to follow the target's memory map changes (default 1s)")
+                   default=None,
+                   help="how often to follow the target's memory map changes (default 1s, "
+                        "or the aggregation interval when that is longer)")
     g.add_argument("--regions", metavar="MIN,MAX", type=typed(_parse_minmax, "MIN,MAX"),
                    default=(10, 1000), help="min and max number of regions (default 10,1000)")
     g.add_argument("--intervals-goal", metavar="BP,AGGRS,MIN,MAX",
@@ -74,10 +75,17 @@ def add_filter_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable), e.g. --probe w1=cpus:1,write")
 
 
-def attrs_from_args(a: argparse.Namespace) -> Attrs:
+def attrs_from_args(a: argparse.Namespace, sample_us: int = 5_000,
+                    aggr_us: int = 100_000) -> Attrs:
+    """Attributes from the options; ``sample_us``/``aggr_us`` are the defaults of the
+    chosen primitive (DAMON's unless measured otherwise)."""
     goal = IntervalsGoal() if a.intervals_goal is None else a.intervals_goal
+    sample = a.sample if a.sample is not None else sample_us
+    # without --aggr: the primitive's default, rounded to a whole number of samples
+    aggr = a.aggr if a.aggr is not None else max(round(aggr_us / sample), 1) * sample
+    update = a.update if a.update is not None else max(1_000_000, aggr)
     try:
-        return Attrs(sample_us=a.sample, aggr_us=a.aggr, update_us=a.update,
+        return Attrs(sample_us=sample, aggr_us=aggr, update_us=update,
                      min_nr_regions=a.regions[0], max_nr_regions=a.regions[1],
                      intervals_goal=goal).validate()
     except ValueError as e:

@@ -138,7 +138,6 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
 
 def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     """Validate the session options into a spec (UsageError on bad input)."""
-    attrs = attrs_from_args(a)
     filters = filters_from_args(a)
     probes = probes_from_args(a)
     try:
@@ -159,6 +158,8 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
             raise UsageError("replay reads recorded reports; it cannot launch a command")
     elif inp:
         raise UsageError(f"--input is for the replay primitive, not {prim}")
+    e = registry.entry(prim)
+    attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
     return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command)
 
 
