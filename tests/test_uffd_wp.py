@@ -187,6 +187,10 @@ def test_inject_restarts_read(torture):
         time.sleep(0.1)
         for _ in range(20):
             os.close(inject.inject_userfaultfd(p.pid))
+        # back in read(): asleep again (it may take a moment to re-enter the syscall)
+        deadline = time.time() + 5
+        while _state(p.pid) != "S" and time.time() < deadline:
+            time.sleep(0.01)
         assert _state(p.pid) == "S"
         p.stdin.write("hello")
         p.stdin.flush()
@@ -417,7 +421,9 @@ def test_sigkill_of_monitor_leaves_target_running(torture):
         p.kill()
         p.wait()
     assert rc == 0
-    assert watch.lines[-1].get("intact") is True
+    # the end line says whether the data survived (a last tick may print after it)
+    ends = [d for d in watch.lines if "intact" in d]
+    assert ends and ends[-1]["intact"] is True
     assert watch.max_gap < 1.0
     assert watch.states <= {"R", "S", "D"} and "t" not in watch.states
 
@@ -463,7 +469,9 @@ def test_churning_target_survives_monitoring(torture, exec_):
         p.kill()
         p.wait()
     assert rc == 0, watch.lines[-3:]
-    assert watch.lines[-1].get("intact") is True
+    # the end line says whether the data survived (a last tick may print after it)
+    ends = [d for d in watch.lines if "intact" in d]
+    assert ends and ends[-1]["intact"] is True
     assert reported > 0
     assert watch.max_gap < 1.0
     if exec_:
