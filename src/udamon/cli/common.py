@@ -180,3 +180,18 @@ def pid_list(text: str) -> list[int]:
             raise ValueError(f"{v} is not a process id")
         out.append(v)
     return out
+
+
+def open_record(path: str, pid: int | None = None, salvage: bool = False):
+    """Read a record for a subcommand: check --pid, warn (one line) when the record is
+    incomplete.  Errors are InputError/UsageError, i.e. one line and exit 2."""
+    from udamon.record.reader import read_record
+
+    rec = read_record(path, salvage=salvage)
+    if pid is not None and pid not in rec.pids:
+        raise UsageError(f"--pid {pid} is not a target of {path} "
+                         f"(targets: {', '.join(map(str, rec.pids)) or 'none'})")
+    if not rec.complete:
+        print(f"udamon: warning: {path} is incomplete (no end line); "
+              "udamon was stopped before it finished", file=sys.stderr)
+    return rec

@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 
+from udamon.cli.common import open_record
 from udamon.errors import InputError, UsageError
 from udamon.record import damo_export
-from udamon.record.reader import read_record
 
 FORMATS = ("damo",)
 
@@ -47,13 +47,7 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"-o {a.output}: is a directory")
     if os.path.exists(a.output) and os.path.samefile(a.output, a.input):
         raise UsageError(f"-o {a.output}: is the input record; choose another file")
-    rec = read_record(a.input, salvage=a.salvage)
-    if a.pid is not None and a.pid not in rec.pids:
-        raise UsageError(f"--pid {a.pid} is not a target of {a.input} "
-                         f"(targets: {', '.join(map(str, rec.pids)) or 'none'})")
-    if not rec.complete:
-        print(f"udamon: warning: {a.input} is incomplete (no end line); "
-              "udamon was stopped before it finished", file=sys.stderr)
+    rec = open_record(a.input, a.pid, a.salvage)
     records = damo_export.to_damo_records(rec, a.pid)
     if not records:
         which = f"target {a.pid}" if a.pid is not None else "any target"

@@ -11,9 +11,10 @@ import argparse
 import json
 import sys
 
+from udamon.cli.common import open_record
 from udamon.cli.report_kinds import KINDS as MORE_KINDS
 from udamon.errors import UsageError
-from udamon.record.reader import Record, read_record
+from udamon.record.reader import Record
 from udamon.report import access
 
 
@@ -85,11 +86,5 @@ def add_parser(sub) -> None:
 def _run(a: argparse.Namespace) -> int:
     if a.top is not None and a.top <= 0:
         raise UsageError("--top must be positive")
-    rec = read_record(a.input, salvage=a.salvage)
-    if a.pid is not None and a.pid not in rec.pids:
-        raise UsageError(f"--pid {a.pid} is not a target of {a.input} "
-                         f"(targets: {', '.join(map(str, rec.pids))})")
-    if not rec.complete:
-        print(f"udamon: warning: {a.input} is incomplete (no end line); "
-              "udamon was stopped before it finished", file=sys.stderr)
+    rec = open_record(a.input, a.pid, a.salvage)
     return a.kind_run(a, rec)
