@@ -116,6 +116,9 @@ def test_launch_a_command(tmp_path, access_pattern_bin):
 
 def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, access_pattern_bin,
                                                                    numa_restored):
+    from udamon.primitives.mounts import is_mounted
+
+    tracefs_before = is_mounted("/sys/kernel/tracing")
     wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "8")
     try:
         rec_path = tmp_path / "killed.jsonl"
@@ -134,6 +137,9 @@ def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, acc
         while Path(NUMA).read_text().strip() != numa_restored and time.time() < deadline:
             time.sleep(0.05)
         assert Path(NUMA).read_text().strip() == numa_restored
+        while is_mounted("/sys/kernel/tracing") != tracefs_before and time.time() < deadline:
+            time.sleep(0.05)
+        assert is_mounted("/sys/kernel/tracing") == tracefs_before  # a mount udamon made is undone
         assert wl.poll() is None, "the target died with udamon"
         # the record is readable up to the kill, and says it is incomplete
         rec = read_record(str(rec_path))

@@ -31,6 +31,8 @@ from udamon.targets.topology import nodes_of
 
 PAGE = 4096
 WRITE_BIT = 0x2
+TRACEFS = "/sys/kernel/tracing"
+TRACEFS_EVENT = TRACEFS + "/events/exceptions/page_fault_user/id"
 
 SYSTEM_CHANGES = (
     "kernel.numa_balancing is switched on for the session (system-wide: every process's "
@@ -92,9 +94,16 @@ class HintPrimitive(Primitive):
         for line in restore_stale(**kw):
             self._notes.append(f"restored settings left by a crashed udamon: {line}")
         try:
+            self._guard = SettingsGuard(handle_signals=False, **kw)
             if self.enable_balancing:
-                self._guard = SettingsGuard(handle_signals=False, **kw)
                 self._notes.extend(apply_numa_balancing(self._guard, self.sample_us))
+            # mount tracefs through the guard (when it is not mounted), so that its
+            # watchdog unmounts it even if udamon is SIGKILLed
+            if not os.path.exists(TRACEFS_EVENT) and os.path.isdir(TRACEFS):
+                try:
+                    self._guard.mount("tracefs", TRACEFS)
+                except RuntimeFailure as e:
+                    self._notes.append(f"tracefs not mounted by the guard: {e}")
             # hint faults come in bursts of a whole scan pass: 4 MiB per CPU holds ~80k
             self._tracer = FaultTracer(self._pids, pages_per_buffer=1024).open()
             self._notes.append(f"fault tracer mode: {self._tracer.mode}")
