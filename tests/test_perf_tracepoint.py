@@ -239,8 +239,11 @@ def _tracer_with_layout() -> FaultTracer:
     t = FaultTracer([100])
     from udamon.primitives import perf_tracepoint as pt
 
-    tp_dir = pt._Tracefs().locate()
-    _, offsets, end = pt._read_format(tp_dir)
+    fs = pt._Tracefs()
+    try:
+        _, offsets, end = pt._read_format(fs.locate())
+    finally:
+        fs.release()  # unmount tracefs again if this mounted it
     t._build_dtype(offsets, end)
     t.mode = "per-thread"
     return t

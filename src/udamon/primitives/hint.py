@@ -25,14 +25,17 @@ from udamon.errors import RuntimeFailure
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives.base import Primitive, PrimitiveStats
 from udamon.primitives.perf_tracepoint import FaultTracer, page_fault_tracepoint_available
-from udamon.primitives.sysctl_guard import SettingsGuard, apply_numa_balancing, restore_stale
+from udamon.primitives.sysctl_guard import (
+    SettingsGuard,
+    apply_numa_balancing,
+    apply_tracefs,
+    restore_stale,
+)
 from udamon.targets.procmaps import is_alive
 from udamon.targets.topology import nodes_of
 
 PAGE = 4096
 WRITE_BIT = 0x2
-TRACEFS = "/sys/kernel/tracing"
-TRACEFS_EVENT = TRACEFS + "/events/exceptions/page_fault_user/id"
 
 SYSTEM_CHANGES = (
     "kernel.numa_balancing is switched on for the session (system-wide: every process's "
@@ -97,13 +100,8 @@ class HintPrimitive(Primitive):
             self._guard = SettingsGuard(handle_signals=False, **kw)
             if self.enable_balancing:
                 self._notes.extend(apply_numa_balancing(self._guard, self.sample_us))
-            # mount tracefs through the guard (when it is not mounted), so that its
-            # watchdog unmounts it even if udamon is SIGKILLed
-            if not os.path.exists(TRACEFS_EVENT) and os.path.isdir(TRACEFS):
-                try:
-                    self._guard.mount("tracefs", TRACEFS)
-                except RuntimeFailure as e:
-                    self._notes.append(f"tracefs not mounted by the guard: {e}")
+            # tracefs through the guard, so that even a SIGKILLed udamon unmounts it
+            self._notes.extend(apply_tracefs(self._guard))
             # hint faults come in bursts of a whole scan pass: 4 MiB per CPU holds ~80k
             self._tracer = FaultTracer(self._pids, pages_per_buffer=1024).open()
             self._notes.append(f"fault tracer mode: {self._tracer.mode}")

@@ -346,3 +346,24 @@ def apply_numa_balancing(guard: SettingsGuard, sample_us: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- mounts
+
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+def tracefs_needs_mount() -> bool:
+    """True when the standard tracefs mount point exists but nothing is mounted there."""
+    return os.path.isdir(TRACEFS) and not mounts.is_mounted(TRACEFS) and not os.path.exists(
+        os.path.join(TRACEFS, "events"))
+
+
+def apply_tracefs(guard: SettingsGuard) -> list[str]:
+    """Mount tracefs through ``guard`` when needed, so that it is unmounted again on
+    every exit path (the watchdog covers SIGKILL).  Returns notes for the record."""
+    if not tracefs_needs_mount():
+        return []
+    try:
+        guard.mount("tracefs", TRACEFS)
+    except RuntimeFailure as e:
+        return [f"tracefs not mounted by the settings guard: {e}"]
+    return []

@@ -196,6 +196,7 @@ class WpPrimitive(Primitive):
         self.attribute = attribute
         self._targets: dict[int, _Target] = {}
         self._tracer = None
+        self._guard = None
         self._notes: list[str] = []
         self._stopped = False
         self._started = False
@@ -231,10 +232,19 @@ class WpPrimitive(Primitive):
 
     def _start_tracer(self) -> None:
         from udamon.primitives.perf_tracepoint import FaultTracer
+        from udamon.primitives.sysctl_guard import (
+            SettingsGuard,
+            apply_tracefs,
+            tracefs_needs_mount,
+        )
 
         live = [p for p, t in self._targets.items() if not t.gone]
         if not live:
             return
+        if self._guard is None and tracefs_needs_mount():
+            # a guard only for the tracefs mount: its watchdog unmounts it on SIGKILL
+            self._guard = SettingsGuard(handle_signals=False)
+            self._notes.extend(apply_tracefs(self._guard))
         try:
             self._tracer = FaultTracer(live).open()
         except RuntimeFailure as e:
@@ -536,6 +546,9 @@ class WpPrimitive(Primitive):
                 pass
         for t in self._targets.values():
             t.close()  # closing the uffd drops every registration and protection
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.restore()  # unmounts tracefs if it mounted it
 
     def __del__(self) -> None:
         try:
