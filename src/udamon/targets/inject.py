@@ -371,12 +371,21 @@ class Injector:
             return _result(out)
         except _Gone:
             self._seized = False
-            raise TargetGone(f"process {self.pid} exited during syscall injection") from None
+            self._abandon()
+            raise TargetGone(f"process {self.pid} exited or exec'd during syscall injection"
+                             ) from None
 
     # -- detach --------------------------------------------------------
 
     def __exit__(self, *exc: object) -> None:
         self._release()
+
+    def _abandon(self) -> None:
+        """The seized thread vanished: it exited, or it exec'd, in which case the kernel
+        gave its tracee state to the process's leader tid.  Never leave any thread of
+        the process stopped under our trace (it would hang)."""
+        for tid in dict.fromkeys((self.pid, self.tid)):
+            _abandon_tid(tid)
 
     def _release(self) -> None:
         if self._memfd >= 0:
@@ -403,6 +412,7 @@ class Injector:
                 self._dirty = False
             _ptrace(PTRACE_DETACH, self.tid, 0, 0)
         except _Gone:
+            self._abandon()
             return
         for s in self._held:
             try:
@@ -412,6 +422,28 @@ class Injector:
         self._held = []
         STATS.cycles += 1
         STATS.last_us = (time.perf_counter() - self._t0) * 1e6
+
+
+def _abandon_tid(tid: int) -> None:
+    """Stop tracing ``tid`` if we still do: interrupt it, wait (briefly) for the stop,
+    detach.  Every step may fail harmlessly when it is not our tracee."""
+    try:
+        _ptrace(PTRACE_INTERRUPT, tid)
+    except (OSError, _Gone):
+        return
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            r, _ = os.waitpid(tid, WALL | os.WNOHANG)
+        except ChildProcessError:
+            return
+        if r:
+            break
+        time.sleep(0.001)
+    try:
+        _ptrace(PTRACE_DETACH, tid, 0, 0)
+    except (OSError, _Gone):
+        pass
 
 
 def _perm_message(pid: int, e: OSError) -> str:
