@@ -142,7 +142,6 @@ def _ksm_args(p: argparse.ArgumentParser) -> None:
 def _ksm_run(a: argparse.Namespace, rec: Record) -> int:
     fmt = _formats(a, "ksm", ("text", "json"))
     top = getattr(a, "top", None)
-    _positive("--top", top)
     res = ksm.compute(rec, getattr(a, "pid", None), getattr(a, "min_age", None))
     if fmt == "json":
         return _emit_json(ksm.to_json(rec, res))
@@ -179,7 +178,6 @@ def _sharing_run(a: argparse.Namespace, rec: Record) -> int:
     fmt = _formats(a, "sharing", ("text", "json"))
     _positive("--groups", getattr(a, "groups", None))
     top = getattr(a, "top", None)
-    _positive("--top", top)
     res = sharing.compute(rec, getattr(a, "pid", None), getattr(a, "groups", None))
     if fmt == "json":
         return _emit_json(sharing.to_json(rec, res))
@@ -197,7 +195,6 @@ def _numa_args(p: argparse.ArgumentParser) -> None:
 def _numa_run(a: argparse.Namespace, rec: Record) -> int:
     fmt = _formats(a, "numa", ("text", "json"))
     top = getattr(a, "top", None)
-    _positive("--top", top)
     res = numa.compute(rec, getattr(a, "pid", None))
     if fmt == "json":
         return _emit_json(numa.to_json(rec, res))
