@@ -67,14 +67,19 @@ def _state(pid: int) -> str:
 
 
 class TickWatch:
-    """Reads {"tick":N} lines of a target and checks it never stalls or blocks."""
+    """Reads {"tick":N} lines of a target and checks it never stalls or blocks.
+
+    The state sampler reads /proc only: it must never waitpid() the target, which
+    is our child and may be our tracee too (a waitpid here would swallow the
+    injector's ptrace-stop notifications and hang it).
+    """
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         self.lines: list[dict] = []
         self.last_tick_t = time.monotonic()
         self.max_gap = 0.0
-        self.states: set[str] = set()
+        self.samples: list[tuple[float, str]] = []
         self._t = threading.Thread(target=self._read, daemon=True)
         self._s = threading.Thread(target=self._sample, daemon=True)
         self._t.start()
@@ -90,11 +95,30 @@ class TickWatch:
                 self.last_tick_t = now
 
     def _sample(self) -> None:
-        while self.proc.poll() is None:
+        while True:
             st = _state(self.proc.pid)
-            if st != "gone":
-                self.states.add(st)
-            time.sleep(0.01)
+            if st in ("gone", "Z", "X"):
+                return
+            self.samples.append((time.monotonic(), st))
+            time.sleep(0.005)
+
+    @property
+    def states(self) -> set[str]:
+        return {s for _, s in self.samples}
+
+    def longest_stop(self) -> float:
+        """Longest stretch of consecutive samples in a stop (t/T) state, in seconds."""
+        longest, since = 0.0, None
+        for t, s in self.samples:
+            if s in ("t", "T"):
+                since = t if since is None else since
+                longest = max(longest, t - since)
+            else:
+                since = None
+        return longest
+
+    def stopped_after(self, t0: float) -> bool:
+        return any(s in ("t", "T") for t, s in self.samples if t >= t0)
 
     def ticks(self) -> int:
         return sum(1 for d in self.lines if "tick" in d)
@@ -410,6 +434,7 @@ def test_sigkill_of_monitor_leaves_target_running(torture):
         time.sleep(0.3)
         mon.kill()
         mon.wait()
+        killed_at = time.monotonic()
         ticks = watch.ticks()
         time.sleep(0.5)
         assert watch.ticks() > ticks  # still making progress
@@ -425,17 +450,14 @@ def test_sigkill_of_monitor_leaves_target_running(torture):
     ends = [d for d in watch.lines if "intact" in d]
     assert ends and ends[-1]["intact"] is True
     assert watch.max_gap < 1.0
-    assert watch.states <= {"R", "S", "D"} and "t" not in watch.states
+    # An injection holds the target in a ptrace stop for well under a millisecond
+    # (the sampler may catch it); after the monitor died it must never be stopped.
+    assert watch.longest_stop() < 0.1, watch.longest_stop()
+    assert not watch.stopped_after(killed_at + 0.05)
 
 
 @needs_wp
-@pytest.mark.parametrize("exec_", [
-    False,
-    pytest.param(True, marks=pytest.mark.skip(reason=(
-        "KNOWN BUG, not fixed yet: about 1 run in 4 the target is left in a ptrace stop "
-        "(state t, TracerPid = the monitor) after it execs under wp monitoring, and the "
-        "test hangs; see docs/primitives.md (wp, known bugs)"))),
-], ids=["churn", "churn-exec"])
+@pytest.mark.parametrize("exec_", [False, True], ids=["churn", "churn-exec"])
 def test_churning_target_survives_monitoring(torture, exec_):
     args = [torture, "churn", "3"] + (["--exec"] if exec_ else [])
     p = _spawn(args)
@@ -480,6 +502,7 @@ def test_churning_target_survives_monitoring(torture, exec_):
     assert ends and ends[-1]["intact"] is True
     assert reported > 0
     assert watch.max_gap < 1.0
+    assert watch.longest_stop() < 0.1, watch.longest_stop()
     if exec_:
         assert any(d.get("event") == "exec" for d in watch.lines)
         assert any("exec" in n for n in w.stats().notes)

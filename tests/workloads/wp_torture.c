@@ -24,9 +24,15 @@
  *                            every remapped buffer; exits 0 when all intact, 3
  *                            otherwise.  The start line is
  *                            {"event":"start","pid":P,"main":[lo,hi]}.
+ *   wp_torture remap S [KIB] for S seconds: mmap 1-3 x KIB (default 1024) KiB, touch, mremap-grow it
+ *                            (MAYMOVE), munmap; prints {"event":"end","rounds":N,
+ *                            "failures":F,"errno":E}; exits 3 when any mremap failed.
+ *   wp_torture vfork MS      a spinning thread; the main thread vforks a child that
+ *                            sleeps MS ms (the parent cannot be ptrace-stopped then).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -50,7 +56,7 @@ static double now_ms(void)
 }
 
 static int bad;
-#define CHECK(c) do { if (!(c)) { fprintf(stderr, "wp_torture: check failed: %s (line %d)\n", #c, __LINE__); bad = 1; } } while (0)
+#define CHECK(c) do { if (!(c)) { fprintf(stderr, "wp_torture: check failed: %s (line %d, errno %d)\n", #c, __LINE__, errno); bad = 1; } } while (0)
 
 static void fill(uint64_t *p, size_t words, uint64_t seed)
 {
@@ -93,6 +99,8 @@ static int churn(char *self, double secs, int do_exec)
 		/* mremap grow + move, contents must follow */
 		uint64_t *r = mremap(s, 2 * MB, 4 * MB, MREMAP_MAYMOVE);
 		CHECK(r != MAP_FAILED);
+		if (r == MAP_FAILED)
+			break;
 		CHECK(verify(r, 2 * MB / 8, seed * 7));
 		fill(r, 4 * MB / 8, seed * 11);
 		/* MADV_DONTNEED on half: zeros there, data kept in the rest */
@@ -144,6 +152,66 @@ static int churn(char *self, double secs, int do_exec)
 	printf("{\"event\":\"end\",\"rounds\":%ld,\"intact\":%s}\n", round, bad ? "false" : "true");
 	fflush(stdout);
 	return bad ? 3 : 0;
+}
+
+/* Tight mmap / touch / mremap-grow / munmap loop: any mremap failure counts. */
+static int remap(double secs, size_t unit)
+{
+	long rounds = 0, failures = 0, last_errno = 0;
+	printf("{\"event\":\"start\",\"pid\":%d}\n", (int)getpid());
+	fflush(stdout);
+	double t0 = now_ms();
+	while (now_ms() - t0 < secs * 1e3) {
+		size_t sz = (1 + rounds % 3) * unit;
+		char *s = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (s == MAP_FAILED)
+			return 1;
+		for (size_t i = 0; i < sz; i += 4096)
+			s[i] = 1;
+		char *r = mremap(s, sz, 2 * sz, MREMAP_MAYMOVE);
+		if (r == MAP_FAILED) {
+			failures++;
+			last_errno = errno;
+			munmap(s, sz);
+		} else {
+			munmap(r, 2 * sz);
+		}
+		rounds++;
+	}
+	printf("{\"event\":\"end\",\"rounds\":%ld,\"failures\":%ld,\"errno\":%ld}\n",
+	       rounds, failures, last_errno);
+	return failures ? 3 : 0;
+}
+
+static void *spinner(void *arg)
+{
+	volatile unsigned long *n = arg;
+	for (;;)
+		(*n)++;
+	return NULL;
+}
+
+/* A spinning thread, and the main thread blocked in vfork() for MS ms while
+ * the child sleeps: a thread that a ptrace interrupt cannot stop meanwhile. */
+static int vfork_wait(long ms)
+{
+	static volatile unsigned long n;
+	pthread_t th;
+	if (pthread_create(&th, NULL, spinner, (void *)&n))
+		return 1;
+	printf("{\"event\":\"start\",\"pid\":%d}\n", (int)getpid());
+	fflush(stdout);
+	usleep(100 * 1000);
+	pid_t c = vfork();
+	if (c == 0) {
+		struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+		nanosleep(&ts, NULL);
+		_exit(0);
+	}
+	int st = 0;
+	waitpid(c, &st, 0);
+	printf("{\"event\":\"end\",\"spins\":%lu}\n", n);
+	return 0;
 }
 
 int main(int argc, char **argv)
@@ -237,8 +305,12 @@ int main(int argc, char **argv)
 		       (unsigned long)pass, pass / el, verify(b, words, pass) ? "true" : "false");
 		return 0;
 	}
+	if (argc >= 3 && !strcmp(argv[1], "vfork"))
+		return vfork_wait(strtol(argv[2], NULL, 10));
+	if (argc >= 3 && !strcmp(argv[1], "remap"))
+		return remap(strtod(argv[2], NULL), (argc >= 4 ? strtoul(argv[3], NULL, 10) : 1024) << 10);
 	if (argc >= 3 && !strcmp(argv[1], "churn"))
 		return churn(argv[0], strtod(argv[2], NULL), argc >= 4 && !strcmp(argv[3], "--exec"));
-	fprintf(stderr, "usage: wp_torture spin N | sleep MS | read | seccomp S | write S MIB CPU | churn S [--exec]\n");
+	fprintf(stderr, "usage: wp_torture spin N | sleep MS | read | seccomp S | write S MIB CPU | churn S [--exec] | remap S [KIB] | vfork MS\n");
 	return 2;
 }

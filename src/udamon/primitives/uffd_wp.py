@@ -50,6 +50,7 @@ from udamon.errors import RuntimeFailure, TargetGone
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives.base import Primitive, PrimitiveStats
 from udamon.targets import inject
+from udamon.targets.freeze import FreezeFailed, Freezer, release_stragglers
 from udamon.targets.procmaps import Vma, is_alive, read_vmas
 from udamon.targets.topology import nodes_of
 
@@ -205,6 +206,9 @@ class WpPrimitive(Primitive):
         self._wpbuf = bytearray(24)
         self.unmatched_writes = 0
         self.arm_failures = 0
+        self.freezes = 0
+        self.freeze_s = 0.0
+        self.freeze_failures = 0
 
     # ------------------------------------------------------------ start
 
@@ -289,31 +293,52 @@ class WpPrimitive(Primitive):
         except TargetGone:
             self._mark_gone(t)
             return
-        spans = []
-        buf = bytearray(32)
-        for v in vmas:
-            if not _eligible(v):
-                continue
-            key = (v.start, v.end)
-            if key not in t.registered:
-                struct.pack_into("<QQQQ", buf, 0, v.start, v.end - v.start,
-                                 UFFDIO_REGISTER_MODE_WP, 0)
-                try:
-                    fcntl.ioctl(t.uffd, UFFDIO_REGISTER, buf)
-                except OSError as e:
-                    # A dead mm (the process exec'd or exited) gives ENOMEM here.
-                    if e.errno == errno.ESRCH or (e.errno == errno.ENOMEM
-                                                  and self._mm_dead(t, v.start)):
-                        self._mm_gone(t)
-                        return
-                    continue  # raced with munmap, not registrable, used by another uffd...
-                t.registered.add(key)
-            spans.append(key)
+        if any(_eligible(v) and (v.start, v.end) not in t.registered for v in vmas):
+            # Register only while the target is frozen: a stale range would split
+            # one of its VMAs and make its own mremap() of it fail (freeze.py).
+            try:
+                with Freezer(t.pid) as fz:
+                    vmas = read_vmas(t.pid)
+                    alive = self._register(t, vmas)
+                if not alive:
+                    self._mm_gone(t)  # after the freeze: re-attaching injects again
+                    return
+                self.freezes += 1
+                self.freeze_s += fz.held_s
+            except TargetGone:
+                self._mark_gone(t)
+                return
+            except (FreezeFailed, RuntimeFailure) as e:
+                self.freeze_failures += 1
+                if self.freeze_failures == 1:
+                    self._notes.append(f"wp: new mappings not registered this time: {e}")
+                vmas = [v for v in vmas if (v.start, v.end) in t.registered]
+        spans = sorted((v.start, v.end) for v in vmas
+                       if _eligible(v) and (v.start, v.end) in t.registered)
         # Forget ranges that no longer exist as such (merged, unmapped).
         t.registered &= set(spans)
-        spans.sort()
         t.starts = np.asarray([s for s, _ in spans], dtype=np.uint64)
         t.ends = np.asarray([e for _, e in spans], dtype=np.uint64)
+
+    def _register(self, t: _Target, vmas: list[Vma]) -> bool:
+        """Register the eligible VMAs not registered yet; False when the mm is gone."""
+        buf = bytearray(32)
+        for v in vmas:
+            key = (v.start, v.end)
+            if not _eligible(v) or key in t.registered:
+                continue
+            struct.pack_into("<QQQQ", buf, 0, v.start, v.end - v.start,
+                             UFFDIO_REGISTER_MODE_WP, 0)
+            try:
+                fcntl.ioctl(t.uffd, UFFDIO_REGISTER, buf)
+            except OSError as e:
+                # A dead mm (the process exec'd or exited) gives ENOMEM here.
+                if e.errno == errno.ESRCH or (e.errno == errno.ENOMEM
+                                              and self._mm_dead(t, v.start)):
+                    return False
+                continue  # not registrable, used by another uffd...
+            t.registered.add(key)
+        return True
 
     def _mm_dead(self, t: _Target, addr: int) -> bool:
         try:
@@ -456,6 +481,7 @@ class WpPrimitive(Primitive):
     def poll(self, now_ns: int) -> np.ndarray:
         if self._stopped:
             return empty()
+        release_stragglers()
         written: dict[int, np.ndarray] = {}
         for pid, t in self._targets.items():
             if t.gone or t.uffd < 0 or t.armed.size == 0:
@@ -529,6 +555,9 @@ class WpPrimitive(Primitive):
     def stats(self) -> PrimitiveStats:
         lost = self._tracer.lost if self._tracer is not None else 0
         notes = list(self._notes)
+        if self.freezes:
+            notes.append(f"wp: froze the target {self.freezes} time(s) to register new mappings "
+                         f"(threads held {self.freeze_s / self.freezes * 1e6:.0f} us on average)")
         if self.unmatched_writes:
             notes.append(f"wp: {self.unmatched_writes} written pages had no matching fault "
                          "(kernel/foreign writes): cpu and tid unknown")
@@ -546,6 +575,9 @@ class WpPrimitive(Primitive):
                 pass
         for t in self._targets.values():
             t.close()  # closing the uffd drops every registration and protection
+        deadline = time.monotonic() + 1.0
+        while release_stragglers() and time.monotonic() < deadline:
+            time.sleep(0.005)
         guard, self._guard = self._guard, None
         if guard is not None:
             guard.restore()  # unmounts tracefs if it mounted it

@@ -35,7 +35,6 @@ of one injection.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -44,6 +43,23 @@ import time
 from dataclasses import dataclass
 
 from udamon.errors import RuntimeFailure, TargetGone
+from udamon.targets.ptrace import (
+    PTRACE_CONT,
+    PTRACE_DETACH,
+    PTRACE_GETREGS,
+    PTRACE_INTERRUPT,
+    PTRACE_O_TRACESYSGOOD,
+    PTRACE_SEIZE,
+    PTRACE_SETREGS,
+    PTRACE_SYSCALL,
+    SYSCALL_STOP,
+    WALL,
+)
+from udamon.targets.ptrace import Gone as _Gone
+from udamon.targets.ptrace import is_event_stop as _is_event_stop
+from udamon.targets.ptrace import perm_message as _perm_message
+from udamon.targets.ptrace import ptrace as _ptrace
+from udamon.targets.ptrace import syscall as _syscall
 
 # ------------------------------------------------------------ x86_64 specifics
 
@@ -54,7 +70,6 @@ NR_USERFAULTFD = 323
 NR_PIDFD_OPEN = 434
 NR_PIDFD_GETFD = 438
 NR_TGKILL = 234
-NR_PTRACE = 101
 USER_CS_64 = 0x33  # %cs of a 64-bit user process (0x23 for 32-bit compat)
 SYSCALL_INSN = b"\x0f\x05"
 
@@ -98,47 +113,7 @@ def _result(regs: UserRegs) -> int:
 
 # ------------------------------------------------------------ ptrace plumbing
 
-PTRACE_CONT = 7
-PTRACE_GETREGS = 12
-PTRACE_SETREGS = 13
-PTRACE_DETACH = 17
-PTRACE_SYSCALL = 24
-PTRACE_SEIZE = 0x4206
-PTRACE_INTERRUPT = 0x4207
-PTRACE_O_TRACESYSGOOD = 1
-PTRACE_EVENT_STOP = 128
-WALL = 0x40000000
-SYSCALL_STOP = signal.SIGTRAP | 0x80
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_ptrace_fn = _libc.ptrace
-_ptrace_fn.restype = ctypes.c_long
-_ptrace_fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-
-
-class _Gone(Exception):
-    """The traced thread exited (or was killed) under us."""
-
-
-def _ptrace(req: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p = 0) -> int:
-    ctypes.set_errno(0)
-    r = _ptrace_fn(req, tid, addr, data)
-    if r == -1:
-        e = ctypes.get_errno()
-        if e:
-            if e == errno.ESRCH:
-                raise _Gone()
-            raise OSError(e, os.strerror(e))
-    return r
-
-
-def _syscall(nr: int, *args: int) -> int:
-    r = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return int(r)
+NR_PTRACE = 101
 
 
 def _getregs(tid: int) -> UserRegs:
@@ -163,10 +138,6 @@ def _wait(tid: int) -> int:
         if os.WIFSTOPPED(status):
             return status
         raise _Gone()
-
-
-def _is_event_stop(status: int) -> bool:
-    return (status >> 16) == PTRACE_EVENT_STOP
 
 
 # ------------------------------------------------------------ checks
@@ -444,19 +415,6 @@ def _abandon_tid(tid: int) -> None:
         _ptrace(PTRACE_DETACH, tid, 0, 0)
     except (OSError, _Gone):
         pass
-
-
-def _perm_message(pid: int, e: OSError) -> str:
-    scope = "?"
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            scope = f.read().strip()
-    except OSError:
-        scope = "n/a"
-    return (
-        f"ptrace of process {pid} not permitted ({e.strerror}): needs root or CAP_SYS_PTRACE "
-        f"and kernel.yama.ptrace_scope < 3 (ptrace_scope={scope}); is it already traced?"
-    )
 
 
 # ------------------------------------------------------------ userfaultfd
