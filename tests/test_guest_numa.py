@@ -199,3 +199,51 @@ def test_numa_hit_miss_split(tmp_path, numa_remote_bin):
           f"local thread {ll:.0f}, {lr:.0f}")
     assert rr > 0 and rr >= 0.95 * (rl + rr)
     assert ll > 0 and ll >= 0.95 * (ll + lr)
+
+
+def test_migrate_moves_remote_memory_home(tmp_path, numa_remote_bin):
+    """udamon migrate moves the buffer that node rnode's thread uses from lnode to rnode,
+    at most --quota per interval, leaves the locally used buffer alone, loses no data."""
+    rnode, lnode = int(_c2n[0]), int(_c2n[1])
+    wl = subprocess.Popen(["nice", "-n", "5", numa_remote_bin,
+                           "--remote-cpu", "0", "--local-cpu", "1",
+                           "--remote-node", str(lnode), "--local-node", str(lnode),
+                           "--size", "2", "--duration", "300"],
+                          stdout=subprocess.PIPE, text=True)
+    quota_pages = 256
+    try:
+        info = json.loads(wl.stdout.readline())
+        pages = (2 << 20) // info["page_size"]
+        assert info["REMOTE_pages"] == {str(lnode): pages}, info
+        R, L = info["REMOTE"], info["LOCAL"]
+        rec_path = tmp_path / "migrate.jsonl"
+        p = run_udamon("migrate", "--primitive", "hint", "--pid", str(info["pid"]),
+                       "--range", f"{R[0]:#x}-{R[1]:#x}", "--range", f"{L[0]:#x}-{L[1]:#x}",
+                       "--regions", "3,16", "--sample", "20ms", "--aggr", "1s",
+                       "--min-hits", "1", "--quota", f"{quota_pages * info['page_size']}",
+                       "--duration", DURATION, "--format", "json", "-q", "-o", str(rec_path),
+                       timeout=600)
+        assert p.returncode == 0, p.stderr
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        out, _ = wl.communicate(timeout=30)
+    assert wl.returncode == 0, "the workload's data were damaged"
+    end = json.loads(out.strip().splitlines()[-1])
+    res = json.loads(p.stdout)
+    print("workload end:", json.dumps(end))
+    print("migrate:", json.dumps({k: v for k, v in res.items() if k != "actions"}))
+    if os.path.isdir(RESULTS):
+        shutil.copy(rec_path, RESULTS)
+    assert end["intact"] is True
+    # ground truth from the workload (move_pages query): REMOTE now lives on rnode,
+    # LOCAL (used from its own node) was left where it was
+    assert end["REMOTE_pages"].get(str(rnode), 0) >= 0.9 * pages, end
+    assert end["LOCAL_pages"] == {str(lnode): pages}, end
+    # what udamon says it did agrees, and kept to the quota in every interval
+    assert set(res["bytes_moved_to_node"]) == {str(rnode)}
+    assert res["bytes_moved"] >= 0.9 * pages * info["page_size"]
+    assert all(a["pages_moved"] <= quota_pages for a in res["actions"])
+    assert res["intervals_acting"] >= 2  # 512 pages at 256 per interval
+    # and the remote share of the accesses fell
+    assert res["remote_share_first"] is not None and res["remote_share_last"] is not None
+    assert res["remote_share_last"] < res["remote_share_first"]

@@ -43,6 +43,20 @@ def fmt_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+_SIZE = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+         "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+         "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'64MiB' -> 67108864 (binary units; K/M/G/T and KB/MB... mean the same)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SIZE:
+        raise ValueError(f"bad size {text!r} (expected a number and a unit: B, KiB, MiB, GiB; "
+                         "e.g. 64MiB)")
+    return int(float(m.group(1)) * _SIZE[m.group(2).lower()])
+
+
 def parse_int(text: str) -> int:
     """Decimal or 0x-hex integer."""
     try:

@@ -6,7 +6,7 @@ import os
 import sys
 
 from udamon import __version__
-from udamon.cli import demo, export, exporter, monitor, record, report, synth
+from udamon.cli import demo, export, exporter, migrate, monitor, record, report, synth
 from udamon.cli.common import Parser
 from udamon.errors import UdamonError
 
@@ -27,7 +27,7 @@ def build_parser() -> Parser:
     p.add_argument("--version", action="version", version=f"udamon {__version__}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for mod in (record, report, monitor, exporter, export, synth, demo):
+    for mod in (record, report, monitor, migrate, exporter, export, synth, demo):
         mod.add_parser(sub)
     return p
 
