@@ -25,7 +25,9 @@ probe counts are exact per buffer whatever the region boundaries.
 Kernel DAMON (when a kdamond can be started here): paddr over the physical
 ranges of the four buffers (from /proc/PID/pagemap), snapshots every
 aggregation interval; each page takes the nr_accesses of the kernel region that
-holds it; same hot/cold rule.
+holds it; same hot/cold rule.  And vaddr on the workload process (the kernel
+picks the initial regions from its mappings, as udamon does): a buffer's score
+is the page-weighted nr_accesses of the regions over it; same rule.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def udamon_run(duration: float) -> dict:
             "wss_err_pct": summary(wss_err)}
 
 
-def kernel_run(duration: float) -> dict:
+def kernel_run(duration: float, ops: str = "paddr") -> dict:
     from udamon.primitives.kernel_damon import (
         KernelAttrs,
         KernelDamon,
@@ -129,17 +131,29 @@ def kernel_run(duration: float) -> dict:
         virt_to_pfns,
     )
 
-    ok, why = kernel_damon_available()
+    ok, why = kernel_damon_available(ops=ops)
     if not ok:
         return {"skipped": why}
     wl, info = start_json_workload([build("access_pattern"), "--size", str(SIZE_MIB),
                                     "--duration", str(duration + 300)])
     attrs = KernelAttrs()
+    rng = {b: tuple(info[b]) for b in BUFS}
     try:
-        pfns = {b: virt_to_pfns(wl.pid, *info[b]) for b in BUFS}
-        k = KernelDamon(attrs)
+        k = KernelDamon(attrs, ops=ops)
+        if ops == "paddr":
+            pfns = {b: virt_to_pfns(wl.pid, *info[b]) for b in BUFS}
+
+            def scores(regs):
+                return {b: classify_pages(pfns[b], regs)[0].clip(0).mean() for b in BUFS}
+        else:
+            def scores(regs):
+                return {b: sum(_overlap(s, e, *rng[b]) * n for s, e, n, _ in regs)
+                        / (rng[b][1] - rng[b][0]) for b in BUFS}
         try:
-            k.start(pfn_ranges(np.concatenate(list(pfns.values())), 32))
+            if ops == "paddr":
+                k.start(pfn_ranges(np.concatenate(list(pfns.values())), 32))
+            else:
+                k.start([], pid=wl.pid)
             t_end = time.monotonic() + duration
             score = dict.fromkeys(BUFS, 0.0)
             n = 0
@@ -147,39 +161,52 @@ def kernel_run(duration: float) -> dict:
                 time.sleep(attrs.aggr_us / 1e6)
                 regs = k.snapshot()
                 n += 1
-                for b in BUFS:
-                    score[b] += classify_pages(pfns[b], regs)[0].clip(0).mean()
+                for b, v in scores(regs).items():
+                    score[b] += v
         finally:
             k.stop()
     finally:
         wl.terminate()
         wl.wait(30)
     score = {b: v / n if n else 0.0 for b, v in score.items()}
-    return {"snapshots": n, "scores": score, "classes": classify(score)}
+    return {"ops": ops, "snapshots": n, "scores": score, "classes": classify(score)}
 
 
-def run(repeat: int = 3, duration: float = 8.0, log=print, kernel_only: bool = False) -> dict:
-    ud, kd = [], []
+def _kernel_summary(kd: list[dict]) -> dict:
+    if kd and "skipped" in kd[0]:
+        return {"skipped": kd[0]["skipped"]}
+    return {"correct_of_4": summary([sum((r["classes"][b] == "hot") == (b in HOT)
+                                         for b in BUFS) for r in kd]),
+            "scores": {b: summary([r["scores"][b] for r in kd]) for b in BUFS}}
+
+
+def run(repeat: int = 3, duration: float = 8.0, log=print, kernel_only: bool = False,
+        kernel_ops: tuple[str, ...] = ("paddr", "vaddr")) -> dict:
+    ud: list[dict] = []
+    kds: dict[str, list[dict]] = {o: [] for o in kernel_ops}
     for i in range(repeat):
         if not kernel_only:
             ud.append(udamon_run(duration))
             log(f"  accuracy rep {i}: udamon {ud[-1]['classes']} busy "
                 f"{ud[-1]['busy_snapshots']}/{ud[-1]['snapshots']}")
-        if kd and "skipped" in kd[0]:
-            continue
-        k = kernel_run(duration)
-        kd.append(k)
-        if "skipped" in k:
-            log(f"  kernel DAMON: skipped: {k['skipped']}")
-        else:
-            log(f"  accuracy rep {i}: kernel {k['classes']} scores "
-                + " ".join(f"{b}={v:.2f}" for b, v in k["scores"].items()))
-    kernel = ({"skipped": kd[0]["skipped"]} if kd and "skipped" in kd[0] else
-              {"correct_of_4": summary([sum((r["classes"][b] == "hot") == (b in HOT)
-                                            for b in BUFS) for r in kd]),
-               "scores": {b: summary([r["scores"][b] for r in kd]) for b in BUFS}})
+        for ops, kd in kds.items():
+            if kd and "skipped" in kd[0]:
+                continue
+            k = kernel_run(duration, ops)
+            kd.append(k)
+            if "skipped" in k:
+                log(f"  kernel DAMON {ops}: skipped: {k['skipped']}")
+            else:
+                log(f"  accuracy rep {i}: kernel {ops} {k['classes']} scores "
+                    + " ".join(f"{b}={v:.2f}" for b, v in k["scores"].items()))
+    kd = kds.get("paddr", [])
+    kernel = _kernel_summary(kd) if "paddr" in kds else {"skipped": "not asked for"}
+    extra = {}
+    if "vaddr" in kds:
+        extra = {"runs_kernel_vaddr": kds["vaddr"], "kernel_vaddr": _kernel_summary(kds["vaddr"])}
     if kernel_only:
-        return {"repeat": repeat, "duration_s": duration, "runs_kernel": kd, "kernel": kernel}
+        return {"repeat": repeat, "duration_s": duration, "runs_kernel": kd, "kernel": kernel,
+                **extra}
 
     def med(key, sub=None):
         xs = [(r[key] if sub is None else r[key][sub]) for r in ud]
@@ -206,7 +233,7 @@ def run(repeat: int = 3, duration: float = 8.0, log=print, kernel_only: bool = F
                                                       if r["wss_err_pct"].get("n")]),
                        "busy_snapshots": med("busy_snapshots"),
                        "snapshots": med("snapshots")},
-            "kernel": kernel}
+            "kernel": kernel, **extra}
 
 
 def _pct(s: dict) -> str:
@@ -216,36 +243,46 @@ def _pct(s: dict) -> str:
 
 
 def markdown(res: dict) -> list[str]:
-    u, k = res["udamon"], res["kernel"]
+    u = res["udamon"]
+    ks = [("paddr", res["kernel"])] + ([("vaddr", res["kernel_vaddr"])]
+                                       if "kernel_vaddr" in res else [])
     out = [f"{res['repeat']} runs of {res['duration_s']:g} s each; median (min..max over runs).",
-           "", "| measure | udamon hint | kernel DAMON paddr |", "|---|---|---|"]
-    ks = "not run: " + k["skipped"] if "skipped" in k else None
+           "", "| measure | udamon hint | " + " | ".join(f"kernel DAMON {o}" for o, _ in ks)
+           + " |", "|---|---|" + "---|" * len(ks)]
+
+    def kcol(fn, na: str = "n/a") -> str:
+        return " | ".join(("not run: " + k["skipped"]) if "skipped" in k else
+                          (fn(k) if fn else na) for _, k in ks)
+
     c = u["correct_of_4"]
-    kc = ks or f"{k['correct_of_4']['median']:.0f}/4"
     out.append(f"| buffers classified right (R, W, S hot; I cold) | {c['median']:.0f}/4 "
-               f"(min {c['min']:.0f}) | {kc} |")
+               f"(min {c['min']:.0f}) | "
+               + kcol(lambda k: f"{k['correct_of_4']['median']:.0f}/4 "
+                                f"(min {k['correct_of_4']['min']:.0f})") + " |")
     pc = u["probe_correct_of_4"]
     out.append(f"| same, by each buffer's exact probe hits (addr probe) | {pc['median']:.0f}/4 "
-               f"(min {pc['min']:.0f}) | – |")
+               f"(min {pc['min']:.0f}) | " + kcol(None, "–") + " |")
     for b in BUFS:
         s = u["scores"][b]
-        kb = "–" if ks else f"{k['scores'][b]['median']:.2f}"
         out.append(f"| score of {b} (mean nr_accesses per page, busy snapshots) | "
-                   f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f}) | {kb} |")
-    out += [f"| CPU precision, R (reader CPU) | {_pct(u['cpu_precision']['R'])} | n/a |",
-            f"| CPU precision, W (writer CPU) | {_pct(u['cpu_precision']['W'])} | n/a |",
-            f"| thread precision, R (reader tid) | {_pct(u['thread_precision']['R'])} | n/a |",
-            f"| thread precision, W (writer tid) | {_pct(u['thread_precision']['W'])} | n/a |",
+                   f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f}) | "
+                   + kcol(lambda k, b=b: f"{k['scores'][b]['median']:.2f}") + " |")
+    na = kcol(None)
+    out += [f"| CPU precision, R (reader CPU) | {_pct(u['cpu_precision']['R'])} | {na} |",
+            f"| CPU precision, W (writer CPU) | {_pct(u['cpu_precision']['W'])} | {na} |",
+            f"| thread precision, R (reader tid) | {_pct(u['thread_precision']['R'])} | {na} |",
+            f"| thread precision, W (writer tid) | {_pct(u['thread_precision']['W'])} | {na} |",
             f"| write precision (write hits on W+S / on all) | {_pct(u['write_precision'])} "
-            "| n/a |",
-            f"| write recall (write hits on W / hits on W) | {_pct(u['write_recall'])} | n/a |",
+            f"| {na} |",
+            f"| write recall (write hits on W / hits on W) | {_pct(u['write_recall'])} | {na} |",
             f"| write recall on S (read and written every pass: write hits / hits) | "
-            f"{_pct(u['s_write_share'])} | n/a |"]
+            f"{_pct(u['s_write_share'])} | {na} |"]
     w = u["wss_err_pct_median"]
     wss = (f"{w['median']:+.0f}% ({w['min']:+.0f}..{w['max']:+.0f})" if w.get("n") else "–")
     b, n = u["busy_snapshots"], u["snapshots"]
-    out += [f"| WSS error, median over busy snapshots | {wss} | – |",
-            f"| busy snapshots / snapshots | {b['median']:.0f} / {n['median']:.0f} | – |"]
+    dash = kcol(None, "–")
+    out += [f"| WSS error, median over busy snapshots | {wss} | {dash} |",
+            f"| busy snapshots / snapshots | {b['median']:.0f} / {n['median']:.0f} | {dash} |"]
     return out
 
 
@@ -255,10 +292,15 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--kernel-only", action="store_true",
                     help="only the kernel DAMON part (e.g. inside a slow emulated guest)")
+    ap.add_argument("--kernel-ops", default="paddr,vaddr",
+                    help="kernel DAMON operations to compare with (default paddr,vaddr)")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
+    ops = tuple(o for o in a.kernel_ops.split(",") if o)
+    if not set(ops) <= {"paddr", "vaddr"}:
+        ap.error("--kernel-ops: paddr and/or vaddr")
     res = run(a.repeat, a.duration, log=lambda s: print(s, file=sys.stderr, flush=True),
-              kernel_only=a.kernel_only)
+              kernel_only=a.kernel_only, kernel_ops=ops)
     if not a.kernel_only:
         print("\n".join(markdown(res)))
     if a.json:

@@ -9,7 +9,9 @@ installed with apt-get when missing.  Conditions run alternately in every
 repeat (ABAB..., the order flipped on odd repeats): none; udamon record
 --primitive P -- COMMAND for each live primitive P (whole target lifetime
 monitored, DAMON default attributes); kernel DAMON paddr over all of System
-RAM, when this machine lets us start a kdamond.  Prints median, spread and
+RAM, and kernel DAMON vaddr on the workload process (access_pattern only:
+stress-ng's workers are other processes), when this machine lets us start a
+kdamond.  Prints median, spread and
 the ratio monitored/unmonitored (goal: slowdown <= 2%).
 """
 
@@ -75,7 +77,7 @@ def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
     extra: dict = {}
     rec = os.path.join(tmp, "rec.jsonl")
     kd = None
-    if cond in ("none", "kdamond"):
+    if cond in ("none", "kdamond", "kdamond-vaddr"):
         argv = cmd
     else:
         argv = [*UDAMON, "record", "--primitive", cond, "-q", "-o", rec, "--", *cmd]
@@ -86,6 +88,11 @@ def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
 
             kd = KernelDamon()
             kd.start(system_ram_ranges())
+        elif cond == "kdamond-vaddr":
+            from udamon.primitives.kernel_damon import KernelDamon
+
+            kd = KernelDamon(ops="vaddr")
+            kd.start([], pid=p.pid)
         if workload == "access_pattern":
             end = finish_json_workload(p, timeout=duration + 60)
             if not end.get("intact"):
@@ -103,7 +110,7 @@ def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
     if p.returncode != 0:
         err = (p.stderr.read().strip().splitlines() or ["?"])[-1]
         raise RuntimeError(f"{cond} on {workload}: rc {p.returncode}: {err}")
-    if cond not in ("none", "kdamond") and os.path.exists(rec):
+    if cond not in ("none", "kdamond", "kdamond-vaddr") and os.path.exists(rec):
         _, snaps, endl = read_record(rec)
         extra = {"snapshots": len(snaps), "reports": endl.get("reports"),
                  "lost_samples": endl.get("lost_samples"),
@@ -116,10 +123,10 @@ def probe_condition(cond: str) -> tuple[bool, str]:
     """Can this condition run here?  (ok, one-line reason)."""
     if cond == "none":
         return True, ""
-    if cond == "kdamond":
+    if cond in ("kdamond", "kdamond-vaddr"):
         from udamon.primitives.kernel_damon import kernel_damon_available
 
-        return kernel_damon_available()
+        return kernel_damon_available(ops="vaddr" if cond == "kdamond-vaddr" else "paddr")
     try:
         one_run("access_pattern", cond, 1.0)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
@@ -130,7 +137,7 @@ def probe_condition(cond: str) -> tuple[bool, str]:
 def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
         workloads=("access_pattern", "stress-ng"), log=print, size_mib: int = 64) -> dict:
     conds, unavailable = ["none"], {}
-    for c in [*primitives, "kdamond"]:
+    for c in [*primitives, "kdamond", "kdamond-vaddr"]:
         ok, why = probe_condition(c)
         if ok:
             conds.append(c)
@@ -149,11 +156,12 @@ def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
         if skip:
             results[wl] = {"skipped": skip}
             continue
-        rates: dict[str, list[float]] = {c: [] for c in conds}
-        pair: dict[str, list[float]] = {c: [] for c in conds}
-        extras: dict[str, list[dict]] = {c: [] for c in conds}
+        wconds = [c for c in conds if not (c == "kdamond-vaddr" and wl != "access_pattern")]
+        rates: dict[str, list[float]] = {c: [] for c in wconds}
+        pair: dict[str, list[float]] = {c: [] for c in wconds}
+        extras: dict[str, list[dict]] = {c: [] for c in wconds}
         for i in range(repeat):
-            order = conds if i % 2 == 0 else conds[::-1]
+            order = wconds if i % 2 == 0 else wconds[::-1]
             this = {}
             for c in order:
                 rate, extra = one_run(wl, c, duration, size_mib)
@@ -162,11 +170,11 @@ def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
                 if extra:
                     extras[c].append(extra)
                 log(f"  {wl:14s} rep {i} {c:8s} {rate:12.1f}/s {extra or ''}")
-            for c in conds:
+            for c in wconds:
                 pair[c].append(this[c] / this["none"])
         base = summary(rates["none"])["median"]
         rows = {}
-        for c in conds:
+        for c in wconds:
             s = summary(rates[c])
             ratio = s["median"] / base
             rows[c] = {"throughput": s, "ratio": ratio, "slowdown_pct": (1 - ratio) * 100,
@@ -185,7 +193,8 @@ def markdown(res: dict) -> list[str]:
            "repeat's monitored run over that repeat's unmonitored run, min..max).", "",
            "| workload | condition | median | spread | ratio | paired ratio min..max | "
            "slowdown | goal <= 2% |", "|---|---|---|---|---|---|---|---|"]
-    names = {"none": "unmonitored", "kdamond": "kernel DAMON paddr (all RAM)"}
+    names = {"none": "unmonitored", "kdamond": "kernel DAMON paddr (all RAM)",
+             "kdamond-vaddr": "kernel DAMON vaddr (the workload)"}
     for wl, r in res["workloads"].items():
         if "skipped" in r:
             out.append(f"| {wl} | – | skipped: {r['skipped']} | | | | | |")

@@ -158,9 +158,9 @@ def run_profile(seconds: float, log) -> dict:
     return {"seconds": seconds, "total_s": total, "top_tottime": rows}
 
 
-GUEST_SHELL = ("cd {root} && {py} bench/bench_accuracy.py --kernel-only --repeat 2 --duration 8 "
-               "--json /udamon-results/acc.json && {py} bench/bench_slowdown.py --primitives '' "
-               "--workloads access_pattern --size 4 --repeat 3 --duration 3 "
+GUEST_SHELL = ("cd {root} && {py} bench/bench_accuracy.py --repeat 2 --duration 15 "
+               "--json /udamon-results/acc.json && {py} bench/bench_slowdown.py --primitives hint "
+               "--workloads access_pattern --size 4 --repeat 3 --duration 4 "
                "--json /udamon-results/sd.json")
 
 
@@ -179,7 +179,8 @@ def run_guest(log) -> dict:
     shell = GUEST_SHELL.format(root=ROOT, py=py if py.exists() else sys.executable)
     t = time.monotonic()
     r = subprocess.run([sys.executable, str(runner), "--quiet", "--results", str(res_dir),
-                        "--shell", shell], capture_output=True, text=True, timeout=900)
+                        "--timeout", "1700", "--shell", shell], capture_output=True, text=True,
+                       timeout=1800)
     out = {"wall_s": time.monotonic() - t, "command": shell}
     try:
         out["accuracy"] = json.loads((res_dir / "acc.json").read_text())
@@ -191,7 +192,10 @@ def run_guest(log) -> dict:
         return {"skipped": f"guest run failed: {last}"}
     finally:
         subprocess.run(["rm", "-rf", str(res_dir)])
-    log(f"  guest: kernel DAMON classes {out['accuracy']['runs_kernel'][0].get('classes')}")
+    acc = out["accuracy"]
+    log(f"  guest: kernel DAMON paddr classes {acc['runs_kernel'][0].get('classes')}; vaddr "
+        f"{(acc.get('runs_kernel_vaddr') or [{}])[0].get('classes')}; udamon "
+        f"{(acc.get('runs_udamon') or [{}])[0].get('classes')}")
     return out
 
 
@@ -239,7 +243,18 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
                 "DAMON rows of section 1.", ""]
     else:
         out += [f"On this host: {k['skipped']}.", ""]
-    if g and "skipped" not in g:
+    if g and "skipped" not in g and "udamon" in g["accuracy"]:
+        out += [f"Measured inside the QEMU guest of `tests/guest/run.py` ({g['kernel']}; TCG "
+                "emulation, ~20x slower than the host, so absolute numbers do not compare with "
+                "the host's), side by side on the same workload in one run: udamon hint, "
+                "kernel DAMON paddr (the buffers' physical ranges) and kernel DAMON vaddr "
+                "(the workload process). Guest command: "
+                f"`{g['command']}`.", ""]
+        out += bench_accuracy.markdown(g["accuracy"]) + [""]
+        out += ["Overhead in the guest (access_pattern with 4 MiB buffers; udamon's Python "
+                "competes with the workload for the two emulated CPUs):", ""]
+        out += bench_slowdown.markdown(g["slowdown"])[2:] + [""]
+    elif g and "skipped" not in g:
         ka, ks = g["accuracy"]["kernel"], g["slowdown"]
         out += [f"Measured instead inside the QEMU guest of `tests/guest/run.py` ({g['kernel']}; "
                 "TCG emulation, ~20x slower than the host, so absolute numbers do not compare "

@@ -159,6 +159,21 @@ def test_pfn_ranges_and_classify():
     assert age.tolist() == [-1, 1, 1, 5, 5, 5, -1, -1]
 
 
+def test_fake_vaddr_sets_the_pid_and_lets_the_kernel_pick_regions(fake_root):
+    k = FakeDamon(root=str(fake_root), handle_signals=False, ops="vaddr")
+    with pytest.raises(RuntimeFailure, match="needs a process id"):
+        k.start([])
+    k.start([], pid=4321)
+    ctx = fake_root / "kdamonds" / "0" / "contexts" / "0"
+    assert (ctx / "operations").read_text().strip() == "vaddr"
+    assert (ctx / "targets/0/pid_target").read_text().strip() == "4321"
+    assert (ctx / "targets/0/regions/nr_regions").read_text().strip() == "0"
+    k.stop()
+    assert (fake_root / "kdamonds" / "nr_kdamonds").read_text().strip() == "0"
+    with pytest.raises(ValueError):
+        KernelDamon(ops="fvaddr")
+
+
 # -- live kernel ---------------------------------------------------------------------
 
 def _live_ok():
@@ -196,7 +211,7 @@ while time.monotonic() < end:
 def workload():
     ok, why = _live_ok()
     if not ok:
-        pytest.skip(f"kernel DAMON paddr not usable here: {why}")
+        pytest.skip(f"kernel DAMON not usable here: {why}")
     import sys
 
     p = subprocess.Popen([sys.executable, "-c", HOTCOLD, "120"], stdout=subprocess.PIPE,
@@ -227,6 +242,34 @@ def test_live_hot_buffer_hotter_than_idle(workload):
     finally:
         k.stop()
     # (under a slow emulated guest nr_accesses stay small; the idle buffer must be ~0)
+    assert np.mean(h) > 0.02 and np.mean(h) > 3 * np.mean(c), (h, c)
+    nr, states = _kdamond_states()
+    assert nr == nr0 and all(s == "off" for s in states)
+
+
+def _vaddr_score(regs, lo, hi) -> float:
+    """Page-weighted mean nr_accesses of the virtual range [lo, hi)."""
+    acc = sum(max(0, min(e, hi) - max(s, lo)) * n for s, e, n, _ in regs)
+    return acc / (hi - lo)
+
+
+def test_live_vaddr_hot_buffer_hotter_than_idle(workload):
+    ok, why = kernel_damon_available(ADMIN, ops="vaddr")
+    if not ok:
+        pytest.skip(f"kernel DAMON vaddr not usable here: {why}")
+    nr0, _ = _kdamond_states()
+    k = KernelDamon(KernelAttrs(sample_us=5000, aggr_us=100_000), ops="vaddr")
+    try:
+        k.start([], pid=workload["pid"])
+        time.sleep(3.0)
+        h, c = [], []
+        for _ in range(8):
+            regs = k.snapshot()
+            h.append(_vaddr_score(regs, *workload["hot"]))
+            c.append(_vaddr_score(regs, *workload["idle"]))
+            time.sleep(0.25)
+    finally:
+        k.stop()
     assert np.mean(h) > 0.02 and np.mean(h) > 3 * np.mean(c), (h, c)
     nr, states = _kdamond_states()
     assert nr == nr0 and all(s == "off" for s in states)

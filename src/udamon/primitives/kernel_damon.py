@@ -1,12 +1,14 @@
-"""A minimal driver of the kernel's DAMON through sysfs (``paddr`` operations).
+"""A minimal driver of the kernel's DAMON through sysfs (``paddr`` or ``vaddr`` operations).
 
 Used by the benchmarks to compare udamon with the kernel's own DAMON on the
 same workload.  What it does, in the order the sysfs ABI wants
 (Documentation/admin-guide/mm/damon/usage.rst):
 
 - adds one kdamond (``kdamonds/nr_kdamonds`` + 1), one context with
-  ``operations`` = ``paddr``, the monitoring intervals and ``nr_regions``
-  bounds, one target whose initial regions are the given physical ranges, and
+  ``operations`` = ``paddr`` (or ``vaddr``), the monitoring intervals and
+  ``nr_regions`` bounds, one target whose initial regions are the given
+  physical ranges (vaddr: ``pid_target`` is the process; with no ranges the
+  kernel derives the initial regions from its mappings itself), and
   one ``stat`` scheme matching every region (its access-pattern maxima are
   set explicitly: they default to 0, which matches nothing);
 - ``state`` = ``on``;
@@ -80,7 +82,7 @@ def _running_kdamonds(root: str) -> list[int]:
 
 
 def kernel_damon_available(root: str = ADMIN, *, allow_reset: bool = False,
-                           check_root: bool = True) -> tuple[bool, str]:
+                           check_root: bool = True, ops: str = "paddr") -> tuple[bool, str]:
     """(ok, one-line reason when not)."""
     if check_root and os.geteuid() != 0:
         return False, "kernel DAMON sysfs needs root"
@@ -103,9 +105,9 @@ def kernel_damon_available(root: str = ADMIN, *, allow_reset: bool = False,
     if nr and not allow_reset:
         return False, (f"{nr} idle kdamond(s) are configured; adding one resets their "
                        "configuration (pass allow_reset=True to accept that)")
-    ops = _avail_operations(root, nr)
-    if ops is not None and "paddr" not in ops:
-        return False, f"this kernel's DAMON has no paddr operations (has: {' '.join(ops)})"
+    have = _avail_operations(root, nr)
+    if have is not None and ops not in have:
+        return False, f"this kernel's DAMON has no {ops} operations (has: {' '.join(have)})"
     return True, ""
 
 
@@ -121,10 +123,14 @@ def _avail_operations(root: str, nr: int) -> list[str] | None:
 
 
 class KernelDamon:
-    """One kdamond with one paddr context, started and always stopped by us."""
+    """One kdamond with one paddr (or vaddr) context, started and always stopped by us."""
 
     def __init__(self, attrs: KernelAttrs | None = None, *, root: str = ADMIN,
-                 allow_reset: bool = False, handle_signals: bool = True):
+                 allow_reset: bool = False, handle_signals: bool = True, ops: str = "paddr"):
+        if ops not in ("paddr", "vaddr"):
+            raise ValueError(f"unsupported DAMON operations {ops!r}")
+        self.ops = ops
+        self.pid: int | None = None
         self.attrs = attrs or KernelAttrs()
         self.root = root
         self.allow_reset = allow_reset
@@ -143,7 +149,7 @@ class KernelDamon:
             f.write(f"{value}\n")
 
     def _available(self) -> tuple[bool, str]:
-        return kernel_damon_available(self.root, allow_reset=self.allow_reset)
+        return kernel_damon_available(self.root, allow_reset=self.allow_reset, ops=self.ops)
 
     def _kd(self, *parts: str) -> str:
         assert self.idx is not None
@@ -159,10 +165,16 @@ class KernelDamon:
         except OSError:
             return False
 
-    def start(self, ranges: list[tuple[int, int]]) -> None:
+    def start(self, ranges: list[tuple[int, int]], pid: int | None = None) -> None:
+        """paddr: monitor these physical ranges; vaddr: process ``pid`` (its mappings, or
+        only ``ranges`` of its address space when given)."""
         if self._orig_nr is not None:
             raise RuntimeFailure("kernel DAMON driver already started")
-        if not ranges:
+        if self.ops == "vaddr":
+            if pid is None:
+                raise RuntimeFailure("kernel DAMON vaddr needs a process id")
+            self.pid = pid
+        elif not ranges:
             raise RuntimeFailure("kernel DAMON: no physical ranges to monitor")
         ok, why = self._available()
         if not ok:
@@ -183,9 +195,10 @@ class KernelDamon:
         self._write(self._kd("contexts", "nr_contexts"), 1)
         ctx = ("contexts", "0")
         ops = _read(self._kd(*ctx, "avail_operations")).split()
-        if "paddr" not in ops:
-            raise RuntimeFailure(f"kernel DAMON has no paddr operations (has: {' '.join(ops)})")
-        self._write(self._kd(*ctx, "operations"), "paddr")
+        if self.ops not in ops:
+            raise RuntimeFailure(f"kernel DAMON has no {self.ops} operations "
+                                 f"(has: {' '.join(ops)})")
+        self._write(self._kd(*ctx, "operations"), self.ops)
         iv = (*ctx, "monitoring_attrs", "intervals")
         self._write(self._kd(*iv, "sample_us"), a.sample_us)
         self._write(self._kd(*iv, "aggr_us"), a.aggr_us)
@@ -195,6 +208,8 @@ class KernelDamon:
         self._write(self._kd(*nr, "max"), a.max_nr_regions)
         self._write(self._kd(*nr, "min"), a.min_nr_regions)
         self._write(self._kd(*ctx, "targets", "nr_targets"), 1)
+        if self.ops == "vaddr":
+            self._write(self._kd(*ctx, "targets", "0", "pid_target"), self.pid)
         reg = (*ctx, "targets", "0", "regions")
         self._write(self._kd(*reg, "nr_regions"), len(ranges))
         for i, (s, e) in enumerate(sorted(ranges)):
