@@ -36,3 +36,28 @@ def test_write_only_sampling_finds_written_buffers(tmp_path, access_pattern_bin)
     writer = f"thread:{info['writer_tid']}"
     assert share(h["W"], "cpu:1", "cpu:0") >= 0.95
     assert share(h["W"], writer, f"thread:{info['reader_tid']}") >= 0.95
+
+
+def test_launched_command_that_execs_and_churns_exits_cleanly(tmp_path):
+    """udamon is the target's parent and its tracer here: the command maps, remaps,
+    forks and execs itself under wp, and must finish with its data intact."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from workloads.build import build
+
+    torture = build("wp_torture")
+    rec_path = tmp_path / "wp.jsonl"
+    p = run_udamon("record", "--primitive", "wp", "--sample", "10ms", "--aggr", "200ms",
+                   "-o", str(rec_path), "--", torture, "churn", "3", "--exec", timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "wp_torture exited with status 0" in p.stderr, p.stderr
+    rec = read_record(str(rec_path))
+    assert rec.complete and rec.end["reason"] == "targets-exited"
+    assert any("exec'd; attached again" in n for n in rec.end.get("notes", [])), rec.end
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert any(d.get("event") == "exec" for d in lines)
+    ends = [d for d in lines if d.get("event") == "end"]
+    assert ends and all(d["intact"] for d in ends), ends

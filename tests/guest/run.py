@@ -34,7 +34,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 from prepare import default_cache, prepare  # noqa: E402
 
-DEFAULT_TESTS = ["tests/test_guest_numa.py"]
+DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py"]
 
 
 def default_python() -> str:
