@@ -112,7 +112,9 @@ def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
         raise RuntimeError(f"{cond} on {workload}: rc {p.returncode}: {err}")
     if cond not in ("none", "kdamond", "kdamond-vaddr") and os.path.exists(rec):
         _, snaps, endl = read_record(rec)
+        nreg = sorted(len(sn["regions"]) for sn in snaps)
         extra = {"snapshots": len(snaps), "reports": endl.get("reports"),
+                 "regions_median": nreg[len(nreg) // 2] if nreg else 0,
                  "lost_samples": endl.get("lost_samples"),
                  "dropped_reports": endl.get("dropped_reports")}
     subprocess.run(["rm", "-rf", tmp])

@@ -189,9 +189,9 @@ def run_guest(log) -> dict:
             .splitlines()[0] if (res_dir / "guest.log").exists() else "?"
     except (OSError, json.JSONDecodeError):
         last = (r.stdout.strip().splitlines() or r.stderr.strip().splitlines() or ["?"])[-1]
+        log(f"  guest run failed; its log is kept in {res_dir}/guest.log")
         return {"skipped": f"guest run failed: {last}"}
-    finally:
-        subprocess.run(["rm", "-rf", str(res_dir)])
+    subprocess.run(["rm", "-rf", str(res_dir)])
     acc = out["accuracy"]
     log(f"  guest: kernel DAMON paddr classes {acc['runs_kernel'][0].get('classes')}; vaddr "
         f"{(acc.get('runs_kernel_vaddr') or [{}])[0].get('classes')}; udamon "

@@ -22,7 +22,7 @@ import pytest
 from udamon.errors import RuntimeFailure
 from udamon.intake.reports import REPORT_DTYPE, SOURCE_IDS
 from udamon.primitives.perf_tracepoint import FaultTracer, online_cpus
-from udamon.primitives.uffd_wp import WpPrimitive, wp_available
+from udamon.primitives.uffd_wp import UFFD_FEATURE_WP_HUGETLBFS_SHMEM, WpPrimitive, wp_available
 from udamon.targets import inject
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -318,6 +318,69 @@ def test_wp_detects_writer_and_attributes(access_pattern):
     assert frac >= 0.95
     assert (wr["node"][good] >= 0).all()
     assert end["intact"] and p.returncode == 0
+
+
+_SHARED_TARGET = textwrap.dedent("""
+    import ctypes, hashlib, json, mmap, os, sys, time
+    n = 4 << 20
+    fd = os.memfd_create("udamon-test")
+    os.ftruncate(fd, n)
+    bufs = {"memfd": mmap.mmap(fd, n, mmap.MAP_SHARED),  # shows as /memfd:... (deleted)
+            "anon_shared": mmap.mmap(-1, n, mmap.MAP_SHARED)}  # /dev/zero (deleted)
+    for b in bufs.values():
+        b[:] = bytes(range(256)) * (n // 256)
+    spans = {k: [ctypes.addressof(ctypes.c_char.from_buffer(b)),
+                 ctypes.addressof(ctypes.c_char.from_buffer(b)) + n] for k, b in bufs.items()}
+    print(json.dumps({"pid": os.getpid(), **spans}), flush=True)
+    end = time.monotonic() + float(sys.argv[1])
+    i = 0
+    while time.monotonic() < end:  # writes the first half of each buffer only
+        off = (i * 4096) % (n // 2)
+        for b in bufs.values():
+            b[off + 8] = b[off + 8]
+        i += 1
+        if i % 4096 == 0:
+            time.sleep(0.001)
+    print(json.dumps({k: hashlib.sha256(b).hexdigest() for k, b in bufs.items()}), flush=True)
+""")
+
+
+@needs_wp
+def test_wp_shared_memory_written_half_hot_idle_half_cold():
+    """shmem (memfd, anonymous MAP_SHARED) is registered and sampled like private memory."""
+    import hashlib
+
+    want = hashlib.sha256(bytes(range(256)) * ((4 << 20) // 256)).hexdigest()
+    p = _spawn([sys.executable, "-c", _SHARED_TARGET, "4"])
+    w = None
+    try:
+        info = json.loads(p.stdout.readline())
+        pid = info["pid"]
+        w = WpPrimitive([pid], attribute=False)
+        w.start([pid])
+        if not w._targets[pid].features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
+            pytest.skip("this kernel's userfaultfd cannot write-protect shmem")
+        bufs = {}
+        for k in ("memfd", "anon_shared"):
+            lo, hi = info[k]
+            mid = (lo + hi) // 2
+            bufs[k + ":written"], bufs[k + ":idle"] = (lo, mid), (mid, hi)
+        armed, r = _drive(w, pid, bufs, 1.5, chunk=64 << 10, interval=0.02)
+        w.stop()
+        sums = json.loads(p.stdout.readline())
+        p.wait(10)
+    finally:
+        if w is not None:
+            w.stop()
+        p.kill()
+        p.wait()
+    hits = {k: int(((r["addr"] >= lo) & (r["addr"] < hi)).sum()) for k, (lo, hi) in bufs.items()}
+    print(armed, hits)
+    for k in ("memfd", "anon_shared"):
+        assert hits[k + ":idle"] == 0, hits
+        assert hits[k + ":written"] >= 0.5 * armed[k + ":written"], (hits, armed)
+        assert sums[k] == want  # the data are intact
+    assert p.returncode == 0
 
 
 @needs_wp
