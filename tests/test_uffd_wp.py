@@ -519,6 +519,62 @@ def test_sigkill_of_monitor_leaves_target_running(torture):
     assert not watch.stopped_after(killed_at + 0.05)
 
 
+def _tracer_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(x for x in f if x.startswith("TracerPid:")).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
+@needs_wp
+def test_sigkill_of_monitor_during_injection_leaves_target_running(torture):
+    """The injection runs in a helper process: when udamon is SIGKILLed while the
+    target's registers point at the injected syscall (held there on purpose with
+    UDAMON_TEST_INJECT_PAUSE_S), the helper still restores them."""
+    p = _spawn([torture, "churn", "4"])
+    mon = None
+    try:
+        start = json.loads(p.stdout.readline())
+        pid = start["pid"]
+        watch = TickWatch(p)
+        env = dict(os.environ, UDAMON_TEST_INJECT_PAUSE_S="1.0")
+        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(pid)],
+                               stdout=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 10
+        while _tracer_of(pid) == 0:  # the helper has seized the target
+            assert time.monotonic() < deadline and mon.poll() is None
+            time.sleep(0.005)
+        helper = _tracer_of(pid)
+        assert helper != mon.pid
+        time.sleep(0.2)  # inside the paused injection now
+        assert _state(pid) == "t"
+        mon.kill()
+        mon.wait()
+        # the helper finishes the injection (two paused syscalls), restores the
+        # registers, lets go and exits
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{helper}") and _state(helper) not in ("Z", "gone"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        released_at = time.monotonic()
+        assert _tracer_of(pid) == 0
+        ticks = watch.ticks()
+        time.sleep(0.5)
+        assert watch.ticks() > ticks  # running again
+        rc = watch.join()
+    finally:
+        if mon is not None:
+            mon.kill()
+            mon.wait()
+        p.kill()
+        p.wait()
+    assert rc == 0
+    ends = [d for d in watch.lines if "intact" in d]
+    assert ends and ends[-1]["intact"] is True
+    assert not watch.stopped_after(released_at + 0.05)
+
+
 @needs_wp
 @pytest.mark.parametrize("exec_", [False, True], ids=["churn", "churn-exec"])
 def test_churning_target_survives_monitoring(torture, exec_):

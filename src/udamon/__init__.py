@@ -16,24 +16,37 @@ command drives::
 
 __version__ = "0.1.0"
 
-from udamon.core.attrs import Attrs, IntervalsGoal  # noqa: E402
-from udamon.core.monitor import Monitor, Snapshot, Target  # noqa: E402
-from udamon.intake.reports import REPORT_DTYPE, SOURCES  # noqa: E402
-from udamon.intake.reports import make as make_reports  # noqa: E402
-from udamon.probes.filters import Filter, evaluate, parse_conditions  # noqa: E402
-from udamon.probes.probe import Probe  # noqa: E402
+# The public names load on first use (PEP 562): a tool that imports only a small
+# part of udamon (e.g. the syscall-injection helper process) does not pay for numpy.
+_LAZY = {
+    "Attrs": ("udamon.core.attrs", "Attrs"),
+    "IntervalsGoal": ("udamon.core.attrs", "IntervalsGoal"),
+    "Monitor": ("udamon.core.monitor", "Monitor"),
+    "Snapshot": ("udamon.core.monitor", "Snapshot"),
+    "Target": ("udamon.core.monitor", "Target"),
+    "REPORT_DTYPE": ("udamon.intake.reports", "REPORT_DTYPE"),
+    "SOURCES": ("udamon.intake.reports", "SOURCES"),
+    "make_reports": ("udamon.intake.reports", "make"),
+    "Filter": ("udamon.probes.filters", "Filter"),
+    "evaluate": ("udamon.probes.filters", "evaluate"),
+    "parse_conditions": ("udamon.probes.filters", "parse_conditions"),
+    "Probe": ("udamon.probes.probe", "Probe"),
+}
 
-__all__ = [
-    "REPORT_DTYPE",
-    "SOURCES",
-    "Attrs",
-    "Filter",
-    "IntervalsGoal",
-    "Monitor",
-    "Probe",
-    "Snapshot",
-    "Target",
-    "evaluate",
-    "make_reports",
-    "parse_conditions",
-]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    try:
+        mod, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'udamon' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(mod), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -259,7 +259,7 @@ class WpPrimitive(Primitive):
         t.close()
         t.registered = set()
         t.starts = t.ends = np.zeros(0, np.uint64)
-        t.uffd = inject.inject_userfaultfd(t.pid)
+        t.uffd = inject.inject_userfaultfd_isolated(t.pid)
         try:
             # UFFDIO_API works once per uffd: ask for everything wanted that exists.
             probe = _self_uffd()

@@ -26,10 +26,17 @@ Signals that arrive while the injection regs are loaded are held back and
 sent again (``tgkill``) after the detach.  The arch-specific part is the
 register layout and the three syscall numbers below.
 
-Not covered: if udamon itself is SIGKILLed in the ~0.3 ms while the target's
-registers point into the vDSO, the kernel detaches the target with those
-registers (ptrace has no "restore on tracer death"); the window is the length
-of one injection.
+A tracer that dies while the target's registers point into the vDSO leaves
+the target with those registers (ptrace has no "restore on tracer death").
+So udamon does not inject from its own process: ``inject_userfaultfd_isolated``
+runs the injection in a short-lived helper process (``python -m
+udamon.targets.inject``, its own session, SIGINT/SIGTERM ignored) that hands
+the uffd back over a unix socket.  If udamon is SIGKILLed meanwhile, the
+helper still finishes and restores the registers, then exits (closing the
+uffd).  Only a SIGKILL of the helper itself inside the injection (e.g. killing
+udamon's whole cgroup) is not covered.  ``UDAMON_TEST_INJECT_PAUSE_S`` (tests
+only) holds the target with the injected registers for that long, to widen
+the window on purpose.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ import errno
 import os
 import platform
 import signal
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -216,6 +226,9 @@ def _find_syscall_insn(pid: int, memfd: int) -> int | None:
 # ------------------------------------------------------------ the injector
 
 
+_TEST_PAUSE_S = float(os.environ.get("UDAMON_TEST_INJECT_PAUSE_S") or 0)
+
+
 @dataclass
 class InjectStats:
     cycles: int = 0
@@ -333,6 +346,8 @@ class Injector:
             _load_syscall(regs, self._syscall_insn(), nr, args)
             self._dirty = True
             _setregs(self.tid, regs)
+            if _TEST_PAUSE_S:
+                time.sleep(_TEST_PAUSE_S)
             entry = self._resume_to()
             if entry.orig_rax != nr:
                 raise RuntimeFailure(
@@ -476,3 +491,64 @@ def inject_userfaultfd(pid: int, flags: int = O_CLOEXEC | O_NONBLOCK) -> int:
             return ours
     finally:
         os.close(pidfd)
+
+
+# ------------------------------------------------------------ the helper process
+
+
+def inject_userfaultfd_isolated(pid: int, flags: int = O_CLOEXEC | O_NONBLOCK) -> int:
+    """``inject_userfaultfd`` run by a helper process (see the module docstring): a
+    SIGKILL of udamon during the injection cannot leave the target broken."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "udamon.targets.inject", str(pid), str(flags),
+             str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as e:
+        ours.close()
+        theirs.close()
+        raise RuntimeFailure(f"cannot start the injection helper: {e.strerror}") from None
+    theirs.close()
+    try:
+        msg, fds, _, _ = socket.recv_fds(ours, 4096, 1)
+    finally:
+        ours.close()
+        proc.wait()
+    if fds:
+        return fds[0]
+    if not msg:
+        raise RuntimeFailure(f"the injection helper died (exit status {proc.returncode})")
+    text = msg[1:].decode(errors="replace")
+    raise (TargetGone if msg[:1] == b"G" else RuntimeFailure)(text)
+
+
+def _helper_main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pid, flags, fd = (int(x) for x in argv)
+    sock = socket.socket(fileno=fd)
+    try:
+        ufd = inject_userfaultfd(pid, flags)
+    except TargetGone as e:
+        msg = b"G" + str(e).encode()
+    except RuntimeFailure as e:
+        msg = b"R" + str(e).encode()
+    except Exception as e:  # noqa: BLE001 - everything goes back as one line
+        msg = b"R" + f"injection helper: {type(e).__name__}: {e}".encode()
+    else:
+        try:
+            socket.send_fds(sock, [b"K"], [ufd])
+        except OSError:
+            pass  # udamon is gone: closing our copy drops the uffd
+        return 0
+    try:
+        sock.send(msg)
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_helper_main(sys.argv[1:]))
