@@ -75,7 +75,7 @@ def udamon_run(duration: float) -> dict:
                 "--duration", f"{duration}s", "-o", rec]
         for p in probes:
             argv += ["--probe", p]
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=duration * 4 + 240)
         if r.returncode != 0:
             raise RuntimeError(f"udamon record failed: {r.stderr.strip()[-300:]}")
         _, snaps, end = read_record(rec)

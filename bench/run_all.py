@@ -158,7 +158,7 @@ def run_profile(seconds: float, log) -> dict:
     return {"seconds": seconds, "total_s": total, "top_tottime": rows}
 
 
-GUEST_SHELL = ("cd {root} && {py} bench/bench_accuracy.py --repeat 2 --duration 15 "
+GUEST_SHELL = ("cd {root} && {py} bench/bench_accuracy.py --repeat 2 --duration 10 "
                "--json /udamon-results/acc.json && {py} bench/bench_slowdown.py --primitives hint "
                "--workloads access_pattern --size 4 --repeat 3 --duration 4 "
                "--json /udamon-results/sd.json")
