@@ -5,7 +5,9 @@
 Workloads: tests/workloads/access_pattern (reader pinned to CPU 0, writer to
 CPU 1, 64 MiB buffers (--size); throughput = reader + writer passes per second) and
 stress-ng --vm (2 workers x 128 MiB, inc-nybble; bogo ops/s, real time),
-installed with apt-get when missing.  Conditions run alternately in every
+installed with apt-get when missing; and "write" (wp_torture write: one thread
+pinned to CPU 1 storing a word per 64-byte line over --size MiB, pass after
+pass: the write-heavy workload of the wp primitive's goal).  Conditions run alternately in every
 repeat (ABAB..., the order flipped on odd repeats): none; udamon record
 --primitive P -- COMMAND for each live primitive P (whole target lifetime
 monitored, DAMON default attributes); kernel DAMON paddr over all of System
@@ -54,6 +56,11 @@ def access_pattern_cmd(duration: float, size_mib: int = 64) -> list[str]:
             "--reader-cpu", "0", "--writer-cpu", "1"]
 
 
+def write_cmd(duration: float, size_mib: int = 64) -> list[str]:
+    """One thread pinned to CPU 1 storing a word per 64-byte line over the buffer."""
+    return [build("wp_torture"), "write", str(duration), str(size_mib), "1"]
+
+
 def stress_cmd(duration: float, yaml_path: str) -> list[str]:
     return ["stress-ng", "--vm", "2", "--vm-bytes", "128M", "--vm-keep", "--vm-method",
             "inc-nybble", "-t", str(int(duration)), "--metrics-brief", "--yaml", yaml_path]
@@ -73,6 +80,7 @@ def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
     tmp = tempfile.mkdtemp(prefix="udamon-bench-")
     yaml_path = os.path.join(tmp, "sng.yaml")
     cmd = (access_pattern_cmd(duration, size_mib) if workload == "access_pattern"
+           else write_cmd(duration, size_mib) if workload == "write"
            else stress_cmd(duration, yaml_path))
     extra: dict = {}
     rec = os.path.join(tmp, "rec.jsonl")
@@ -98,6 +106,11 @@ def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
             if not end.get("intact"):
                 raise RuntimeError(f"workload corrupted under {cond}: {end}")
             rate = (end["passes_r"] + end["passes_w"]) / duration
+        elif workload == "write":
+            end = finish_json_workload(p, timeout=duration + 60)
+            if not end.get("intact"):
+                raise RuntimeError(f"workload corrupted under {cond}: {end}")
+            rate = end["rate"]
         else:
             p.wait(duration + 60)
             rate = _stress_rate(yaml_path)
@@ -158,7 +171,7 @@ def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
         if skip:
             results[wl] = {"skipped": skip}
             continue
-        wconds = [c for c in conds if not (c == "kdamond-vaddr" and wl != "access_pattern")]
+        wconds = [c for c in conds if not (c == "kdamond-vaddr" and wl == "stress-ng")]
         rates: dict[str, list[float]] = {c: [] for c in wconds}
         pair: dict[str, list[float]] = {c: [] for c in wconds}
         extras: dict[str, list[dict]] = {c: [] for c in wconds}
@@ -183,8 +196,9 @@ def run(repeat: int = 5, duration: float = 4.0, primitives=("hint", "wp"),
                        "paired_ratio": summary(pair[c]),
                        "goal_met": c == "none" or (1 - ratio) * 100 <= GOAL_PCT,
                        "runs": extras[c]}
-        results[wl] = {"unit": ("reader+writer passes/s" if wl == "access_pattern"
-                                else "bogo ops/s (real time)"), "conditions": rows}
+        results[wl] = {"unit": {"access_pattern": "reader+writer passes/s",
+                                "write": "writer passes/s"}.get(wl, "bogo ops/s (real time)"),
+                       "conditions": rows}
     return {"repeat": repeat, "duration_s": duration, "goal_pct": GOAL_PCT, "size_mib": size_mib,
             "unavailable": unavailable, "workloads": results}
 
