@@ -34,18 +34,20 @@ import bench_slowdown
 from common import ROOT, build, load1, start_json_workload
 
 MODES = {
-    "full": {"slowdown": {"repeat": 5, "duration": 4.0},
+    "full": {"slowdown": {"repeat": 8, "duration": 5.0,
+                          "workloads": ("access_pattern", "write", "stress-ng")},
              "scale": {"repeat": 3, "duration": 5.0, "sizes": (64, 256, 1024, 2048),
                        "threads": (1, 2, 8, 32)},
              "accuracy": {"repeat": 3, "duration": 10.0},
              "intake": ["--reports", "2000000", "--repeat", "5"],
-             "wp_overhead": ["--runs", "5", "--duration", "3"],
+             "wp_overhead": ["--cli", "--runs", "8", "--duration", "8"],
              "profile_s": 8, "guest": True},
-    "quick": {"slowdown": {"repeat": 3, "duration": 2.0},
+    "quick": {"slowdown": {"repeat": 3, "duration": 2.0,
+                           "workloads": ("access_pattern", "write", "stress-ng")},
               "scale": {"repeat": 1, "duration": 3.0, "sizes": (64, 1024), "threads": (1, 8)},
               "accuracy": {"repeat": 1, "duration": 6.0},
               "intake": ["--reports", "300000", "--repeat", "3"],
-              "wp_overhead": ["--runs", "2", "--duration", "1"],
+              "wp_overhead": ["--cli", "--runs", "2", "--duration", "3"],
               "profile_s": 0, "guest": False},
 }
 
@@ -224,8 +226,11 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
     out += bench_slowdown.markdown(res["slowdown"]) + [""]
     wp = res.get("wp_overhead", {})
     if wp:
+        how = ("'udamon record --primitive wp --pid' at its defaults on the single-writer "
+               "workload; work per CPU-second is the workload's passes per second of its own "
+               "CPU time" if "--cli" in wp.get("args", []) else "driving WpPrimitive directly")
         out += ["wp primitive's own benchmark (`bench/bench_wp_overhead.py "
-                f"{' '.join(wp.get('args', []))}`, driving WpPrimitive directly):", ""]
+                f"{' '.join(wp.get('args', []))}`, {how}):", ""]
         out += (["    " + ln for ln in wp["summary"]] if "summary" in wp
                 else [f"skipped: {wp['skipped']}"]) + [""]
     out += ["## 2. Monitor cost and scale", ""]
