@@ -68,7 +68,12 @@ def qemu_command(cache: Path, results: Path, mem_per_node_mb: int) -> list[str]:
                          "or run with --install as root)")
     m = mem_per_node_mb
     return [
-        qemu, "-accel", "tcg", "-cpu", os.environ.get("UDAMON_GUEST_CPU", "Haswell-noTSX"),
+        # thread=single: the two vCPUs take turns on one host thread.  Multi-threaded
+        # TCG let a vCPU run a stale int3 while the other patched kernel text (a static
+        # key flip: perf, numa_balancing), and the guest kernel oopsed ("int3" in
+        # __schedule, about 1 run in 8).  UDAMON_GUEST_TCG_THREAD=multi goes back.
+        qemu, "-accel", f"tcg,thread={os.environ.get('UDAMON_GUEST_TCG_THREAD', 'single')}",
+        "-cpu", os.environ.get("UDAMON_GUEST_CPU", "Haswell-noTSX"),
         "-smp", "2", "-m", f"{2 * m}M",
         "-object", f"memory-backend-ram,id=m0,size={m}M",
         "-object", f"memory-backend-ram,id=m1,size={m}M",
