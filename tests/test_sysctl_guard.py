@@ -160,9 +160,11 @@ def test_apply_numa_balancing(numa_original, tmp_path):
 
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from udamon.primitives.sysctl_guard import SettingsGuard
     state_dir, path, value, watchdog = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    # as in a terminal, even when the test runs in the background (SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with SettingsGuard(state_dir=state_dir, watchdog=watchdog == "1") as g:
         g.set(path, value)
         print("set", flush=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 KERNEL_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64) ")
 MODULES = ["9p", "9pnet_virtio", "overlay"]  # plus whatever they depend on
-FORMAT = 3  # bump when the initramfs layout changes
+FORMAT = 4  # bump when the initramfs layout changes
 
 INIT = r"""#!/bin/busybox sh
 # udamon guest init (tests/guest/prepare.py): PID 1 in the initramfs.
@@ -74,6 +74,7 @@ mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
 mount -t tracefs tracefs /newroot/sys/kernel/tracing
 mount -t debugfs debugfs /newroot/sys/kernel/debug
+mkdir -p /newroot/.host && mount --bind /lower /newroot/.host  # the host root, as is
 ip link set lo up 2>/dev/null
 echo "udamon-guest: userspace ready at $(cut -d' ' -f1 /proc/uptime)s"
 cut -d' ' -f1 /proc/uptime > /newroot/udamon-results/boot_s

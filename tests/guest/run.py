@@ -52,6 +52,12 @@ def guest_script(python: str, pytest_args: list[str], shell: str | None = None) 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 UDAMON_GUEST=1 PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg
 export PYTHONUNBUFFERED=1
+# /tmp is the guest's own tmpfs: a repository under the host's /tmp (a CI clone)
+# is bound in from the host root the init keeps at /.host (read-only)
+if [ ! -d {shlex.quote(str(REPO))} ] && [ -d /.host{shlex.quote(str(REPO))} ]; then
+    mkdir -p {shlex.quote(str(REPO))} && mount --bind /.host{shlex.quote(str(REPO))} \
+        {shlex.quote(str(REPO))}
+fi
 cd {shlex.quote(str(REPO))} || exit 125
 echo "guest: Linux $(uname -r), $(nproc) CPUs, nodes: $(cd /sys/devices/system/node && echo node*)"
 for n in /sys/devices/system/node/node*; do
