@@ -162,7 +162,7 @@ def run_profile(seconds: float, log) -> dict:
 
 GUEST_SHELL = ("cd {root} && {py} bench/bench_accuracy.py --repeat 2 --duration 10 "
                "--json /udamon-results/acc.json && {py} bench/bench_slowdown.py --primitives hint "
-               "--workloads access_pattern --size 4 --repeat 3 --duration 4 "
+               "--workloads access_pattern --size 4 --repeat 3 --duration 8 "
                "--json /udamon-results/sd.json")
 
 
@@ -256,8 +256,9 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
                 "(the workload process). Guest command: "
                 f"`{g['command']}`.", ""]
         out += bench_accuracy.markdown(g["accuracy"]) + [""]
-        out += ["Overhead in the guest (access_pattern with 4 MiB buffers; udamon's Python "
-                "competes with the workload for the two emulated CPUs):", ""]
+        out += ["Overhead in the guest (access_pattern with 4 MiB buffers; single-threaded "
+                "TCG: the two emulated CPUs, the workload and udamon's Python share one host "
+                "thread):", ""]
         out += bench_slowdown.markdown(g["slowdown"])[2:] + [""]
     elif g and "skipped" not in g:
         ka, ks = g["accuracy"]["kernel"], g["slowdown"]

@@ -253,7 +253,13 @@ class KernelDamon:
         if self.idx is not None:
             try:
                 if _read(self._kd("state")) != "off":
-                    self._write(self._kd("state"), "off")
+                    try:
+                        self._write(self._kd("state"), "off")
+                    except OSError:
+                        # a vaddr kdamond whose process exited stops by itself, and
+                        # refuses "off" (EPERM) while it does: the wait below settles it
+                        if self.ops != "vaddr":
+                            raise
                 deadline = time.monotonic() + 10
                 while _read(self._kd("state")) != "off" and time.monotonic() < deadline:
                     time.sleep(0.01)
