@@ -101,8 +101,14 @@ def run(a: argparse.Namespace) -> int:
 def remote_share(snap: Snapshot) -> float | None:
     """Share of the node-probe hits that went to pages on another node (by the sampled
     page locations); None when nothing is known."""
+    remote, total = remote_hits(snap)
+    return remote / total if total else None
+
+
+def remote_hits(snap: Snapshot) -> tuple[float, float]:
+    """(node-probe hits on pages of another node, node-probe hits on sampled pages)."""
     if snap.page_nodes is None:
-        return None
+        return 0.0, 0.0
     nodes, h = node_hits(snap)
     remote = total = 0.0
     for i, pn in enumerate(snap.page_nodes):
@@ -113,7 +119,7 @@ def remote_share(snap: Snapshot) -> float | None:
             hits = float(h[k, i])
             total += hits
             remote += hits * (pages - pn.get(str(n), 0)) / pages
-    return remote / total if total else None
+    return remote, total
 
 
 class MigrateSink:
@@ -128,15 +134,20 @@ class MigrateSink:
         self.shares: list[tuple[int, int, float]] = []  # time_ns, pid, remote share
         self.errors: list[str] = []
         self._t0: int | None = None
+        self._moved = False
+        self._before = [0.0, 0.0]  # remote, total hits up to and including the first move
 
     def begin(self, header: dict, monitor: Monitor) -> None:
         pass
 
     def snapshot(self, snap: Snapshot) -> None:
         self._t0 = snap.start_ns if self._t0 is None else self._t0
-        rs = remote_share(snap)
-        if rs is not None:
-            self.shares.append((snap.time_ns, snap.pid, rs))
+        remote, total = remote_hits(snap)
+        if total:
+            self.shares.append((snap.time_ns, snap.pid, remote / total))
+        if not self._moved:
+            self._before[0] += remote
+            self._before[1] += total
         try:
             act = apply(snap, self.params)
         except OSError as e:  # the process is gone, or move_pages is not permitted
@@ -144,6 +155,7 @@ class MigrateSink:
                 self.errors.append(f"pid {snap.pid}: move_pages: {e.strerror}")
             return
         self.actions.append(act)
+        self._moved = self._moved or bool(act.pages_moved) and not self.params.dry_run
         if self.fmt == "text" and not self.quiet and (act.pages_moved or act.pages_failed):
             self._line(act)
 
@@ -184,6 +196,9 @@ class MigrateSink:
             # by sampled page locations: share of accesses that were remote
             "remote_share_first": float(np.mean(shares[:third])) if shares else None,
             "remote_share_last": float(np.mean(shares[-third:])) if shares else None,
+            # pooled over the intervals up to and including the first that moved pages
+            "remote_share_before_first_move": (self._before[0] / self._before[1]
+                                               if self._moved and self._before[1] else None),
             "errors": self.errors,
         }
 
