@@ -27,6 +27,7 @@ import os
 import time
 
 from udamon.errors import RuntimeFailure, TargetGone
+from udamon.targets.procmaps import live_thread_ids
 from udamon.targets.ptrace import (
     PTRACE_DETACH,
     PTRACE_INTERRUPT,
@@ -50,21 +51,9 @@ class FreezeFailed(Exception):
 
 def _live_tids(pid: int) -> list[int]:
     try:
-        names = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
+        return live_thread_ids(pid)
+    except TargetGone:
         raise TargetGone(f"process {pid} has exited") from None
-    out = []
-    for n in names:
-        if not n.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/task/{n}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            out.append(int(n))
-    return out
 
 
 def _poll_stop(tid: int) -> tuple[bool, int] | None:

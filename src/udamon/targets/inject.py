@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass
 
 from udamon.errors import RuntimeFailure, TargetGone
+from udamon.targets.procmaps import live_thread_ids
 from udamon.targets.ptrace import (
     PTRACE_CONT,
     PTRACE_DETACH,
@@ -193,19 +194,12 @@ def check_injectable(pid: int) -> None:
 def _pick_thread(pid: int) -> int:
     """The main thread if it is alive, else any live thread."""
     try:
-        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if t.isdigit())
-    except FileNotFoundError:
+        tids = live_thread_ids(pid)
+    except TargetGone:
         raise TargetGone(f"process {pid} has exited") from None
-    tids.sort(key=lambda t: t != pid)
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            return tid
-    raise TargetGone(f"process {pid} has no live thread")
+    if not tids:
+        raise TargetGone(f"process {pid} has no live thread")
+    return tids[0]
 
 
 def _find_syscall_insn(pid: int, memfd: int) -> int | None:

@@ -109,6 +109,21 @@ def process_name(pid: int) -> str:
         return "?"
 
 
+def live_thread_ids(pid: int) -> list[int]:
+    """The process's threads that have not exited (zombie threads left out), main first."""
+    out = []
+    for tid in thread_ids(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            out.append(tid)
+    out.sort(key=lambda t: t != pid)
+    return out
+
+
 def thread_ids(pid: int) -> list[int]:
     import os
 
