@@ -482,6 +482,14 @@ _MONITOR_CHILD = textwrap.dedent("""
 """)
 
 
+def _assert_ended_intact(rc: int, watch: TickWatch) -> None:
+    """The target exited 0, and its end line says the data survived (a last tick may
+    print after it)."""
+    assert rc == 0, watch.lines[-3:]
+    ends = [d for d in watch.lines if "intact" in d]
+    assert ends and ends[-1]["intact"] is True
+
+
 @needs_wp
 def test_sigkill_of_monitor_leaves_target_running(torture):
     p = _spawn([torture, "churn", "3"])
@@ -508,10 +516,7 @@ def test_sigkill_of_monitor_leaves_target_running(torture):
             mon.wait()
         p.kill()
         p.wait()
-    assert rc == 0
-    # the end line says whether the data survived (a last tick may print after it)
-    ends = [d for d in watch.lines if "intact" in d]
-    assert ends and ends[-1]["intact"] is True
+    _assert_ended_intact(rc, watch)
     assert watch.max_gap < 1.0
     # An injection holds the target in a ptrace stop for well under a millisecond
     # (the sampler may catch it); after the monitor died it must never be stopped.
@@ -569,9 +574,7 @@ def test_sigkill_of_monitor_during_injection_leaves_target_running(torture):
             mon.wait()
         p.kill()
         p.wait()
-    assert rc == 0
-    ends = [d for d in watch.lines if "intact" in d]
-    assert ends and ends[-1]["intact"] is True
+    _assert_ended_intact(rc, watch)
     assert not watch.stopped_after(released_at + 0.05)
 
 
@@ -615,10 +618,7 @@ def test_churning_target_survives_monitoring(torture, exec_):
             w.stop()
         p.kill()
         p.wait()
-    assert rc == 0, watch.lines[-3:]
-    # the end line says whether the data survived (a last tick may print after it)
-    ends = [d for d in watch.lines if "intact" in d]
-    assert ends and ends[-1]["intact"] is True
+    _assert_ended_intact(rc, watch)
     assert reported > 0
     assert watch.max_gap < 1.0
     assert watch.longest_stop() < 0.1, watch.longest_stop()
