@@ -220,3 +220,90 @@ def test_missing_process_is_a_clear_error():
     from udamon.errors import TargetGone
     with pytest.raises(TargetGone, match="does not exist"):
         Monitor().add_target(2**22 + 12345)
+
+
+def test_written_pages_count_distinct_pages_and_add_up_when_regions_merge():
+    """A dirty rate needs distinct written pages, not intervals with a write: 3 writes
+    to one page and 1 to another are 2 pages; reads and filtered-out writes are not."""
+    mon = Monitor(Attrs(sample_us=5000, aggr_us=100_000, min_nr_regions=3,
+                        max_nr_regions=1000), parse_conditions("!cpus:3"), seed=1)
+    mon.add_target(10, [(BASE, BASE + 1024 * PAGE)])
+    mon.start(0)
+    for t, page in ((1, 0), (2, 0), (60, 0), (3, 700), (4, 700 - 1)):
+        mon.report_access(pid=10, addr=BASE + page * PAGE + 8, time_ns=t * MS, write=True,
+                          cpu=0)
+    mon.report_access(pid=10, addr=BASE + 5 * PAGE, time_ns=5 * MS, write=False)  # a read
+    mon.report_access(pid=10, addr=BASE + 9 * PAGE, time_ns=5 * MS, write=True, cpu=3)
+    (snap,) = mon.advance(100 * MS)
+    assert snap.written_pages is not None and int(snap.written_pages.sum()) == 3
+    # regions that merged carry the sum of their pages
+    assert int(snap.written_pages[region_at(snap, BASE + 700 * PAGE)]) >= 1
+    (nxt,) = mon.advance(200 * MS)
+    assert int(nxt.written_pages.sum()) == 0  # reset every aggregation
+    assert Monitor(count_written_pages=False).count_written_pages is False
+
+
+def test_an_exited_target_keeps_its_last_interval_and_flush_closes_the_running_one():
+    """Reports of a target that exits mid-interval are counted in that interval's
+    snapshot (not as unmatched), and then it gets no more snapshots; flush() closes
+    the running interval early so its reports are not lost either."""
+    mon = Monitor(Attrs(sample_us=5000, aggr_us=100_000, min_nr_regions=3), seed=1)
+    a = mon.add_target(10, [(BASE, BASE + 64 * PAGE)])
+    mon.add_target(11, [(BASE, BASE + 64 * PAGE)])
+    mon.start(0)
+    mon.report_access(pid=10, addr=BASE, time_ns=30 * MS)
+    a.exited = True  # as run_live marks it when the primitive says so
+    snaps = mon.advance(100 * MS)
+    assert sorted(s.pid for s in snaps) == [10, 11]
+    assert next(s for s in snaps if s.pid == 10).nr_accesses.sum() == 1
+    assert mon.stats.unmatched == 0 and a.closed
+    mon.report_access(pid=11, addr=BASE, time_ns=130 * MS)
+    assert [s.pid for s in mon.advance(200 * MS)] == [11]
+    mon.report_access(pid=11, addr=BASE, time_ns=230 * MS)
+    assert mon.flush(202 * MS) == []  # shorter than one sampling interval: nothing to close
+    (last,) = mon.flush(240 * MS)
+    assert (last.start_ns, last.time_ns) == (200 * MS, 240 * MS)
+    assert last.nr_accesses.sum() == 1
+
+
+def test_mapped_spans_exclude_the_holes_that_the_three_regions_cover(tmp_path):
+    """A process's three regions span unmapped holes; the snapshot says which parts
+    are mapped (written when it changes, carried forward by the reader)."""
+    from udamon.record.reader import read_record
+    from udamon.record.writer import RecordWriter, build_header
+    from udamon.targets.procmaps import read_vmas
+    p = subprocess.Popen([sys.executable, "-c", WORKLOAD], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
+        t = mon.add_target(p.pid)
+        vmas = read_vmas(p.pid)
+        mon.start(0)
+        (s1,) = mon.advance(100 * MS)
+        assert s1.mapped is not None
+        mapped = sum(e - s for s, e in s1.mapped)
+        monitored = sum(e - s for s, e in t.ranges)
+        assert mapped < monitored  # the holes inside the three regions are not mapped
+        for s, e in s1.mapped:
+            assert any(v.start <= s and e <= v.end or v.start < e and s < v.end for v in vmas)
+        (s2,) = mon.advance(200 * MS)
+        assert s2.mapped is None  # unchanged: not repeated
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "mapped"
+        mon.advance(300 * MS)  # the update interval re-reads the maps
+        (s4,) = mon.advance(400 * MS)
+        assert s4.mapped is not None
+        assert sum(e - s for s, e in s4.mapped) >= mapped + (64 << 20)
+        path = tmp_path / "r.jsonl"
+        w = RecordWriter(str(path))
+        w.write_header(build_header(mon.attrs, "replay", "complete", [], [], mon.targets))
+        for s in (s1, s2, s4):
+            w.write_snapshot(s)
+        w.close("duration")
+        rec = read_record(str(path))
+        assert [s.mapped for s in rec.snapshots] == [s1.mapped, s1.mapped, s4.mapped]
+    finally:
+        p.kill()
+        p.wait()

@@ -27,9 +27,20 @@ from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
-from udamon.targets.procmaps import process_name, read_vmas, three_regions
+from udamon.targets.procmaps import mapped_spans, process_name, read_vmas, three_regions
 
-RangeProvider = Callable[[], list[tuple[int, int]]]
+# re-reads a target's mappings: (the ranges to monitor, the mapped spans within them)
+RangeProvider = Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]
+
+
+def _vma_provider(pid: int) -> RangeProvider:
+    """DAMON's vaddr ranges (three regions) plus the spans really mapped inside them:
+    the three regions include unmapped holes, which reports must not call memory."""
+    def provide() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        vmas = read_vmas(pid)
+        ranges = three_regions(vmas)
+        return ranges, mapped_spans(vmas, ranges)
+    return provide
 
 
 @dataclass
@@ -38,8 +49,11 @@ class Target:
     regions: Regions
     provider: RangeProvider | None = None  # re-reads the ranges every update interval
     name: str = ""
-    exited: bool = False
+    exited: bool = False  # the process is gone (its last aggregation is still emitted)
     ranges: list[tuple[int, int]] = field(default_factory=list)
+    mapped: list[tuple[int, int]] | None = None  # mapped spans inside ranges (VMA targets)
+    closed: bool = False  # exited and its last snapshot emitted
+    mapped_changed: bool = True  # mapped changed since the last snapshot said it
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "name": self.name,
@@ -64,6 +78,11 @@ class Snapshot:
     nr_passed: int = 0  # ... of which passed the sample filters and landed in a region
     # per region {"<node>": sampled pages}, where page locations were sampled (live only)
     page_nodes: list[dict[str, int]] | None = None
+    # per region, distinct pages written in the interval (None: not counted)
+    written_pages: np.ndarray | None = None
+    # the target's mapped spans, when they changed since its previous snapshot (the
+    # reader carries them forward); None: unchanged or not known
+    mapped: list[tuple[int, int]] | None = None
 
     @property
     def aggr_us(self) -> int:
@@ -72,6 +91,7 @@ class Snapshot:
     def to_dict(self) -> dict:
         names = list(self.probe_hits)
         hits = [self.probe_hits[n].tolist() for n in names]
+        wp = self.written_pages.tolist() if self.written_pages is not None else None
         regions = []
         for i, (s, e, a, g) in enumerate(zip(self.start.tolist(), self.end.tolist(),
                                               self.nr_accesses.tolist(), self.age.tolist(),
@@ -80,10 +100,15 @@ class Snapshot:
                    "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}}
             if self.page_nodes is not None:
                 reg["nodes"] = self.page_nodes[i]
+            if wp is not None and wp[i]:
+                reg["written_pages"] = wp[i]
             regions.append(reg)
-        return {"time_ns": self.time_ns, "pid": self.pid, "sample_us": self.sample_us,
-                "aggr_us": self.aggr_us, "nr_reports": self.nr_reports,
-                "nr_passed": self.nr_passed, "regions": regions}
+        out = {"time_ns": self.time_ns, "pid": self.pid, "sample_us": self.sample_us,
+               "aggr_us": self.aggr_us, "nr_reports": self.nr_reports,
+               "nr_passed": self.nr_passed, "regions": regions}
+        if self.mapped is not None:
+            out["mapped"] = [[int(a), int(b)] for a, b in self.mapped]
+        return out
 
 
 @dataclass
@@ -98,7 +123,13 @@ class MonitorStats:
 class Monitor:
     def __init__(self, attrs: Attrs | None = None, filters: Sequence[Filter] = (),
                  probes: Sequence[Probe] = (), *, seed: int | None = None,
-                 buffer_capacity: int = DEFAULT_CAPACITY, min_region_sz: int = PAGE):
+                 buffer_capacity: int = DEFAULT_CAPACITY, min_region_sz: int = PAGE,
+                 count_written_pages: bool = True):
+        """``count_written_pages``: also count, per region, the distinct pages that
+        passing write reports touched in each aggregation (what a dirty rate needs
+        from an observational primitive; a controlled one samples a page per region,
+        so it turns this off)."""
+        self.count_written_pages = count_written_pages
         self.attrs = (attrs or Attrs()).validate()
         self.filters = tuple(filters)
         self.probes = tuple(probes)
@@ -126,10 +157,10 @@ class Monitor:
         if any(t.pid == pid for t in self.targets):
             raise ValueError(f"pid {pid} is already a target")
         provider: RangeProvider | None = None
+        mapped: list[tuple[int, int]] | None = None
         if ranges is None:
-            def provider() -> list[tuple[int, int]]:
-                return three_regions(read_vmas(pid))
-            ranges = provider()
+            provider = _vma_provider(pid)
+            ranges, mapped = provider()
             if not ranges:
                 raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
         if name is None:
@@ -141,7 +172,7 @@ class Monitor:
                 raise ValueError(f"ranges overlap: {s0:#x}-{e0:#x} and {s1:#x}")
         regions = Regions.evenly_split(ranges, self.attrs.min_nr_regions, len(self.probes),
                                        self.min_region_sz)
-        t = Target(pid, regions, provider, name or "", ranges=list(ranges))
+        t = Target(pid, regions, provider, name or "", ranges=list(ranges), mapped=mapped)
         self.targets.append(t)
         return t
 
@@ -222,16 +253,33 @@ class Monitor:
 
         passed = evaluate(self.filters, reports) & inside
         r.nr_accesses += count(passed)
+        if self.count_written_pages:
+            w = passed & reports["write"]
+            if w.any():
+                _, first = np.unique(reports["addr"][w] // np.uint64(PAGE), return_index=True)
+                r.written_pages += np.bincount(ridx[w][first], minlength=len(r))
         for i, p in enumerate(self.probes):
             r.probe_hits[i] += count(evaluate(p.filters, reports) & inside)
         return int(reports.size), int(passed.sum())
 
-    def _close_window(self) -> list[Snapshot]:
+    def flush(self, now_ns: int) -> list[Snapshot]:
+        """End the session: close the running aggregation interval early at ``now_ns``
+        (a shorter last snapshot, so the reports in it are not lost) when it has lasted
+        at least one sampling interval and some target still owes a snapshot."""
+        out = self.advance(now_ns)
+        ws = self.window_start
+        if (ws is not None and now_ns - ws >= self.attrs.sample_us * 1000
+                and any(not t.closed for t in self.targets)):
+            out.extend(self._close_window(int(now_ns)))
+        return out
+
+    def _close_window(self, end_ns: int | None = None) -> list[Snapshot]:
         assert self.window_start is not None
-        ws, we = self.window_start, self.window_end
+        ws, we = self.window_start, end_ns if end_ns is not None else self.window_end
         assert we is not None
         reports = self.buffer.take_before(we)
-        live = [t for t in self.targets if not t.exited]
+        # a target that exited during this interval still gets it: its last accesses
+        live = [t for t in self.targets if not t.closed]
         counts: dict[int, tuple[int, int]] = {}
         if reports.size:
             pids = reports["pid"]
@@ -273,8 +321,16 @@ class Monitor:
                                   r.nr_accesses.copy(), r.age.copy(),
                                   {p.name: r.probe_hits[i].copy()
                                    for i, p in enumerate(self.probes)},
-                                  n_rep, n_pass))
+                                  n_rep, n_pass,
+                                  written_pages=(r.written_pages.copy()
+                                                 if self.count_written_pages else None),
+                                  mapped=(list(t.mapped) if t.mapped is not None
+                                          and t.mapped_changed else None)))
+            t.mapped_changed = False
             r.reset_aggregated()
+            if t.exited:
+                t.closed = True
+        live = [t for t in live if not t.closed]
 
         # kdamond_split_regions
         nr = sum(len(t.regions) for t in live)
@@ -298,13 +354,16 @@ class Monitor:
             if t.exited or t.provider is None:
                 continue
             try:
-                ranges = t.provider()
+                ranges, mapped = t.provider()
             except TargetGone:
                 t.exited = True
                 continue
             if not ranges:
                 t.exited = True
                 continue
+            if mapped != t.mapped:
+                t.mapped = mapped
+                t.mapped_changed = True
             if ranges != t.ranges:
                 t.ranges = ranges
                 t.regions.set_ranges(ranges, self.min_region_sz)

@@ -25,7 +25,8 @@ def align_up(x: int, a: int) -> int:
 class Regions:
     """Sorted, non-overlapping ``[start, end)`` regions of one target with their counters."""
 
-    __slots__ = ("start", "end", "nr_accesses", "last_nr_accesses", "age", "probe_hits")
+    __slots__ = ("start", "end", "nr_accesses", "last_nr_accesses", "age", "probe_hits",
+                 "written_pages")
 
     def __init__(self, starts: Sequence[int], ends: Sequence[int], nr_probes: int = 0):
         self.start = np.asarray(starts, dtype=np.uint64).copy()
@@ -35,6 +36,9 @@ class Regions:
         self.last_nr_accesses = np.zeros(n, dtype=np.int64)
         self.age = np.zeros(n, dtype=np.int64)
         self.probe_hits = np.zeros((nr_probes, n), dtype=np.int64)
+        # distinct pages written in this aggregation (observational primitives): a sum,
+        # not a per-sampling-interval count, so merging adds it instead of averaging
+        self.written_pages = np.zeros(n, dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.start.size)
@@ -90,6 +94,7 @@ class Regions:
         self.last_nr_accesses = pick(self.last_nr_accesses)
         self.age = pick(self.age)
         self.probe_hits = pick(self.probe_hits)
+        self.written_pages = pick(self.written_pages)
         self.start = np.asarray(starts, dtype=np.uint64)
         self.end = np.asarray(ends, dtype=np.uint64)
 
@@ -116,7 +121,8 @@ class Regions:
     def merge(self, thres: int, sz_limit: int) -> None:
         """damon_merge_regions_of: merge adjacent regions whose nr_accesses differ
         by at most ``thres`` while the merged size stays within ``sz_limit``.
-        Counters of a merged region are size-weighted averages."""
+        Counters of a merged region are size-weighted averages, except written
+        pages, which add up."""
         n = len(self)
         if n < 2:
             return
@@ -126,6 +132,8 @@ class Regions:
         age = self.age.tolist()
         last = self.last_nr_accesses.tolist()
         hits = [row.tolist() for row in self.probe_hits]
+        wp = self.written_pages.tolist()
+        o_wp = [wp[0]]
         o_start, o_end, o_acc, o_age, o_last = [start[0]], [end[0]], [acc[0]], [age[0]], [last[0]]
         o_hits = [[h[0]] for h in hits]
         for i in range(1, n):
@@ -139,6 +147,7 @@ class Regions:
                 o_last[-1] = (o_last[-1] * sz_prev + last[i] * sz) // tot
                 for p, h in enumerate(hits):
                     o_hits[p][-1] = (o_hits[p][-1] * sz_prev + h[i] * sz) // tot
+                o_wp[-1] += wp[i]
                 o_end[-1] = end[i]
             else:
                 o_start.append(start[i])
@@ -146,6 +155,7 @@ class Regions:
                 o_acc.append(acc[i])
                 o_age.append(age[i])
                 o_last.append(last[i])
+                o_wp.append(wp[i])
                 for p, h in enumerate(hits):
                     o_hits[p].append(h[i])
         self.start = np.asarray(o_start, dtype=np.uint64)
@@ -154,6 +164,7 @@ class Regions:
         self.age = np.asarray(o_age, dtype=np.int64)
         self.last_nr_accesses = np.asarray(o_last, dtype=np.int64)
         self.probe_hits = np.asarray(o_hits, dtype=np.int64).reshape(len(hits), len(o_start))
+        self.written_pages = np.asarray(o_wp, dtype=np.int64)
 
     def split(self, nr_subs: int, rng: np.random.Generator, min_sz: int = PAGE) -> None:
         """damon_split_regions_of: split each region into up to ``nr_subs`` pieces at
@@ -227,6 +238,7 @@ class Regions:
         self.last_nr_accesses = self.nr_accesses
         self.nr_accesses = np.zeros_like(self.last_nr_accesses)
         self.probe_hits = np.zeros_like(self.probe_hits)
+        self.written_pages = np.zeros_like(self.written_pages)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the list is not sorted and non-overlapping."""

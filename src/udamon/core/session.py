@@ -139,6 +139,15 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
             if monitor.targets and all(t.exited for t in monitor.targets):
                 res.reason = "targets-exited"
                 break
+        # the running interval holds the exited targets' last accesses, or the ones
+        # since the last full interval before an interrupt: close it early
+        now = clock()
+        monitor.report_batch(primitive.poll(now))
+        for s in monitor.flush(now):
+            if annotate is not None:
+                annotate(s)
+            sink(s)
+            res.snapshots += 1
     finally:
         primitive.stop()
         st = primitive.stats()

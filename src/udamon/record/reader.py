@@ -2,8 +2,9 @@
 
 Every problem is reported as ``FILE:LINE: what is wrong``.  A record that ends
 without its end line (udamon was killed) is readable and says so through
-``Record.complete``; a damaged line is an error unless ``salvage`` is set, in
-which case everything before it is returned.
+``Record.complete``; a damaged line, or an end line whose snapshot count differs
+from the snapshots read, is an error unless ``salvage`` is set, in which case
+everything readable is returned and ``Record.damage`` says what is wrong.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def _parse_header(obj, where: str) -> tuple[dict, Attrs, list[Filter], list[Prob
     return obj, attrs, filters, probes
 
 
-def _parse_snapshot(obj: dict, where: str, probe_names: list[str]) -> Snapshot:
+def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
+                    written_pages: bool = False) -> Snapshot:
     _need(obj, SNAPSHOT_KEYS, where)
     time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63))
     pid = _int(obj["pid"], "pid", where, lo=-(1 << 31))
@@ -152,6 +154,7 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str]) -> Snapshot:
     hits = {name: np.zeros(n, dtype=np.int64) for name in probe_names}
     prev_end = 0
     page_nodes: list[dict[str, int]] | None = None
+    wpages = np.zeros(n, dtype=np.int64) if written_pages else None
     for i, r in enumerate(regions):
         rw = f"{where}: region {i}"
         if not isinstance(r, dict):
@@ -182,14 +185,28 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str]) -> Snapshot:
             if page_nodes is None:
                 page_nodes = [{} for _ in range(n)]
             page_nodes[i] = nodes
+        if "written_pages" in r:
+            if wpages is None:  # counted, though the header did not say so
+                wpages = np.zeros(n, dtype=np.int64)
+            wpages[i] = _int(r["written_pages"], "written_pages", rw)
+    mapped = None
+    if "mapped" in obj:
+        spans = obj["mapped"]
+        if not isinstance(spans, list) or not all(
+                isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) for v in x)
+                and 0 <= x[0] < x[1] for x in spans):
+            raise _Bad(f"{where}: mapped must be a list of [start, end] pairs")
+        mapped = [(int(a), int(b)) for a, b in spans]
     return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
-                    _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes)
+                    _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
+                    written_pages=wpages, mapped=mapped)
 
 
 def read_record(path: str, *, salvage: bool = False) -> Record:
     """Read and validate a whole record.  Raises InputError with FILE:LINE."""
     rec: Record | None = None
+    mapped_of: dict[int, list[tuple[int, int]]] = {}
     try:
         for lineno, raw in _lines(path):
             where = f"{path}:{lineno}"
@@ -217,7 +234,14 @@ def read_record(path: str, *, salvage: bool = False) -> Record:
                 _need(end, END_KEYS, where)
                 rec.end = end
                 continue
-            rec.snapshots.append(_parse_snapshot(obj, where, rec.probe_names))
+            snap = _parse_snapshot(obj, where, rec.probe_names,
+                                   bool(rec.header.get("written_pages", False)))
+            # "mapped" is written when it changes: carry it forward per target
+            if snap.mapped is not None:
+                mapped_of[snap.pid] = snap.mapped
+            else:
+                snap.mapped = mapped_of.get(snap.pid)
+            rec.snapshots.append(snap)
     except _Bad as e:
         if salvage and rec is not None:
             rec.damage = str(e)
@@ -228,4 +252,19 @@ def read_record(path: str, *, salvage: bool = False) -> Record:
         raise InputError(f"{e}{hint}") from None
     if rec is None:
         raise InputError(f"{path}: empty file, not a udamon record")
+    _check_count(rec, salvage)
     return rec
+
+
+def _check_count(rec: Record, salvage: bool) -> None:
+    """Snapshot lines lost in between (a damaged copy, a bad merge) leave every
+    remaining line valid; only the end line's count reveals them."""
+    want = (rec.end or {}).get("snapshots")
+    if not isinstance(want, int) or isinstance(want, bool) or want == len(rec.snapshots):
+        return
+    got = len(rec.snapshots)
+    msg = (f"{rec.path}: the end line says {want} snapshots but {got} were found "
+           f"({abs(want - got)} snapshot line(s) {'lost' if got < want else 'too many'})")
+    if not salvage:
+        raise InputError(f"{msg}; --salvage reads what is there")
+    rec.damage = msg

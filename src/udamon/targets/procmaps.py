@@ -91,6 +91,23 @@ def three_regions(vmas: list[Vma]) -> list[tuple[int, int]]:
     return [(first, g1s), (g1e, g2s), (g2e, last)]
 
 
+def mapped_spans(vmas: list[Vma], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` that some VMA maps, adjacent VMAs coalesced.  The
+    three-region heuristic monitors the holes between mappings too (that is how
+    DAMON keeps few regions); what is really memory is only this."""
+    spans = _coalesce(sorted((v.start, v.end) for v in vmas if v.path != "[vsyscall]"))
+    out: list[tuple[int, int]] = []
+    j = 0
+    for rs, re_ in sorted(ranges):
+        while j < len(spans) and spans[j][1] <= rs:
+            j += 1
+        k = j
+        while k < len(spans) and spans[k][0] < re_:
+            out.append((max(spans[k][0], rs), min(spans[k][1], re_)))
+            k += 1
+    return out
+
+
 def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for s, e in spans:
