@@ -207,13 +207,15 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                 except TargetGone:
                     pass
             probes = add_breakdown(probes, kinds, cpus=cpus, nodes=nodes, tids=tids)
-        monitor = Monitor(attrs, filters, probes, seed=a.seed)
+        monitor = Monitor(attrs, filters, probes, seed=a.seed,
+                          count_written_pages=primitive.kind != "controlled")
         for pid in targets:
             monitor.add_target(pid, ranges)
         extra = {"command": command} if command else {}
         start_notes = primitive.stats().notes
         header = build_header(attrs, prim_name, primitive.coverage, filters, probes,
-                              monitor.targets, clock="monotonic", notes=start_notes, **extra)
+                              monitor.targets, clock="monotonic", notes=start_notes,
+                              written_pages=monitor.count_written_pages, **extra)
         for s in sinks:
             s.begin(header, monitor)
             begun.append(s)

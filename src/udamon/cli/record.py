@@ -75,7 +75,8 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
     prim = ReplayPrimitive(a.input)
     writer = RecordWriter(a.output)
     writer.write_header(build_header(attrs, "replay", prim.coverage, filters, probes,
-                                     monitor.targets, input=os.path.abspath(a.input)))
+                                     monitor.targets, input=os.path.abspath(a.input),
+                                     written_pages=monitor.count_written_pages))
     stop = live.install_stop()
     progress = _Progress(not a.quiet and sys.stderr.isatty())
     try:
