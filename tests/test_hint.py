@@ -188,3 +188,50 @@ def test_not_root_is_a_clear_error(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
     assert p.returncode in (1, 2), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "root" in p.stderr, p.stderr
+
+
+def test_overlapping_sessions_keep_balancing_on_until_the_last_ends(tmp_path, numa_restored):
+    """Session A turns NUMA balancing on, B starts while A runs; A ending must not
+    turn it off under B, and B ending restores the value from before A."""
+    target = subprocess.Popen(["sleep", "60"])
+
+    def record(name: str, duration: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "hint",
+                                 "--pid", str(target.pid), "--duration", duration, "-q",
+                                 "-o", str(tmp_path / f"{name}.jsonl")],
+                                stderr=subprocess.PIPE, text=True)
+
+    def numa() -> str:
+        return Path(NUMA).read_text().strip()
+
+    Path(NUMA).write_text("0")  # so that A really changes it (numa_restored puts it back)
+    try:
+        a = record("a", "4s")
+        deadline = time.time() + 15
+        while numa() == "0" and time.time() < deadline:
+            time.sleep(0.02)
+        assert numa() == "1", "session A never turned NUMA balancing on"
+        b = record("b", "60s")
+        b_state = Path(f"/run/udamon/settings-{b.pid}.json")
+
+        def b_needs_it() -> bool:
+            try:
+                return any(e["path"] == NUMA for e in json.loads(b_state.read_text())["entries"])
+            except (OSError, ValueError):
+                return False
+
+        deadline = time.time() + 15
+        while not b_needs_it() and time.time() < deadline:  # B is up and found it on
+            time.sleep(0.02)
+        assert b_needs_it(), "session B did not record that it needs NUMA balancing"
+        assert a.wait(30) == 0, a.stderr.read()
+        time.sleep(0.5)
+        assert b.poll() is None, b.stderr.read()
+        assert numa() == "1", "the first session out turned NUMA balancing off under the other"
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(15) == 0, b.stderr.read()
+        assert numa() == "0", "the last session out did not restore NUMA balancing"
+    finally:
+        target.kill()
+        target.wait()
+        Path(NUMA).write_text(numa_restored)

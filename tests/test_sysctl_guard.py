@@ -112,7 +112,7 @@ def test_context_manager_and_noop(numa_original, tmp_path):
         assert g.changed == {}
         g.set(NUMA_BALANCING, _flipped(numa_original))
     assert _read(NUMA_BALANCING) == numa_original
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.glob("settings-*")) == []  # the lock file stays
 
 
 def test_not_permitted(tmp_path):
@@ -124,7 +124,7 @@ def test_not_permitted(tmp_path):
     with pytest.raises(RuntimeFailure, match="osrelease"):
         g.set("/proc/sys/kernel/osrelease", "x")
     g.restore()
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.glob("settings-*")) == []  # the lock file stays
 
 
 def test_someone_else_changed_it(stat_interval_original, tmp_path):
@@ -244,3 +244,84 @@ def test_restore_stale_keeps_live_owner(stat_interval_original, tmp_path):
     finally:
         g.restore()
     assert _read(STAT_INTERVAL) == str(orig)
+
+
+# ---------------------------------------------------------------- overlapping sessions
+# Two sessions need the same setting; the first to exit must not take it away from
+# the other, and the last one out restores the value from before the first.  On a
+# scratch file (the guard treats any path alike), with each session in its own
+# process (a state file is per pid).
+
+
+def _start_session(state_dir: Path, path: Path, value: str, watchdog: bool = True):
+    env = dict(os.environ, PYTHONPATH=SRC)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(state_dir), str(path), value,
+         "1" if watchdog else "0"],
+        stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "set", f"session did not start ({proc.poll()})"
+    return proc
+
+
+def _state_of(state_dir: Path, proc: subprocess.Popen) -> dict:
+    return json.loads((state_dir / f"settings-{proc.pid}.json").read_text())
+
+
+def _end(proc: subprocess.Popen, how: str, state_dir: Path) -> None:
+    proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+    proc.wait(timeout=10)
+    # the guard (SIGTERM) or the watchdog (SIGKILL) has finished when the file is gone
+    assert _poll(lambda: not (state_dir / f"settings-{proc.pid}.json").exists(), 5.0)
+
+
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_overlapping_sessions_last_one_restores(tmp_path, how):
+    state, setting = tmp_path / "state", tmp_path / "setting"
+    setting.write_text("0\n")
+    a = _start_session(state, setting, "1")
+    b = _start_session(state, setting, "1")  # finds 1 already there
+    try:
+        entry = _state_of(state, b)["entries"][0]
+        assert entry["original"] is None and entry["value"] == "1"  # needed, not changed
+        _end(a, how, state)
+        assert _read(str(setting)) == "1", "the first session out took the setting away"
+        assert _state_of(state, b)["entries"][0]["original"] == "0\n"  # handed off
+    finally:
+        _end(b, "term", state)
+    assert _read(str(setting)) == "0"
+    assert list(state.glob("settings-*")) == []
+
+
+def test_overlapping_sessions_restore_stale_hands_off(tmp_path):
+    state, setting = tmp_path / "state", tmp_path / "setting"
+    setting.write_text("0\n")
+    a = _start_session(state, setting, "1", watchdog=False)  # as if its watchdog died too
+    b = _start_session(state, setting, "1")
+    try:
+        a.kill()
+        a.wait(timeout=10)
+        out = restore_stale(str(state))
+        assert any("still needed" in line for line in out), out
+        assert _read(str(setting)) == "1"
+    finally:
+        _end(b, "kill", state)  # b's watchdog restores the handed-off original
+    assert _read(str(setting)) == "0"
+
+
+@pytest.mark.parametrize("first_out", ["a", "b"])
+def test_overlapping_sessions_different_values(tmp_path, first_out):
+    """A sets 0 -> 1, B then 1 -> 2: whichever exits first, the other keeps its value
+    until it exits, and 0 is back at the end."""
+    state, setting = tmp_path / "state", tmp_path / "setting"
+    setting.write_text("0\n")
+    a = _start_session(state, setting, "1")
+    b = _start_session(state, setting, "2")
+    procs = {"a": a, "b": b}
+    second_out = "b" if first_out == "a" else "a"
+    try:
+        _end(procs[first_out], "term", state)
+        assert _read(str(setting)) == {"a": "2", "b": "1"}[first_out]
+    finally:
+        _end(procs[second_out], "term", state)
+    assert _read(str(setting)) == "0"

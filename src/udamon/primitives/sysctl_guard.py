@@ -18,6 +18,13 @@ put back only while it still holds what udamon wrote.
 
 The state file (``/run/udamon/settings-<pid>.json``) is written *before* a
 setting is changed, so no crash window leaves a change unrecorded.
+
+Concurrent sessions: a session also records the settings and mounts it needs
+but found already in place, every set and restore holds an ``flock`` on the
+state dir's lock file, and a restore of something another live session still
+needs hands the original over to it instead (details in the watchdog module),
+so the first session to exit does not turn NUMA balancing off under the
+others, and the last one out restores the value from before the first.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ class SettingsGuard:
         self._watchdog: subprocess.Popen | None = None
         self._old_sigterm: object = None
         self._lock = threading.RLock()
+        self._flock: contextlib.ExitStack | None = None  # the state-dir flock, when held
+        self._flock_depth = 0
         self._active = False
         self.log: list[str] = []  # one line per restore action
 
@@ -74,7 +83,7 @@ class SettingsGuard:
     @property
     def changed(self) -> dict[str, str]:
         """Path -> original value of every setting changed so far."""
-        return {e["path"]: e["original"] for e in self._entries}
+        return {e["path"]: e["original"] for e in self._entries if e["original"] is not None}
 
     def set(self, path: str, value: str) -> None:
         """Write ``value`` to ``path``; RuntimeFailure with the reason if not possible."""
@@ -83,48 +92,65 @@ class SettingsGuard:
             raise RuntimeFailure(why)
 
     def try_set(self, path: str, value: str) -> tuple[bool, str]:
-        """Like :meth:`set`, but returns ``(False, reason)`` instead of raising."""
+        """Like :meth:`set`, but returns ``(False, reason)`` instead of raising.
+
+        A value that is already there is recorded as needed (original null), so
+        that another session's restore does not take it away from us.
+        """
         value = str(value)
         with self._lock:
             try:
-                current = wd.read_value(path)
+                wd.read_value(path)
             except OSError as e:
                 return False, f"cannot read {path}: {_reason(e)}"
-            entry = next((e for e in self._entries if e["path"] == path), None)
-            if entry is None and wd.norm(current) == wd.norm(value):
-                return True, f"{path} already {wd.norm(value)}"
             self._arm()
-            if entry is None:
-                entry = {"path": path, "original": current, "value": value}
-                self._entries.append(entry)
-            else:
-                entry["value"] = value
-            self._save()  # recorded before the write: no unrecorded change on a crash
-            try:
-                wd.write_value(path, value)
-            except OSError as e:
-                entry["value"] = current  # what is there now
-                return False, f"cannot write {wd.norm(value)} to {path}: {_reason(e)}"
-            return True, f"{path}: {wd.norm(current)} -> {wd.norm(value)}"
+            with self._locked():
+                try:
+                    current = wd.read_value(path)
+                except OSError as e:
+                    return False, f"cannot read {path}: {_reason(e)}"
+                same = wd.norm(current) == wd.norm(value)
+                entry = next((e for e in self._entries if e["path"] == path), None)
+                if entry is None:
+                    entry = {"path": path, "original": None if same else current, "value": value}
+                    self._entries.append(entry)
+                else:
+                    if entry["original"] is None and not same:
+                        entry["original"] = current
+                    entry["value"] = value
+                self._save()  # recorded before the write: no unrecorded change on a crash
+                if same:
+                    return True, f"{path} already {wd.norm(value)}"
+                try:
+                    wd.write_value(path, value)
+                except OSError as e:
+                    entry["value"] = current  # what is there now
+                    return False, f"cannot write {wd.norm(value)} to {path}: {_reason(e)}"
+                return True, f"{path}: {wd.norm(current)} -> {wd.norm(value)}"
 
     def mount(self, fstype: str, target: str) -> bool:
         """Mount ``fstype`` on ``target`` unless something is mounted there; undone on restore.
 
-        Returns True if this call mounted it.
+        Returns True if this call mounted it.  A mount found in place is recorded
+        as needed, so another session's restore does not unmount it under us.
         """
-        if mounts.is_mounted(target):
-            return False
         with self._lock:
             self._arm()
-            m = {"target": target, "fstype": fstype}
-            self._mounts.append(m)
-            self._save()
-            try:
-                mounts.mount(fstype, target)
-            except OSError as e:
-                self._mounts.remove(m)
+            with self._locked():
+                if any(m["target"] == target for m in self._mounts):
+                    return False
+                m = {"target": target, "fstype": fstype, "owned": not mounts.is_mounted(target)}
+                self._mounts.append(m)
                 self._save()
-                raise RuntimeFailure(f"mount -t {fstype} {target} failed: {_reason(e)}") from None
+                if not m["owned"]:
+                    return False
+                try:
+                    mounts.mount(fstype, target)
+                except OSError as e:
+                    self._mounts.remove(m)
+                    self._save()
+                    raise RuntimeFailure(
+                        f"mount -t {fstype} {target} failed: {_reason(e)}") from None
         return True
 
     def restore(self) -> list[str]:
@@ -132,14 +158,17 @@ class SettingsGuard:
         with self._lock:
             if not self._active:
                 return []
-            state = self._state()
-            out = wd.restore_state(state)
+            try:
+                with self._locked():  # re-reads our state file: it may hold handed-off originals
+                    out = wd.restore_session(self.state_path, fallback=self._state())
+            except RuntimeFailure as e:  # the lock file cannot be opened: restore what we know
+                out = [str(e), *wd.restore_state(self._state())]
+                with contextlib.suppress(OSError):
+                    os.unlink(self.state_path)
             self.log.extend(out)
             self._entries.clear()
             self._mounts.clear()
-            self._stop_watchdog()
-            with contextlib.suppress(OSError):
-                os.unlink(self.state_path)
+            self._stop_watchdog()  # after the state file is gone: it exits without acting
             self._unhook_signals()
             self._active = False
             return out
@@ -166,7 +195,45 @@ class SettingsGuard:
             "mounts": [dict(m) for m in self._mounts],
         }
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the state dir's flock (re-entrant within this guard, e.g. from a signal handler)."""
+        with self._lock:
+            if self._flock_depth == 0:
+                stack = contextlib.ExitStack()
+                try:
+                    stack.enter_context(wd.state_lock(self.state_dir))
+                except OSError as e:
+                    raise RuntimeFailure(
+                        f"cannot lock {self.state_dir}/{wd.LOCK_NAME}: {_reason(e)}") from None
+                self._flock = stack
+            self._flock_depth += 1
+            try:
+                yield
+            finally:
+                self._flock_depth -= 1
+                if self._flock_depth == 0 and self._flock is not None:
+                    self._flock.close()
+                    self._flock = None
+
+    def _merge_handoffs(self) -> None:
+        """Adopt what other sessions handed over to us in our state file (under the flock)."""
+        disk = wd.load_state(self.state_path)
+        if disk is None:
+            return
+        for d in disk.get("entries", []):
+            if d.get("original") is None:
+                continue
+            for e in self._entries:
+                if e["path"] == d["path"]:
+                    e["original"] = d["original"]
+        for d in disk.get("mounts", []):
+            for m in self._mounts:
+                if m["target"] == d["target"] and d.get("owned"):
+                    m["owned"] = True
+
     def _save(self) -> None:
+        self._merge_handoffs()
         try:
             wd.save_state(self.state_path, self._state())
         except OSError as e:
@@ -269,25 +336,26 @@ class SettingsGuard:
 def restore_stale(state_dir: str = DEFAULT_STATE_DIR) -> list[str]:
     """Restore the settings of sessions whose owner died (and whose watchdog failed).
 
-    Returns one line per action; state files of live owners are left alone.
+    Returns one line per action; state files of live owners are left alone, and
+    what a live session still needs is handed off to it rather than restored.
     """
     out: list[str] = []
-    try:
-        names = sorted(os.listdir(state_dir))
-    except FileNotFoundError:
+    if not os.path.isdir(state_dir):
         return out
+    try:
+        with wd.state_lock(state_dir):
+            for name in sorted(os.listdir(state_dir)):
+                if not (name.startswith("settings-") and name.endswith(".json")):
+                    continue
+                path = os.path.join(state_dir, name)
+                state = wd.load_state(path)
+                if state is None or wd.owner_alive(state):
+                    continue
+                out.extend(f"stale session {state.get('pid')}: {line}"
+                           for line in wd.restore_session(path))
     except OSError as e:
-        raise RuntimeFailure(f"cannot list {state_dir}: {_reason(e)}") from None
-    for name in names:
-        if not (name.startswith("settings-") and name.endswith(".json")):
-            continue
-        path = os.path.join(state_dir, name)
-        state = wd.load_state(path)
-        if state is None or wd.owner_alive(state):
-            continue
-        out.extend(f"stale session {state.get('pid')}: {line}" for line in wd.restore_state(state))
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        raise RuntimeFailure(
+            f"cannot restore stale sessions in {state_dir}: {_reason(e)}") from None
     return out
 
 
@@ -326,13 +394,15 @@ def numa_balancing_settings(sample_us: int) -> dict[str, str]:
 def apply_numa_balancing(guard: SettingsGuard, sample_us: int) -> list[str]:
     """Turn NUMA balancing on through ``guard`` (required) and tune the scanner (best effort).
 
-    Mounts debugfs when needed (the guard unmounts it on restore).  Returns
-    one-line notes on what could not be done, for the record header.
+    Mounts debugfs when needed (the guard unmounts it on restore, unless
+    another session still needs it).  Returns one-line notes on what could not
+    be done, for the record header.
     """
     settings = numa_balancing_settings(sample_us)
     guard.set(NUMA_BALANCING, settings.pop(NUMA_BALANCING))
     notes: list[str] = []
-    if not os.path.isdir(NUMA_TUNABLES_DIR) and os.path.isdir(DEBUGFS):
+    if os.path.isdir(DEBUGFS) and (mounts.is_mounted(DEBUGFS)
+                                   or not os.path.isdir(NUMA_TUNABLES_DIR)):
         try:
             guard.mount("debugfs", DEBUGFS)
         except RuntimeFailure as e:
@@ -359,8 +429,9 @@ def tracefs_needs_mount() -> bool:
 
 def apply_tracefs(guard: SettingsGuard) -> list[str]:
     """Mount tracefs through ``guard`` when needed, so that it is unmounted again on
-    every exit path (the watchdog covers SIGKILL).  Returns notes for the record."""
-    if not tracefs_needs_mount():
+    every exit path (the watchdog covers SIGKILL); a tracefs already mounted
+    there is recorded as needed.  Returns notes for the record."""
+    if not (tracefs_needs_mount() or mounts.is_mounted(TRACEFS)):
         return []
     try:
         guard.mount("tracefs", TRACEFS)

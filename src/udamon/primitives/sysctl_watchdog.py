@@ -18,6 +18,19 @@ only while it still holds the value udamon set, so a change somebody else made
 meanwhile is left alone and running the restore twice is harmless.  This
 module uses the standard library only (the guard runs it with ``-I``) and its
 helpers are shared with the guard.
+
+Several sessions at once (two ``udamon record --primitive hint``): every
+session lists in its state file each setting it *needs*, with ``original``
+null when it found the value already there, and each mount it needs, with
+``owned`` false when it found it mounted.  Everything that reads or writes a
+state file or a setting (set, restore by the guard, the watchdog or
+``restore_stale``) holds ``flock`` on ``settings.lock`` in the state dir, and
+:func:`restore_session` re-reads the owner's file under it.  A setting or
+mount that another *live* session still needs is not restored but handed off:
+its original goes into that session's entry (mount ownership likewise), so the
+last session out restores the value from before the first one came.  The one
+exception: when the original is exactly what the other session needs, the
+restore is done (it gives that session its value back).
 """
 
 from __future__ import annotations
@@ -25,12 +38,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import json
 import os
 import signal
 import sys
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: entries may have original null (needed, not changed)
+LOCK_NAME = "settings.lock"
 PR_SET_PDEATHSIG = 1
 
 
@@ -74,9 +89,20 @@ def load_state(path: str) -> dict | None:
             state = json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+    if not isinstance(state, dict) or state.get("version") not in (1, STATE_VERSION):
         return None
     return state
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: str):
+    """Exclusive ``flock`` on the state dir's lock file: one restorer or setter at a time."""
+    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def save_state(path: str, state: dict) -> None:
@@ -90,7 +116,9 @@ def save_state(path: str, state: dict) -> None:
 
 def restore_entry(entry: dict) -> str:
     """Compare-and-restore one setting; returns a one-line outcome."""
-    path, original, value = entry["path"], entry["original"], entry["value"]
+    path, original, value = entry["path"], entry.get("original"), entry["value"]
+    if original is None:
+        return f"{path}: not changed by this session"
     try:
         current = read_value(path)
     except OSError as e:
@@ -115,9 +143,70 @@ def umount(target: str) -> str:
 
 
 def restore_state(state: dict) -> list[str]:
-    """Restore every entry (latest first), then undo the mounts udamon made."""
-    out = [restore_entry(e) for e in reversed(state.get("entries", []))]
-    out.extend(umount(m["target"]) for m in reversed(state.get("mounts", [])))
+    """Restore every changed entry (latest first), then undo the mounts udamon made."""
+    out = [restore_entry(e) for e in reversed(state.get("entries", []))
+           if e.get("original") is not None]
+    out.extend(umount(m["target"]) for m in reversed(state.get("mounts", []))
+               if m.get("owned", True))
+    return out
+
+
+def _live_others(state_path: str) -> list[tuple[str, dict]]:
+    """State files of the other sessions in the same dir whose owner is alive."""
+    d = os.path.dirname(state_path) or "."
+    out = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            if (name.startswith("settings-") and name.endswith(".json")
+                    and os.path.abspath(p) != os.path.abspath(state_path)):
+                st = load_state(p)
+                if st is not None and owner_alive(st):
+                    out.append((p, st))
+    return out
+
+
+def restore_session(state_path: str, fallback: dict | None = None) -> list[str]:
+    """Restore or hand off what one session changed, then remove its state file.
+
+    Call it holding :func:`state_lock`.  ``fallback`` is used when the file is
+    missing (the owner's in-memory state).
+    """
+    state = load_state(state_path) or fallback
+    out: list[str] = []
+    if state is not None:
+        others = _live_others(state_path)
+        for e in reversed(state.get("entries", [])):
+            if e.get("original") is None:
+                continue
+            taker = next(((p, st, x) for p, st in others for x in st.get("entries", [])
+                          if x["path"] == e["path"]), None)
+            if taker is None or norm(e["original"]) == norm(taker[2]["value"]):
+                out.append(restore_entry(e))
+                continue
+            p, st, x = taker
+            if x.get("original") is None or norm(x["original"]) == norm(e["value"]):
+                x["original"] = e["original"]  # the older original, for the last one out
+                save_state(p, st)
+                out.append(f"{e['path']}: still needed by udamon {st.get('pid')}, which will "
+                           f"restore {norm(e['original'])}")
+            else:  # that session changed it before us: undo only our layer
+                out.append(restore_entry(e))
+        for m in reversed(state.get("mounts", [])):
+            if not m.get("owned", True):
+                continue
+            taker = next(((p, st, x) for p, st in others for x in st.get("mounts", [])
+                          if x["target"] == m["target"]), None)
+            if taker is None:
+                out.append(umount(m["target"]))
+                continue
+            p, st, x = taker
+            x["owned"] = True
+            save_state(p, st)
+            out.append(f"{m['target']}: still needed by udamon {st.get('pid')}, which will "
+                       "unmount it")
+    with contextlib.suppress(OSError):
+        os.unlink(state_path)
     return out
 
 
@@ -129,12 +218,13 @@ def _restore_file(state_path: str) -> None:
     if _restoring:  # EOF and PDEATHSIG both fire: restore once
         return
     _restoring = True
-    state = load_state(state_path)
-    if state is not None:
-        for line in restore_state(state):
-            print(f"udamon watchdog: {line}", file=sys.stderr)
-    with contextlib.suppress(OSError):
-        os.unlink(state_path)
+    try:
+        with state_lock(os.path.dirname(state_path) or "."):
+            lines = restore_session(state_path)
+    except OSError as e:
+        lines = [f"cannot restore from {state_path}: {e.strerror or e}"]
+    for line in lines:
+        print(f"udamon watchdog: {line}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
