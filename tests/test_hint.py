@@ -235,3 +235,18 @@ def test_overlapping_sessions_keep_balancing_on_until_the_last_ends(tmp_path, nu
         target.kill()
         target.wait()
         Path(NUMA).write_text(numa_restored)
+
+
+def test_availability_check_mounts_nothing(monkeypatch):
+    """hint_available() runs before the settings guard exists: a mount it made (even
+    one undone right after) would outlive a SIGKILL during start-up."""
+    from udamon.primitives import mounts, perf_tracepoint
+
+    calls = []
+    for mod in (mounts, perf_tracepoint):
+        monkeypatch.setattr(mod, "mount", lambda *a, **k: calls.append(a))
+    before = Path("/proc/self/mounts").read_text()
+    ok, why = hint_available()
+    assert ok, why
+    assert calls == [], "the availability check mounted something"
+    assert Path("/proc/self/mounts").read_text() == before

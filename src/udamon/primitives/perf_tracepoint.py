@@ -274,13 +274,33 @@ def _read_format(tp_dir: str) -> tuple[int, dict[str, int], int]:
     return tp_id, offsets, end
 
 
+def _tracefs_known() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            return any(ln.split()[-1:] == ["tracefs"] for ln in f)
+    except OSError:
+        return False
+
+
 def page_fault_tracepoint_available() -> tuple[bool, str]:
-    """Whether FaultTracer can work here, and why not (or what it will use)."""
+    """Whether FaultTracer can work here, and why not (or what it will use).
+
+    Mounts nothing: a check that mounted tracefs itself would leave it mounted
+    when udamon is SIGKILLed during start-up.  When tracefs is not mounted, the
+    kernel knowing it is enough; the session mounts it through the settings
+    guard (whose watchdog unmounts it whatever happens).
+    """
     if platform.machine() not in _NR_PERF_EVENT_OPEN:
         return False, f"perf_event_open number unknown for {platform.machine()}"
-    tfs = _Tracefs()
+    tp_dir = _find_tracepoint_dir()
+    if tp_dir is None:
+        root = TRACEFS_DIRS[0]
+        if not _tracefs_known():
+            return False, "this kernel has no tracefs (CONFIG_TRACING), so no tracepoints"
+        if os.path.isdir(root) and not is_mounted(root):
+            return True, f"tracefs is not mounted; the session mounts it on {root}"
+        return False, f"tracepoint {TRACEPOINT} not found under {' or '.join(TRACEFS_DIRS)}"
     try:
-        tp_dir = tfs.locate()
         tp_id, _, _ = _read_format(tp_dir)
         attr = _make_attr(tp_id, wakeup_events=1, inherit=False)
         try:
@@ -291,8 +311,6 @@ def page_fault_tracepoint_available() -> tuple[bool, str]:
         return True, f"{TRACEPOINT} id {tp_id} ({tp_dir})"
     except (RuntimeFailure, OSError) as e:
         return False, str(e)
-    finally:
-        tfs.release()
 
 
 def _make_attr(tp_id: int, *, wakeup_events: int, inherit: bool) -> PerfEventAttr:
