@@ -36,7 +36,7 @@ from common import ROOT, build, load1, start_json_workload
 MODES = {
     "full": {"slowdown": {"repeat": 8, "duration": 5.0,
                           "workloads": ("access_pattern", "write", "stress-ng")},
-             "scale": {"repeat": 3, "duration": 5.0, "sizes": (64, 256, 1024, 2048),
+             "scale": {"repeat": 3, "duration": 5.0, "sizes": (64, 512, 2048, 8192),
                        "threads": (1, 2, 8, 32)},
              "accuracy": {"repeat": 3, "duration": 10.0},
              "intake": ["--reports", "2000000", "--repeat", "5"],
