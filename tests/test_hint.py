@@ -250,3 +250,23 @@ def test_availability_check_mounts_nothing(monkeypatch):
     assert ok, why
     assert calls == [], "the availability check mounted something"
     assert Path("/proc/self/mounts").read_text() == before
+
+
+def test_no_faults_at_all_is_said_to_be_not_observed(tmp_path):
+    """A target the NUMA scanner never samples (here: one that sleeps) gives 0 reports;
+    stderr and the record's end notes must say that means 'not observed', not 'cold'."""
+    target = subprocess.Popen(["sleep", "30"])
+    try:
+        rec_path = tmp_path / "idle.jsonl"
+        p = run_udamon("record", "--primitive", "hint", "--pid", str(target.pid),
+                       "--duration", "2s", "-q", "-o", str(rec_path), timeout=60)
+        assert p.returncode == 0, p.stderr
+    finally:
+        target.kill()
+        target.wait()
+    msg = f"no hinting faults observed for pid {target.pid} in "
+    assert msg in p.stderr and "'not observed', not 'cold'" in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if msg in ln]) == 1
+    rec = read_record(str(rec_path))
+    assert sum(s.nr_reports for s in rec.snapshots) == 0
+    assert any(msg in n for n in rec.end.get("notes", [])), rec.end

@@ -231,9 +231,12 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                            annotate=None if a.no_page_nodes else page_node_sampler(a.seed))
         finally:
             bar.done()
-        notes = [n for n in primitive.stats().notes if n not in start_notes]
+        st = primitive.stats()
+        notes = [n for n in st.notes if n not in start_notes]
         for s in sinks:
             s.end(res, monitor, notes)
+        for w in st.warnings:
+            print(f"udamon: note: {w}", file=sys.stderr)
     except BaseException as e:
         primitive.stop()  # idempotent; restores system settings
         for s in begun:

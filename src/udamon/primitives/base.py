@@ -35,6 +35,8 @@ Coverage = Literal["controlled", "complete", "unknown"]
 class PrimitiveStats:
     lost_samples: int = 0  # events the kernel or a reader lost before udamon saw them
     notes: list[str] = field(default_factory=list)  # one-line facts for the record header
+    # notes the user must see at the end (also in ``notes``): the CLI prints them on stderr
+    warnings: list[str] = field(default_factory=list)
 
 
 class Primitive(ABC):

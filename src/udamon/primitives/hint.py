@@ -18,6 +18,7 @@ and are reported the same way.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -86,6 +87,9 @@ class HintPrimitive(Primitive):
         self._pids: list[int] = []
         self._exited: set[int] = set()
         self._notes: list[str] = []
+        self._warnings: list[str] = []
+        self._faults: dict[int, int] = {}  # pid -> faults seen
+        self._t0 = 0.0
         self._stopped = False
 
     def start(self, pids: list[int]) -> None:
@@ -93,6 +97,8 @@ class HintPrimitive(Primitive):
         if not ok:
             raise RuntimeFailure(why)
         self._pids = list(pids)
+        self._faults = dict.fromkeys(self._pids, 0)
+        self._t0 = time.monotonic()
         kw = {} if self._state_dir is None else {"state_dir": self._state_dir}
         for line in restore_stale(**kw):
             self._notes.append(f"restored settings left by a crashed udamon: {line}")
@@ -112,7 +118,12 @@ class HintPrimitive(Primitive):
     def poll(self, now_ns: int) -> np.ndarray:
         if self._tracer is None:
             return empty(0)
-        return faults_to_reports(self._tracer.read())
+        faults = self._tracer.read()
+        if faults.size:
+            pids, counts = np.unique(faults["pid"], return_counts=True)
+            for pid, n in zip(pids.tolist(), counts.tolist(), strict=True):
+                self._faults[pid] = self._faults.get(pid, 0) + n
+        return faults_to_reports(faults)
 
     def wait(self, timeout_s: float) -> bool:
         if self._tracer is None:
@@ -131,7 +142,19 @@ class HintPrimitive(Primitive):
 
     def stats(self) -> PrimitiveStats:
         lost = self._tracer.lost if self._tracer is not None else 0
-        return PrimitiveStats(lost_samples=lost, notes=list(self._notes))
+        return PrimitiveStats(lost_samples=lost, notes=list(self._notes),
+                              warnings=list(self._warnings))
+
+    def _note_unobserved(self) -> None:
+        """A target with no fault at all is easily mistaken for a cold one: say it is not."""
+        secs = time.monotonic() - self._t0
+        for pid in self._pids:
+            if self._faults.get(pid, 0) == 0:
+                msg = (f"no hinting faults observed for pid {pid} in {secs:.0f} s: the kernel's "
+                       "NUMA scanner did not sample it; this is 'not observed', not 'cold'; "
+                       "see docs/primitives.md")
+                self._warnings.append(msg)
+                self._notes.append(msg)
 
     def stop(self) -> None:
         if self._stopped:
@@ -139,6 +162,7 @@ class HintPrimitive(Primitive):
         self._stopped = True
         try:
             if self._tracer is not None:
+                self._note_unobserved()  # counts what poll() delivered: what the record has
                 self._tracer.close()
         finally:
             if self._guard is not None:
