@@ -270,3 +270,56 @@ def test_no_faults_at_all_is_said_to_be_not_observed(tmp_path):
     rec = read_record(str(rec_path))
     assert sum(s.nr_reports for s in rec.snapshots) == 0
     assert any(msg in n for n in rec.end.get("notes", [])), rec.end
+
+
+# exits as soon as the udamon whose pid the test writes into TRIGGER has created its
+# settings state file, i.e. while that udamon is starting the primitive
+_EXIT_DURING_START = """
+import os, sys, time
+trigger = sys.argv[1]
+while not os.path.getsize(trigger):
+    time.sleep(0.002)
+state = f"/run/udamon/settings-{open(trigger).read().strip()}.json"
+while not os.path.exists(state):
+    time.sleep(0.002)
+"""
+
+
+def test_one_of_several_pids_exiting_during_start_up(tmp_path):
+    trigger = tmp_path / "trigger"
+    trigger.write_text("")
+    quitter = subprocess.Popen([sys.executable, "-c", _EXIT_DURING_START, str(trigger)])
+    stayer = subprocess.Popen(["sleep", "30"])
+    rec_path = tmp_path / "two.jsonl"
+    try:
+        u = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "hint",
+                              "--pid", f"{quitter.pid},{stayer.pid}", "--duration", "2s", "-q",
+                              "-o", str(rec_path)], stderr=subprocess.PIPE, text=True)
+        trigger.write_text(str(u.pid))
+        _, err = u.communicate(timeout=60)
+        assert quitter.wait(10) == 0
+    finally:
+        for p in (quitter, stayer):
+            p.kill()
+            p.wait()
+    assert u.returncode == 0, err
+    note = f"process {quitter.pid} exited before monitoring started"
+    assert note in err, err
+    rec = read_record(str(rec_path))
+    assert rec.complete and [t["pid"] for t in rec.header["targets"]] == [stayer.pid]
+    assert any(note in n for n in rec.header.get("notes", [])), rec.header
+
+
+def test_the_only_pid_exiting_during_start_up_is_one_line(tmp_path):
+    trigger = tmp_path / "trigger"
+    trigger.write_text("")
+    quitter = subprocess.Popen([sys.executable, "-c", _EXIT_DURING_START, str(trigger)])
+    u = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "hint",
+                          "--pid", str(quitter.pid), "--duration", "2s", "-q",
+                          "-o", str(tmp_path / "r.jsonl")], stderr=subprocess.PIPE, text=True)
+    trigger.write_text(str(u.pid))
+    _, err = u.communicate(timeout=60)
+    quitter.wait(10)
+    assert u.returncode == 1, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("udamon: error: process ") and str(quitter.pid) in line, err

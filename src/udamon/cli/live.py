@@ -28,7 +28,7 @@ from udamon.cli.common import (
 from udamon.core.attrs import Attrs
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.core.session import SessionResult, StopFlag, run_live
-from udamon.errors import TargetGone, UsageError
+from udamon.errors import RuntimeFailure, TargetGone, UsageError
 from udamon.primitives import registry
 from udamon.probes import breakdown as breakdown_mod
 from udamon.probes.filters import Filter
@@ -209,10 +209,24 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
             probes = add_breakdown(probes, kinds, cpus=cpus, nodes=nodes, tids=tids)
         monitor = Monitor(attrs, filters, probes, seed=a.seed,
                           count_written_pages=primitive.kind != "controlled")
+        gone = primitive.gone_at_start()
         for pid in targets:
-            monitor.add_target(pid, ranges)
+            if pid in gone:
+                continue
+            try:
+                monitor.add_target(pid, ranges)
+            except TargetGone:
+                gone.append(pid)
+        if not monitor.targets:
+            raise RuntimeFailure(
+                f"process {gone[0]} does not exist" if len(gone) == 1 else
+                f"processes {', '.join(map(str, gone))} exited before monitoring started")
+        gone_notes = [f"process {pid} exited before monitoring started; monitoring the others"
+                      for pid in gone]
+        for n in gone_notes:
+            print(f"udamon: note: {n}", file=sys.stderr)
         extra = {"command": command} if command else {}
-        start_notes = primitive.stats().notes
+        start_notes = primitive.stats().notes + gone_notes
         header = build_header(attrs, prim_name, primitive.coverage, filters, probes,
                               monitor.targets, clock="monotonic", notes=start_notes,
                               written_pages=monitor.count_written_pages, **extra)

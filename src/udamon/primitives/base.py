@@ -66,6 +66,10 @@ class Primitive(ABC):
         """Pids among the targets that have exited since start."""
         return []
 
+    def gone_at_start(self) -> list[int]:
+        """Targets that exited while ``start()`` ran and are not observed (the others are)."""
+        return []
+
     def stats(self) -> PrimitiveStats:
         return PrimitiveStats()
 

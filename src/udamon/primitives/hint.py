@@ -86,6 +86,7 @@ class HintPrimitive(Primitive):
         self._tracer: FaultTracer | None = None
         self._pids: list[int] = []
         self._exited: set[int] = set()
+        self._gone_at_start: list[int] = []
         self._notes: list[str] = []
         self._warnings: list[str] = []
         self._faults: dict[int, int] = {}  # pid -> faults seen
@@ -108,12 +109,35 @@ class HintPrimitive(Primitive):
                 self._notes.extend(apply_numa_balancing(self._guard, self.sample_us))
             # tracefs through the guard, so that even a SIGKILLed udamon unmounts it
             self._notes.extend(apply_tracefs(self._guard))
-            # hint faults come in bursts of a whole scan pass: 4 MiB per CPU holds ~80k
-            self._tracer = FaultTracer(self._pids, pages_per_buffer=1024).open()
+            self._open_tracer()
             self._notes.append(f"fault tracer mode: {self._tracer.mode}")
         except BaseException:
             self.stop()
             raise
+
+    def _open_tracer(self) -> None:
+        """Open the tracer on the targets still alive: with several targets, one that
+        exits during start-up must not cost the others their session."""
+        for _ in range(3):
+            alive = [p for p in self._pids if is_alive(p)]
+            gone = [p for p in self._pids if p not in alive]
+            if not alive:
+                raise RuntimeFailure(
+                    f"process {gone[0]} does not exist" if len(gone) == 1 else
+                    f"processes {', '.join(map(str, gone))} exited before monitoring started")
+            self._gone_at_start.extend(gone)
+            self._pids = alive
+            try:
+                # hint faults come in bursts of a whole scan pass: 4 MiB per CPU holds ~80k
+                self._tracer = FaultTracer(self._pids, pages_per_buffer=1024).open()
+                return
+            except RuntimeFailure:
+                if all(is_alive(p) for p in self._pids):
+                    raise  # not a target that went away
+        raise RuntimeFailure("the target processes keep exiting during start-up")
+
+    def gone_at_start(self) -> list[int]:
+        return list(self._gone_at_start)
 
     def poll(self, now_ns: int) -> np.ndarray:
         if self._tracer is None:
