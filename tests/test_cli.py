@@ -208,3 +208,44 @@ def test_truncated_record_reports_where_and_salvages(tmp_path, demo_csv, udamon)
     assert p.returncode == 2 and "r.jsonl:6" in p.stderr and "--salvage" in p.stderr
     p = udamon("report", "access", "-i", str(rec), "--salvage")
     assert p.returncode == 0 and "damaged: " in p.stdout and "incomplete" in p.stderr
+
+
+def _nobody_python() -> list[str] | None:
+    """An interpreter user 'nobody' can run with udamon importable (the venv's python
+    may live under /root), as the argv prefix; None when there is none."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return None
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    path = f"{src}:{sysconfig.get_paths()['purelib']}"
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for py in (sys.executable, f"/usr/bin/{ver}", f"/usr/local/bin/{ver}"):
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                "env", "HOME=/tmp", f"PYTHONPATH={path}", py]
+        if os.path.exists(py) and subprocess.run(
+                [*argv, "-c", "import numpy, udamon"], capture_output=True,
+                cwd="/tmp").returncode == 0:
+            return argv
+    return None
+
+
+def test_non_root_on_a_root_pid_hears_it_needs_root():
+    """The privilege check comes before reading the target's /proc files, so a user
+    monitoring a process they do not own gets the real reason."""
+    import subprocess
+
+    argv = _nobody_python()
+    if argv is None:
+        pytest.skip("needs root, setpriv and a python that user nobody can run")
+    p = subprocess.run([*argv, "-m", "udamon", "record", "--primitive", "hint", "--pid", "1",
+                        "-o", "/tmp/udamon-nobody.jsonl"], capture_output=True, text=True,
+                       cwd="/tmp")
+    assert p.returncode == 1, p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "needs root" in line and "maps" not in line, line

@@ -175,12 +175,14 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
     if bool(pids) == bool(command):
         raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
     entry = registry.entry(prim_name)
+    # privileges first: a user who may not use the primitive at all must hear that,
+    # not that some /proc file of a process they do not own cannot be read
+    primitive = registry.make_live(prim_name, attrs)
     for pid in pids:
         try:
             read_vmas(pid)
         except TargetGone as e:
             raise UsageError(str(e)) from None
-    primitive = registry.make_live(prim_name, attrs)
     stop = install_stop()
     launched = Launched(command) if command else None
     targets = [launched.pid] if launched else pids
