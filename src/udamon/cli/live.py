@@ -70,7 +70,10 @@ def page_node_sampler(seed):
     rng = np.random.default_rng(seed)
 
     def annotate(snap: Snapshot) -> None:
-        snap.page_nodes = sample_region_nodes(snap.pid, snap.start, snap.end, rng)
+        # an interval without reports has no access to place, and hint's are mostly
+        # quiet: skipping them saves a move_pages() pass per aggregation (~1 ms)
+        if snap.nr_reports:
+            snap.page_nodes = sample_region_nodes(snap.pid, snap.start, snap.end, rng)
 
     return annotate
 
@@ -124,11 +127,13 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                    help="stop after this long (default: until the targets exit or Ctrl-C)")
     p.add_argument("--breakdown", metavar="KIND[,KIND]", action="append", default=[],
                    help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
-                        "thread (thread:<tid> per thread present at start), rw (write, read)")
+                        "thread (thread:<tid> per thread present at start; with -- COMMAND "
+                        "that is only its first thread: threads created later are not broken "
+                        "down), rw (write, read)")
     p.add_argument("--no-page-nodes", action="store_true",
                    help="do not sample which NUMA node holds each region's pages (by default "
-                        "2 random pages per region per aggregation, with move_pages(2) in query "
-                        "mode; 'report numa' uses them)")
+                        "2 random pages per region per aggregation that had reports, with "
+                        "move_pages(2) in query mode; 'report numa' uses them)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     add_filter_args(p)
     add_monitoring_args(p)
