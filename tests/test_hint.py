@@ -323,3 +323,14 @@ def test_the_only_pid_exiting_during_start_up_is_one_line(tmp_path):
     assert u.returncode == 1, err
     (line,) = err.strip().splitlines()
     assert line.startswith("udamon: error: process ") and str(quitter.pid) in line, err
+
+
+def test_thread_breakdown_of_a_launched_command_says_what_it_covers(tmp_path):
+    p = run_udamon("record", "--primitive", "hint", "--breakdown", "thread", "-q",
+                   "--duration", "1s", "-o", str(tmp_path / "t.jsonl"), "--", "sleep", "2",
+                   timeout=60)
+    assert p.returncode == 0, p.stderr
+    notes = [ln for ln in p.stderr.splitlines() if "--breakdown thread" in ln]
+    assert len(notes) == 1 and "not broken down" in notes[0], p.stderr
+    h = run_udamon("record", "--help")
+    assert "threads created later are not broken" in " ".join(h.stdout.split())

@@ -183,6 +183,9 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
     # privileges first: a user who may not use the primitive at all must hear that,
     # not that some /proc file of a process they do not own cannot be read
     primitive = registry.make_live(prim_name, attrs)
+    if command and "thread" in kinds:
+        print("udamon: note: --breakdown thread with -- COMMAND covers the command's first "
+              "thread only: threads it creates later are not broken down", file=sys.stderr)
     for pid in pids:
         try:
             read_vmas(pid)
@@ -226,6 +229,7 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                 gone.append(pid)
         if not monitor.targets:
             raise RuntimeFailure(
+                f"{command[0]} (pid {gone[0]}) exited before monitoring started" if launched else
                 f"process {gone[0]} does not exist" if len(gone) == 1 else
                 f"processes {', '.join(map(str, gone))} exited before monitoring started")
         gone_notes = [f"process {pid} exited before monitoring started; monitoring the others"
