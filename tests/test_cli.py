@@ -249,3 +249,23 @@ def test_non_root_on_a_root_pid_hears_it_needs_root():
     assert p.returncode == 1, p.stderr
     (line,) = p.stderr.strip().splitlines()
     assert "needs root" in line and "maps" not in line, line
+
+
+@pytest.mark.parametrize("cmd,opts", [
+    ("record", ["--cpus", "4099"]),
+    ("record", ["--filter", "cpus:0+4099"]),
+    ("monitor", ["--probe", "far=cpus:4099,write"]),
+    ("migrate", ["--filter", "!cpus:4099"]),
+])
+def test_live_cpus_this_machine_lacks_are_bad_input(tmp_path, udamon, cmd, opts):
+    out = ["-o", str(tmp_path / "r.jsonl")] if cmd == "record" else []
+    p = udamon(cmd, "--primitive", "hint", "--pid", "1", *out, *opts)
+    assert p.returncode == 2, p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "no CPU 4099 on this machine (its CPUs: " in line, line
+
+
+def test_replay_keeps_any_cpu(tmp_path, demo_csv, udamon):
+    p = udamon("record", "--input", str(demo_csv), "--cpus", "4099", "-q",
+               "-o", str(tmp_path / "r.jsonl"))
+    assert p.returncode == 0, p.stderr

@@ -141,6 +141,43 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                    help="-- COMMAND ARGS: launch and monitor a command from its start")
 
 
+def machine_cpus() -> list[int]:
+    """The CPUs this machine has (present, online or not)."""
+    from udamon.primitives.perf_tracepoint import online_cpus
+    from udamon.targets.topology import parse_cpulist
+
+    try:
+        with open("/sys/devices/system/cpu/present") as f:
+            return parse_cpulist(f.read()) or online_cpus()
+    except (OSError, ValueError):
+        return online_cpus()
+
+
+def _cpulist(cpus: list[int]) -> str:
+    """Sorted [0, 1, 2, 5] -> "0-2,5" (the kernel's list format)."""
+    runs: list[list[int]] = []
+    for c in cpus:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def check_cpus(filters: list[Filter]) -> None:
+    """Live sessions: a CPU this machine does not have can never report, so naming one
+    is a mistake (a typo, another machine's list), not a filter that matches nothing.
+    Replay input comes from anywhere and keeps any CPU."""
+    from udamon.targets.topology import parse_cpulist
+
+    have = set(machine_cpus())
+    bad = sorted({c for f in filters if f.type == "cpus"  # ids are '+'-separated in FILTERS
+                  for c in parse_cpulist((f.value or "").replace("+", ","))} - have)
+    if bad:
+        raise UsageError(f"no CPU {_cpulist(bad)} on this machine "
+                         f"(its CPUs: {_cpulist(sorted(have))})")
+
+
 def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     """Validate the session options into a spec (UsageError on bad input)."""
     filters = filters_from_args(a)
@@ -164,6 +201,8 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     elif inp:
         raise UsageError(f"--input is for the replay primitive, not {prim}")
     e = registry.entry(prim)
+    if e.live:
+        check_cpus([*filters, *(f for p in probes for f in p.filters)])
     attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
     return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command)
 
