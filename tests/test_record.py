@@ -124,6 +124,30 @@ def test_salvage_reads_up_to_the_damage(tmp_path):
     assert len(rec.snapshots) == 2 and "r.jsonl:4" in rec.damage
 
 
+def test_lost_snapshot_lines_are_noticed(tmp_path):
+    """Every remaining line is valid; only the end line's count tells that one is gone."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.jsonl"
+    write_sample(path)
+    assert json.loads(path.read_text().splitlines()[-1])["end"]["snapshots"] == 3
+    damage(path, lambda ls: ls[:2] + ls[3:])
+    with pytest.raises(InputError) as e:
+        read_record(str(path))
+    text = str(e.value)
+    assert "says 3 snapshots but 2 were found" in text and "--salvage" in text
+    assert "\n" not in text
+    rec = read_record(str(path), salvage=True)
+    assert len(rec.snapshots) == 2 and "says 3 snapshots" in rec.damage
+    for extra, rc in (([], 2), (["--salvage"], 0)):
+        p = subprocess.run([sys.executable, "-m", "udamon", "report", "wss", "-i", str(path),
+                            *extra], capture_output=True, text=True, timeout=60)
+        assert p.returncode == rc and len(p.stderr.splitlines()) == 1, p.stderr
+        assert "says 3 snapshots but 2 were found" in p.stderr
+        assert ("warning" in p.stderr) == (rc == 0)
+
+
 def test_truncated_gzip_is_reported(tmp_path):
     path = tmp_path / "r.jsonl.gz"
     write_sample(path)

@@ -194,4 +194,7 @@ def open_record(path: str, pid: int | None = None, salvage: bool = False):
     if not rec.complete:
         print(f"udamon: warning: {path} is incomplete (no end line); "
               "udamon was stopped before it finished", file=sys.stderr)
+    elif rec.damage:
+        print(f"udamon: warning: {rec.damage}; reading what is there (--salvage)",
+              file=sys.stderr)
     return rec
