@@ -16,9 +16,10 @@ from conftest import run_udamon, start_workload
 from udamon.primitives.hint import hint_available
 
 _ok, _why = hint_available()
-pytestmark = pytest.mark.skipif(not _ok, reason=f"hint primitive unavailable: {_why}")
+needs_hint = pytest.mark.skipif(not _ok, reason=f"hint primitive unavailable: {_why}")
 
 
+@needs_hint
 def test_monitor_shows_hottest_regions(tmp_path, access_pattern_bin):
     wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "8")
     try:
@@ -48,6 +49,7 @@ def metric(text: str, name: str, **labels) -> float | None:
     return None
 
 
+@needs_hint
 def test_exporter_serves_metrics_while_monitoring(tmp_path, access_pattern_bin):
     wl, info = start_workload(access_pattern_bin, "--duration", "60", "--size", "8")
     ex = subprocess.Popen([sys.executable, "-m", "udamon", "exporter", "--primitive", "hint",
@@ -68,6 +70,16 @@ def test_exporter_serves_metrics_while_monitoring(tmp_path, access_pattern_bin):
                 seen_node = True
                 break
             time.sleep(0.5)
+        for name in COUNTERS:
+            assert is_counter(text, name), name
+        time.sleep(1.0)
+        later = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert metric(later, "udamon_snapshots_total") > metric(text, "udamon_snapshots_total")
+        for name, labels in (("udamon_written_bytes_total", {"pid": pid}),
+                             ("udamon_node_access_bytes_total", {"pid": pid, "node": 0}),
+                             ("udamon_dropped_reports_total", {}),
+                             ("udamon_lost_samples_total", {})):
+            assert metric(later, name, **labels) >= metric(text, name, **labels), name
         assert metric(text, "udamon_session_up") == 1.0
         assert metric(text, "udamon_regions", pid=pid) >= 1
         assert metric(text, "udamon_wss_bytes", pid=pid) is not None
@@ -91,6 +103,94 @@ def test_exporter_serves_metrics_while_monitoring(tmp_path, access_pattern_bin):
         assert wl.wait(10) == 0
 
 
+COUNTERS = ("udamon_written_bytes_total", "udamon_node_access_bytes_total",
+            "udamon_dropped_reports_total", "udamon_lost_samples_total",
+            "udamon_snapshots_total")
+
+
+def is_counter(text: str, name: str) -> bool:
+    """The exposition types ``name`` as a counter (text format: full name; OpenMetrics:
+    the name without _total)."""
+    return bool(re.search(rf"^# TYPE {name.removesuffix('_total')}(_total)? counter$", text,
+                          re.M))
+
+
+def _snapshots(n: int):
+    """``n`` aggregation snapshots of a small monitor fed with writes from CPU 1."""
+    import numpy as np
+
+    import udamon
+    from udamon import Attrs, Monitor, Probe
+
+    ms = 1_000_000
+    base = 0x4000_0000
+    mon = Monitor(Attrs(min_nr_regions=3, max_nr_regions=6),
+                  probes=[Probe.parse("write=write"), Probe.parse("node:0=cpus:1")], seed=1)
+    mon.add_target(5, [(base, base + 64 * 4096)], name="t")
+    mon.start(0)
+    out = []
+    for k in range(n):
+        mon.report_batch(udamon.make_reports(
+            time_ns=k * 100 * ms + np.arange(50) * 2 * ms, pid=5,
+            addr=base + 4096 * (np.arange(50) % 64), cpu=1, write=True))
+        out += mon.advance((k + 1) * 100 * ms)
+    return mon, out
+
+
+def test_exporter_counters_are_counters_and_only_metrics_is_served():
+    import urllib.error
+
+    from udamon.core.session import SessionResult
+    from udamon.report.exporter import MetricsSink
+
+    mon, snaps = _snapshots(4)
+    sink = MetricsSink()
+    port = sink.serve("127.0.0.1", 0)
+    try:
+        sink.begin({"probes": [{"name": "write"}, {"name": "node:0"}], "filters": []}, mon)
+        url = f"http://127.0.0.1:{port}"
+        scrapes = []
+        for half in (snaps[:2], snaps[2:]):
+            for s in half:
+                sink.snapshot(s)
+            scrapes.append(urllib.request.urlopen(url + "/metrics", timeout=5).read().decode())
+        first, second = scrapes
+        for name in COUNTERS:
+            assert is_counter(first, name) and f"# TYPE {name} gauge" not in first, name
+        assert "# TYPE udamon_wss_bytes gauge" in first
+        assert metric(second, "udamon_snapshots_total") == 4.0
+        assert metric(first, "udamon_snapshots_total") == 2.0
+        for name, labels in (("udamon_written_bytes_total", {"pid": 5}),
+                             ("udamon_node_access_bytes_total", {"pid": 5, "node": 0})):
+            assert 0 < metric(first, name, **labels) < metric(second, name, **labels), name
+        sink.end(SessionResult("duration", 4, 7), mon, [])
+        final = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        assert metric(final, "udamon_lost_samples_total") == 7.0
+        assert urllib.request.urlopen(url + "/", timeout=5).status == 200
+        for path in ("/nope", "/metricsx", "/favicon.ico", "/metrics/extra"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(url + path, timeout=5)
+            assert e.value.code == 404, path
+    finally:
+        sink.stop_serving()
+
+
+def test_monitor_view_prints_intervals_like_the_other_commands():
+    import io
+
+    from rich.console import Console
+
+    from udamon.report.live_view import LiveView
+
+    mon, snaps = _snapshots(1)
+    out = io.StringIO()
+    view = LiveView(console=Console(file=out, width=120))
+    view.begin({"primitive": "wp", "coverage": "controlled", "probes": [],
+                "attrs": {"sample_us": 50_000, "aggr_us": 1_000_000}}, mon)
+    view.fail("test over")
+    assert "sample 50 ms, aggr 1 s," in out.getvalue()
+
+
 def test_exporter_binds_loopback_by_default():
     p = run_udamon("exporter", "--help")
     assert "default 127.0.0.1" in p.stdout
@@ -110,6 +210,7 @@ def live_record(tmp_path_factory, access_pattern_bin):
     return rec
 
 
+@needs_hint
 @pytest.mark.parametrize("kind", ["access", "heatmap", "wss", "ksm", "dirty", "sharing", "numa"])
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_every_report_works_on_a_live_record(live_record, kind, fmt):
@@ -123,6 +224,7 @@ def test_every_report_works_on_a_live_record(live_record, kind, fmt):
         assert "not observed" in p.stdout or kind == "access" and "not observed" in p.stdout
 
 
+@needs_hint
 def test_heatmap_png_of_a_live_record(live_record, tmp_path):
     out = tmp_path / "h.png"
     p = run_udamon("report", "heatmap", "-i", str(live_record), "--format", "png",

@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
                     "udamon_written_bytes_total, udamon_node_access_bytes_total{node}, "
                     "udamon_node_access_ratio{node}, udamon_local_access_ratio, "
                     "udamon_reports; udamon_dropped_reports_total, udamon_lost_samples_total. "
+                    "The *_total metrics are counters (use rate() or increase()); other "
+                    "paths than /metrics and / answer 404.  "
                     "Adds --breakdown node,rw automatically.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bind", default="127.0.0.1",

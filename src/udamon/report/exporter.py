@@ -8,14 +8,22 @@ that hit pages on the accessing CPU's node (where page locations are
 sampled); reports seen; per session: dropped reports and kernel-lost samples.
 "Bytes" estimates weight each region by the fraction of sampling intervals it
 was hit in (size x hits / max hits).
+
+Cumulative values are Prometheus counters (``# TYPE ... counter``), so that
+rate() and increase() treat them right; the HTTP server answers /metrics, an
+index at /, and 404 for anything else.
 """
 
 from __future__ import annotations
 
 import re
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.core.session import SessionResult
@@ -37,12 +45,13 @@ class MetricsSink:
         self.write_rate = Gauge("udamon_write_bytes_per_second", "Estimated rate at which the "
                                 "target dirties memory (needs a write probe or --write-only)",
                                 lp, registry=r)
-        self.written = Gauge("udamon_written_bytes_total", "Estimated bytes written since the "
-                             "session started (cumulative; rate() gives the dirty rate)",
-                             lp, registry=r)
-        self.node_bytes = Gauge("udamon_node_access_bytes_total", "Estimated bytes accessed by "
-                                "the CPUs of a node since the session started (cumulative)",
-                                ["pid", "node"], registry=r)
+        # Counter names lose "_total" here; the exposition adds it back.
+        self.written = Counter("udamon_written_bytes", "Estimated bytes written since the "
+                               "session started (rate() gives the dirty rate)",
+                               lp, registry=r)
+        self.node_bytes = Counter("udamon_node_access_bytes", "Estimated bytes accessed by "
+                                  "the CPUs of a node since the session started",
+                                  ["pid", "node"], registry=r)
         self.node_share = Gauge("udamon_node_access_ratio", "Share of the target's accesses "
                                 "made by the CPUs of a node, since the session started",
                                 ["pid", "node"], registry=r)
@@ -53,25 +62,41 @@ class MetricsSink:
         self.reports = Gauge("udamon_reports", "Reports for the target in the last "
                              "aggregation interval", lp, registry=r)
         self.regions = Gauge("udamon_regions", "Number of regions", lp, registry=r)
-        self.dropped = Gauge("udamon_dropped_reports_total", "Reports the bounded buffer "
-                             "could not take (cumulative)", registry=r)
-        self.lost = Gauge("udamon_lost_samples_total", "Events lost by the kernel before "
-                          "udamon read them (cumulative)", registry=r)
-        self.snapshots = Gauge("udamon_snapshots_total", "Aggregation snapshots taken",
-                               registry=r)
+        self.dropped = Counter("udamon_dropped_reports", "Reports the bounded buffer "
+                               "could not take", registry=r)
+        self.lost = Counter("udamon_lost_samples", "Events lost by the kernel before "
+                            "udamon read them", registry=r)
+        self.snapshots = Counter("udamon_snapshots", "Aggregation snapshots taken",
+                                 registry=r)
         self.up = Gauge("udamon_session_up", "1 while the monitoring session runs",
                         registry=r)
         self._monitor: Monitor | None = None
         self._write: str | None = None
         self._nodes: dict[int, str] = {}
         self.server = None
-        # cumulative per pid: node -> bytes; [local, located]; written bytes
+        # cumulative per pid: node -> bytes; [local, located]
         self._node_tot: dict[str, dict[int, float]] = {}
         self._local: dict[str, list[float]] = {}
-        self._written: dict[str, float] = {}
+        self._dropped = 0  # the monitor's cumulative count already added to the counter
 
     def serve(self, addr: str, port: int) -> int:
-        self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        """Serve in a daemon thread; returns the port (``port`` 0: any free one)."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            path = environ.get("PATH_INFO") or "/"
+            if path == "/metrics":
+                return metrics(environ, start_response)
+            if path == "/" and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+                start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+                return [_INDEX]
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: udamon serves /metrics\n"]
+
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+        server_cls = type("_Server", (_ThreadingServer,), {"address_family": family})
+        self.server = make_server(addr, port, app, server_cls, handler_class=_QuietHandler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return int(self.server.server_port)
 
     def stop_serving(self) -> None:
@@ -101,14 +126,14 @@ class MetricsSink:
             counts = snap.nr_accesses if self._write == "" else snap.probe_hits[self._write]
             written = hot_bytes(snap, counts)
             self.write_rate.labels(pid).set(written / aggr_s)
-            self._written[pid] = self._written.get(pid, 0.0) + written
-            self.written.labels(pid).set(self._written[pid])
+            self.written.labels(pid).inc(written)
         tot = self._node_tot.setdefault(pid, {})
         for n, name in self._nodes.items():
-            tot[n] = tot.get(n, 0.0) + hot_bytes(snap, snap.probe_hits[name])
+            b = hot_bytes(snap, snap.probe_hits[name])
+            tot[n] = tot.get(n, 0.0) + b
+            self.node_bytes.labels(pid, str(n)).inc(b)
         total = sum(tot.values())
         for n, b in tot.items():
-            self.node_bytes.labels(pid, str(n)).set(b)
             self.node_share.labels(pid, str(n)).set(b / total if total else 0.0)
         if snap.page_nodes is not None and self._nodes:
             acc = self._local.setdefault(pid, [0.0, 0.0])
@@ -131,11 +156,32 @@ class MetricsSink:
         self.regions.labels(pid).set(len(snap.start))
         self.snapshots.inc()
         if self._monitor is not None:
-            self.dropped.set(self._monitor.stats.dropped)
+            self._count_dropped(self._monitor.stats.dropped)
+
+    def _count_dropped(self, total: int) -> None:
+        if total > self._dropped:
+            self.dropped.inc(total - self._dropped)
+            self._dropped = total
 
     def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None:
-        self.lost.set(res.lost_samples)
+        self._count_dropped(monitor.stats.dropped)
+        self.lost.inc(max(res.lost_samples, 0))
         self.up.set(0)
 
     def fail(self, error: str) -> None:
         self.up.set(0)
+
+
+_INDEX = (b"<html><head><title>udamon exporter</title></head><body><h1>udamon exporter</h1>"
+          b'<p><a href="/metrics">metrics</a></p></body></html>\n')
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: the exporter's stderr is for udamon's own lines."""
+
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+        pass

@@ -61,8 +61,9 @@ class LiveView:
         parts: list = []
         a = h.get("attrs", {})
         parts.append(Text(f"udamon monitor: primitive {h.get('primitive')} (coverage "
-                          f"{h.get('coverage')}), sample {a.get('sample_us', 0) // 1000} ms, "
-                          f"aggr {a.get('aggr_us', 0) // 1000} ms, "
+                          f"{h.get('coverage')}), "
+                          f"sample {fmt_duration_ns(a.get('sample_us', 0) * 1000)}, "
+                          f"aggr {fmt_duration_ns(a.get('aggr_us', 0) * 1000)}, "
                           f"{fmt_duration_ns((time.monotonic() - self._t0) * 1e9)} elapsed, "
                           f"{self._snaps} snapshots", style="bold"))
         if h.get("coverage") == "unknown":
