@@ -269,3 +269,26 @@ def test_replay_keeps_any_cpu(tmp_path, demo_csv, udamon):
     p = udamon("record", "--input", str(demo_csv), "--cpus", "4099", "-q",
                "-o", str(tmp_path / "r.jsonl"))
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.3])
+def test_early_ctrl_c_is_one_line_not_a_traceback(tmp_path, demo_csv, delay):
+    """Ctrl-C while udamon is still importing (the first ~0.5 s) exits 130 with at most
+    one line, like a Ctrl-C at any later time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = os.path.join(os.path.dirname(sys.executable), "udamon")
+    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "udamon"]
+    p = subprocess.Popen([*argv, "record", "--input", str(demo_csv), "-q",
+                          "-o", str(tmp_path / "r.jsonl")], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) <= 1, err
+    assert p.returncode in (0, 130), err  # 0: it got far enough to end the record cleanly

@@ -8,6 +8,7 @@ whose ground truth the test knows.
 import gzip
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -164,7 +165,7 @@ def test_ksm_write_only_record_and_errors(demo, tmp_path):
     assert doc["writes_from"] == "nr_accesses" and doc["reads_from"] is None
     assert doc["targets"][0]["candidate_bytes"] >= 31 * MiB  # R and I
     text = report("ksm", "-i", str(wo)).stdout
-    assert "reads: unknown" in text and "?" in text
+    assert "reads from: unknown" in text and "  unknown" in text
 
     plain = tmp_path / "plain.jsonl"
     run_udamon("record", "--input", str(demo / "demo.csv"), "-q", "-o", str(plain), check=True)
@@ -183,7 +184,7 @@ def test_ksm_write_only_record_and_errors(demo, tmp_path):
     (["heatmap", "--probe", "nope"], "not a probe"),
     (["heatmap", "--resol-addr", "0"], "must be positive"),
     (["heatmap", "--size", "big"], "WIDTHxHEIGHT"),
-    (["wss", "--format", "png"], "supports --format text, json"),
+    (["wss", "--format", "png"], "invalid choice"),
     (["wss", "--min-accesses", "0"], "must be positive"),
     (["heatmap", "--pid", "1"], "not a target"),
     (["sharing", "--groups", "0"], "must be positive"),
@@ -314,3 +315,184 @@ def test_unknown_coverage_is_said(demo, tmp_path):
             report(kind, "-i", str(rec))
         assert "not observed" in out.stdout, kind
     assert "observed hits" in report("heatmap", "-i", str(rec)).stdout
+
+
+# -- audit fixes: units, heatmap layout, wp records, slices, formats, empty records ------
+
+
+def test_sizes_and_durations_never_use_scientific_notation():
+    from udamon.report.common import fmt_rate
+    from udamon.units import fmt_duration_ns, fmt_num, fmt_size
+
+    KiB, GiB = 1 << 10, 1 << 30
+    assert fmt_size(1010 * MiB) == "1010 MiB" and fmt_size(1000 * MiB) == "1000 MiB"
+    assert fmt_size(1020 * KiB) == "1020 KiB"
+    assert fmt_size(1023.7 * KiB) == "1 MiB"  # rounds up to the next unit, not "1024 KiB"
+    assert fmt_size(1023.6) == "1 KiB" and fmt_size(1023) == "1023 B"
+    assert fmt_size(42600 * GiB) == "41.6 TiB" and fmt_size(3 << 50) == "3 PiB"
+    assert fmt_size(2.25 * MiB) == "2.25 MiB" and fmt_size(40 * MiB) == "40 MiB"
+    assert fmt_rate(1010 * MiB) == "1010 MiB/s"
+    assert fmt_duration_ns(999.6e6) == "1 s" and fmt_duration_ns(59.99e9) == "1 m"
+    assert fmt_num(1234.0) == "1234" and fmt_num(0.000123) == "0.000123"
+    for v in np.geomspace(1, 1e19, 400):
+        for text in (fmt_size(v), fmt_duration_ns(v), fmt_num(v)):
+            assert "e+" not in text and "e-" not in text, text
+        assert float(fmt_size(v).split()[0]) < 1024 or fmt_size(v).endswith("PiB")
+
+
+@pytest.fixture(scope="module")
+def gappy(tmp_path_factory):
+    """A record shaped like a live process: heap, mmap area and stack, terabytes apart."""
+    d = tmp_path_factory.mktemp("gappy")
+    streams = [Stream(9, 9, 0, 0x55CB_9DAD_8000, 64 * MiB, 20_000, 0.5),
+               Stream(9, 9, 0, 0x7F66_FC00_0000, 16 * MiB, 20_000, 0.5),
+               Stream(9, 9, 1, 0x7FFE_3A50_2000, 33 * PAGE, 2_000, 0.5)]
+    write_csv(generate(streams, 1_000_000_000, seed=2), str(d / "g.csv"))
+    run_udamon("record", "--input", str(d / "g.csv"), "-q", "--seed", "1",
+               "--breakdown", "rw", "-o", str(d / "g.jsonl"), check=True)
+    return d / "g.jsonl"
+
+
+def test_heatmap_text_address_labels_never_run_together(demo, gappy):
+    for rec in (gappy, demo / "demo.jsonl"):
+        for cols in range(20, 101, 5):
+            out = report("heatmap", "-i", str(rec), "--resol-addr", str(cols), "--color",
+                         "never").stdout.splitlines()
+            axis = next(i for i, ln in enumerate(out) if ln.lstrip().startswith("+"))
+            ticks = [i for i, ch in enumerate(out[axis]) if ch == "|"]
+            labels = [ln for ln in out[axis + 1:] if ln.lstrip().startswith("0x")]
+            assert labels, out[axis:]
+            for ln in labels:
+                for m in re.finditer(r"\S+", ln):
+                    assert re.fullmatch(r"0x[0-9a-f]{1,12}", m.group()), (cols, ln)
+            starts = {m.start() for ln in labels for m in re.finditer(r"0x", ln)}
+            assert set(ticks) <= starts, (cols, out[axis], labels)  # a drawn tick has a label
+
+
+def _png_layout(rec_path, width, height, tmp_path):
+    """Draw a heatmap PNG in this process and return its figure's text boxes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from udamon.record.reader import read_record
+    from udamon.report import heatmap
+
+    rec = read_record(str(rec_path))
+    h = heatmap.build(rec, None, None, 600, 300)
+    saved = {}
+    orig = Figure.savefig
+
+    def grab(fig, *a, **kw):
+        orig(fig, *a, **kw)
+        r = fig.canvas.get_renderer()
+        ax, cax = fig.axes[0], fig.axes[1]
+        saved["fig"] = fig.bbox
+        saved["ax"] = ax.get_window_extent(r)
+        saved["ticks"] = [t.get_window_extent(r) for t in ax.get_xticklabels()
+                          if t.get_text()]
+        saved["texts"] = [t.get_window_extent(r) for t in (
+            ax.title, ax.xaxis.label, ax.yaxis.label, cax.yaxis.label,
+            *ax.get_xticklabels(), *ax.get_yticklabels()) if t.get_text()]
+        saved["gaps"] = [t.get_window_extent(r) for t in ax.texts]
+        saved["cbar"] = cax.get_window_extent(r)
+
+    Figure.savefig = grab
+    try:
+        heatmap.to_png(rec, h, str(tmp_path / "h.png"), width, height)
+    finally:
+        Figure.savefig = orig
+    return saved
+
+
+@pytest.mark.parametrize("size", [(1200, 700), (800, 500)])
+def test_heatmap_png_labels_fit_and_do_not_overlap(demo, gappy, tmp_path, size):
+    for rec in (demo / "demo.jsonl", gappy):
+        b = _png_layout(rec, *size, tmp_path)
+        fig = b["fig"]
+        for t in b["texts"]:  # every label inside the image
+            assert t.x0 >= -0.5 and t.y0 >= -0.5 and t.x1 <= fig.x1 + 0.5 \
+                and t.y1 <= fig.y1 + 0.5, (rec, size, t)
+        ticks = sorted(b["ticks"], key=lambda t: t.x0)
+        assert len(ticks) >= 2
+        for a, c in zip(ticks, ticks[1:], strict=False):
+            assert a.x1 < c.x0, (rec, size, a, c)  # tick labels never overlap
+        assert b["gaps"], rec
+        for g in b["gaps"]:  # gap labels inside the plot, clear of the colour bar
+            assert b["ax"].x0 <= g.x0 and g.x1 <= b["ax"].x1 and g.x1 < b["cbar"].x0
+
+
+def _as_wp(src, dst, filters=None):
+    """A copy of a --write-only record as the wp primitive writes it: no sample
+    filters (wp sees only writes anyway), primitive "wp"."""
+    lines = src.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["primitive"], head["filters"], head["coverage"] = "wp", filters or [], "controlled"
+    dst.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+
+
+def test_wp_record_writes_come_from_nr_accesses(demo, tmp_path):
+    wo = tmp_path / "wo.jsonl"
+    run_udamon("record", "--input", str(demo / "demo.csv"), "-q", "--seed", "1",
+               "--write-only", "--breakdown", "cpu", "-o", str(wo), check=True)
+    wp = tmp_path / "wp.jsonl"
+    _as_wp(wo, wp)
+    text = report("ksm", "-i", str(wp), "--min-age", "500ms").stdout
+    assert "writes from: nr_accesses (wp sees only writes)" in text
+    assert "reads from: unknown (wp sees only writes)" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith("  0x")]
+    assert rows and all(r[-1] == "unknown" for r in rows)  # never "no": wp cannot see reads
+    doc = json.loads(report("ksm", "-i", str(wp), "--format", "json").stdout)
+    assert doc["writes_from"] == "nr_accesses" and doc["reads_from"] is None
+    assert all(c["read_bytes"] is None for c in doc["targets"][0]["candidates"])
+    assert doc["targets"][0]["candidate_bytes"] >= 31 * MiB  # R and I
+    assert "writes from: nr_accesses (wp sees only writes)" in report("dirty", "-i",
+                                                                      str(wp)).stdout
+    assert json.loads(report("dirty", "-i", str(wp), "--format", "json").stdout
+                      )["targets"][0]["mean_bps"] > 0
+    # sample filters other than 'write' keep only some writes: not a write source
+    flt = tmp_path / "wpc.jsonl"
+    _as_wp(wo, flt, [{"type": "cpus", "value": "1", "matching": False, "allow": False}])
+    p = report("dirty", "-i", str(flt), check=False)
+    assert p.returncode == 2 and "only the writes that pass" in p.stderr
+    assert len(p.stderr.splitlines()) == 1
+
+
+def test_wss_time_slices_are_uniform(tmp_path):
+    run_udamon("synth", "-o", str(tmp_path / "d.csv"), "--duration", "3s", check=True)
+    run_udamon("record", "--input", str(tmp_path / "d.csv"), "-q", "--seed", "1",
+               "-o", str(tmp_path / "d.jsonl"), check=True)  # 30 snapshots of 100 ms
+    for resol, step in ((20, 0.2), (7, 0.5), (30, 0.1), (50, 0.1)):
+        out = report("wss", "-i", str(tmp_path / "d.jsonl"), "--resol-time", str(resol)).stdout
+        body = out[out.index("over time"):].splitlines()[2:]
+        until = [float(ln.split()[0]) * (1e-3 if ln.split()[1] == "ms" else 1)
+                 for ln in body if ln.strip()]
+        assert len(until) <= resol
+        assert np.allclose(np.diff(until), step), (resol, until)
+        assert until[-1] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("kind", ["access", "heatmap", "wss", "ksm", "dirty", "sharing",
+                                  "numa"])
+def test_format_choices_are_the_kinds_own(demo, kind):
+    formats = {"heatmap": "{text,json,png}"}.get(kind, "{text,json}")
+    assert f"--format {formats}" in report(kind, "--help").stdout
+    if kind != "heatmap":
+        p = report(kind, "-i", "demo.jsonl", "--format", "png", "-o", "f.png", cwd=demo,
+                   check=False)
+        assert p.returncode == 2 and "invalid choice: 'png'" in p.stderr
+        assert len(p.stderr.splitlines()) == 1 and p.stdout == ""
+        assert not (demo / "f.png").exists()
+
+
+@pytest.mark.parametrize("kind", ["access", "heatmap", "wss", "ksm", "dirty", "sharing",
+                                  "numa"])
+def test_a_record_without_snapshots_is_an_error_for_every_kind(demo, tmp_path, kind):
+    head = (demo / "demo.jsonl").read_text().splitlines()[0]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(head + "\n" + json.dumps({"end": {
+        "reason": "duration", "dropped_reports": 0, "lost_samples": 0, "snapshots": 0}}) + "\n")
+    p = report(kind, "-i", str(empty), check=False)
+    assert p.returncode == 2 and p.stdout == ""
+    assert "has no snapshots" in p.stderr and len(p.stderr.splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DUR = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
@@ -25,22 +26,58 @@ def parse_duration_us(text: str) -> int:
     return ns // 1000
 
 
+def fmt_num(v: float) -> str:
+    """About three significant digits, never scientific notation: 0.0123, 2.25, 41.6,
+    512, 1000 (numbers of 1000 and more keep all their integer digits)."""
+    a = abs(v)
+    if a == 0 or not math.isfinite(a):
+        return f"{v:g}"
+    if a < 1:
+        text = f"{v:.{2 - math.floor(math.log10(a))}f}"
+    else:
+        text = f"{v:.2f}" if a < 10 else f"{v:.1f}" if a < 100 else f"{v:.0f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _scaled(x: float, units: tuple[tuple[str, float], ...]) -> str:
+    """``x`` in the largest unit (ascending ``units``) it reaches; a value that rounds
+    up to the next unit is shown in that unit (1023.7 KiB -> 1 MiB, never 1024 KiB)."""
+    sign = "-" if x < 0 else ""
+    x = abs(x)
+    i = 0
+    while i + 1 < len(units) and x >= units[i + 1][1]:
+        i += 1
+    text = fmt_num(x / units[i][1])
+    while i + 1 < len(units) and float(text) * units[i][1] >= units[i + 1][1]:
+        i += 1
+        text = fmt_num(x / units[i][1])
+    return f"{sign}{text} {units[i][0]}"
+
+
+_DUR_UNITS = (("ns", 1.0), ("us", 1e3), ("ms", 1e6), ("s", 1e9), ("m", 6e10), ("h", 3.6e12))
+_SIZE_UNITS = tuple((u, float(1 << (10 * i)))
+                    for i, u in enumerate(("B", "KiB", "MiB", "GiB", "TiB", "PiB")))
+
+
 def fmt_duration_ns(ns: float) -> str:
+    """'1.5 s', '100 ms', '2 m'; nanoseconds are whole."""
     ns = float(ns)
-    for unit, scale in (("h", 3.6e12), ("m", 6e10), ("s", 1e9), ("ms", 1e6), ("us", 1e3)):
-        if abs(ns) >= scale:
-            v = ns / scale
-            return f"{v:.3g} {unit}" if v != int(v) else f"{int(v)} {unit}"
-    return f"{int(ns)} ns"
+    if not math.isfinite(ns):
+        return f"{ns} ns"
+    if abs(round(ns)) < 1000:
+        return f"{round(ns)} ns"
+    return _scaled(ns, _DUR_UNITS[1:])
 
 
 def fmt_size(n: float) -> str:
+    """'4 KiB', '41.6 MiB', '1000 KiB', '2.5 TiB': binary units up to PiB; bytes are
+    whole."""
     n = float(n)
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            v = n / scale
-            return f"{v:.3g} {unit}" if v != int(v) else f"{int(v)} {unit}"
-    return f"{int(n)} B"
+    if not math.isfinite(n):
+        return f"{n} B"
+    if abs(round(n)) < 1024:
+        return f"{round(n)} B"
+    return _scaled(n, _SIZE_UNITS[1:])
 
 
 _SIZE = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,

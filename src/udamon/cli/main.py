@@ -1,4 +1,9 @@
-"""The ``udamon`` command: subcommand dispatch and the error-to-exit-code contract."""
+"""The ``udamon`` command: subcommand dispatch and the error-to-exit-code contract.
+
+This module imports only light modules at the top: the subcommands (numpy and
+the rest, ~0.5 s) are imported inside :func:`main`, so that a Ctrl-C during
+start-up is caught like any other (one line, exit 130), not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,6 @@ import os
 import sys
 
 from udamon import __version__
-from udamon.cli import demo, export, exporter, migrate, monitor, record, report, synth
-from udamon.cli.common import Parser
 from udamon.errors import UdamonError
 
 DESCRIPTION = """\
@@ -19,8 +22,11 @@ Start with 'udamon demo'.  Exit codes: 0 ok, 1 runtime failure, 2 bad usage or i
 """
 
 
-def build_parser() -> Parser:
+def build_parser():
     import argparse
+
+    from udamon.cli import demo, export, exporter, migrate, monitor, record, report, synth
+    from udamon.cli.common import Parser
 
     p = Parser(prog="udamon", description=DESCRIPTION,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,9 +39,8 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UdamonError as e:
         print(f"udamon: error: {e}", file=sys.stderr)

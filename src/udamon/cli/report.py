@@ -1,8 +1,8 @@
 """``udamon report KIND``: read a record and answer a question about it.
 
-Every kind has its own subparser with the common options (-i, --format,
---pid, --top, --salvage) plus its own; kinds other than ``access`` live in
-``cli/report_kinds.py``.
+Every kind has its own subparser with the common options (-i, --format with
+the formats that kind writes, --pid, --top, --salvage) plus its own; kinds
+other than ``access`` live in ``cli/report_kinds.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from udamon.cli.report_kinds import KINDS as MORE_KINDS
 from udamon.errors import UsageError
 from udamon.record.reader import Record
 from udamon.report import access
+from udamon.report.common import pick_pids
 
 
 def _access_args(p: argparse.ArgumentParser) -> None:
@@ -29,8 +30,6 @@ def _access_args(p: argparse.ArgumentParser) -> None:
 
 
 def _access_run(a: argparse.Namespace, rec: Record) -> int:
-    if a.format not in ("text", "json"):
-        raise UsageError(f"report access supports --format text, json, not {a.format}")
     if a.snapshot not in ("last", "all", "busiest"):
         try:
             int(a.snapshot)
@@ -43,6 +42,7 @@ def _access_run(a: argparse.Namespace, rec: Record) -> int:
             raise UsageError(f"--sort {a.sort!r}: use one of {', '.join(access.SORT_KEYS)} "
                              f"or probe:NAME with a probe of the record "
                              f"({', '.join(rec.probe_names) or 'it has none'})")
+    pick_pids(rec, a.pid)  # no snapshots to show is an error, as for the other kinds
     opts = access.AccessOptions(a.snapshot, a.sort, a.pid, a.top)
     try:
         if a.format == "json":
@@ -57,7 +57,7 @@ def _access_run(a: argparse.Namespace, rec: Record) -> int:
 
 KINDS = {
     "access": ("regions table: nr_accesses, age and per-probe hits of each region",
-               _access_args, _access_run),
+               ("text", "json"), _access_args, _access_run),
     **MORE_KINDS,
 }
 
@@ -70,11 +70,11 @@ def add_parser(sub) -> None:
                        epilog="kinds:\n" + "\n".join(f"  {k:<8} {v[0]}" for k, v in KINDS.items()))
     kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=type(p))
     kinds.required = True
-    for name, (help_text, add_args, run) in KINDS.items():
+    for name, (help_text, formats, add_args, run) in KINDS.items():
         k = kinds.add_parser(name, help=help_text, description=help_text)
         k.add_argument("-i", "--input", metavar="FILE", required=True, help="record file")
-        k.add_argument("--format", choices=("text", "json", "png"), default="text",
-                       help="output format (default text; png where the kind draws)")
+        k.add_argument("--format", choices=formats, default="text",
+                       help="output format (default text)")
         k.add_argument("--pid", type=int, help="only this target")
         k.add_argument("--top", type=int, metavar="N", help="at most N rows")
         k.add_argument("--salvage", action="store_true",

@@ -1,9 +1,10 @@
 """The report kinds beyond ``access``, for ``udamon report KIND``.
 
-``KINDS`` maps a kind to ``(help, add_args(parser), run(args, record) -> int)``.
-``add_args`` adds only the kind's own options; the common ones are expected
-from ``cli/report.py``: ``-i/--input``, ``--format`` (text|json|png; each kind
-checks which it supports), ``--pid``, ``--top``, ``--salvage``.  ``--output``
+``KINDS`` maps a kind to ``(help, formats, add_args(parser), run(args, record) ->
+int)``.  ``add_args`` adds only the kind's own options; the common ones are
+expected from ``cli/report.py``: ``-i/--input``, ``--format`` (choices: the
+kind's ``formats``, so that argparse refuses the others before any option that
+only one format has confuses it), ``--pid``, ``--top``, ``--salvage``.  ``--output``
 and ``--color`` are added here by the kinds that use them.  ``run`` writes
 text or JSON to stdout and images to ``--output``.
 
@@ -202,19 +203,22 @@ def _numa_run(a: argparse.Namespace, rec: Record) -> int:
     return 0
 
 
-Kind = tuple[str, Callable[[argparse.ArgumentParser], None],
+Kind = tuple[str, tuple[str, ...], Callable[[argparse.ArgumentParser], None],
              Callable[[argparse.Namespace, Record], int]]
+
+TEXT_JSON = ("text", "json")
 
 KINDS: dict[str, Kind] = {
     "heatmap": ("time x address heat of nr_accesses or a probe (text, json, png)",
-                _heatmap_args, _heatmap_run),
-    "wss": ("working set size over time and its distribution", _wss_args, _wss_run),
+                ("text", "json", "png"), _heatmap_args, _heatmap_run),
+    "wss": ("working set size over time and its distribution", TEXT_JSON, _wss_args,
+            _wss_run),
     "ksm": ("KSM candidates: memory not written for a long time (needs write counts)",
-            _ksm_args, _ksm_run),
-    "dirty": ("dirty rate per target, slowest dirtier first (live migration)",
+            TEXT_JSON, _ksm_args, _ksm_run),
+    "dirty": ("dirty rate per target, slowest dirtier first (live migration)", TEXT_JSON,
               _dirty_args, _dirty_run),
     "sharing": ("bytes shared between CPUs and threads, thread grouping suggestions",
-                _sharing_args, _sharing_run),
+                TEXT_JSON, _sharing_args, _sharing_run),
     "numa": ("accesses per node (node:<n> probes) vs page locations: local/remote",
-             _numa_args, _numa_run),
+             TEXT_JSON, _numa_args, _numa_run),
 }

@@ -17,7 +17,7 @@ import numpy as np
 
 from udamon.core.monitor import Snapshot
 from udamon.errors import UsageError
-from udamon.probes.filters import parse_conditions
+from udamon.probes.filters import conditions_text, parse_conditions
 from udamon.record.reader import Record
 from udamon.units import fmt_duration_ns, fmt_size
 
@@ -104,21 +104,72 @@ def write_only(rec: Record) -> bool:
     return bool(rec.filters) and _same_filters(rec.filters, "write")
 
 
+def primitives(rec: Record) -> set[str]:
+    """The primitive(s) that made the record: the header names one ("wp") or several
+    ("hint,wp", or a list)."""
+    p = rec.header.get("primitive")
+    names = p if isinstance(p, list) else re.split(r"[,+\s]+", str(p or ""))
+    return {str(n) for n in names if n}
+
+
+def sees_only_writes(rec: Record) -> bool:
+    """Every report of the record is a write: wp alone (uffd write-protect faults)."""
+    return primitives(rec) == {"wp"}
+
+
 def write_source(rec: Record, option: str) -> str | None:
     """Where write counts come from: a probe name, or None for nr_accesses of a
-    write-only record.  UsageError when the record cannot tell writes apart."""
+    write-only record or of a wp record (wp sees only writes, so with no sample
+    filter other than 'write' its nr_accesses are the write samples).  UsageError
+    when the record cannot tell writes apart."""
     name = rw_probe(rec, "write")
     if name is not None:
         return name
-    if write_only(rec):
+    if write_only(rec) or (sees_only_writes(rec) and not rec.filters):
         return None
+    if sees_only_writes(rec):
+        raise UsageError(f"{rec.path}: its nr_accesses count only the writes that pass the "
+                         f"sample filters ({conditions_text(rec.filters)}), not all writes, "
+                         f"which {option} needs: record with --breakdown rw or without "
+                         "sample filters")
     raise UsageError(f"{rec.path} cannot tell writes apart, which {option} needs: record "
                      "with a 'write' probe (--probe write=write or --breakdown rw) or with "
                      "--write-only")
 
 
+def read_source(rec: Record) -> str | None:
+    """Where read counts come from: a read probe, "nr_accesses" (any access, the
+    best there is without one), or None when reads cannot be known (write-only
+    sample filters, or a primitive that sees only writes)."""
+    if sees_only_writes(rec):
+        return None
+    name = rw_probe(rec, "read")
+    if name is not None:
+        return name
+    return None if write_only(rec) else "nr_accesses"
+
+
 def describe_source(probe: str | None) -> str:
     return "nr_accesses" if probe is None else f"probe {probe}"
+
+
+def writes_from(rec: Record, src: str | None) -> str:
+    """Where write counts come from, for people: says why nr_accesses are writes."""
+    if src is not None:
+        return f"probe {src}"
+    if sees_only_writes(rec):
+        return "nr_accesses (wp sees only writes)"
+    return "nr_accesses (write-only sample filters)"
+
+
+def reads_from(rec: Record, src: str | None) -> str:
+    """Where read counts come from, for people; "unknown" says why."""
+    if src is None:
+        return ("unknown (wp sees only writes)" if sees_only_writes(rec) else
+                "unknown (write-only record without a read probe)")
+    if src == "nr_accesses":
+        return "nr_accesses (any access: no read probe)"
+    return f"probe {src}"
 
 
 def record_line(rec: Record) -> str:
@@ -135,7 +186,7 @@ def notes(rec: Record) -> list[str]:
     if not rec.complete:
         out.append("note: the record is incomplete (no end line)")
     if rec.damage:
-        out.append(f"note: damaged record, read up to: {rec.damage}")
+        out.append(f"note: damaged record, read as far as possible: {rec.damage}")
     return out
 
 

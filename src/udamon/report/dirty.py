@@ -33,6 +33,7 @@ from udamon.report.common import (
     target_name,
     values,
     write_source,
+    writes_from,
 )
 from udamon.units import fmt_duration_ns
 
@@ -118,6 +119,7 @@ def to_json(rec: Record, res: DirtyResult) -> dict:
 
 def to_text(rec: Record, res: DirtyResult) -> str:
     lines = [record_line(rec)]
+    lines.append(f"writes from: {writes_from(rec, res.write_src)}")
     lines.append(f"dirty rate from {describe_source(res.write_src)}: per snapshot, region "
                  "bytes x fraction of sampling intervals written / aggregation interval")
     lines += notes(rec)

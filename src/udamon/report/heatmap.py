@@ -24,7 +24,7 @@ from udamon.report.common import (
     target_name,
     values,
 )
-from udamon.units import fmt_duration_ns, fmt_size
+from udamon.units import fmt_duration_ns, fmt_num, fmt_size
 
 # 256-colour background palette for levels 0..9 (dark blue -> yellow -> red).
 PALETTE = (234, 17, 19, 25, 31, 37, 71, 184, 208, 196)
@@ -101,6 +101,29 @@ def _addr_ticks(h: Heatmap, cols: int) -> list[tuple[int, str]]:
     return [(c, f"{a:#x}") for c, a in sorted(out.items())]
 
 
+def _place_labels(ticks: list[tuple[int, str]], cols: int, max_lines: int = 3
+                  ) -> tuple[list[tuple[int, str]], list[str]]:
+    """Greedy placement of tick labels, each starting under its column, on up to
+    ``max_lines`` lines with at least one blank between labels; a label that
+    fits nowhere is dropped (and its tick not drawn) rather than run into another.
+    Returns the ticks kept and the label lines."""
+    rows: list[list[str]] = []
+    placed = []
+    for c, text in ticks:
+        lo, hi = max(c - 1, 0), c + len(text) + 1  # the label plus a blank either side
+        line = next((ln for ln in rows if all(ch == " " for ch in ln[lo:hi])), None)
+        if line is None:
+            if len(rows) == max_lines:
+                continue
+            line = [" "] * (cols + len(text) + 2)
+            rows.append(line)
+        if len(line) < c + len(text):
+            line.extend(" " * (c + len(text) - len(line)))
+        line[c:c + len(text)] = text
+        placed.append((c, text))
+    return placed, ["".join(ln).rstrip() for ln in rows]
+
+
 def to_text(rec: Record, h: Heatmap, color: bool) -> str:
     rows, cols = h.matrix.shape
     lines = [f"heatmap of {describe_source(h.probe)}, target {h.pid} "
@@ -129,27 +152,14 @@ def to_text(rec: Record, h: Heatmap, color: bool) -> str:
             body = "".join(" " if v < 0 else str(v) for v in lv[r])
         lines.append(f"{labels[r].rjust(lw)} |{body}|")
     per_col = h.axis.length / cols
+    placed, label_lines = _place_labels(_addr_ticks(h, cols), cols)
     mark = [" "] * cols
-    ticks = _addr_ticks(h, cols)
-    for c, _ in ticks:
+    for c, _ in placed:
         mark[c] = "|"
     for pos, _, _ in gaps:
         mark[min(int(round(pos / per_col)), cols - 1)] = "/"
     lines.append(" " * lw + " +" + "".join(mark) + "+")
-    # labels: greedy placement on up to 3 lines
-    rows_txt: list[list[str]] = []
-    for c, text in ticks:
-        for line in rows_txt:
-            if all(ch == " " for ch in line[c:c + len(text) + 1]):
-                break
-        else:
-            if len(rows_txt) == 3:
-                continue
-            line = [" "] * (cols + 20)
-            rows_txt.append(line)
-        line[c:c + len(text)] = text
-    for line in rows_txt:
-        lines.append(" " * (lw + 2) + "".join(line).rstrip())
+    lines += [" " * (lw + 2) + line for line in label_lines]
     for pos, a, b in gaps:
         lines.append(f"  gap at column {min(int(round(pos / per_col)), cols - 1)}: "
                      f"{a:#x}-{b:#x} ({fmt_size(b - a)}) not mapped, cut out")
@@ -160,7 +170,7 @@ def to_text(rec: Record, h: Heatmap, color: bool) -> str:
     else:
         legend = " ".join(str(i) for i in range(10))
     lines.append(f"legend: {legend}  (blank: not mapped)")
-    lines.append(f"  0 = 0, level k = up to {step:.3g}*k; 9 = up to {vmax:.3g} "
+    lines.append(f"  0 = 0, level k = up to {fmt_num(step)}*k; 9 = up to {fmt_num(vmax)} "
                  f"{_value_name(rec, h)}")
     return "\n".join(lines) + "\n"
 
@@ -180,48 +190,95 @@ def to_json(rec: Record, h: Heatmap) -> dict:
     }
 
 
+def _tick_label(h: Heatmap, pos: float) -> str:
+    """Address at an axis position: the last byte's end at the right edge, else the
+    page it falls in."""
+    if pos >= h.axis.length:
+        return f"{h.axis.segments[-1][1]:#x}"
+    return f"{int(h.axis.to_addr(pos)) // 4096 * 4096:#x}"
+
+
+def _png_ticks(h: Heatmap, min_gap: float) -> list[float]:
+    """Axis positions for address ticks, at least ``min_gap`` apart (bytes of axis):
+    the two ends, then the segment starts after cut-out gaps, then evenly spaced
+    ones; a candidate too close to one already taken is dropped."""
+    length = float(h.axis.length)
+    n = max(int(length // max(min_gap, 1.0)), 1)
+    cand = [0.0, length, *map(float, h.axis.offsets[1:]),
+            *np.linspace(0.0, length, n + 1)[1:-1].tolist()]
+    ticks: list[float] = []
+    for c in cand:
+        if all(abs(c - t) >= min_gap for t in ticks):
+            ticks.append(c)
+    return sorted(ticks)
+
+
 def to_png(rec: Record, h: Heatmap, path: str, width: int = 1200, height: int = 700) -> None:
+    """Draw with constrained layout (every label inside the figure at any --size);
+    address ticks are thinned by the measured width of a label so they never
+    overlap, and gap labels stay inside the plot, staggered when close."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
     dpi = 100
-    fig, ax = plt.subplots(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fs = 8 if min(width, height) < 600 else 9
+    fig, ax = plt.subplots(figsize=(width / dpi, height / dpi), dpi=dpi, layout="constrained")
     try:
-        length = h.axis.length
+        length = float(h.axis.length)
         t = h.t_edges / 1e9
-        cmap = matplotlib.colormaps["inferno"].copy()
-        cmap.set_bad("#d9d9d9")
+        cmap = matplotlib.colormaps["inferno"].with_extremes(bad="#d9d9d9")
         m = np.ma.masked_invalid(h.matrix)
         im = ax.imshow(m, aspect="auto", origin="upper", interpolation="nearest", cmap=cmap,
                        extent=(0, length, t[-1], t[0]), vmin=0, vmax=_vmax(h))
-        cb = fig.colorbar(im, ax=ax, pad=0.02)
-        cb.set_label(_value_name(rec, h))
-        for pos, a, b in h.axis.gaps():
-            ax.axvline(pos, color="#40c0ff", linestyle="--", linewidth=1)
-            ax.annotate(f"gap {fmt_size(b - a)}", (pos, t[0]), xytext=(3, -12),
-                        textcoords="offset points", color="#40c0ff", fontsize=8)
-        ticks = np.linspace(0, length, 7)
-        for off in h.axis.offsets:
-            if np.min(np.abs(ticks - off)) > length * 0.04:
-                ticks = np.append(ticks, off)
-        ticks = np.sort(ticks)
-        ax.set_xticks(ticks)
-        end = h.axis.segments[-1][1]
-        ax.xaxis.set_major_formatter(FuncFormatter(
-            lambda x, _: f"{end if x >= length else int(h.axis.to_addr(x)) // 4096 * 4096:#x}"))
-        plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+        cb = fig.colorbar(im, ax=ax, pad=0.01)
+        cb.ax.tick_params(labelsize=fs)
+        ax.tick_params(labelsize=fs)
         ax.set_xlabel(f"address ({fmt_size(length)} mapped"
-                      + (", unmapped gaps cut out" if h.axis.gaps() else "") + ")")
-        ax.set_ylabel("time (s)")
+                      + (", unmapped gaps cut out" if h.axis.gaps() else "") + ")",
+                      fontsize=fs + 1)
+        ax.set_ylabel("time (s)", fontsize=fs + 1)
         title = (f"{rec.path.rsplit('/', 1)[-1]}: target {h.pid} {target_name(rec, h.pid)}"
                  f" - {describe_source(h.probe)}")
         if rec.coverage == "unknown":
             title += "\n(coverage unknown: 0 = not observed)"
-        ax.set_title(title)
-        fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.14)
+        ax.set_title(title, fontsize=fs + 2)
+        # lay out once with the widest tick label to learn the plot's size in pixels
+        widest = max((_tick_label(h, p) for p in (0.0, length)), key=len)
+        ax.set_xticks([0.0, length], [widest, widest])
+        cb.set_label(_value_name(rec, h), fontsize=fs + 1)
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        box = ax.get_window_extent(r)
+        label_px = max(lb.get_window_extent(r).width for lb in ax.get_xticklabels())
+        per_px = length / max(box.width, 1.0)
+        ticks = _png_ticks(h, (label_px + 2 * fs) * per_px)
+        ax.set_xticks(ticks, [_tick_label(h, p) for p in ticks])
+        # wrap the colour bar's label to the plot's height
+        chars = max(int(box.height / (0.6 * (fs + 1) * dpi / 72)), 20)
+        cb.set_label("\n".join(textwrap.wrap(_value_name(rec, h), chars)), fontsize=fs + 1)
+        # gap markers: the label sits on the side of the line with more room,
+        # one row lower when it would run into the previous one
+        rows_end: list[float] = []
+        for pos, a, b in h.axis.gaps():
+            ax.axvline(pos, color="#40c0ff", linestyle="--", linewidth=1)
+            text = f"gap {fmt_size(b - a)}"
+            gap_w = len(text) * 0.6 * fs * dpi / 72 * per_px
+            left = pos > length / 2
+            lo, hi = (pos - gap_w - 3 * per_px, pos) if left else (pos, pos + gap_w + 3 * per_px)
+            row = next((i for i, e in enumerate(rows_end) if e < lo), len(rows_end))
+            if row == len(rows_end):
+                rows_end.append(hi)
+            rows_end[row] = hi
+            ax.annotate(text, (pos, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(-3 if left else 3, -4 - 1.4 * fs * (row + 1)),
+                        textcoords="offset points", ha="right" if left else "left",
+                        color="#40c0ff", fontsize=fs, annotation_clip=True,
+                        bbox={"boxstyle": "square,pad=0.1", "fc": "black", "ec": "none",
+                              "alpha": 0.6})
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)

@@ -2,8 +2,9 @@
 
 Write counts come from a write probe (``write``, or any probe whose filters are
 exactly "write"), or from nr_accesses when the record's sample filters keep
-only writes.  The address space is cut into atoms at every region boundary of
-every snapshot (within an atom every snapshot has a single value), and each
+only writes or its primitive (wp) sees only writes; then reads are unknown.
+The address space is cut into atoms at every region boundary of every
+snapshot (within an atom every snapshot has a single value), and each
 atom's last written snapshot is tracked; the unwritten time is measured from
 then (or from when the atom was first mapped) to the end of the record.
 Adjacent candidate atoms are merged into ranges, ranked by size.
@@ -22,13 +23,14 @@ from udamon.report.common import (
     describe_source,
     notes,
     pick_pids,
+    read_source,
+    reads_from,
     record_line,
     render_table,
-    rw_probe,
     target_name,
     values,
-    write_only,
     write_source,
+    writes_from,
 )
 from udamon.units import fmt_duration_ns, fmt_size
 
@@ -60,16 +62,9 @@ class KsmResult:
     targets: list[TargetKsm]
 
 
-def _read_source(rec: Record) -> str | None:
-    name = rw_probe(rec, "read")
-    if name is not None:
-        return name
-    return None if write_only(rec) else "nr_accesses"
-
-
 def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
     wsrc = write_source(rec, "report ksm")
-    rsrc = _read_source(rec)
+    rsrc = read_source(rec)
     out = []
     for p in pick_pids(rec, pid):
         snaps = rec.snapshots_of(p)
@@ -115,7 +110,7 @@ def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
 
 def _read_text(c: Candidate) -> str:
     if c.read_bytes < 0:
-        return "?"
+        return "unknown"
     if c.read_bytes == 0:
         return "no"
     if c.read_bytes >= c.end - c.start:
@@ -143,14 +138,10 @@ def to_json(rec: Record, res: KsmResult) -> dict:
 
 def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
     lines = [record_line(rec)]
-    lines.append(f"KSM candidates: memory without writes ({describe_source(res.write_src)}) "
-                 "until the end of the record, largest first")
-    if res.read_src is None:
-        lines.append("reads: unknown (write-only record without a read probe)")
-    elif res.read_src == "nr_accesses":
-        lines.append("read meanwhile: any access counted in nr_accesses (no read probe)")
-    else:
-        lines.append(f"read meanwhile: from probe {res.read_src}")
+    lines.append("KSM candidates: memory without writes until the end of the record, "
+                 "largest first")
+    lines.append(f"writes from: {writes_from(rec, res.write_src)}; "
+                 f"reads from: {reads_from(rec, res.read_src)}")
     lines += notes(rec)
     if rec.coverage == "unknown":
         lines.append("note: 'unwritten' means no write was observed; confirm before merging")

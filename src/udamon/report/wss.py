@@ -34,6 +34,7 @@ class TargetWss:
     elapsed_ns: np.ndarray  # end of each snapshot, since the record start
     wss: np.ndarray  # bytes, per snapshot
     mapped: np.ndarray  # bytes of all regions, per snapshot
+    aggr_ns: np.ndarray  # length of each snapshot's aggregation interval
 
 
 @dataclass
@@ -53,8 +54,32 @@ def compute(rec: Record, pid: int | None, probe: str | None, min_accesses: int) 
             p, np.array([s.time_ns - t0 for s in snaps], dtype=np.int64),
             np.array([float(sz[values(s, probe) >= min_accesses].sum())
                       for s, sz in zip(snaps, sizes, strict=True)]),
-            np.array([float(sz.sum()) for sz in sizes])))
+            np.array([float(sz.sum()) for sz in sizes]),
+            np.array([s.time_ns - s.start_ns for s in snaps], dtype=np.int64)))
     return WssResult(probe, min_accesses, out)
+
+
+def time_slices(t: TargetWss, resol_time: int) -> list[tuple[int, float | None]]:
+    """(slice end, mean wss of the snapshots ending in it, None if none) for at most
+    ``resol_time`` slices of one width, a whole number of aggregation intervals:
+    splitting by snapshot count instead would make slices of unequal length."""
+    if t.elapsed_ns.size == 0:
+        return []
+    ends = t.elapsed_ns.astype(np.float64)
+    aggr = float(np.median(t.aggr_ns)) if t.aggr_ns.size else 0.0
+    begin = float(ends[0] - t.aggr_ns[0])
+    span = max(float(ends[-1]) - begin, 1.0)
+    aggr = aggr if aggr > 0 else span / t.elapsed_ns.size
+    # slack of 1% of a slice: live snapshots end a little after each whole interval
+    width = aggr * max(1, int(np.ceil(span / aggr / resol_time - 0.01)))
+    n = max(1, int(np.ceil(span / width - 0.01)))
+    idx = np.clip(np.ceil((ends - begin) / width - 0.01).astype(np.int64) - 1, 0, n - 1)
+    out: list[tuple[int, float | None]] = []
+    for j in range(n):
+        sel = t.wss[idx == j]
+        out.append((int(round(begin + (j + 1) * width)),
+                    float(sel.mean()) if sel.size else None))
+    return out
 
 
 def to_json(rec: Record, res: WssResult) -> dict:
@@ -91,11 +116,9 @@ def to_text(rec: Record, res: WssResult, resol_time: int = 20) -> str:
             table.append([str(p), fmt_size(v), bar(v / top)])
         lines += render_table(table, left=0, indent="    ")
         lines.append("  over time (mean of the snapshots ending in each slice):")
-        n = max(1, min(resol_time, t.wss.size))
         table = [["until", "wss", ""]]
-        for chunk_e, chunk_w in zip(np.array_split(t.elapsed_ns, n),
-                                    np.array_split(t.wss, n), strict=True):
-            v = float(chunk_w.mean())
-            table.append([fmt_duration_ns(int(chunk_e[-1])), fmt_size(v), bar(v / top)])
+        for until, v in time_slices(t, resol_time):
+            table.append([fmt_duration_ns(until), "-" if v is None else fmt_size(v),
+                          "" if v is None else bar(v / top)])
         lines += render_table(table, left=0, indent="    ")
     return "\n".join(lines) + "\n"
