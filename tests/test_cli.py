@@ -292,3 +292,26 @@ def test_early_ctrl_c_is_one_line_not_a_traceback(tmp_path, demo_csv, delay):
     assert "Traceback" not in err, err
     assert len(err.strip().splitlines()) <= 1, err
     assert p.returncode in (0, 130), err  # 0: it got far enough to end the record cleanly
+
+
+@pytest.mark.parametrize("opts,msg", [
+    (["--hint-scan-period", "5ms"], "within 10ms..3600s"),
+    (["--hint-scan-period", "1.5ms"], "whole milliseconds"),
+    (["--hint-scan-period", "soon"], "--hint-scan-period"),
+    (["--hint-scan-size", "0"], "within 1..1048576 MiB"),
+    (["--hint-scan-size", "1.5"], "whole number of MiB"),
+    (["--primitive", "wp", "--hint-scan-size", "64"], "for --primitive hint, not wp"),
+])
+def test_bad_hint_scan_options(tmp_path, udamon, opts, msg):
+    prim = [] if "--primitive" in opts else ["--primitive", "hint"]
+    for cmd in ("record", "monitor", "exporter", "migrate"):
+        out = ["-o", str(tmp_path / "r.jsonl")] if cmd == "record" else []
+        p = udamon(cmd, *prim, "--pid", "1", *out, *opts)
+        assert p.returncode == 2, (cmd, p.stderr)
+        (line,) = p.stderr.strip().splitlines()
+        assert msg in line, (cmd, line)
+
+
+def test_hint_scan_options_in_help(udamon):
+    text = " ".join(udamon("record", "--help").stdout.split())
+    assert "--hint-scan-period DUR" in text and "--hint-scan-size MIB" in text

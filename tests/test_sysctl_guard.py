@@ -325,3 +325,52 @@ def test_overlapping_sessions_different_values(tmp_path, first_out):
     finally:
         _end(procs[second_out], "term", state)
     assert _read(str(setting)) == "0"
+
+
+def test_numa_balancing_settings_overrides():
+    tun = sg.NUMA_TUNABLES_DIR
+    s = numa_balancing_settings(5000, scan_period_ms=40, scan_size_mb=32)
+    for name in ("scan_period_min_ms", "scan_period_max_ms", "scan_delay_ms"):
+        assert s[f"{tun}/{name}"] == "40"  # not clamped to the derived 100..1000 ms
+    assert s[f"{tun}/scan_size_mb"] == "32"
+    s = numa_balancing_settings(5000, scan_size_mb=8)  # period still derived
+    assert s[f"{tun}/scan_period_min_ms"] == "500" and s[f"{tun}/scan_size_mb"] == "8"
+    for bad in ({"scan_period_ms": 0}, {"scan_period_ms": 5}, {"scan_size_mb": 0}):
+        with pytest.raises(ValueError):
+            numa_balancing_settings(5000, **bad)
+
+
+class _FakeGuard:
+    """Records what apply_numa_balancing asks for; changes nothing."""
+
+    def __init__(self):
+        self.wanted: dict[str, str] = {}
+
+    def set(self, path, value):
+        self.wanted[path] = value
+
+    def try_set(self, path, value):
+        self.wanted[path] = value
+        return False, f"cannot write {value} to {path}: Operation not permitted"
+
+    def mount(self, fstype, target):
+        return False
+
+
+def test_apply_numa_balancing_passes_the_overrides_and_notes_eperm():
+    g = _FakeGuard()
+    notes = apply_numa_balancing(g, 5000, scan_period_ms=250, scan_size_mb=64)
+    tun = sg.NUMA_TUNABLES_DIR
+    assert g.wanted[f"{tun}/scan_period_max_ms"] == "250"
+    assert g.wanted[f"{tun}/scan_size_mb"] == "64"
+    assert len(notes) == 4 and all("not permitted" in n for n in notes)  # noted, not fatal
+
+
+def test_hint_primitive_gets_the_overrides():
+    from udamon.core.attrs import Attrs
+    from udamon.primitives import registry
+
+    p = registry.entry("hint").make(Attrs(), scan_period_ms=300, scan_size_mb=16)
+    assert (p.scan_period_ms, p.scan_size_mb) == (300, 16)
+    p = registry.entry("hint").make(Attrs())
+    assert (p.scan_period_ms, p.scan_size_mb) == (None, None)

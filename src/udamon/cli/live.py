@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -88,6 +88,7 @@ class SessionSpec:
     ranges: list[tuple[int, int]] | None
     pids: list[int]
     command: list[str]
+    options: dict = field(default_factory=dict)  # the primitive's own (hint's scan tunables)
 
 
 def primitives_help(replay: bool) -> str:
@@ -135,6 +136,15 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         "2 random pages per region per aggregation that had reports, with "
                         "move_pages(2) in query mode; 'report numa' uses them)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    g = p.add_argument_group(
+        "hint scanner (NUMA-balancing scan tunables in /sys/kernel/debug/sched/numa_balancing/; "
+        "applied where writable, else noted in the record)")
+    g.add_argument("--hint-scan-period", metavar="DUR", type=typed(_scan_period_ms, "duration"),
+                   help="scan period of every task (scan_period_min_ms = max_ms = delay_ms); "
+                        "default ~100 sampling intervals, within 100ms..1s (10ms..1h)")
+    g.add_argument("--hint-scan-size", metavar="MIB", type=typed(_scan_size_mb, "MiB"),
+                   help="MiB of a task's memory hinted per scan step (scan_size_mb; "
+                        "default 256, 1..1048576)")
     add_filter_args(p)
     add_monitoring_args(p)
     p.add_argument("command", nargs=argparse.REMAINDER,
@@ -178,6 +188,31 @@ def check_cpus(filters: list[Filter]) -> None:
                          f"(its CPUs: {_cpulist(sorted(have))})")
 
 
+def _scan_period_ms(text: str) -> int:
+    from udamon.primitives.sysctl_guard import SCAN_PERIOD_MS_RANGE
+    from udamon.units import parse_duration_us
+
+    us = parse_duration_us(text)
+    lo, hi = SCAN_PERIOD_MS_RANGE
+    if not lo * 1000 <= us <= hi * 1000 or us % 1000:
+        raise ValueError(f"the scan period must be whole milliseconds within {lo}ms..{hi // 1000}s"
+                         f", got {text!r}")
+    return us // 1000
+
+
+def _scan_size_mb(text: str) -> int:
+    from udamon.primitives.sysctl_guard import SCAN_SIZE_MB_RANGE
+
+    lo, hi = SCAN_SIZE_MB_RANGE
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number of MiB, got {text!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"the scan size must be within {lo}..{hi} MiB, got {v}")
+    return v
+
+
 def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     """Validate the session options into a spec (UsageError on bad input)."""
     filters = filters_from_args(a)
@@ -201,10 +236,15 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     elif inp:
         raise UsageError(f"--input is for the replay primitive, not {prim}")
     e = registry.entry(prim)
+    options = {k: v for k, v in (("scan_period_ms", a.hint_scan_period),
+                                 ("scan_size_mb", a.hint_scan_size)) if v is not None}
+    if options and prim != "hint":
+        raise UsageError(f"--hint-scan-period/--hint-scan-size are for --primitive hint, "
+                         f"not {prim}")
     if e.live:
         check_cpus([*filters, *(f for p in probes for f in p.filters)])
     attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
-    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command)
+    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command, options)
 
 
 def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = True) -> int:
@@ -221,7 +261,7 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
     entry = registry.entry(prim_name)
     # privileges first: a user who may not use the primitive at all must hear that,
     # not that some /proc file of a process they do not own cannot be read
-    primitive = registry.make_live(prim_name, attrs)
+    primitive = registry.make_live(prim_name, attrs, **spec.options)
     if command and "thread" in kinds:
         print("udamon: note: --breakdown thread with -- COMMAND covers the command's first "
               "thread only: threads it creates later are not broken down", file=sys.stderr)

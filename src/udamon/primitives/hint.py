@@ -42,8 +42,9 @@ SYSTEM_CHANGES = (
     "kernel.numa_balancing is switched on for the session (system-wide: every process's "
     "pages get hinting faults and may be migrated between nodes), and, where writable, "
     "the scan tunables in /sys/kernel/debug/sched/numa_balancing/ are set from the "
-    "sampling interval; all are restored when udamon exits, also when it is killed "
-    "(a watchdog process restores them)"
+    "sampling interval (or --hint-scan-period/--hint-scan-size); all are restored when "
+    "udamon exits, also when it is killed (a watchdog process restores them); a setting "
+    "another udamon session still needs is left to the last one out"
 )
 
 
@@ -78,8 +79,11 @@ class HintPrimitive(Primitive):
     coverage = "unknown"
 
     def __init__(self, sample_us: int, *, enable_balancing: bool = True,
-                 state_dir: str | None = None):
+                 state_dir: str | None = None, scan_period_ms: int | None = None,
+                 scan_size_mb: int | None = None):
         self.sample_us = sample_us
+        self.scan_period_ms = scan_period_ms  # None: derived from sample_us
+        self.scan_size_mb = scan_size_mb
         self.enable_balancing = enable_balancing
         self._state_dir = state_dir
         self._guard: SettingsGuard | None = None
@@ -106,7 +110,9 @@ class HintPrimitive(Primitive):
         try:
             self._guard = SettingsGuard(handle_signals=False, **kw)
             if self.enable_balancing:
-                self._notes.extend(apply_numa_balancing(self._guard, self.sample_us))
+                self._notes.extend(apply_numa_balancing(
+                    self._guard, self.sample_us, scan_period_ms=self.scan_period_ms,
+                    scan_size_mb=self.scan_size_mb))
             # tracefs through the guard, so that even a SIGKILLed udamon unmounts it
             self._notes.extend(apply_tracefs(self._guard))
             self._open_tracer()

@@ -16,7 +16,7 @@ class Entry:
     help: str
     live: bool
     available: Callable[[], tuple[bool, str]]
-    make: Callable[[Attrs], Primitive] | None = None
+    make: Callable[..., Primitive] | None = None  # (attrs, **primitive options)
     # True when the primitive can attach to a launched command before it execs
     # (a tracer follows exec); False when it needs the program's own mappings.
     attach_before_exec: bool = True
@@ -31,10 +31,12 @@ def _hint_available() -> tuple[bool, str]:
     return hint_available()
 
 
-def _make_hint(attrs: Attrs) -> Primitive:
+def _make_hint(attrs: Attrs, *, scan_period_ms: int | None = None,
+               scan_size_mb: int | None = None) -> Primitive:
     from udamon.primitives.hint import HintPrimitive
 
-    return HintPrimitive(attrs.sample_us)
+    return HintPrimitive(attrs.sample_us, scan_period_ms=scan_period_ms,
+                         scan_size_mb=scan_size_mb)
 
 
 def _wp_available() -> tuple[bool, str]:
@@ -94,11 +96,12 @@ def best_live() -> str:
     raise RuntimeFailure("no live primitive can run here (" + "; ".join(reasons) + ")")
 
 
-def make_live(name: str, attrs: Attrs) -> Primitive:
+def make_live(name: str, attrs: Attrs, **options: object) -> Primitive:
+    """A live primitive; ``options`` are its own (e.g. hint's scan tunables)."""
     e = entry(name)
     if not e.live or e.make is None:
         raise UsageError(f"primitive {name!r} does not monitor live processes")
     ok, why = e.available()
     if not ok:
         raise RuntimeFailure(f"primitive {name!r} cannot run here: {why}")
-    return e.make(attrs)
+    return e.make(attrs, **options)

@@ -362,7 +362,12 @@ def restore_stale(state_dir: str = DEFAULT_STATE_DIR) -> list[str]:
 # ---------------------------------------------------------------- NUMA balancing
 
 
-def numa_balancing_settings(sample_us: int) -> dict[str, str]:
+SCAN_PERIOD_MS_RANGE = (10, 3_600_000)
+SCAN_SIZE_MB_RANGE = (1, 1 << 20)
+
+
+def numa_balancing_settings(sample_us: int, *, scan_period_ms: int | None = None,
+                            scan_size_mb: int | None = None) -> dict[str, str]:
     """What the hint primitive sets for a sampling interval of ``sample_us``.
 
     * ``kernel.numa_balancing``: bit 0 (NUMA_BALANCING_NORMAL) set, keeping any
@@ -374,31 +379,39 @@ def numa_balancing_settings(sample_us: int) -> dict[str, str]:
       scanner keeps its pace; the period is ~100 sampling intervals (DAMON's
       default 5 ms sample -> 500 ms), clamped to [100, 1000] ms, a new task is
       scanned after one period, and ``scan_size_mb`` keeps the default 256.
-      These files are often not writable (lockdown, sandboxes): apply them
-      with ``try_set``.
+      ``scan_period_ms`` / ``scan_size_mb`` (``--hint-scan-period`` /
+      ``--hint-scan-size``) override the derived values.  These files are
+      often not writable (lockdown, sandboxes): apply them with ``try_set``.
     """
+    for name, v, (lo, hi) in (("scan_period_ms", scan_period_ms, SCAN_PERIOD_MS_RANGE),
+                              ("scan_size_mb", scan_size_mb, SCAN_SIZE_MB_RANGE)):
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"{name} must be within {lo}..{hi}, got {v}")
     try:
         current = int(wd.read_value(NUMA_BALANCING).strip() or "0")
     except (OSError, ValueError):
         current = 0
-    period = max(100, min(1000, round(sample_us * 100 / 1000)))
+    period = scan_period_ms or max(100, min(1000, round(sample_us * 100 / 1000)))
     return {
         NUMA_BALANCING: str(current | 1),
         f"{NUMA_TUNABLES_DIR}/scan_period_min_ms": str(period),
         f"{NUMA_TUNABLES_DIR}/scan_period_max_ms": str(period),
         f"{NUMA_TUNABLES_DIR}/scan_delay_ms": str(period),
-        f"{NUMA_TUNABLES_DIR}/scan_size_mb": "256",
+        f"{NUMA_TUNABLES_DIR}/scan_size_mb": str(scan_size_mb or 256),
     }
 
 
-def apply_numa_balancing(guard: SettingsGuard, sample_us: int) -> list[str]:
+def apply_numa_balancing(guard: SettingsGuard, sample_us: int, *,
+                         scan_period_ms: int | None = None,
+                         scan_size_mb: int | None = None) -> list[str]:
     """Turn NUMA balancing on through ``guard`` (required) and tune the scanner (best effort).
 
     Mounts debugfs when needed (the guard unmounts it on restore, unless
     another session still needs it).  Returns one-line notes on what could not
     be done, for the record header.
     """
-    settings = numa_balancing_settings(sample_us)
+    settings = numa_balancing_settings(sample_us, scan_period_ms=scan_period_ms,
+                                       scan_size_mb=scan_size_mb)
     guard.set(NUMA_BALANCING, settings.pop(NUMA_BALANCING))
     notes: list[str] = []
     if os.path.isdir(DEBUGFS) and (mounts.is_mounted(DEBUGFS)
