@@ -1,14 +1,18 @@
 """``report dirty``: how fast each target dirties memory (live migration).
 
-Per snapshot, the estimated dirty rate is
+The number wanted is distinct bytes written per second: pre-copy migration
+re-sends a page once per round however often it was written.  Per snapshot:
 
-    sum over regions of size * (write hits / sampling intervals per aggregation)
-    / aggregation interval
+* observational records (replay, hint), which count each region's distinct
+  written pages (``written_pages``): those pages' bytes / aggregation interval.
+  Exact for replay input; a lower bound for hint (only scanned pages fault).
+* controlled records (wp), and older records without the count: the sampling
+  estimate  sum over regions of size * (write samples / sampling intervals per
+  aggregation) / aggregation interval, i.e. each region's bytes weighted by the
+  chance that its sampled page was written.  (Used on observational reports
+  this over-counts sparse writers: one write anywhere in a big region in a
+  sampling interval would count the whole region.)
 
-that is, each region contributes its bytes weighted by the fraction of
-sampling intervals in which it was written, per second of aggregation.  When a
-region is written in every sampling interval it counts fully once per
-aggregation interval (pages re-dirtied within one interval are counted once).
 "Regions written" is the upper bound: the bytes of the regions with any write
 in the interval, per second.  Targets are ranked slowest dirtier first.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from udamon.core.regions import PAGE
 from udamon.record.reader import Record
 from udamon.report.common import (
     aggr_samples,
@@ -82,12 +87,14 @@ class TargetDirty:
 class DirtyResult:
     write_src: str | None
     targets: list[TargetDirty]  # slowest dirtier first
+    distinct_pages: bool = False  # rates from counted distinct written pages
 
 
 def compute(rec: Record, pid: int | None) -> DirtyResult:
     wsrc = write_source(rec, "report dirty")
     t0 = t0_of(rec)
     out = []
+    distinct = rec.coverage != "controlled" and bool(rec.header.get("written_pages"))
     for p in pick_pids(rec, pid):
         snaps = rec.snapshots_of(p)
         rate, upper = [], []
@@ -95,18 +102,22 @@ def compute(rec: Record, pid: int | None) -> DirtyResult:
             size = (s.end - s.start).astype(np.float64)
             w = values(s, wsrc)
             secs = max(s.time_ns - s.start_ns, 1) / 1e9
-            rate.append(float((size * np.minimum(w / aggr_samples(s), 1.0)).sum()) / secs)
+            if distinct and s.written_pages is not None:
+                rate.append(float(s.written_pages.sum()) * PAGE / secs)
+            else:
+                rate.append(float((size * np.minimum(w / aggr_samples(s), 1.0)).sum()) / secs)
             upper.append(float(size[w > 0].sum()) / secs)
         out.append(TargetDirty(p, np.array([s.time_ns - t0 for s in snaps], dtype=np.int64),
                                np.array(rate), np.array(upper)))
     out.sort(key=lambda t: (t.mean, t.pid))
-    return DirtyResult(wsrc, out)
+    return DirtyResult(wsrc, out, distinct)
 
 
 def to_json(rec: Record, res: DirtyResult) -> dict:
     return {
         "record": rec.path, "coverage": rec.coverage,
         "writes_from": describe_source(res.write_src),
+        "method": "distinct written pages" if res.distinct_pages else "sampling estimate",
         "targets": [{
             "rank": i + 1, "pid": t.pid, "mean_bps": t.mean, "median_bps": t.median,
             "p90_bps": t.p90, "slope_bps_per_s": t.slope, "trend": t.trend,
@@ -119,9 +130,17 @@ def to_json(rec: Record, res: DirtyResult) -> dict:
 
 def to_text(rec: Record, res: DirtyResult) -> str:
     lines = [record_line(rec)]
-    lines.append(f"writes from: {writes_from(rec, res.write_src)}")
-    lines.append(f"dirty rate from {describe_source(res.write_src)}: per snapshot, region "
-                 "bytes x fraction of sampling intervals written / aggregation interval")
+    if res.distinct_pages:
+        lines.append("writes from: the reports' write flag (distinct pages counted per region); "
+                     f"'regions written' from {writes_from(rec, res.write_src)}")
+    else:
+        lines.append(f"writes from: {writes_from(rec, res.write_src)}")
+    if res.distinct_pages:
+        lines.append("dirty rate: distinct pages written (by reports that pass the sample "
+                     "filters) per aggregation interval, per second")
+    else:
+        lines.append(f"dirty rate from {describe_source(res.write_src)}: per snapshot, region "
+                     "bytes x fraction of sampling intervals written / aggregation interval")
     lines += notes(rec)
     if rec.coverage == "unknown":
         lines.append("note: with unknown coverage unobserved writes are missing: rates are "
