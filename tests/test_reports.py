@@ -520,3 +520,44 @@ def test_a_record_without_snapshots_is_an_error_for_every_kind(demo, tmp_path, k
     p = report(kind, "-i", str(empty), check=False)
     assert p.returncode == 2 and p.stdout == ""
     assert "has no snapshots" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_holes_between_mappings_are_not_memory(tmp_path):
+    """DAMON's three regions span the unmapped holes between mappings; a live record
+    says what is mapped, and ksm, wss and the heatmap count only that.  Here a
+    400 MiB hole lies between 4 MiB that is written and 64 MiB that is not."""
+    from udamon import Attrs, Monitor, Probe, parse_conditions
+    from udamon.core.monitor import Snapshot
+    from udamon.record.reader import read_record
+    from udamon.record.writer import RecordWriter, build_header
+    from udamon.report.common import AddrAxis
+
+    a, b = 0x5600_0000_0000, 0x5600_0000_0000 + 404 * MiB
+    probes = [Probe("write", parse_conditions("write"))]
+    mon = Monitor(Attrs(sample_us=50_000, aggr_us=1_000_000), probes=probes)
+    mon.add_target(7, [(a, b + 64 * MiB)], name="app")
+    path = tmp_path / "holes.jsonl"
+    w = RecordWriter(str(path))
+    w.write_header(build_header(mon.attrs, "wp", "controlled", [], probes, mon.targets))
+    mapped = [(a, a + 4 * MiB), (b, b + 64 * MiB)]
+    for k in range(12):
+        start = np.array([a, a + 4 * MiB, b], dtype=np.uint64)
+        end = np.array([a + 4 * MiB, b, b + 64 * MiB], dtype=np.uint64)
+        hits = np.array([10, 0, 0], dtype=np.int64)
+        w.write_snapshot(Snapshot((k + 1) * 10**9, k * 10**9, 7, 50_000, start, end, hits,
+                                  np.array([k, k, k]), {"write": hits.copy()},
+                                  mapped=mapped if k == 0 else None))
+    w.close("duration")
+    assert read_record(str(path)).snapshots[-1].mapped == mapped  # carried forward
+
+    ksm = json.loads(report("ksm", "-i", str(path), "--min-age", "5s", "--format",
+                            "json").stdout)
+    (t,) = ksm["targets"]
+    assert [(c["start"], c["end"]) for c in t["candidates"]] == [(b, b + 64 * MiB)]
+    assert t["mapped"] == 68 * MiB
+    wss = json.loads(report("wss", "-i", str(path), "--format", "json").stdout)
+    series = wss["targets"][0]["series"]
+    assert {s["mapped"] for s in series} == {68 * MiB}
+    assert {s["wss"] for s in series} == {4 * MiB}
+    axis = AddrAxis.of(read_record(str(path)).snapshots)
+    assert axis.segments == mapped  # the hole is cut out of the heatmap's address axis

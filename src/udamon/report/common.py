@@ -249,6 +249,37 @@ def atoms(snaps: Sequence[Snapshot]) -> tuple[np.ndarray, np.ndarray]:
     return lo[mapped], hi[mapped]
 
 
+def mapped_in(snap: Snapshot, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Bytes of each ``[lo, hi)`` that the snapshot's mapped spans cover (``hi - lo``
+    when the record does not say what is mapped, e.g. replay input).  DAMON's three
+    regions include the holes between mappings; a report that says "memory" must
+    not count them."""
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    if snap.mapped is None:
+        return hi - lo
+    if not snap.mapped:
+        return np.zeros(lo.size)
+    ms = np.asarray([a for a, _ in snap.mapped], dtype=np.float64)
+    me = np.asarray([b for _, b in snap.mapped], dtype=np.float64)
+    below = np.concatenate(([0.0], np.cumsum(me - ms)))  # mapped bytes before span i
+
+    def upto(x: np.ndarray) -> np.ndarray:  # mapped bytes below address x
+        i = np.searchsorted(ms, x, side="right") - 1
+        j = np.maximum(i, 0)
+        part = np.clip(x - ms[j], 0.0, me[j] - ms[j])
+        return np.where(i >= 0, below[j] + part, 0.0)
+
+    return upto(hi) - upto(lo)
+
+
+def mapped_total(snap: Snapshot) -> float:
+    """The target's mapped bytes in this snapshot (its regions' bytes when unknown)."""
+    if snap.mapped is not None:
+        return float(sum(b - a for a, b in snap.mapped))
+    return float((snap.end - snap.start).astype(np.float64).sum())
+
+
 def atom_values(snap: Snapshot, vals: np.ndarray, lo: np.ndarray) -> np.ndarray:
     """Value of each atom (by its start address) in ``snap``; NaN where unmapped."""
     i = np.searchsorted(snap.start, lo, side="right") - 1
@@ -270,10 +301,15 @@ class AddrAxis:
 
     @classmethod
     def of(cls, snaps: Sequence[Snapshot], gap_fraction: float = 0.02) -> AddrAxis:
-        """Union of all snapshots' regions; gaps larger than ``gap_fraction`` of
-        the mapped bytes are cut out, smaller ones stay (shown as unmapped)."""
-        spans = sorted({(int(a), int(b)) for s in snaps
-                        for a, b in zip(s.start.tolist(), s.end.tolist(), strict=True)})
+        """Union of all snapshots' regions, or of their mapped spans when the record
+        has them (the regions also cover the holes between mappings); gaps larger
+        than ``gap_fraction`` of the mapped bytes are cut out, smaller ones stay
+        (shown as unmapped)."""
+        if any(s.mapped is not None for s in snaps):
+            spans = sorted({(int(a), int(b)) for s in snaps for a, b in (s.mapped or [])})
+        else:
+            spans = sorted({(int(a), int(b)) for s in snaps
+                            for a, b in zip(s.start.tolist(), s.end.tolist(), strict=True)})
         merged: list[list[int]] = []
         for a, b in spans:
             if merged and a <= merged[-1][1]:

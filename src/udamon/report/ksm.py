@@ -7,7 +7,11 @@ The address space is cut into atoms at every region boundary of every
 snapshot (within an atom every snapshot has a single value), and each
 atom's last written snapshot is tracked; the unwritten time is measured from
 then (or from when the atom was first mapped) to the end of the record.
-Adjacent candidate atoms are merged into ranges, ranked by size.
+Adjacent candidate atoms are merged into ranges, ranked by size.  When the record
+says what is mapped (live targets), atoms are also cut at the last snapshot's
+mapping boundaries and only mapped ones can be candidates: DAMON's three regions
+cover the unmapped holes between mappings, which are never written and are not
+memory KSM could merge.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from udamon.report.common import (
     atom_values,
     atoms,
     describe_source,
+    mapped_in,
+    mapped_total,
     notes,
     pick_pids,
     read_source,
@@ -69,6 +75,9 @@ def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
     for p in pick_pids(rec, pid):
         snaps = rec.snapshots_of(p)
         lo, hi = atoms(snaps)
+        last = snaps[-1]
+        if last.mapped is not None:
+            lo, hi = _mapped_atoms(lo, hi, last)
         last_w = np.full(lo.size, -1, dtype=np.int64)
         last_r = np.full(lo.size, -1, dtype=np.int64)
         first = np.full(lo.size, -1, dtype=np.int64)
@@ -80,7 +89,6 @@ def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
             if rsrc is not None:
                 r = atom_values(s, values(s, None if rsrc == "nr_accesses" else rsrc), lo)
                 last_r[np.nan_to_num(r) > 0] = s.time_ns
-        last = snaps[-1]
         t_end = last.time_ns
         length = t_end - snaps[0].start_ns
         min_age = min_age_ns if min_age_ns is not None else min(DEFAULT_MIN_AGE_NS,
@@ -103,9 +111,24 @@ def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
                 found.append(Candidate(int(lo[i]), int(hi[i]), int(unwritten[i]),
                                        bool(last_w[i] < 0), rb))
         found.sort(key=lambda c: (-(c.end - c.start), c.start))
-        mapped = int((last.end - last.start).sum())
+        mapped = int(mapped_total(last))
         out.append(TargetKsm(p, mapped, int(length), int(min_age), found))
     return KsmResult(wsrc, rsrc, out)
+
+
+def _mapped_atoms(lo: np.ndarray, hi: np.ndarray, snap) -> tuple[np.ndarray, np.ndarray]:
+    """The atoms cut at ``snap``'s mapping boundaries, keeping the mapped pieces."""
+    cuts = np.asarray([x for span in snap.mapped for x in span], dtype=np.uint64)
+    bounds = np.unique(np.concatenate((lo, hi, cuts)))
+    if bounds.size < 2:
+        return lo[:0], hi[:0]
+    plo, phi = bounds[:-1], bounds[1:]
+    i = np.searchsorted(lo, plo, side="right") - 1  # the atom holding each piece
+    inside = i >= 0
+    inside[inside] = plo[inside] < hi[i[inside]]
+    plo, phi = plo[inside], phi[inside]
+    keep = mapped_in(snap, plo.astype(np.float64), phi.astype(np.float64)) > 0
+    return plo[keep], phi[keep]
 
 
 def _read_text(c: Candidate) -> str:

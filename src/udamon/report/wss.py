@@ -14,6 +14,8 @@ from udamon.record.reader import Record
 from udamon.report.common import (
     bar,
     describe_source,
+    mapped_in,
+    mapped_total,
     notes,
     percentiles,
     pick_pids,
@@ -33,7 +35,7 @@ class TargetWss:
     pid: int
     elapsed_ns: np.ndarray  # end of each snapshot, since the record start
     wss: np.ndarray  # bytes, per snapshot
-    mapped: np.ndarray  # bytes of all regions, per snapshot
+    mapped: np.ndarray  # mapped bytes (all regions' bytes when unknown), per snapshot
     aggr_ns: np.ndarray  # length of each snapshot's aggregation interval
 
 
@@ -49,12 +51,13 @@ def compute(rec: Record, pid: int | None, probe: str | None, min_accesses: int) 
     out = []
     for p in pick_pids(rec, pid):
         snaps = rec.snapshots_of(p)
-        sizes = [(s.end - s.start).astype(np.float64) for s in snaps]
+        # a region's bytes that are really mapped (the three regions span holes)
+        sizes = [mapped_in(s, s.start, s.end) for s in snaps]
         out.append(TargetWss(
             p, np.array([s.time_ns - t0 for s in snaps], dtype=np.int64),
             np.array([float(sz[values(s, probe) >= min_accesses].sum())
                       for s, sz in zip(snaps, sizes, strict=True)]),
-            np.array([float(sz.sum()) for sz in sizes]),
+            np.array([mapped_total(s) for s in snaps]),
             np.array([s.time_ns - s.start_ns for s in snaps], dtype=np.int64)))
     return WssResult(probe, min_accesses, out)
 
