@@ -57,6 +57,7 @@ def run(a: argparse.Namespace) -> int:
 def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
     if not os.path.exists(a.input):
         raise UsageError(f"--input {a.input}: no such file")
+    _check_not_input(a.input, a.output)
     summary = summarize(a.input) if ranges is None or not pids or breakdown else None
     per_pid = summary.ranges if summary else {}
     targets = pids or sorted(per_pid)
@@ -81,7 +82,7 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
     progress = _Progress(not a.quiet and sys.stderr.isatty())
     try:
         res = run_replay(monitor, prim.chunks(), writer.write_snapshot, stop,
-                         progress.update)
+                         progress.update, where=prim.where)
     except BaseException:
         progress.done()
         st = monitor.stats
@@ -89,6 +90,18 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
         raise
     progress.done()
     return finish(writer, monitor, res, a.quiet)
+
+
+def _check_not_input(inp: str, out: str) -> None:
+    """Opening the output truncates it: when it is the input, the input is gone."""
+    same = os.path.abspath(inp) == os.path.abspath(out)
+    try:
+        same = same or os.path.samefile(inp, out)
+    except OSError:  # the output does not exist yet
+        pass
+    if same:
+        raise UsageError(f"-o {out} is the --input file; writing the record would destroy "
+                         "the input (choose another output file)")
 
 
 def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bool,

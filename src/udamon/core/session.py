@@ -13,7 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from udamon.core.monitor import Monitor, Snapshot
+from udamon.errors import InputError
 from udamon.primitives.base import Primitive
 
 SnapshotSink = Callable[[Snapshot], None]
@@ -46,11 +49,24 @@ class StopFlag:
         return self._ev.wait(timeout)
 
 
+# A time jump that would close more empty aggregation intervals than this is taken
+# for a unit mistake (microseconds, seconds, a garbage value): closing them one by one
+# would run for hours and write a record of nothing.
+MAX_EMPTY_AGGRS = 1_000_000
+
+
 def run_replay(monitor: Monitor, chunks, sink: SnapshotSink,
                stop: StopFlag | None = None,
-               progress: Callable[[int], None] | None = None) -> SessionResult:
+               progress: Callable[[int], None] | None = None,
+               where: Callable[[int], str] | None = None) -> SessionResult:
     """Feed report chunks (sorted by time) and close aggregations as time passes.
-    The aggregation holding the last report is closed too, so every report counts."""
+    The aggregation holding the last report is closed too, so every report counts.
+
+    Intervals are closed one at a time, each snapshot handed to ``sink`` at once and
+    ``stop`` checked in between, so a long catch-up can be interrupted.  ``where(i)``
+    names report ``i`` of the current chunk in errors (e.g. ``FILE:LINE``).  A time
+    jump over more than MAX_EMPTY_AGGRS aggregation intervals raises InputError after
+    the reports before it were counted."""
     res = SessionResult("input-exhausted")
     last_t: int | None = None
     for chunk in chunks:
@@ -61,21 +77,57 @@ def run_replay(monitor: Monitor, chunks, sink: SnapshotSink,
             continue
         if monitor.window_start is None:
             monitor.start(int(chunk["time_ns"][0]))
+        jump = _find_jump(monitor, chunk, last_t)
+        if jump is not None:
+            # count what comes before the jump, then refuse (the caller closes the record)
+            if jump:
+                monitor.report_batch(chunk[:jump])
+                last_t = int(chunk["time_ns"][jump - 1])
+                _advance(monitor, last_t, sink, stop, res)
+            prev = last_t if last_t is not None else monitor.window_start
+            _refuse_jump(monitor, int(prev), int(chunk["time_ns"][jump]),
+                         where(jump) if where is not None else None)
         monitor.report_batch(chunk)
         last_t = int(chunk["time_ns"][-1])
-        for s in monitor.advance(last_t):
-            sink(s)
-            res.snapshots += 1
+        if not _advance(monitor, last_t, sink, stop, res):
+            break
         if progress is not None:
             progress(int(chunk.size))
     if last_t is not None and res.reason == "input-exhausted":
         end = monitor.window_end
         if end is not None and end <= last_t:  # pragma: no cover - advance closed it
             end = last_t + 1
-        for s in monitor.advance(end if end is not None else last_t + 1):
+        _advance(monitor, end if end is not None else last_t + 1, sink, stop, res)
+    return res
+
+
+def _advance(monitor: Monitor, now_ns: int, sink: SnapshotSink, stop: StopFlag | None,
+             res: SessionResult) -> bool:
+    """Close the intervals ending by ``now_ns`` one by one; False when ``stop`` was set."""
+    while (we := monitor.window_end) is not None and we <= now_ns:
+        if stop is not None and stop.is_set():
+            res.reason = stop.why
+            return False
+        for s in monitor.advance(we):
             sink(s)
             res.snapshots += 1
-    return res
+    return True
+
+
+def _find_jump(monitor: Monitor, chunk, last_t: int | None) -> int | None:
+    """Index of the first report whose time jumps over too many aggregation intervals."""
+    limit = float(MAX_EMPTY_AGGRS) * monitor.attrs.aggr_us * 1000
+    t = chunk["time_ns"].astype(np.float64)  # float: int64 differences can overflow
+    prev = float(last_t if last_t is not None else monitor.window_start)
+    big = np.flatnonzero(np.diff(t, prepend=prev) > limit)
+    return int(big[0]) if big.size else None
+
+
+def _refuse_jump(monitor: Monitor, prev: int, t: int, where: str | None):
+    n = (t - prev) // (monitor.attrs.aggr_us * 1000)
+    raise InputError(f"{where + ': ' if where else ''}time jumps from {prev} to {t} ns: "
+                     f"{n} aggregation intervals without a report (more than "
+                     f"{MAX_EMPTY_AGGRS:,}); time_ns must be in nanoseconds")
 
 
 def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,

@@ -53,20 +53,27 @@ def _conv(name: str, text: str, where: str) -> int:
     return v
 
 
+# An access must end below the last page under 2^64: monitored ranges are whole pages
+# and a region's end (exclusive) must itself be below 2^64.
+ADDR_END = (1 << 64) - 4096
 _LIMITS = {"time_ns": (-(1 << 63), (1 << 63) - 1), "pid": (0, (1 << 31) - 1),
            "tid": (-1, (1 << 31) - 1), "cpu": (-1, (1 << 31) - 1), "node": (-1, (1 << 31) - 1),
-           "addr": (0, (1 << 64) - 1), "size": (1, (1 << 64) - 1), "write": (0, 1)}
+           "addr": (0, ADDR_END - 1), "size": (1, ADDR_END), "write": (0, 1)}
 _LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
                "tid": "-1 (unknown) or a thread id", "cpu": "-1 (unknown) or a CPU number",
-               "node": "-1 (unknown) or a node number", "addr": "0 to 2^64-1",
-               "size": "1 to 2^64-1", "write": "0 or 1"}
+               "node": "-1 (unknown) or a node number",
+               "addr": f"0 to {ADDR_END - 1:#x}: the last page below 2^64 is left out",
+               "size": f"1 to {ADDR_END:#x}", "write": "0 or 1"}
 
 
-def read_csv(path: str, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+def read_csv(path: str, chunk: int = CHUNK,
+             linenos_out: list[int] | None = None) -> Iterator[np.ndarray]:
     """Yield REPORT_DTYPE chunks; raises InputError naming FILE:LINE on bad data.
 
     Parsing is vectorised per chunk (numpy converts the text columns); when a
-    chunk fails, it is re-checked field by field to name the exact line.
+    chunk fails, it is re-checked field by field to name the exact line.  When
+    ``linenos_out`` is given, it holds the line numbers of the chunk last yielded (so
+    later stages can name a line too).
     """
     f = _open_text(path)
     with f:
@@ -120,6 +127,8 @@ def read_csv(path: str, chunk: int = CHUNK) -> Iterator[np.ndarray]:
                 i = int(back[0]) + 1
                 _backwards(path, linenos[i], int(t[i]), int(t[i - 1]))
             last_time = int(t[-1])
+            if linenos_out is not None:
+                linenos_out[:] = linenos
             yield out
 
 
@@ -141,6 +150,12 @@ def _parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
                     raise ValueError(name)
     except ValueError:
         table = _parse_slow(path, rows, linenos, cols, ncol, dt)
+    over = np.flatnonzero(table["size"] > np.uint64(ADDR_END) - table["addr"])
+    if over.size:
+        i = int(over[0])
+        raise InputError(f"{path}:{linenos[i]}: addr {int(table['addr'][i]):#x} + size "
+                         f"{int(table['size'][i])} ends above {ADDR_END:#x} (accesses must "
+                         "end below the last page under 2^64)")
     out = empty(len(rows))
     for name in cols:
         if name == "source":
@@ -226,7 +241,12 @@ class ReplayPrimitive(Primitive):
 
     def __init__(self, path: str, chunk: int = CHUNK):
         self.path = path
-        self._it = read_csv(path, chunk)
+        self._lines: list[int] = []
+        self._it = read_csv(path, chunk, self._lines)
+
+    def where(self, i: int) -> str:
+        """``FILE:LINE`` of report ``i`` of the chunk last read."""
+        return f"{self.path}:{self._lines[i]}" if i < len(self._lines) else self.path
 
     def chunks(self) -> Iterator[np.ndarray]:
         return self._it
