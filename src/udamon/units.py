@@ -26,6 +26,14 @@ def parse_duration_us(text: str) -> int:
     return ns // 1000
 
 
+def parse_positive_duration_us(text: str) -> int:
+    """An interval that must elapse ('0ms' would divide by zero or never advance)."""
+    us = parse_duration_us(text)
+    if us <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return us
+
+
 def fmt_num(v: float) -> str:
     """About three significant digits, never scientific notation: 0.0123, 2.25, 41.6,
     512, 1000 (numbers of 1000 and more keep all their integer digits)."""

@@ -9,7 +9,12 @@ from udamon.core.attrs import Attrs, IntervalsGoal
 from udamon.errors import UsageError
 from udamon.probes.filters import FILTER_TYPES, Filter, parse_conditions
 from udamon.probes.probe import Probe
-from udamon.units import parse_duration_ns, parse_duration_us, parse_range
+from udamon.units import (
+    parse_duration_ns,
+    parse_duration_us,
+    parse_positive_duration_us,
+    parse_range,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,11 +48,11 @@ FILTER_HELP = (
 
 def add_monitoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("monitoring attributes (DAMON's; defaults as in the kernel)")
-    g.add_argument("--sample", metavar="DUR", type=typed(parse_duration_us, "duration"),
+    g.add_argument("--sample", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
                    default=None, help="sampling interval (default 5ms; 50ms for wp)")
-    g.add_argument("--aggr", metavar="DUR", type=typed(parse_duration_us, "duration"),
+    g.add_argument("--aggr", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
                    default=None, help="aggregation interval (default 100ms; 1s for wp)")
-    g.add_argument("--update", metavar="DUR", type=typed(parse_duration_us, "duration"),
+    g.add_argument("--update", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
                    default=None,
                    help="how often to follow the target's memory map changes (default 1s, "
                         "or the aggregation interval when that is longer)")
@@ -58,7 +63,7 @@ def add_monitoring_args(p: argparse.ArgumentParser) -> None:
                    help="auto-tune the intervals toward BP basis points of accesses observed, "
                         "every AGGRS aggregations, sampling interval within MIN..MAX "
                         "(e.g. 400,3,5ms,10s, DAMON's suggestion); off by default")
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--seed", type=typed(_seed, "seed"), default=None,
                    help="seed for region splitting and page sampling (reproducible runs)")
 
 
@@ -93,20 +98,24 @@ def attrs_from_args(a: argparse.Namespace, sample_us: int = 5_000,
 
 
 def filters_from_args(a: argparse.Namespace) -> list[Filter]:
-    conds: list[str] = []
-    if a.cpus:
-        conds.append("cpus:" + a.cpus.replace(",", "+"))
-    if a.tids:
-        conds.append("threads:" + a.tids.replace(",", "+"))
+    # (how the user wrote it, the condition): errors name the option that was given
+    conds: list[tuple[str, str]] = []
+    for opt, ftype, what in (("cpus", "cpus", "CPU"), ("tids", "threads", "thread id")):
+        text = getattr(a, opt)
+        if text is None:
+            continue
+        if not text.strip():  # an empty list would silently filter nothing
+            raise UsageError(f"--{opt} needs at least one {what}")
+        conds.append((f"--{opt} {text!r}", f"{ftype}:" + text.replace(",", "+")))
     if a.write_only:
-        conds.append("write")
-    conds.extend(a.filter)
+        conds.append(("--write-only", "write"))
+    conds.extend((repr(c), c) for c in a.filter)
     out: list[Filter] = []
-    for c in conds:
+    for shown, c in conds:
         try:
             out.extend(parse_conditions(c))
         except ValueError as e:
-            raise UsageError(f"bad filter {c!r}: {e}") from None
+            raise UsageError(f"bad filter {shown}: {e}") from None
     return out
 
 
@@ -122,6 +131,17 @@ def probes_from_args(a: argparse.Namespace) -> list[Probe]:
     if dup:
         raise UsageError(f"probe names must be unique: {', '.join(sorted(dup))} given twice")
     return out
+
+
+def _seed(text: str) -> int:
+    """numpy's generators take seeds >= 0 only."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise ValueError(f"the seed must be >= 0, got {v}")
+    return v
 
 
 def _parse_minmax(text: str) -> tuple[int, int]:
@@ -176,7 +196,7 @@ def pid_list(text: str) -> list[int]:
             v = int(part)
         except ValueError:
             raise ValueError(f"{part!r} is not a process id") from None
-        if v <= 0:
+        if not 0 < v < 1 << 31:  # pid_t is 32-bit: larger ones cannot exist
             raise ValueError(f"{v} is not a process id")
         out.append(v)
     return out

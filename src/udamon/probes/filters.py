@@ -38,6 +38,10 @@ FILTER_TYPES: dict[str, tuple[bool, str]] = {
 }
 
 _LIST_TYPES = ("cpus", "nodes", "threads", "pids")
+# what the ids of each list type are, for errors; reports hold them as int32 (the
+# replay input's limit too), so a larger id can never match and is a mistake
+ID_NAMES = {"cpus": "CPU", "nodes": "node", "threads": "thread id", "pids": "process id"}
+MAX_ID = (1 << 31) - 1
 
 
 def _parse_id_list(text: str) -> list[int]:
@@ -71,6 +75,9 @@ class Filter:
             ids = _parse_id_list(self.value or "")
             if not ids:
                 raise ValueError(f"filter {self.type!r} needs at least one id")
+            if ids[-1] > MAX_ID:
+                what = ID_NAMES[self.type]
+                raise ValueError(f"bad {what} {ids[-1]} ({what}s are 0 to {MAX_ID})")
             object.__setattr__(self, "_ids", tuple(ids))
         elif self.type == "addr":
             object.__setattr__(self, "_range", parse_range(self.value or ""))
