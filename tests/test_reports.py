@@ -561,3 +561,30 @@ def test_holes_between_mappings_are_not_memory(tmp_path):
     assert {s["wss"] for s in series} == {4 * MiB}
     axis = AddrAxis.of(read_record(str(path)).snapshots)
     assert axis.segments == mapped  # the hole is cut out of the heatmap's address axis
+
+
+def test_access_sum_adds_every_snapshot_up(demo):
+    """--snapshot sum: per address, nr_accesses and probe hits summed over the whole
+    record (byte-weighted totals are conserved); the read-only buffer has no write."""
+    from udamon.record.reader import read_record
+
+    rec = read_record(str(demo / "demo.jsonl"))
+    doc = json.loads(report("access", "-i", "demo.jsonl", "--snapshot", "sum", "--format",
+                            "json", cwd=demo).stdout)
+    (t,) = doc["targets"]
+    (snap,) = t["snapshots"]
+    regs = snap["regions"]
+    for key in ("nr_accesses", "write"):
+        def val(r, key=key):
+            return r["nr_accesses"] if key == "nr_accesses" else r["probes"][key]
+        got = sum(val(r) * r["size"] for r in regs)
+        want = sum(int(((s.end - s.start).astype(np.int64)
+                        * (s.nr_accesses if key == "nr_accesses" else s.probe_hits[key])).sum())
+                   for s in rec.snapshots)
+        assert got == want, key
+    assert all(a["end"] <= b["start"] for a, b in zip(regs, regs[1:], strict=False))
+    assert snap["nr_reports"] == sum(s.nr_reports for s in rec.snapshots)
+    base = regs[0]["start"]
+    lo, hi = (base + x * MiB for x in DEMO_BUFFERS["R"])  # R: read all along, never written
+    inside = [r for r in regs if lo <= r["start"] and r["end"] <= hi]
+    assert inside and all(r["probes"]["write"] == 0 and r["nr_accesses"] > 0 for r in inside)

@@ -20,9 +20,11 @@ from udamon.report.common import pick_pids
 
 
 def _access_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", default="last", metavar="last|all|busiest|N",
+    p.add_argument("--snapshot", default="last", metavar="last|all|busiest|sum|N",
                    help="which aggregation snapshot(s): last (default), all, busiest (the one "
-                        "with the most reports: useful for bursty primitives such as hint), "
+                        "with the most reports), sum (nr_accesses and probe hits summed over "
+                        "the whole record, on the finest cut of the regions: the view for "
+                        "bursty primitives such as hint, whose snapshots are mostly empty), "
                         "or an index (negative counts from the end)")
     p.add_argument("--sort", default="address", metavar="KEY",
                    help="order of regions: address (default), size, nr_accesses, age, "
@@ -30,11 +32,11 @@ def _access_args(p: argparse.ArgumentParser) -> None:
 
 
 def _access_run(a: argparse.Namespace, rec: Record) -> int:
-    if a.snapshot not in ("last", "all", "busiest"):
+    if a.snapshot not in ("last", "all", "busiest", "sum"):
         try:
             int(a.snapshot)
         except ValueError:
-            raise UsageError(f"--snapshot must be last, all, busiest or an integer, "
+            raise UsageError(f"--snapshot must be last, all, busiest, sum or an integer, "
                              f"got {a.snapshot!r}") from None
     if a.sort not in access.SORT_KEYS:
         name = a.sort.removeprefix("probe:")

@@ -9,7 +9,7 @@ import numpy as np
 from udamon.core.monitor import Snapshot
 from udamon.probes.filters import conditions_text
 from udamon.record.reader import Record
-from udamon.report.common import render_table
+from udamon.report.common import atom_values, atoms, render_table
 from udamon.units import fmt_duration_ns, fmt_size
 
 SORT_KEYS = ("address", "size", "nr_accesses", "age")
@@ -17,7 +17,7 @@ SORT_KEYS = ("address", "size", "nr_accesses", "age")
 
 @dataclass
 class AccessOptions:
-    snapshot: str = "last"  # "last", "all", "busiest" or an index (negative from the end)
+    snapshot: str = "last"  # last, all, busiest, sum, or an index (negative from the end)
     sort: str = "address"  # a SORT_KEYS entry or "probe:NAME"
     pid: int | None = None
     top: int | None = None
@@ -36,6 +36,8 @@ def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[i
             out[pid] = list(enumerate(snaps))
         elif opts.snapshot == "last":
             out[pid] = [(len(snaps) - 1, snaps[-1])]
+        elif opts.snapshot == "sum":
+            out[pid] = [(-1, summed(snaps))]
         elif opts.snapshot == "busiest":
             i = max(range(len(snaps)), key=lambda j: (snaps[j].nr_reports, j))
             out[pid] = [(i, snaps[i])]
@@ -47,6 +49,34 @@ def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[i
                                  f"(it has {len(snaps)}: 0..{len(snaps) - 1})")
             out[pid] = [(j, snaps[j])]
     return out
+
+
+def summed(snaps: list[Snapshot]) -> Snapshot:
+    """One table for the whole record: nr_accesses and probe hits summed over all
+    snapshots, on the finest cut of their region boundaries (adjacent pieces with
+    equal sums joined).  Bursty primitives (hint) leave most snapshots empty, so any
+    single one says little; the sum shows where the accesses were and who made them.
+    Its "rate" is over the whole record; "age" is the last snapshot's."""
+    last = snaps[-1]
+    lo, hi = atoms(snaps)
+    names = list(last.probe_hits)
+    cols = np.zeros((1 + len(names), lo.size))
+    for s in snaps:
+        cols[0] += np.nan_to_num(atom_values(s, s.nr_accesses, lo))
+        for k, n in enumerate(names, 1):
+            cols[k] += np.nan_to_num(atom_values(s, s.probe_hits[n], lo))
+    age = np.nan_to_num(atom_values(last, last.age, lo))
+    if lo.size:
+        new = np.ones(lo.size, dtype=bool)
+        new[1:] = (lo[1:] != hi[:-1]) | np.any(cols[:, 1:] != cols[:, :-1], axis=0)
+        first = np.flatnonzero(new)
+        lst = np.append(first[1:] - 1, lo.size - 1)
+        lo, hi, cols, age = lo[first], hi[lst], cols[:, first], age[lst]
+    c = cols.astype(np.int64)
+    return Snapshot(last.time_ns, snaps[0].start_ns, last.pid, last.sample_us, lo, hi, c[0],
+                    age.astype(np.int64), {n: c[k] for k, n in enumerate(names, 1)},
+                    sum(s.nr_reports for s in snaps), sum(s.nr_passed for s in snaps),
+                    mapped=last.mapped)
 
 
 def order(snap: Snapshot, key: str) -> np.ndarray:
@@ -120,7 +150,9 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
             lines.append(f"\ntarget {pid} {tname}: no snapshots")
             continue
         for i, s in chosen:
-            lines.append(f"\ntarget {pid} {tname}  snapshot {i} at "
+            what = (f"sum of {len(rec.snapshots_of(pid))} snapshots up to" if i < 0
+                    else f"snapshot {i} at")
+            lines.append(f"\ntarget {pid} {tname}  {what} "
                          f"{fmt_duration_ns(s.time_ns - t0)} (aggr "
                          f"{fmt_duration_ns(s.aggr_us * 1000)}), {s.nr_reports} reports, "
                          f"{len(s.start)} regions, {fmt_size(int((s.end - s.start).sum()))}")
