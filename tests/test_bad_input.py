@@ -120,3 +120,94 @@ def test_the_highest_usable_page_is_fine(tmp_path):
     src = csv(tmp_path, "1000,1,1,0,0xffffffffffffe000,4096,1\n")
     run_udamon("record", "--input", str(src), "-q", "-o", str(tmp_path / "x.jsonl"),
                check=True)
+
+
+# -- record reader: content no writer produces ------------------------------------------
+
+MS = 1_000_000
+BASE = 0x4000_0000
+
+
+def write_record(path, clock: str | None = None) -> None:
+    """Two full aggregations and a shorter last one (a flush), like a live session."""
+    import numpy as np
+
+    import udamon
+    from udamon import Attrs, Monitor, Probe
+    from udamon.record.writer import RecordWriter, build_header
+
+    mon = Monitor(Attrs(min_nr_regions=3, max_nr_regions=6), probes=[Probe.parse("w=write")],
+                  seed=1)
+    mon.add_target(5, [(BASE, BASE + 12 * 4096)], name="t")
+    w = RecordWriter(str(path))
+    extra = {"clock": clock} if clock else {}
+    w.write_header(build_header(mon.attrs, "replay", "complete", [], mon.probes, mon.targets,
+                                **extra))
+    mon.start(1000 * MS)
+    for k in range(3):
+        # a report in every sampling interval: nr_accesses reaches its ceiling
+        mon.report_batch(udamon.make_reports(
+            time_ns=1000 * MS + k * 100 * MS + np.arange(20) * 5 * MS, pid=5,
+            addr=BASE + np.zeros(20, dtype=np.uint64), write=True))
+    for s in [*mon.advance(1200 * MS), *mon.flush(1200 * MS + 12 * MS + 500)]:
+        w.write_snapshot(s)
+    w.close("input-exhausted")
+
+
+def edit(path, lineno: int, fn) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    obj = json.loads(lines[lineno - 1])
+    fn(obj)
+    lines[lineno - 1] = json.dumps(obj) + "\n"
+    path.write_text("".join(lines))
+
+
+def test_the_writers_record_with_a_short_last_snapshot_is_valid(tmp_path):
+    from udamon.record.reader import read_record
+
+    path = tmp_path / "r.jsonl"
+    write_record(path, clock="monotonic")
+    rec = read_record(str(path))
+    assert [int(s.nr_accesses.max()) for s in rec.snapshots] == [20, 20, 3]
+    assert rec.snapshots[-1].aggr_us == 12_000
+
+
+def _set_region(i, key, v):
+    def fn(obj):
+        obj["regions"][i][key] = v
+    return fn
+
+
+@pytest.mark.parametrize("lineno,fn,msg", [
+    (5, lambda o: o["end"].update(reason="finished"), "unknown end reason 'finished'"),
+    (5, lambda o: o["end"].update(dropped_reports=-1), "dropped_reports must be"),
+    (5, lambda o: o["end"].update(outside_reports=-3), "outside_reports must be"),
+    (2, _set_region(0, "nr_accesses", 21), "nr_accesses 21 is above the 20"),
+    (4, _set_region(0, "nr_accesses", 4), "nr_accesses 4 is above the 3"),
+    (2, lambda o: o["regions"][0]["probes"].update(w=99), "probe 'w' hits 99"),
+    (3, lambda o: o.update(time_ns=1100 * MS), "snapshot times go backwards"),
+    (3, lambda o: o.update(time_ns=1000 * MS), "snapshot times go backwards"),
+    (2, lambda o: o.update(pid=6), "pid 6 is not a target in the header"),
+    (2, lambda o: o.update(time_ns=1 << 64), "signed 64-bit"),
+    (2, lambda o: o.update(time_ns=50 * MS), "before boot"),
+])
+def test_invalid_record_content_is_bad_input(tmp_path, lineno, fn, msg):
+    from udamon.errors import InputError
+    from udamon.record.reader import read_record
+
+    path = tmp_path / "r.jsonl"
+    write_record(path, clock="monotonic")
+    edit(path, lineno, fn)
+    with pytest.raises(InputError) as e:
+        read_record(str(path))
+    assert f"r.jsonl:{lineno}:" in str(e.value) and msg in str(e.value), str(e.value)
+
+
+def test_replay_records_may_have_negative_times(tmp_path):
+    """The input's clock is anything the CSV holds: only the monotonic clock has a floor."""
+    from udamon.record.reader import read_record
+
+    src = csv(tmp_path, "-5000000000,1,1,0,4096,8,1\n-4900000000,1,1,0,8192,8,0\n")
+    out = tmp_path / "neg.jsonl"
+    run_udamon("record", "--input", str(src), "-q", "-o", str(out), check=True)
+    assert read_record(str(out)).snapshots[0].time_ns < 0

@@ -24,6 +24,7 @@ from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
 from udamon.record.format import (
     END_KEYS,
+    END_REASONS,
     FORMAT_NAME,
     FORMAT_VERSION,
     GZIP_MAGIC,
@@ -137,12 +138,22 @@ def _parse_header(obj, where: str) -> tuple[dict, Attrs, list[Filter], list[Prob
 
 
 def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
-                    written_pages: bool = False) -> Snapshot:
+                    written_pages: bool = False, aggr_samples: int | None = None) -> Snapshot:
+    """``aggr_samples``: the header's sampling intervals per aggregation (auto-tuning
+    scales both intervals and keeps it), the ceiling of every count."""
     _need(obj, SNAPSHOT_KEYS, where)
     time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63))
+    if time_ns >= 1 << 63:
+        raise _Bad(f"{where}: time_ns {time_ns} does not fit a signed 64-bit clock")
     pid = _int(obj["pid"], "pid", where, lo=-(1 << 31))
     sample_us = _int(obj["sample_us"], "sample_us", where, lo=1)
     aggr_us = _int(obj.get("aggr_us", sample_us), "aggr_us", where, lo=1)
+    # a count is of sampling intervals: at most those of this snapshot's own interval
+    # (a last, shorter one has fewer; +1 for the one its sub-microsecond end starts)
+    max_count = aggr_samples
+    if "aggr_us" in obj:
+        own = aggr_us // sample_us + 1
+        max_count = own if max_count is None else min(max_count, own)
     regions = obj["regions"]
     if not isinstance(regions, list):
         raise _Bad(f"{where}: regions must be a list")
@@ -169,6 +180,9 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
         prev_end = e
         start[i], end[i] = s, e
         acc[i] = _int(r["nr_accesses"], "nr_accesses", rw)
+        if max_count is not None and acc[i] > max_count:
+            raise _Bad(f"{rw}: nr_accesses {acc[i]} is above the {max_count} sampling "
+                       f"intervals of the snapshot (aggr_us {aggr_us}, sample_us {sample_us})")
         age[i] = _int(r["age"], "age", rw)
         probes = r.get("probes", {})
         if not isinstance(probes, dict):
@@ -177,6 +191,9 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
             if name not in hits:
                 raise _Bad(f"{rw}: probe {name!r} is not declared in the header")
             hits[name][i] = _int(v, f"probe {name!r} hits", rw)
+            if max_count is not None and hits[name][i] > max_count:
+                raise _Bad(f"{rw}: probe {name!r} hits {hits[name][i]} are above the "
+                           f"{max_count} sampling intervals of the snapshot")
         if "nodes" in r:
             nodes = r["nodes"]
             if not isinstance(nodes, dict) or not all(
@@ -203,10 +220,45 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
                     written_pages=wpages, mapped=mapped)
 
 
+def _parse_end(end, where: str) -> dict:
+    """The end line: a known reason and counts >= 0 (keys may be added, so others pass)."""
+    if not isinstance(end, dict):
+        raise _Bad(f"{where}: 'end' must be an object")
+    _need(end, END_KEYS, where)
+    if end["reason"] not in END_REASONS:
+        raise _Bad(f"{where}: unknown end reason {end['reason']!r} "
+                   f"(known: {', '.join(END_REASONS)})")
+    for key in ("dropped_reports", "lost_samples", "snapshots", "reports",
+                "unmatched_reports", "outside_reports", "late_reports"):
+        if key in end:
+            _int(end[key], f"end {key}", where)
+    return end
+
+
+def _check_order(snap: Snapshot, rec: Record, targets: set[int], last_of: dict[int, int],
+                 where: str) -> None:
+    """What no writer produces: a pid the header does not name (targets are known
+    before the header is written, live or replay), a snapshot not after the previous
+    one of its target, and a monotonic-clock interval starting before boot."""
+    if snap.pid not in targets:
+        raise _Bad(f"{where}: pid {snap.pid} is not a target in the header "
+                   f"(targets: {', '.join(map(str, sorted(targets))) or 'none'})")
+    prev = last_of.get(snap.pid)
+    if prev is not None and snap.time_ns <= prev:
+        raise _Bad(f"{where}: time_ns {snap.time_ns} is not after the previous snapshot of "
+                   f"pid {snap.pid} ({prev}): snapshot times go backwards")
+    last_of[snap.pid] = snap.time_ns
+    if rec.header.get("clock") == "monotonic" and snap.start_ns < 0:
+        raise _Bad(f"{where}: time_ns {snap.time_ns} minus aggr_us is before boot, "
+                   "impossible for the monotonic clock")
+
+
 def read_record(path: str, *, salvage: bool = False) -> Record:
     """Read and validate a whole record.  Raises InputError with FILE:LINE."""
     rec: Record | None = None
     mapped_of: dict[int, list[tuple[int, int]]] = {}
+    last_of: dict[int, int] = {}
+    targets: set[int] = set()
     try:
         for lineno, raw in _lines(path):
             where = f"{path}:{lineno}"
@@ -224,18 +276,17 @@ def read_record(path: str, *, salvage: bool = False) -> Record:
             if rec is None:
                 header, attrs, filters, probes = _parse_header(obj, where)
                 rec = Record(path, header, attrs, filters, probes)
+                targets = {int(t["pid"]) for t in header["targets"]}
                 continue
             if not isinstance(obj, dict):
                 raise _Bad(f"{where}: expected a JSON object")
             if "end" in obj:
-                end = obj["end"]
-                if not isinstance(end, dict):
-                    raise _Bad(f"{where}: 'end' must be an object")
-                _need(end, END_KEYS, where)
-                rec.end = end
+                rec.end = _parse_end(obj["end"], where)
                 continue
             snap = _parse_snapshot(obj, where, rec.probe_names,
-                                   bool(rec.header.get("written_pages", False)))
+                                   bool(rec.header.get("written_pages", False)),
+                                   rec.attrs.aggr_samples)
+            _check_order(snap, rec, targets, last_of, where)
             # "mapped" is written when it changes: carry it forward per target
             if snap.mapped is not None:
                 mapped_of[snap.pid] = snap.mapped
