@@ -13,7 +13,7 @@ from udamon.cli.common import (
 from udamon.core.monitor import Monitor
 from udamon.core.session import SessionResult, run_replay
 from udamon.errors import UsageError
-from udamon.primitives.replay import ReplayPrimitive, summarize
+from udamon.primitives.replay import ReplayPrimitive, columns, summarize
 from udamon.record.writer import RecordWriter, build_header
 
 DESCRIPTION = """\
@@ -66,6 +66,7 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
                                 tids=set().union(*[summary.tids.get(p, set()) for p in targets]))
     if not targets:
         raise UsageError(f"{a.input}: holds no reports, nothing to monitor")
+    _warn_derived_nodes(a.input, filters, probes, breakdown)
     monitor = Monitor(attrs, filters, probes, seed=a.seed)
     for pid in targets:
         r = ranges if ranges is not None else per_pid.get(pid)
@@ -89,7 +90,33 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
         writer.close("error", dropped_reports=st.dropped, lost_samples=0)
         raise
     progress.done()
-    return finish(writer, monitor, res, a.quiet)
+    rc = finish(writer, monitor, res, a.quiet)
+    _warn_outside(monitor, ranges is not None)
+    return rc
+
+
+def _warn_derived_nodes(path: str, filters, probes, breakdown) -> None:
+    """Without a node column, a report's node is looked up from its CPU in this
+    machine's topology (the intake does it), which may not be the recorded machine's."""
+    uses = any(f.type == "nodes" for f in [*filters, *(f for p in probes for f in p.filters)])
+    if (uses or "node" in breakdown) and "node" not in columns(path):
+        from udamon.targets.topology import cpu_to_node
+
+        n = len({int(x) for x in cpu_to_node() if x >= 0}) or 1
+        print(f"udamon: warning: {path} has no 'node' column: nodes are derived from each "
+              f"report's CPU with this machine's CPU-to-node map ({n} node"
+              f"{'s' if n != 1 else ''}); add a node column for another machine's input",
+              file=sys.stderr)
+
+
+def _warn_outside(monitor: Monitor, given_ranges: bool) -> None:
+    """Reports outside every monitored range are not counted: say how many."""
+    st = monitor.stats
+    if st.outside and st.accepted:
+        where = "the --range ranges" if given_ranges else "the monitored ranges"
+        print(f"udamon: warning: {st.outside} of {st.accepted} reports "
+              f"({100 * st.outside / st.accepted:.1f}%) fell outside {where} and were not "
+              "counted", file=sys.stderr)
 
 
 def _check_not_input(inp: str, out: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,14 +30,62 @@ def _open_text(path: str):
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic == b"\x1f\x8b":
-            return gzip.open(path, "rt")
-        return open(path)  # noqa: SIM115 - caller closes
+            return gzip.open(path, "rt", encoding="utf-8")
+        return open(path, encoding="utf-8")  # noqa: SIM115 - caller closes
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not a CSV file") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _unreadable(path: str, e: Exception) -> InputError:
+    """Text is decoded in blocks, so a decoding error's own position is not the line:
+    find the first line that does not decode (cheap, only on error)."""
+    msg = f"{path}: cannot read ({e})"
+    if isinstance(e, gzip.BadGzipFile):
+        msg = f"{path}: not a valid gzip file ({e})"
+    elif isinstance(e, (EOFError, zlib.error)):
+        msg = f"{path}: compressed data is truncated or corrupted ({e})"
+    elif isinstance(e, UnicodeDecodeError):
+        opener = gzip.open if _is_gzip(path) else open
+        try:
+            with opener(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    try:
+                        raw.decode("utf-8")
+                    except UnicodeDecodeError as le:
+                        msg = (f"{path}:{n}: not UTF-8 text (byte {raw[le.start]:#04x} at "
+                               f"column {le.start + 1})")
+                        break
+        except (OSError, EOFError, zlib.error):
+            pass
+    return InputError(_not_gzip(path, msg))
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _not_gzip(path: str, msg: str) -> str:
+    """A name that says gzip and content that does not: say so before the error that
+    reading it as plain text ran into."""
+    if path.endswith(".gz") and not _is_gzip(path):
+        return (f"{path}: not a gzip file (it does not start with the gzip magic bytes "
+                f"1f 8b), nor a CSV: {msg}")
+    return msg
+
+
+def columns(path: str) -> list[str]:
+    """The header's column names ([] when unreadable: read_csv says why, with the line)."""
+    try:
+        with _open_text(path) as f:
+            first = f.readline()
+    except (InputError, UnicodeDecodeError, EOFError, OSError, ValueError, zlib.error):
+        return []
+    return [c.strip().strip('"') for c in first.strip().split(",")]
 
 
 def _conv(name: str, text: str, where: str) -> int:
@@ -79,8 +128,8 @@ def read_csv(path: str, chunk: int = CHUNK,
     with f:
         try:
             first = f.readline()
-        except (UnicodeDecodeError, EOFError, OSError) as e:
-            raise InputError(f"{path}:1: cannot read the header ({e})") from None
+        except (UnicodeDecodeError, EOFError, OSError, zlib.error) as e:
+            raise _unreadable(path, e) from None
         if not first.strip():
             raise InputError(f"{path}: empty file (expected a header "
                              f"'{','.join(REQUIRED)}')")
@@ -95,16 +144,17 @@ def read_csv(path: str, chunk: int = CHUNK,
                 what.append("unknown " + ", ".join(unknown))
             if len(set(cols)) != len(cols):
                 what.append("duplicate columns")
-            raise InputError(f"{path}:1: bad header ({'; '.join(what)}); expected "
-                             f"'{','.join(REQUIRED)}' (optional: {', '.join(OPTIONAL)})")
+            raise InputError(_not_gzip(path, f"{path}:1: bad header ({'; '.join(what)}); "
+                                       f"expected '{','.join(REQUIRED)}' (optional: "
+                                       f"{', '.join(OPTIONAL)})"))
         ncol = len(cols)
         lineno = 1
         last_time: int | None = None
         while True:
             try:
                 lines = list(itertools.islice(f, chunk))
-            except (UnicodeDecodeError, EOFError, OSError, ValueError) as e:
-                raise InputError(f"{path}:{lineno + 1}: cannot read ({e})") from None
+            except (UnicodeDecodeError, EOFError, OSError, ValueError, zlib.error) as e:
+                raise _unreadable(path, e) from None
             if not lines:
                 return
             linenos = []
