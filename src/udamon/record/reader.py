@@ -92,8 +92,18 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
     except EOFError:
         raise _Bad(f"{path}:{n + 1}: compressed stream is truncated (the file was cut off)"
                    ) from None
-    except (gzip.BadGzipFile, zlib.error) as e:
+    except gzip.BadGzipFile as e:  # the magic bytes are there, the rest of the header is not
+        raise _Bad(f"{path}:{n + 1}: not a valid gzip file ({e})") from None
+    except zlib.error as e:
         raise _Bad(f"{path}:{n + 1}: compressed data is corrupted ({e})") from None
+
+
+def _is_gzip(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == GZIP_MAGIC
+    except OSError:
+        return False
 
 
 def _need(d: dict, keys, where: str) -> None:
@@ -297,6 +307,9 @@ def read_record(path: str, *, salvage: bool = False) -> Record:
         if salvage and rec is not None:
             rec.damage = str(e)
             return rec
+        if rec is None and path.endswith(".gz") and not _is_gzip(path):
+            raise InputError(f"{path}: not a gzip file (it does not start with the gzip "
+                             f"magic bytes 1f 8b), nor a plain record: {e}") from None
         hint = ""
         if rec is not None and rec.snapshots:
             hint = f" ({len(rec.snapshots)} snapshots before it are intact; --salvage reads them)"
