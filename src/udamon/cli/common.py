@@ -62,7 +62,8 @@ def add_monitoring_args(p: argparse.ArgumentParser) -> None:
                    type=typed(_parse_goal, "BP,AGGRS,MIN,MAX"), default=None,
                    help="auto-tune the intervals toward BP basis points of accesses observed, "
                         "every AGGRS aggregations, sampling interval within MIN..MAX "
-                        "(e.g. 400,3,5ms,10s, DAMON's suggestion); off by default")
+                        "(e.g. 400,3,5ms,10s, DAMON's suggestion); off by default, and BP or "
+                        "AGGRS 0 turns it off (as in the kernel)")
     g.add_argument("--seed", type=typed(_seed, "seed"), default=None,
                    help="seed for region splitting and page sampling (reproducible runs)")
 
@@ -163,6 +164,8 @@ def _parse_goal(text: str) -> IntervalsGoal:
         bp, aggrs = int(parts[0]), int(parts[1])
     except ValueError:
         raise ValueError(f"BP and AGGRS must be integers in {text!r}") from None
+    if bp < 0 or aggrs < 0:
+        raise ValueError(f"BP and AGGRS must be >= 0 (0 turns tuning off) in {text!r}")
     return IntervalsGoal(bp, aggrs, parse_duration_us(parts[2]), parse_duration_us(parts[3]))
 
 
