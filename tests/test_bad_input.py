@@ -211,3 +211,70 @@ def test_replay_records_may_have_negative_times(tmp_path):
     out = tmp_path / "neg.jsonl"
     run_udamon("record", "--input", str(src), "-q", "-o", str(out), check=True)
     assert read_record(str(out)).snapshots[0].time_ns < 0
+
+
+# -- replay warnings, unreadable input, interval tuning ----------------------------------
+
+@pytest.mark.parametrize("args", [["--filter", "nodes:1"], ["--probe", "n=nodes:0"],
+                                  ["--breakdown", "node"]])
+def test_nodes_on_replay_without_a_node_column_warn(tmp_path, args):
+    src = csv(tmp_path, OK_ROWS)
+    p = run_udamon("record", "--input", str(src), "-q", "-o", str(tmp_path / "x.jsonl"),
+                   *args, check=True)
+    (line,) = [ln for ln in p.stderr.splitlines() if "warning" in ln]
+    assert "no 'node' column" in line and "this machine's CPU-to-node map" in line
+
+
+def test_nodes_from_a_node_column_do_not_warn(tmp_path):
+    src = tmp_path / "n.csv"
+    src.write_text("time_ns,pid,tid,cpu,addr,size,write,node\n1000,1,1,0,4096,8,1,1\n")
+    p = run_udamon("record", "--input", str(src), "-q", "-o", str(tmp_path / "x.jsonl"),
+                   "--filter", "nodes:1", check=True)
+    assert "warning" not in p.stderr
+
+
+def test_reports_outside_the_range_are_counted_in_a_warning(tmp_path):
+    src = csv(tmp_path, OK_ROWS)
+    p = run_udamon("record", "--input", str(src), "-q", "-o", str(tmp_path / "x.jsonl"),
+                   "--range", "0x1000-0x2000", check=True)
+    assert "warning: 1 of 2 reports (50.0%) fell outside the --range ranges" in p.stderr
+    assert end_line(tmp_path / "x.jsonl")["outside_reports"] == 1
+
+
+def test_bad_utf8_names_its_line(tmp_path):
+    src = tmp_path / "b.csv"
+    src.write_bytes(HEADER.encode() + b"1000,1,1,0,4096,8,1\xff\n")
+    msg = one_line_error(run_udamon("record", "--input", str(src), "-o",
+                                    str(tmp_path / "x.jsonl")))
+    assert f"{src}:2: not UTF-8 text" in msg
+
+
+@pytest.mark.parametrize("cmd", [["record", "--input", "{f}", "-o", "{d}/x.jsonl"],
+                                 ["report", "access", "-i", "{f}"]])
+def test_a_garbage_gz_file_is_not_a_gzip_file(tmp_path, cmd):
+    f = tmp_path / "garbage.gz"
+    f.write_bytes(bytes(range(0x80, 0xC0)) * 3)
+    msg = one_line_error(run_udamon(*[c.format(f=f, d=tmp_path) for c in cmd]))
+    assert msg.startswith(f"udamon: error: {f}: not a gzip file"), msg
+
+
+@pytest.mark.parametrize("cmd", [["record", "--input", "{f}", "-o", "{d}/x.jsonl"],
+                                 ["report", "access", "-i", "{f}"]])
+def test_a_bad_gzip_header_is_not_a_valid_gzip_file(tmp_path, cmd):
+    f = tmp_path / "bad.gz"
+    f.write_bytes(b"\x1f\x8b\x63" + b"\x00" * 40)
+    msg = one_line_error(run_udamon(*[c.format(f=f, d=tmp_path) for c in cmd]))
+    assert "not a valid gzip file" in msg
+
+
+def test_intervals_goal_zero_aggrs_turns_tuning_off(tmp_path):
+    src = csv(tmp_path, OK_ROWS)
+    out = tmp_path / "x.jsonl"
+    run_udamon("record", "--input", str(src), "-q", "-o", str(out),
+               "--intervals-goal", "400,0,5ms,10s", check=True)
+    goal = json.loads(out.read_text().splitlines()[0])["attrs"]["intervals_goal"]
+    assert goal["aggrs"] == 0
+    assert "AGGRS 0 turns it off" in " ".join(run_udamon("record", "--help").stdout.split())
+    p = run_udamon("record", "--input", str(src), "-o", str(out),
+                   "--intervals-goal", "400,-1,5ms,10s")
+    assert "must be >= 0" in one_line_error(p)
