@@ -115,7 +115,10 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         "the best live primitive this machine has)")
     if replay:
         p.add_argument("--input", metavar="CSV",
-                       help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write")
+                       help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write "
+                            "(optional columns: node, source; without node, a report's node "
+                            "is its CPU's node on this machine, with a warning when nodes are "
+                            "filtered or broken down)")
     p.add_argument("--pid", metavar="PID[,PID...]", action="append", default=[],
                    type=typed(pid_list, "pid list"),
                    help="target process(es)" + ("; with --input, which pids of the input to "
