@@ -412,6 +412,47 @@ def test_wp_kernel_writes_reported_without_cpu(torture):
         p.wait()
 
 
+_SPARSE_TARGET = r"""
+import mmap, sys
+m = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+import ctypes
+base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+for off in map(int, sys.argv[1:]):
+    m[off] = 1
+print(base, flush=True)
+sys.stdin.readline()
+"""
+
+
+@needs_wp
+def test_wp_armed_pages_far_apart_each_seen_exactly():
+    """Armed pages are checked cluster by cluster (neighbours within 2 MiB share one
+    PAGEMAP_SCAN, the rest get their own), so spreading them over 1 GiB neither walks
+    the whole span nor misses or invents a write."""
+    offs = [0, 1 << 20, 300 << 20, 700 << 20, (1 << 30) - 4096]
+    p = subprocess.Popen([sys.executable, "-c", _SPARSE_TARGET, *map(str, offs)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    w = WpPrimitive([p.pid], attribute=False)
+    try:
+        base = int(p.stdout.readline())
+        w.start([p.pid])
+        pages = np.asarray([base + o for o in offs], dtype=np.uint64)
+        w.arm(p.pid, pages)
+        assert w.poll(time.monotonic_ns()).size == 0
+        w.arm(p.pid, pages)
+        written = [base + offs[1], base + offs[4]]
+        with open(f"/proc/{p.pid}/mem", "r+b", buffering=0) as f:
+            for a in written:
+                f.seek(a)
+                f.write(b"\x02")
+        r = w.poll(time.monotonic_ns())
+        assert sorted(int(x) for x in r["addr"]) == written
+    finally:
+        w.stop()
+        p.kill()
+        p.wait()
+
+
 def _anon_rw(pid: int) -> list[tuple[int, int]]:
     from udamon.targets.procmaps import read_vmas
 
