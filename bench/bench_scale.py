@@ -10,8 +10,9 @@ N threads each read-modify-writing its own slice of one 256 MiB buffer.
 The workload is started first; then 'udamon record --primitive P --pid PID
 --duration D' runs.  Its CPU time (utime + stime from /proc/PID/stat) is
 sampled every 0.2 s: "steady CPU" is the slope from the moment the record
-header is written (start-up done) to the end, in % of one CPU; "total CPU"
-includes Python start-up.  Peak RSS is VmHWM.  (wp's short-lived injection
+header is written (start-up done) to the last snapshot (before the teardown),
+in % of one CPU; "total CPU" includes start-up and teardown.
+Peak RSS is VmHWM.  (wp's short-lived injection
 helper and the settings watchdog are separate processes and not counted.)
 
 What to expect: wp arms one page per region per sampling interval, so its cost
@@ -102,7 +103,7 @@ def markdown(res: dict) -> list[str]:
            f"default attributes, {res['repeat']} repeats each (configurations interleaved).",
            "",
            "| primitive | target | steady CPU (% of one CPU) | spread | total CPU s "
-           "(incl. start-up) | peak RSS (VmHWM) | reports per run | lost/dropped |",
+           "(incl. start-up, teardown) | peak RSS (VmHWM) | reports per run | lost/dropped |",
            "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         what = (f"access_pattern, {r['value']} MiB touched" if r["kind"] == "mem"

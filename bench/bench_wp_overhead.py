@@ -17,7 +17,9 @@ settings instead (adaptive regions, 50 ms sampling, 1 s aggregation),
 attached 0.3 s after the workload starts, and adds a second, less noisy
 ratio: passes per CPU-second of the workload (its rusage), which is immune to
 CPU steal and to the scheduler placing other work on the writer's CPU; what
-it leaves out is udamon's own CPU time, reported separately.
+it leaves out is udamon's own CPU time, reported separately.  ``--primitive
+hint`` measures 'udamon record --primitive hint' the same way (the workload's
+own time then includes its hinting faults).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def one_run(binary: str, duration: float, mib: int, monitored: bool, regions: in
     return end["rate"], extra
 
 
-def one_cli_run(binary: str, duration: float, mib: int, monitored: bool) -> dict:
+def one_cli_run(binary: str, duration: float, mib: int, monitored: bool,
+                primitive: str = "wp") -> dict:
     p = subprocess.Popen([binary, "write", str(duration), str(mib), "1"],
                          stdout=subprocess.PIPE, text=True)
     info = json.loads(p.stdout.readline())
@@ -92,7 +95,8 @@ def one_cli_run(binary: str, duration: float, mib: int, monitored: bool) -> dict
     with tempfile.TemporaryDirectory(prefix="udamon-bench-") as tmp:
         if monitored:
             time.sleep(0.3)
-            mon = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive", "wp",
+            mon = subprocess.Popen([sys.executable, "-m", "udamon", "record", "--primitive",
+                                    primitive,
                                     "--pid", str(info["pid"]), "-q", "-o", f"{tmp}/r.jsonl"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         end = json.loads(p.stdout.readline())
@@ -115,14 +119,14 @@ def cli_main(a) -> int:
     for i in range(a.runs):
         for monitored in ((False, True) if i % 2 == 0 else (True, False)):
             before = os.times()
-            r = one_cli_run(binary, a.duration, a.mib, monitored)
+            r = one_cli_run(binary, a.duration, a.mib, monitored, a.primitive)
             after = os.times()
             if monitored:  # children's CPU = the workload's + udamon's
                 r["udamon_cpu_s"] = ((after.children_user + after.children_system)
                                      - (before.children_user + before.children_system)
                                      - r["cpu_s"])
             rows[monitored].append(r)
-            print(f"run {i} {'wp  ' if monitored else 'base'} {r['rate']:8.1f} passes/s "
+            print(f"run {i} {a.primitive if monitored else 'base':<4} {r['rate']:8.1f} passes/s "
                   f"{r['per_cpu_s']:8.1f} passes/CPU-s "
                   + (f"udamon {r['udamon_cpu_s']:.2f} CPU-s" if monitored else ""), flush=True)
 
@@ -150,7 +154,11 @@ def main() -> int:
     ap.add_argument("--no-attribution", action="store_true")
     ap.add_argument("--cli", action="store_true",
                     help="measure 'udamon record --primitive wp' at its defaults")
+    ap.add_argument("--primitive", choices=("wp", "hint"), default="wp",
+                    help="with --cli: the primitive to measure (default wp)")
     a = ap.parse_args()
+    if a.cli and a.primitive == "hint":
+        return cli_main(a)
     ok, why = wp_available()
     if not ok:
         print(f"wp unavailable: {why}", file=sys.stderr)
