@@ -255,9 +255,12 @@ class Monitor:
         r.nr_accesses += count(passed)
         if self.count_written_pages:
             w = passed & reports["write"]
-            if w.any():
-                _, first = np.unique(reports["addr"][w] // np.uint64(PAGE), return_index=True)
-                r.written_pages += np.bincount(ridx[w][first], minlength=len(r))
+            if w.any():  # distinct pages: sort, keep the first of each run, find its region
+                pg = np.sort(reports["addr"][w] // np.uint64(PAGE))
+                first = np.ones(pg.size, dtype=bool)
+                first[1:] = pg[1:] != pg[:-1]
+                idx = r.index_of(pg[first] * np.uint64(PAGE))
+                r.written_pages += np.bincount(idx[idx >= 0], minlength=len(r))
         for i, p in enumerate(self.probes):
             r.probe_hits[i] += count(evaluate(p.filters, reports) & inside)
         return int(reports.size), int(passed.sum())
