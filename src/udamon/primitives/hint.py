@@ -135,7 +135,10 @@ class HintPrimitive(Primitive):
             self._pids = alive
             try:
                 # hint faults come in bursts of a whole scan pass: 4 MiB per CPU holds ~80k
-                self._tracer = FaultTracer(self._pids, pages_per_buffer=1024).open()
+                # wake udamon at 4096 faults, not 256: the loop reads at each
+                # aggregation's end anyway, and a 4 MiB ring still has ~15x headroom
+                self._tracer = FaultTracer(self._pids, pages_per_buffer=1024,
+                                           wakeup_events=4096).open()
                 return
             except RuntimeFailure:
                 if all(is_alive(p) for p in self._pids):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import math
 import mmap
 import os
 import platform
@@ -54,6 +55,7 @@ from typing import Literal
 
 import numpy as np
 
+from udamon.arrays import sorted_unique
 from udamon.errors import RuntimeFailure
 from udamon.primitives.mounts import is_mounted, mount, umount
 from udamon.targets.topology import parse_cpulist
@@ -611,7 +613,9 @@ class FaultTracer:
         p = select.poll()
         for r in self._rings:
             p.register(r.fd, select.POLLIN)
-        ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+        # round up: rounding down woke the caller up to 1 ms early, and it then spun
+        # on poll(0) until its deadline
+        ms = None if timeout_s is None else max(0, math.ceil(timeout_s * 1000))
         return bool(p.poll(ms))
 
     @property
@@ -698,7 +702,7 @@ class FaultTracer:
         tids = recs["tid"].astype(np.int64)
         key = (tids << 20) | (fam & 0xFFFFF)
         ukeys, first = np.unique(key, return_index=True)
-        if ukeys.size == np.unique(tids).size and all(
+        if ukeys.size == sorted_unique(tids).size and all(
             self._kept_family.get(int(k >> 20), int(k & 0xFFFFF)) == int(k & 0xFFFFF) for k in ukeys
         ):
             for k in ukeys:

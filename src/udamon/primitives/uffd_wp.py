@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from udamon.arrays import sorted_unique
 from udamon.errors import RuntimeFailure, TargetGone
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives.base import Primitive, PrimitiveStats
@@ -394,7 +395,7 @@ class WpPrimitive(Primitive):
             self._refresh(t, now)
             if t.gone or t.uffd < 0:
                 return
-        pages = np.unique(np.asarray(addrs, dtype=np.uint64) & self._mask)
+        pages = sorted_unique(np.asarray(addrs, dtype=np.uint64) & self._mask)
         inside = self._inside(t, pages)
         if not inside.all() and now - t.last_refresh >= REFRESH_MIN_S:
             self._refresh(t, now)
