@@ -688,7 +688,10 @@ class FaultTracer:
     def _filter(self, recs: np.ndarray) -> np.ndarray:
         if recs.size == 0:
             return recs
-        keep = np.isin(recs["pid"], self._pid_arr)
+        pids = recs["pid"]
+        # one target (the usual case): a comparison, not np.isin's sort
+        keep = (pids == self._pid_arr[0] if self._pid_arr.size == 1
+                else np.isin(pids, self._pid_arr))
         nforeign = int(recs.size - np.count_nonzero(keep))
         if nforeign:
             self.foreign_dropped += nforeign
