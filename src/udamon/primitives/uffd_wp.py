@@ -82,7 +82,6 @@ SCAN_JOIN = 2 << 20
 VEC_LEN = 4096
 REFRESH_S = 1.0
 REFRESH_MIN_S = 0.25
-EXIT_CHECK_S = 0.2
 WP_FAULT = 0x7  # x86 page-fault error code: present | write | user
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 SHMEM_PREFIXES = ("/dev/zero", "/SYSV", "/memfd:", "/dev/shm/", "[anon_shmem")
@@ -208,7 +207,6 @@ class WpPrimitive(Primitive):
         self._guard = None
         self._notes: list[str] = []
         self._stopped = False
-        self._exit_checked = 0.0  # monotonic time of the last liveness check
         self._started = False
         self._vec = np.zeros((VEC_LEN, 3), dtype=np.uint64)
         self._arg = PmScanArg()
@@ -558,15 +556,9 @@ class WpPrimitive(Primitive):
     # ------------------------------------------------------------ the rest
 
     def exited(self) -> list[int]:
-        # asked every sampling interval; /proc/PID/stat at most every EXIT_CHECK_S (a
-        # target that exits meanwhile fails the next arm or scan with ESRCH anyway)
-        now = time.monotonic()
-        check = now - self._exit_checked >= EXIT_CHECK_S
-        if check:
-            self._exit_checked = now
         out = []
         for pid, t in self._targets.items():
-            if check and not t.gone and not is_alive(pid):
+            if not t.gone and not is_alive(pid):
                 self._mark_gone(t)
             if t.gone:
                 out.append(pid)
