@@ -181,39 +181,46 @@ sys.stdin.readline()
 """
 
 
-def test_follows_a_real_process_memory_map():
-    """Regions come from /proc/pid/maps and follow mmap/munmap every update interval."""
+@pytest.fixture
+def mapping_process():
+    """A python process running WORKLOAD, ready for its first command; killed after."""
     p = subprocess.Popen([sys.executable, "-c", WORKLOAD], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
-        mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
-        t = mon.add_target(p.pid)
-        assert t.name == "python3" or t.name.startswith("python")
-        before = t.regions.total_size()
-        p.stdin.write("\n")
-        p.stdin.flush()
-        assert p.stdout.readline().strip() == "mapped"
-        mon.start(0)
-        mon.advance(100 * MS)  # closes an aggregation and, update interval passed, re-reads maps
-        grown = t.regions.total_size()
-        assert grown >= before + (64 << 20) or len(t.ranges) == 3
-        t.regions.check_invariants()
-        p.stdin.write("\n")
-        p.stdin.flush()
-        assert p.stdout.readline().strip() == "unmapped"
-        mon.advance(200 * MS)
-        t.regions.check_invariants()
-        p.stdin.write("\n")
-        p.stdin.flush()
-        p.wait(10)
-        deadline = time.time() + 5
-        while not t.exited and time.time() < deadline:
-            mon.advance(mon.window_end)
-        assert t.exited  # a vanished target is marked exited, not an exception
+        yield p
     finally:
         p.kill()
         p.wait()
+
+
+def test_follows_a_real_process_memory_map(mapping_process):
+    """Regions come from /proc/pid/maps and follow mmap/munmap every update interval."""
+    p = mapping_process
+    mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
+    t = mon.add_target(p.pid)
+    assert t.name == "python3" or t.name.startswith("python")
+    before = t.regions.total_size()
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "mapped"
+    mon.start(0)
+    mon.advance(100 * MS)  # closes an aggregation and, update interval passed, re-reads maps
+    grown = t.regions.total_size()
+    assert grown >= before + (64 << 20) or len(t.ranges) == 3
+    t.regions.check_invariants()
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "unmapped"
+    mon.advance(200 * MS)
+    t.regions.check_invariants()
+    p.stdin.write("\n")
+    p.stdin.flush()
+    p.wait(10)
+    deadline = time.time() + 5
+    while not t.exited and time.time() < deadline:
+        mon.advance(mon.window_end)
+    assert t.exited  # a vanished target is marked exited, not an exception
 
 
 def test_missing_process_is_a_clear_error():
@@ -266,44 +273,38 @@ def test_an_exited_target_keeps_its_last_interval_and_flush_closes_the_running_o
     assert last.nr_accesses.sum() == 1
 
 
-def test_mapped_spans_exclude_the_holes_that_the_three_regions_cover(tmp_path):
+def test_mapped_spans_exclude_the_holes_that_the_three_regions_cover(tmp_path, mapping_process):
     """A process's three regions span unmapped holes; the snapshot says which parts
     are mapped (written when it changes, carried forward by the reader)."""
     from udamon.record.reader import read_record
     from udamon.record.writer import RecordWriter, build_header
     from udamon.targets.procmaps import read_vmas
-    p = subprocess.Popen([sys.executable, "-c", WORKLOAD], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "ready"
-        mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
-        t = mon.add_target(p.pid)
-        vmas = read_vmas(p.pid)
-        mon.start(0)
-        (s1,) = mon.advance(100 * MS)
-        assert s1.mapped is not None
-        mapped = sum(e - s for s, e in s1.mapped)
-        monitored = sum(e - s for s, e in t.ranges)
-        assert mapped < monitored  # the holes inside the three regions are not mapped
-        for s, e in s1.mapped:
-            assert any(v.start <= s and e <= v.end or v.start < e and s < v.end for v in vmas)
-        (s2,) = mon.advance(200 * MS)
-        assert s2.mapped is None  # unchanged: not repeated
-        p.stdin.write("\n")
-        p.stdin.flush()
-        assert p.stdout.readline().strip() == "mapped"
-        mon.advance(300 * MS)  # the update interval re-reads the maps
-        (s4,) = mon.advance(400 * MS)
-        assert s4.mapped is not None
-        assert sum(e - s for s, e in s4.mapped) >= mapped + (64 << 20)
-        path = tmp_path / "r.jsonl"
-        w = RecordWriter(str(path))
-        w.write_header(build_header(mon.attrs, "replay", "complete", [], [], mon.targets))
-        for s in (s1, s2, s4):
-            w.write_snapshot(s)
-        w.close("duration")
-        rec = read_record(str(path))
-        assert [s.mapped for s in rec.snapshots] == [s1.mapped, s1.mapped, s4.mapped]
-    finally:
-        p.kill()
-        p.wait()
+    p = mapping_process
+    mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
+    t = mon.add_target(p.pid)
+    vmas = read_vmas(p.pid)
+    mon.start(0)
+    (s1,) = mon.advance(100 * MS)
+    assert s1.mapped is not None
+    mapped = sum(e - s for s, e in s1.mapped)
+    monitored = sum(e - s for s, e in t.ranges)
+    assert mapped < monitored  # the holes inside the three regions are not mapped
+    for s, e in s1.mapped:
+        assert any(v.start <= s and e <= v.end or v.start < e and s < v.end for v in vmas)
+    (s2,) = mon.advance(200 * MS)
+    assert s2.mapped is None  # unchanged: not repeated
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "mapped"
+    mon.advance(300 * MS)  # the update interval re-reads the maps
+    (s4,) = mon.advance(400 * MS)
+    assert s4.mapped is not None
+    assert sum(e - s for s, e in s4.mapped) >= mapped + (64 << 20)
+    path = tmp_path / "r.jsonl"
+    w = RecordWriter(str(path))
+    w.write_header(build_header(mon.attrs, "replay", "complete", [], [], mon.targets))
+    for s in (s1, s2, s4):
+        w.write_snapshot(s)
+    w.close("duration")
+    rec = read_record(str(path))
+    assert [s.mapped for s in rec.snapshots] == [s1.mapped, s1.mapped, s4.mapped]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from udamon.arrays import sorted_unique
 from udamon.core.attrs import Attrs
 from udamon.core.regions import PAGE, Regions
 from udamon.errors import TargetGone
@@ -255,11 +256,9 @@ class Monitor:
         r.nr_accesses += count(passed)
         if self.count_written_pages:
             w = passed & reports["write"]
-            if w.any():  # distinct pages: sort, keep the first of each run, find its region
-                pg = np.sort(reports["addr"][w] // np.uint64(PAGE))
-                first = np.ones(pg.size, dtype=bool)
-                first[1:] = pg[1:] != pg[:-1]
-                idx = r.index_of(pg[first] * np.uint64(PAGE))
+            if w.any():
+                pages = sorted_unique(reports["addr"][w] // np.uint64(PAGE))
+                idx = r.index_of(pages * np.uint64(PAGE))
                 r.written_pages += np.bincount(idx[idx >= 0], minlength=len(r))
         for i, p in enumerate(self.probes):
             r.probe_hits[i] += count(evaluate(p.filters, reports) & inside)
