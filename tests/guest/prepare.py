@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Prepare the two-node QEMU guest: a Debian 6.12 kernel and a busybox initramfs.
+"""Prepare the two-node QEMU guest: a Debian Linux 7.3 kernel and a busybox initramfs.
 
 Everything comes from Debian packages (``apt-get download``, no root needed
 for that part) and is cached in ``$UDAMON_GUEST_CACHE`` (default
 ``/var/cache/udamon-guest`` as root, else ``~/.cache/udamon-guest``):
 
-- ``linux-image-6.12.<N>+deb12-amd64`` (bookworm-security; newest listed):
-  ``vmlinuz`` and the modules the guest needs (netfs, 9pnet, 9pnet_virtio, 9p,
-  overlay), decompressed and ordered by their ``depends=`` modinfo;
+- Linux 7.3 from Debian's ``trixie-backports`` suite (newest ``7.3.<N>+deb13-amd64``
+  listed), read through a *private* apt configuration in the cache (its own
+  sources list, lists and archives; the machine's apt sources are never
+  touched): ``linux-binary-<rel>`` holds ``vmlinuz``, ``linux-modules-<rel>``
+  the modules the guest needs (netfs, 9pnet, 9pnet_virtio, 9p, overlay),
+  decompressed and ordered by their ``depends=`` modinfo, ``linux-base-<rel>``
+  the kernel config (checked for RWP, DAMON, NUMA balancing, KSM);
 - ``busybox-static``: the initramfs's shell and tools;
 - ``/init`` (see ``INIT`` below): mounts the host's root read-only over 9p,
   puts an overlay on tmpfs over it, mounts the results share and runs
@@ -35,9 +39,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-KERNEL_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64) ")
+# The guest kernel: Linux 7.3 (userfaultfd RWP, DAMON vaddr/paddr with probes and
+# probe weights, NUMA balancing, KSM), from Debian trixie-backports.
+SUITE = "trixie-backports"
+KERNEL_RE = re.compile(r"^linux-binary-(7\.3\.(\d+)\+deb13-amd64) ")
+NEEDED_CONFIG = ("CONFIG_NUMA_BALANCING=y", "CONFIG_NUMA=y", "CONFIG_USERFAULTFD_RWP=y",
+                 "CONFIG_DAMON_VADDR=y", "CONFIG_DAMON_PADDR=y", "CONFIG_DAMON_SYSFS=y",
+                 "CONFIG_KSM=y")
 MODULES = ["9p", "9pnet_virtio", "overlay"]  # plus whatever they depend on
-FORMAT = 4  # bump when the initramfs layout changes
+FORMAT = 5  # bump when the initramfs layout changes
 
 INIT = r"""#!/bin/busybox sh
 # udamon guest init (tests/guest/prepare.py): PID 1 in the initramfs.
@@ -106,21 +116,78 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
-def newest_kernel(update: bool) -> str:
-    """Package name of the newest linux-image-6.12.N+deb12-amd64 apt knows."""
+def debian_mirror() -> str:
+    """The Debian mirror the machine's apt already uses (deb.debian.org otherwise)."""
+    texts = []
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            texts.append(path.read_text(errors="replace"))
+        except OSError:
+            continue
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("#"):
+                continue
+            for url in re.findall(r"(https?://\S+/debian)/?(?:\s|$)", line):
+                return url
+    return "http://deb.debian.org/debian"
+
+
+class PrivateApt:
+    """apt-get/apt-cache over one extra suite, with state kept under ``root``: its own
+    sources list, package lists and archive cache (FACTS.md).  The machine's apt
+    configuration and lists are not read or changed."""
+
+    def __init__(self, root: Path, suite: str = SUITE, mirror: str | None = None):
+        self.root = root
+        self.suite = suite
+        self.mirror = mirror or debian_mirror()
+        self.sources = root / "sources.list"
+        (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        line = f"deb [trusted=yes] {self.mirror} {suite} main\n"
+        if not self.sources.is_file() or self.sources.read_text() != line:
+            self.sources.write_text(line)
+
+    def options(self) -> list[str]:
+        opts = ["-o", f"Dir::Etc::SourceList={self.sources}",
+                "-o", "Dir::Etc::SourceParts=/dev/null",
+                "-o", f"Dir::State::Lists={self.root / 'lists'}",
+                "-o", f"Dir::Cache={self.root / 'cache'}",
+                "-o", "Debug::NoLocking=1"]
+        if os.geteuid() == 0:
+            opts += ["-o", "APT::Sandbox::User=root"]
+        return opts
+
+    def update(self) -> None:
+        log(f"apt-get update ({self.suite} from {self.mirror}, private lists)")
+        run(["apt-get", *self.options(), "update", "-qq"], stdout=subprocess.DEVNULL)
+
+    def search(self, regex: str) -> str:
+        return subprocess.run(["apt-cache", *self.options(), "search", "--names-only", regex],
+                              capture_output=True, text=True).stdout
+
+    def download(self, pkg: str, cwd: Path) -> None:
+        run(["apt-get", *self.options(), "download", "-q", pkg], cwd=cwd,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def newest_kernel(apt: PrivateApt, update: bool) -> str:
+    """Kernel release of the newest linux-binary-7.3.N+deb13-amd64 in the suite."""
+    have_lists = any((apt.root / "lists").glob("*Packages*"))
     for attempt in range(2):
-        out = subprocess.run(["apt-cache", "search", "--names-only",
-                              r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"],
-                             capture_output=True, text=True).stdout
+        if (attempt == 1 or not have_lists) and update:
+            apt.update()
+        out = apt.search(r"^linux-binary-7\.3\.[0-9]+\+deb13-amd64$")
         found = sorted((int(m.group(2)), m.group(1)) for line in out.splitlines()
-                        if (m := KERNEL_RE.match(line)))
+                       if (m := KERNEL_RE.match(line)))
         if found:
-            return "linux-image-" + found[-1][1]
-        if attempt == 0 and update and os.geteuid() == 0:
-            log("no linux-image-6.12 in the apt lists: apt-get update")
-            run(["apt-get", "update", "-qq"])
-    raise SystemExit("prepare: no linux-image-6.12.*+deb12-amd64 package in the apt lists "
-                     "(is bookworm-security in sources.list? run apt-get update)")
+            return found[-1][1]
+        if not update:
+            break
+    raise SystemExit(f"prepare: no linux-binary-7.3.*+deb13-amd64 in {SUITE} at {apt.mirror} "
+                     "(network? run without --no-update)")
 
 
 def install_host_packages() -> None:
@@ -142,7 +209,8 @@ def install_host_packages() -> None:
         run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *need], env=env)
 
 
-def download(pkg: str, debs: Path) -> Path:
+def download(pkg: str, debs: Path, apt: PrivateApt | None = None) -> Path:
+    """``pkg``'s .deb in ``debs`` (downloaded once), from the machine's apt or ``apt``."""
     stem = pkg + "_"
     have = [p for p in debs.glob("*.deb") if p.name.startswith(stem)]
     if have:
@@ -150,8 +218,11 @@ def download(pkg: str, debs: Path) -> Path:
     log(f"apt-get download {pkg}")
     with tempfile.TemporaryDirectory(dir=debs) as tmp:
         os.chmod(tmp, 0o755)  # so apt's sandbox user can write there when we are root
-        run(["apt-get", "download", "-q", pkg], cwd=tmp, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+        if apt is not None:
+            apt.download(pkg, Path(tmp))
+        else:
+            run(["apt-get", "download", "-q", pkg], cwd=tmp, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
         got = [p for p in Path(tmp).glob("*.deb")]
         if not got:
             raise SystemExit(f"prepare: apt-get download {pkg} gave no .deb")
@@ -169,7 +240,8 @@ def modinfo_depends(ko: bytes) -> list[str]:
 
 def module_files(root: Path) -> dict[str, Path]:
     out = {}
-    for p in root.glob("lib/modules/*/kernel/**/*.ko*"):
+    for p in [*root.glob("lib/modules/*/kernel/**/*.ko*"),
+              *root.glob("usr/lib/modules/*/kernel/**/*.ko*")]:
         name = p.name.split(".ko")[0]
         out[name] = p
         out[name.replace("-", "_")] = p
@@ -252,17 +324,20 @@ def prepare(cache: Path, *, install: bool = False, update: bool = True) -> Path:
                 and (cache / "initramfs.gz").is_file()
                 and info.get("init_sha") == hash_text(INIT)):
             return cache
-    kpkg = newest_kernel(update)
-    kdeb = download(kpkg, debs)
+    apt = PrivateApt(cache / "apt")
+    rel = newest_kernel(apt, update)
+    kpkg = f"linux-binary-{rel}"
+    kdebs = [download(f"linux-{part}-{rel}", debs, apt) for part in ("binary", "modules", "base")]
     bdeb = download("busybox-static", debs)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         kroot, broot = Path(tmp) / "k", Path(tmp) / "b"
-        log(f"extracting {kdeb.name}")
-        run(["dpkg-deb", "-x", str(kdeb), str(kroot)])
+        for d in kdebs:
+            log(f"extracting {d.name}")
+            run(["dpkg-deb", "-x", str(d), str(kroot)])
         run(["dpkg-deb", "-x", str(bdeb), str(broot)])
-        vmlinuz = next(kroot.glob("boot/vmlinuz-*"))
-        config = next(kroot.glob("boot/config-*")).read_text()
-        for opt in ("CONFIG_NUMA_BALANCING=y", "CONFIG_NUMA=y"):
+        vmlinuz = kroot / "usr" / "lib" / "modules" / rel / "vmlinuz"
+        config = (kroot / "usr" / "lib" / "modules" / rel / "config").read_text()
+        for opt in NEEDED_CONFIG:
             if opt not in config:
                 raise SystemExit(f"prepare: {kpkg} lacks {opt}")
         modules = resolve_modules(kroot, MODULES)
@@ -274,10 +349,10 @@ def prepare(cache: Path, *, install: bool = False, update: bool = True) -> Path:
         os.replace(cache / "initramfs.gz.tmp", cache / "initramfs.gz")
     # keep only the debs in use
     for p in debs.glob("*.deb"):
-        if p not in (kdeb, bdeb):
+        if p not in (*kdebs, bdeb):
             p.unlink()
     manifest.write_text(json.dumps({"format": FORMAT, "kernel": kpkg,
-                                    "kernel_release": vmlinuz.name[len("vmlinuz-"):],
+                                    "kernel_release": rel, "suite": SUITE,
                                     "modules": [n for n, _ in modules],
                                     "init_sha": hash_text(INIT)}, indent=1) + "\n")
     log(f"guest ready in {cache}: {kpkg}, modules {' '.join(n for n, _ in modules)}")
