@@ -22,7 +22,8 @@ import pytest
 from udamon.errors import RuntimeFailure
 from udamon.intake.reports import REPORT_DTYPE, SOURCE_IDS
 from udamon.primitives.perf_tracepoint import FaultTracer, online_cpus
-from udamon.primitives.uffd_wp import UFFD_FEATURE_WP_HUGETLBFS_SHMEM, WpPrimitive, wp_available
+from udamon.primitives.uffd import WpPrimitive, wp_available
+from udamon.primitives.uffd_abi import UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 from udamon.targets import inject
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -348,6 +349,10 @@ _SHARED_TARGET = textwrap.dedent("""
 @needs_wp
 def test_wp_shared_memory_written_half_hot_idle_half_cold():
     """shmem (memfd, anonymous MAP_SHARED) is registered and sampled like private memory."""
+    check_shared_memory(WpPrimitive)
+
+
+def check_shared_memory(cls) -> None:
     import hashlib
 
     want = hashlib.sha256(bytes(range(256)) * ((4 << 20) // 256)).hexdigest()
@@ -356,9 +361,9 @@ def test_wp_shared_memory_written_half_hot_idle_half_cold():
     try:
         info = json.loads(p.stdout.readline())
         pid = info["pid"]
-        w = WpPrimitive([pid], attribute=False)
+        w = cls([pid], attribute=False)
         w.start([pid])
-        if not w._targets[pid].features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
+        if cls is WpPrimitive and not w._targets[pid].features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM:
             pytest.skip("this kernel's userfaultfd cannot write-protect shmem")
         bufs = {}
         for k in ("memfd", "anon_shared"):
@@ -429,10 +434,14 @@ def test_wp_armed_pages_far_apart_each_seen_exactly():
     """Armed pages are checked cluster by cluster (neighbours within 2 MiB share one
     PAGEMAP_SCAN, the rest get their own), so spreading them over 1 GiB neither walks
     the whole span nor misses or invents a write."""
+    check_far_apart(WpPrimitive)
+
+
+def check_far_apart(cls) -> None:
     offs = [0, 1 << 20, 300 << 20, 700 << 20, (1 << 30) - 4096]
     p = subprocess.Popen([sys.executable, "-c", _SPARSE_TARGET, *map(str, offs)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    w = WpPrimitive([p.pid], attribute=False)
+    w = cls([p.pid], attribute=False)
     try:
         base = int(p.stdout.readline())
         w.start([p.pid])
@@ -476,6 +485,18 @@ _WRITER = textwrap.dedent("""
 
 @needs_wp
 def test_stop_drops_protection_without_faults():
+    check_stop_drops_protection(WpPrimitive)
+
+
+def armed_fault(cls, error_code: np.ndarray) -> np.ndarray:
+    """Faults an armed page makes: a write to a write-protected present page (wp), any
+    user access to a PROT_NONE page, which the MMU sees as not present (rwp)."""
+    if cls is WpPrimitive:
+        return (error_code & 7) == 7
+    return (error_code & 5) == 4
+
+
+def check_stop_drops_protection(cls) -> None:
     p = subprocess.Popen([sys.executable, "-c", _WRITER], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
@@ -484,7 +505,7 @@ def test_stop_drops_protection_without_faults():
         lo, hi = addr, addr + n * PAGE
 
         def wp_faults(stop_first: bool) -> int:
-            w = WpPrimitive([p.pid], attribute=False)
+            w = cls([p.pid], attribute=False)
             w.start([p.pid])
             w.arm(p.pid, pages)
             if stop_first:
@@ -495,7 +516,7 @@ def test_stop_drops_protection_without_faults():
                 assert p.stdout.readline().strip() == "done"
                 f = tr.read()
             w.stop()
-            sel = (f["addr"] >= lo) & (f["addr"] < hi) & ((f["error_code"] & 7) == 7)
+            sel = (f["addr"] >= lo) & (f["addr"] < hi) & armed_fault(cls, f["error_code"])
             return int(sel.sum())
 
         assert wp_faults(False) >= n * 0.9  # armed: every page faults once
@@ -511,10 +532,10 @@ def test_stop_drops_protection_without_faults():
 _MONITOR_CHILD = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from udamon.primitives.uffd_wp import WpPrimitive
+    from udamon.primitives import uffd
     from udamon.targets.procmaps import read_vmas
     pid = int(sys.argv[1])
-    w = WpPrimitive([pid]); w.start([pid])
+    w = getattr(uffd, sys.argv[2])([pid]); w.start([pid])
     vmas = [v for v in read_vmas(pid) if v.anonymous and v.private and "w" in v.perms]
     pages = np.concatenate([np.arange(v.start, v.end, 4096, dtype=np.uint64) for v in vmas])
     w.arm(pid, pages)
@@ -533,14 +554,18 @@ def _assert_ended_intact(rc: int, watch: TickWatch) -> None:
 
 @needs_wp
 def test_sigkill_of_monitor_leaves_target_running(torture):
+    check_sigkill_of_monitor(torture, WpPrimitive)
+
+
+def check_sigkill_of_monitor(torture, cls) -> None:
     p = _spawn([torture, "churn", "3"])
     watch = None
     mon = None
     try:
         start = json.loads(p.stdout.readline())
         watch = TickWatch(p)
-        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(start["pid"])],
-                               stdout=subprocess.PIPE, text=True)
+        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(start["pid"]),
+                                cls.__name__], stdout=subprocess.PIPE, text=True)
         line = mon.stdout.readline()
         assert line.startswith("armed"), line
         time.sleep(0.3)
@@ -578,6 +603,10 @@ def test_sigkill_of_monitor_during_injection_leaves_target_running(torture):
     """The injection runs in a helper process: when udamon is SIGKILLed while the
     target's registers point at the injected syscall (held there on purpose with
     UDAMON_TEST_INJECT_PAUSE_S), the helper still restores them."""
+    check_sigkill_during_injection(torture, WpPrimitive)
+
+
+def check_sigkill_during_injection(torture, cls) -> None:
     p = _spawn([torture, "churn", "4"])
     mon = None
     try:
@@ -585,7 +614,7 @@ def test_sigkill_of_monitor_during_injection_leaves_target_running(torture):
         pid = start["pid"]
         watch = TickWatch(p)
         env = dict(os.environ, UDAMON_TEST_INJECT_PAUSE_S="1.0")
-        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(pid)],
+        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(pid), cls.__name__],
                                stdout=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 10
         while _tracer_of(pid) == 0:  # the helper has seized the target
@@ -622,6 +651,10 @@ def test_sigkill_of_monitor_during_injection_leaves_target_running(torture):
 @needs_wp
 @pytest.mark.parametrize("exec_", [False, True], ids=["churn", "churn-exec"])
 def test_churning_target_survives_monitoring(torture, exec_):
+    check_churning_target(torture, exec_, WpPrimitive)
+
+
+def check_churning_target(torture, exec_: bool, cls) -> None:
     args = [torture, "churn", "3"] + (["--exec"] if exec_ else [])
     p = _spawn(args)
     w = None
@@ -629,7 +662,7 @@ def test_churning_target_survives_monitoring(torture, exec_):
         start = json.loads(p.stdout.readline())
         pid = start["pid"]
         watch = TickWatch(p)
-        w = WpPrimitive([pid])
+        w = cls([pid])
         w.start([pid])
         rng = np.random.default_rng(2)
         reported = 0

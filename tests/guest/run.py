@@ -34,7 +34,8 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 from prepare import default_cache, prepare  # noqa: E402
 
-DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py"]
+DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
+                 "tests/test_uffd_rwp.py"]
 
 
 def default_python() -> str:
@@ -86,7 +87,10 @@ def qemu_command(cache: Path, results: Path, mem_per_node_mb: int) -> list[str]:
         "-numa", "node,nodeid=0,cpus=0,memdev=m0",
         "-numa", "node,nodeid=1,cpus=1,memdev=m1",
         "-kernel", str(cache / "vmlinuz"), "-initrd", str(cache / "initramfs.gz"),
-        "-append", "console=ttyS0 panic=-1 loglevel=4 mitigations=off",
+        # damon_stat.enabled=N: Debian's 7.3 starts DAMON_STAT at boot, an *exclusive*
+        # kdamond that makes every sysfs kdamond fail with EBUSY (mm/damon/core.c
+        # damon_start); the tests start their own
+        "-append", "console=ttyS0 panic=-1 loglevel=4 mitigations=off damon_stat.enabled=N",
         "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{results / 'console.log'}",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"

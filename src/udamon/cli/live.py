@@ -229,8 +229,12 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
     inp = getattr(a, "input", None)
     prim = a.primitive
-    if prim == "auto":
-        prim = "replay" if inp else registry.best_live()
+    if prim == "auto" and inp:
+        prim = "replay"
+    elif prim == "auto":
+        prim, why = registry.choose_live()
+        if not getattr(a, "quiet", False):
+            print(f"udamon: {why}", file=sys.stderr)
     if prim == "replay":
         if not inp:
             raise UsageError("--primitive replay needs --input FILE")

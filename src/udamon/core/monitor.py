@@ -228,9 +228,15 @@ class Monitor:
 
     def sampling_addresses(self, pid: int) -> np.ndarray:
         """One random page-aligned address per region, for controlled primitives to arm."""
+        return self.sampling_plan(pid, 1)[0]
+
+    def sampling_plan(self, pid: int, turns: int) -> np.ndarray:
+        """``turns`` x regions random page-aligned addresses, one per region per sampling
+        interval of the coming aggregation (damon_va_prepare_access_checks' sampling
+        address, drawn ahead for the whole interval: regions change only when it ends)."""
         r = self.target(pid).regions
         sz = (r.end - r.start).astype(np.float64)
-        off = (self.rng.random(len(r)) * sz).astype(np.uint64)
+        off = (self.rng.random((turns, len(r))) * sz).astype(np.uint64)
         return (r.start + off) & ~np.uint64(self.min_region_sz - 1)
 
     # -- one aggregation -------------------------------------------------------
