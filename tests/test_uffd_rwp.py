@@ -124,23 +124,37 @@ def test_rwp_sees_reads_and_writes_with_their_cpu_and_thread(access_pattern):
     assert end["intact"] and p.returncode == 0
 
 
-def _record(access_pattern, extra: list[str], *, seconds: float, thp: bool = False,
+def _record(access_pattern, extra, *, seconds: float, thp: bool = False,
             kill_after: float | None = None):
     """Run access_pattern under ``udamon record --primitive rwp``; return (info, header,
-    snapshots, end line or None, workload end line, workload exit code)."""
+    snapshots, end line or None, workload end line, workload exit code).  ``extra`` is a
+    list of options or a function of the workload's start line that returns one."""
     args = [access_pattern, "--duration", "600", "--size", str(SIZE_MIB),
             "--reader-cpu", "0", "--writer-cpu", "1"] + (["--thp"] if thp else [])
     wl = _spawn(args)
     rec = f"/tmp/udamon-rwp-{os.getpid()}-{time.monotonic_ns()}.jsonl"
     try:
         info = json.loads(wl.stdout.readline())
+        opts = extra(info) if callable(extra) else extra
         mon = subprocess.Popen([*UDAMON, "record", "--primitive", "rwp", "-q", "--pid",
                                 str(info["pid"]), "--duration", f"{seconds}s", "-o", rec,
-                                *extra], stderr=subprocess.PIPE, text=True)
+                                *opts], stderr=subprocess.PIPE, text=True)
         if kill_after is not None:
-            time.sleep(kill_after)
+            deadline = time.monotonic() + 300
+            while not (os.path.exists(rec) and os.path.getsize(rec) > 0):
+                assert time.monotonic() < deadline and mon.poll() is None, "no record begun"
+                time.sleep(0.1)
+            time.sleep(kill_after)  # mid-session: the header and some snapshots are out
+            assert _uffd_vmas(info["pid"]) > 0  # registered while udamon runs
             mon.kill()
         _, err = mon.communicate(timeout=seconds * 6 + 300)
+        if kill_after is not None:
+            # the kernel closed the dead udamon's uffd: no VMA is registered any more
+            # (smaps VmFlags "ur"), so nothing is left protected
+            deadline = time.monotonic() + 30
+            while _uffd_vmas(info["pid"]):
+                assert time.monotonic() < deadline, "VMAs still registered after the kill"
+                time.sleep(0.1)
         if kill_after is None:
             assert mon.returncode == 0, err
         time.sleep(0.5)
@@ -161,6 +175,25 @@ def _record(access_pattern, extra: list[str], *, seconds: float, thp: bool = Fal
     return info, header, snaps, end, wend, wl.returncode
 
 
+def _uffd_vmas(pid: int) -> int:
+    """VMAs of ``pid`` registered with a userfaultfd in RWP or WP mode (smaps VmFlags)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        return sum(1 for line in f if line.startswith("VmFlags:")
+                   and ({"ur", "uw"} & set(line.split()[1:])))
+
+
+def _buffer_probes(info) -> list[str]:
+    """Per buffer B: probes B (its address range), B_c0/B_c1 (and CPU 0/1), B_w (and a
+    write): exact per-buffer counts whatever the region boundaries (equally warm
+    adjacent buffers merge into one DAMON region)."""
+    out = []
+    for b in "RWSI":
+        a = f"addr:{info[b][0]:#x}-{info[b][1]:#x}"
+        out += ["--probe", f"{b}={a}", "--probe", f"{b}_c0={a},cpus:0",
+                "--probe", f"{b}_c1={a},cpus:1", "--probe", f"{b}_w={a},write"]
+    return out
+
+
 def _overlap(a0, a1, b0, b1) -> int:
     return max(0, min(a1, b1) - max(a0, b0))
 
@@ -176,10 +209,8 @@ def _scores(info, snaps) -> dict[str, float]:
     return {b: v / max(len(snaps), 1) for b, v in score.items()}
 
 
-def _probe_hits(info, snaps, probe: str, buf: str) -> int:
-    lo, hi = info[buf]
-    return sum(g["probes"].get(probe, 0) for s in snaps for g in s["regions"]
-               if g["start"] >= lo and g["end"] <= hi)
+def _hits(snaps, probe: str) -> int:
+    return sum(g["probes"].get(probe, 0) for s in snaps for g in s["regions"])
 
 
 @needs_rwp
@@ -190,25 +221,28 @@ def test_rwp_record_classifies_buffers_and_attributes_cpus(access_pattern, thp):
     CPU attribution of the private buffers, no write on the read-only buffer, the
     working set, and the workload intact."""
     info, header, snaps, end, wend, rc = _record(
-        access_pattern, ["--breakdown", "cpu,rw", "--sample", "20ms", "--aggr", "400ms"],
-        seconds=16, thp=thp)
+        access_pattern, lambda info: ["--sample", "20ms", "--aggr", "400ms",
+                                      *_buffer_probes(info)], seconds=30, thp=thp)
     assert header["primitive"] == "rwp" and end is not None
     assert wend["intact"] and rc == 0
-    sc = _scores(info, snaps)
-    print({b: round(v, 3) for b, v in sc.items()}, len(snaps), "snapshots")
+    # DAMON's regions start as ten pieces of the whole address space and need a few
+    # aggregations of splitting and merging to find the buffers' edges (the kernel's
+    # too): hot/cold and the working set are read from the second half of the record
+    late = snaps[len(snaps) // 2:]
+    sc = _scores(info, late)
+    print({b: round(v, 3) for b, v in sc.items()}, len(late), "of", len(snaps), "snapshots")
     coldest_hot = min(sc["R"], sc["W"], sc["S"])
     assert coldest_hot > 0 and sc["I"] <= 0.05 * coldest_hot, sc
-    # CPU attribution of the private buffers, from regions wholly inside them
-    for buf, cpu, other in (("R", 0, 1), ("W", 1, 0)):
-        mine = _probe_hits(info, snaps, f"cpu:{cpu}", buf)
-        theirs = _probe_hits(info, snaps, f"cpu:{other}", buf)
-        assert mine > 0 and mine / (mine + theirs) >= 0.99, (buf, mine, theirs)
-    assert _probe_hits(info, snaps, "write", "R") == 0
-    assert _probe_hits(info, snaps, "read", "R") > 0
-    # working set: the bytes of regions with nr_accesses > 0, against R + W + S, over the
-    # second half of the record (DAMON's regions need a few aggregations to converge)
+    # CPU attribution of the private buffers: the share of each one's hits (all of the
+    # record) that its own thread's CPU made
+    for buf, cpu in (("R", 0), ("W", 1)):
+        total, mine = _hits(snaps, buf), _hits(snaps, f"{buf}_c{cpu}")
+        assert total > 0 and mine / total >= 0.99, (buf, mine, total)
+    assert _hits(snaps, "R_w") == 0  # the reader's buffer is never written
+    assert _hits(snaps, "W_w") >= 0.99 * _hits(snaps, "W")  # the writer's only written
+    assert _hits(snaps, "I") == 0
+    # working set: the bytes of regions with nr_accesses > 0, against R + W + S
     truth = 3 * SIZE_MIB << 20
-    late = snaps[len(snaps) // 2:]
     wss = [sum(g["end"] - g["start"] for g in s["regions"] if g["nr_accesses"]) for s in late]
     err = (float(np.median(wss)) - truth) / truth
     print(f"WSS median {np.median(wss) / 2**20:.1f} MiB, error {err * 100:+.1f}%")
@@ -219,7 +253,7 @@ def test_rwp_record_classifies_buffers_and_attributes_cpus(access_pattern, thp):
 @two_cpus
 def test_rwp_sigkill_of_udamon_mid_session_keeps_workload_intact(access_pattern):
     info, header, snaps, end, wend, rc = _record(
-        access_pattern, ["--sample", "20ms", "--aggr", "400ms"], seconds=60, kill_after=8)
+        access_pattern, ["--sample", "20ms", "--aggr", "400ms"], seconds=600, kill_after=3)
     assert end is None  # killed: no end line
     assert wend["intact"] and rc == 0
     # nothing is left protected: the workload kept running at full speed after the kill

@@ -36,6 +36,10 @@ needs_root = pytest.mark.skipif(not (_root and _x86), reason="needs root on x86_
 needs_wp = pytest.mark.skipif(not _avail, reason=f"wp unavailable: {_why}")
 two_cpus = pytest.mark.skipif(not {0, 1} <= set(online_cpus()), reason="needs CPUs 0 and 1")
 PAGE = 4096
+# The Linux 7.3 guest (tests/guest/) runs these checks for rwp under TCG, where starting
+# Python and injecting take seconds: target lifetimes and the bounds on a target's
+# stalls stretch by this factor there (the bounds stay far below a hang).
+SLOW = 10 if os.environ.get("UDAMON_GUEST") == "1" else 1
 
 
 def _bin(name: str) -> str:
@@ -356,7 +360,7 @@ def check_shared_memory(cls) -> None:
     import hashlib
 
     want = hashlib.sha256(bytes(range(256)) * ((4 << 20) // 256)).hexdigest()
-    p = _spawn([sys.executable, "-c", _SHARED_TARGET, "4"])
+    p = _spawn([sys.executable, "-c", _SHARED_TARGET, str(4 * SLOW)])
     w = None
     try:
         info = json.loads(p.stdout.readline())
@@ -419,7 +423,7 @@ def test_wp_kernel_writes_reported_without_cpu(torture):
 
 _SPARSE_TARGET = r"""
 import mmap, sys
-m = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)  # NORESERVE
 import ctypes
 base = ctypes.addressof(ctypes.c_char.from_buffer(m))
 for off in map(int, sys.argv[1:]):
@@ -475,6 +479,7 @@ _WRITER = textwrap.dedent("""
     import ctypes, mmap, sys
     n = 512
     m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per page, not per huge page
     for i in range(n): m[i * 4096] = 1
     print(ctypes.addressof(ctypes.c_char.from_buffer(m)), n, flush=True)
     for line in sys.stdin:
@@ -558,7 +563,7 @@ def test_sigkill_of_monitor_leaves_target_running(torture):
 
 
 def check_sigkill_of_monitor(torture, cls) -> None:
-    p = _spawn([torture, "churn", "3"])
+    p = _spawn([torture, "churn", str(3 * SLOW)])
     watch = None
     mon = None
     try:
@@ -573,9 +578,9 @@ def check_sigkill_of_monitor(torture, cls) -> None:
         mon.wait()
         killed_at = time.monotonic()
         ticks = watch.ticks()
-        time.sleep(0.5)
+        time.sleep(0.5 * SLOW)
         assert watch.ticks() > ticks  # still making progress
-        rc = watch.join()
+        rc = watch.join(30 * SLOW)
     finally:
         if mon is not None:
             mon.kill()
@@ -583,11 +588,11 @@ def check_sigkill_of_monitor(torture, cls) -> None:
         p.kill()
         p.wait()
     _assert_ended_intact(rc, watch)
-    assert watch.max_gap < 1.0
+    assert watch.max_gap < 1.0 * SLOW
     # An injection holds the target in a ptrace stop for well under a millisecond
     # (the sampler may catch it); after the monitor died it must never be stopped.
-    assert watch.longest_stop() < 0.1, watch.longest_stop()
-    assert not watch.stopped_after(killed_at + 0.05)
+    assert watch.longest_stop() < 0.1 * SLOW, watch.longest_stop()
+    assert not watch.stopped_after(killed_at + 0.05 * SLOW)
 
 
 def _tracer_of(pid: int) -> int:
@@ -607,37 +612,37 @@ def test_sigkill_of_monitor_during_injection_leaves_target_running(torture):
 
 
 def check_sigkill_during_injection(torture, cls) -> None:
-    p = _spawn([torture, "churn", "4"])
+    p = _spawn([torture, "churn", str(4 * SLOW)])
     mon = None
     try:
         start = json.loads(p.stdout.readline())
         pid = start["pid"]
         watch = TickWatch(p)
-        env = dict(os.environ, UDAMON_TEST_INJECT_PAUSE_S="1.0")
+        env = dict(os.environ, UDAMON_TEST_INJECT_PAUSE_S=str(1.0 * SLOW))
         mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(pid), cls.__name__],
                                stdout=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10 * SLOW
         while _tracer_of(pid) == 0:  # the helper has seized the target
             assert time.monotonic() < deadline and mon.poll() is None
             time.sleep(0.005)
         helper = _tracer_of(pid)
         assert helper != mon.pid
-        time.sleep(0.2)  # inside the paused injection now
+        time.sleep(0.2 * SLOW)  # inside the paused injection now
         assert _state(pid) == "t"
         mon.kill()
         mon.wait()
         # the helper finishes the injection (two paused syscalls), restores the
         # registers, lets go and exits
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10 * SLOW
         while os.path.exists(f"/proc/{helper}") and _state(helper) not in ("Z", "gone"):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         released_at = time.monotonic()
         assert _tracer_of(pid) == 0
         ticks = watch.ticks()
-        time.sleep(0.5)
+        time.sleep(0.5 * SLOW)
         assert watch.ticks() > ticks  # running again
-        rc = watch.join()
+        rc = watch.join(30 * SLOW)
     finally:
         if mon is not None:
             mon.kill()
@@ -645,7 +650,7 @@ def check_sigkill_during_injection(torture, cls) -> None:
         p.kill()
         p.wait()
     _assert_ended_intact(rc, watch)
-    assert not watch.stopped_after(released_at + 0.05)
+    assert not watch.stopped_after(released_at + 0.05 * SLOW)
 
 
 @needs_wp
@@ -655,7 +660,7 @@ def test_churning_target_survives_monitoring(torture, exec_):
 
 
 def check_churning_target(torture, exec_: bool, cls) -> None:
-    args = [torture, "churn", "3"] + (["--exec"] if exec_ else [])
+    args = [torture, "churn", str(3 * SLOW)] + (["--exec"] if exec_ else [])
     p = _spawn(args)
     w = None
     try:
@@ -686,7 +691,7 @@ def check_churning_target(torture, exec_: bool, cls) -> None:
         assert w.poll(time.monotonic_ns()).size == 0
         w.stop()
         w.stop()  # idempotent
-        rc = watch.join()
+        rc = watch.join(30 * SLOW)
     finally:
         if w is not None:
             w.stop()
@@ -694,8 +699,8 @@ def check_churning_target(torture, exec_: bool, cls) -> None:
         p.wait()
     _assert_ended_intact(rc, watch)
     assert reported > 0
-    assert watch.max_gap < 1.0
-    assert watch.longest_stop() < 0.1, watch.longest_stop()
+    assert watch.max_gap < 1.0 * SLOW
+    assert watch.longest_stop() < 0.1 * SLOW, watch.longest_stop()
     if exec_:
         assert any(d.get("event") == "exec" for d in watch.lines)
         assert any("exec" in n for n in w.stats().notes)

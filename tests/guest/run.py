@@ -4,7 +4,7 @@
     python3 tests/guest/run.py [--install] [-- PYTEST ARGS...]
 
 Default pytest arguments: ``tests/test_guest_numa.py``.  The guest (see
-prepare.py) is a Debian 6.12 kernel under TCG with two NUMA nodes (CPU 0 and
+prepare.py) is Debian's Linux 7.3 kernel under TCG with two NUMA nodes (CPU 0 and
 512 MiB on node 0, CPU 1 and 512 MiB on node 1), the host's root shared
 read-only over 9p under a tmpfs overlay, so the repository and its venv run
 inside as they are.  A second, writable 9p share (a host temporary directory,
@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 from prepare import default_cache, prepare  # noqa: E402
 
 DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
-                 "tests/test_uffd_rwp.py"]
+                 "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py"]
 
 
 def default_python() -> str:

@@ -270,6 +270,20 @@ class Monitor:
             r.probe_hits[i] += count(evaluate(p.filters, reports) & inside)
         return int(reports.size), int(passed.sum())
 
+    def begin_window(self, now_ns: int) -> None:
+        """Controlled sampling: the running interval's turns start at ``now_ns`` (closing
+        the previous interval took that long), so the interval starts there too."""
+        if self.window_start is None or now_ns > self.window_start:
+            self.window_start = int(now_ns)
+
+    def close(self, end_ns: int) -> list[Snapshot]:
+        """Close the running aggregation interval at ``end_ns`` (controlled sampling: an
+        aggregation is its sampling turns, however long they took, as kdamond counts
+        samples rather than wall time); the next one starts there."""
+        if self.window_start is None or end_ns <= self.window_start:
+            return []
+        return self._close_window(int(end_ns))
+
     def flush(self, now_ns: int) -> list[Snapshot]:
         """End the session: close the running aggregation interval early at ``now_ns``
         (a shorter last snapshot, so the reports in it are not lost) when it has lasted

@@ -167,11 +167,12 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         monitor.start(t0)
         next_tick = t0
         controlled = primitive.kind == "controlled"
+        ran = 0
         while True:
             if controlled:
                 # the sampling turns of one aggregation interval, as kdamond_fn runs them:
                 # one random page per region per sampling interval, armed and checked
-                _sample_window(monitor, primitive, stop, clock)
+                ran = _sample_window(monitor, primitive, stop, clock)
                 if stop.is_set():
                     res.reason = stop.why
             else:
@@ -194,7 +195,10 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     monitor.target(pid).exited = True
                 except KeyError:
                     pass
-            for s in monitor.advance(now):
+            # a controlled interval is its turns: closed when they are done, also when a
+            # stop or the targets' exit cut them short
+            snaps = (monitor.close(now) if ran else []) if controlled else monitor.advance(now)
+            for s in snaps:
                 if annotate is not None:
                     annotate(s)
                 sink(s)
@@ -209,15 +213,16 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                 res.reason = "targets-exited"
                 break
         # the running interval holds the exited targets' last accesses, or the ones
-        # since the last full interval before an interrupt: close it early
-        now = clock()
+        # since the last full interval before an interrupt: close it early (a controlled
+        # session has closed its last interval already)
         if not controlled:
+            now = clock()
             monitor.report_batch(primitive.poll(now))
-        for s in monitor.flush(now):
-            if annotate is not None:
-                annotate(s)
-            sink(s)
-            res.snapshots += 1
+            for s in monitor.flush(now):
+                if annotate is not None:
+                    annotate(s)
+                sink(s)
+                res.snapshots += 1
     finally:
         primitive.stop()
         stop.close()
@@ -228,17 +233,19 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
 
 
 def _sample_window(monitor: Monitor, primitive: Primitive, stop: StopFlag,
-                   clock: Callable[[], int]) -> None:
+                   clock: Callable[[], int]) -> int:
     """Run the current aggregation interval's sampling turns on a controlled primitive
     and feed what it saw to the monitor.  A window that ends early because a target
-    exited or exec'd is resumed for the others; a stop ends it."""
+    exited or exec'd is resumed for the others; a stop ends it.  The turns start now
+    (the interval's start on the clock may have passed while the previous one was
+    closed) and run back to back; the caller closes the interval when they are done.
+    Returns the number of turns run."""
+    monitor.begin_window(clock())
     ws = monitor.window_start
     assert ws is not None
     n = monitor.attrs.aggr_samples
     sample_ns = monitor.attrs.sample_us * 1000
     first = 0
-    if clock() - ws >= n * sample_ns:  # far behind (suspended?): do not catch up
-        return
     plans = {t.pid: monitor.sampling_plan(t.pid, n) for t in monitor.targets if not t.exited}
     while first < n and plans and not stop.is_set():
         reports, first = primitive.sample_window(Window(ws, sample_ns, plans, first, n),
@@ -248,3 +255,4 @@ def _sample_window(monitor: Monitor, primitive: Primitive, stop: StopFlag,
         for pid in gone & set(plans):
             monitor.target(pid).exited = True
             del plans[pid]
+    return first

@@ -233,7 +233,7 @@ static PyObject *run_window(PyObject *self, PyObject *args, PyObject *kw)
 	struct page_region *vec = NULL;
 	struct pollfd *pfds = NULL;
 	int why = WHY_DONE;
-	long late = 0, skipped = 0, run = 0;
+	long late = 0, run = 0;
 	Py_ssize_t next;
 	(void)self;
 
@@ -302,22 +302,27 @@ static PyObject *run_window(PyObject *self, PyObject *args, PyObject *kw)
 	Py_BEGIN_ALLOW_THREADS
 	int64_t *arm_ns = arm_b.buf, *scan_ns = scan_b.buf;
 	int64_t late_ns = sample / 10;
+	int64_t prev_end = 0;
 	for (Py_ssize_t turn = first; turn < turns; turn++) {
-		int64_t tick = tick0 + turn * sample, end = tick + sample, now = now_ns();
+		/* DAMON's turns are back to back: a late turn starts now and still lasts a
+		 * whole sampling interval (kdamond counts samples, not wall time) */
+		int64_t tick = tick0 + turn * sample, now = now_ns(), end;
 		int nfds = 0, ready_stop = 0, ready_exit = 0, intr = 0;
 
-		if (now >= end) {
-			skipped++;
-			continue;
-		}
+		if (prev_end > tick)
+			tick = prev_end;
 		if (now - tick > late_ns)
 			late++;
+		if (now > tick)
+			tick = now;
+		end = tick + sample;
+		prev_end = end;
+		arm_ns[turn] = now; /* before protecting: a fault cannot come earlier */
 		for (t = 0; t < nt; t++) {
 			ts[t].narmed = 0;
 			if (!ts[t].gone)
 				protect_turn(&ts[t], &p, turn);
 		}
-		arm_ns[turn] = now_ns();
 		if (stop_fd >= 0) {
 			pfds[nfds].fd = stop_fd;
 			pfds[nfds++].events = POLLIN;
@@ -396,8 +401,7 @@ static PyObject *run_window(PyObject *self, PyObject *args, PyObject *kw)
 			goto out_seq;
 		for (t = 0; t < nt; t++)
 			PyTuple_SET_ITEM(gone, t, PyLong_FromLong(ts[t].gone));
-		result = Py_BuildValue("(niiiiN)", next, why, (int)late, (int)skipped, (int)run,
-				       gone);
+		result = Py_BuildValue("(niiiN)", next, why, (int)late, (int)run, gone);
 	}
 out_seq:
 	for (t = 0; t < got; t++) {

@@ -467,8 +467,11 @@ class UffdPrimitive(Primitive):
                  arm_ns: np.ndarray, scan_ns: np.ndarray,
                  faults: np.ndarray | None) -> np.ndarray:
         rep = empty(pages.size)
-        lo = window.tick0_ns + turn.astype(np.int64) * window.sample_ns
-        rep["time_ns"] = np.clip(arm_ns[turn], lo, lo + window.sample_ns - 1)
+        # the middle of the report's sampling interval on the window's grid: the core
+        # counts it in turn ``turn`` however late the turns ran (the real times only
+        # serve to join the faults)
+        rep["time_ns"] = (window.tick0_ns + turn.astype(np.int64) * window.sample_ns
+                          + window.sample_ns // 2)
         rep["pid"] = pid
         rep["addr"] = pages
         rep["size"] = self.page_size
@@ -476,8 +479,6 @@ class UffdPrimitive(Primitive):
         rep["source"] = SOURCE_IDS[self.mode.name]
         if faults is not None and faults.size:
             self._attribute(rep, pid, arm_ns[turn], scan_ns[turn], faults)
-            # keep the report inside its sampling interval whatever the fault's clock says
-            rep["time_ns"] = np.clip(rep["time_ns"], lo, lo + window.sample_ns - 1)
         self.unmatched += int(np.count_nonzero(rep["cpu"] < 0))
         return rep
 
@@ -493,7 +494,7 @@ class UffdPrimitive(Primitive):
     def _attribute(self, rep: np.ndarray, pid: int, arm: np.ndarray, until: np.ndarray,
                    faults: np.ndarray) -> None:
         """Join each report with the first fault on its page in its own turn
-        (arm <= time <= scan): CPU, thread, the fault's time and, for rwp, write."""
+        (arm <= time <= scan): CPU, thread and, for rwp, write."""
         t0 = int(arm.min())
         sel = (faults["pid"] == pid) & self._fault_kind(faults) & (faults["time_ns"] >= t0)
         f = faults[sel]
@@ -513,7 +514,6 @@ class UffdPrimitive(Primitive):
         src = f[k[m]]
         rep["tid"][m] = src["tid"]
         rep["cpu"][m] = src["cpu"]
-        rep["time_ns"][m] = src["time_ns"]
         if self.mode is RWP:
             rep["write"][m] = (src["error_code"] & np.uint64(PF_WRITE)) != 0
 
@@ -546,8 +546,7 @@ class UffdPrimitive(Primitive):
         if self._stopped:
             return empty()
         release_stragglers()
-        parts = []
-        faults = self._tracer.read() if self._tracer is not None else None
+        hits: list[tuple[int, _Target, np.ndarray, int]] = []
         for pid, t in self._targets.items():
             if t.gone or t.uffd < 0 or t.armed.size == 0:
                 continue
@@ -562,12 +561,16 @@ class UffdPrimitive(Primitive):
                                      f"{e.strerror}") from None
             st = uffd_loop.classify(self.mode, cats)
             pages, t.armed = t.armed[st == HIT], t.armed[:0]
-            if pages.size == 0:
-                continue
+            if pages.size:
+                hits.append((pid, t, pages, time.monotonic_ns()))
+        # after the scans: every fault of a page they found accessed is in the rings now
+        faults = self._tracer.read() if self._tracer is not None else None
+        parts = []
+        for pid, t, pages, scanned in hits:
             turn = np.zeros(pages.size, dtype=np.intp)
             w = Window(t.arm_ns, max(1, now_ns - t.arm_ns), {}, turns=1)
             parts.append(self._reports(pid, pages, turn, w, np.asarray([t.arm_ns]),
-                                       np.asarray([now_ns]), faults))
+                                       np.asarray([scanned]), faults))
         out = (empty() if not parts else parts[0] if len(parts) == 1
                else np.concatenate(parts))
         if out.size:
@@ -604,9 +607,9 @@ class UffdPrimitive(Primitive):
             notes.append(f"{name}: {self.unmatched} {what} pages had no matching user fault "
                          f"(kernel/foreign accesses): cpu and tid unknown{extra}")
         lp = self.loop
-        if lp.late or lp.skipped:
+        if lp.late:
             notes.append(f"{name}: {lp.late} of {lp.turns} sampling turns started late (over "
-                         f"a tenth of an interval), {lp.skipped} were skipped")
+                         "a tenth of an interval; each still lasted a whole interval)")
         return PrimitiveStats(lost_samples=lost, notes=notes)
 
     def stop(self) -> None:

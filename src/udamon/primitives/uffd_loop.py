@@ -11,7 +11,9 @@ numbers behind the choice.
 turn ``t`` protects the pages ``pages[t]`` (one per region, chosen by the core)
 at ``tick0 + t * sample``, sleeps until the turn ends -- polling the targets'
 pidfds and the session's stop fd, so an exit or a stop ends the window at once --
-and then asks ``PAGEMAP_SCAN`` which armed pages were accessed.  Each cell of a
+and then asks ``PAGEMAP_SCAN`` which armed pages were accessed.  Turns are never
+skipped: as kdamond counts samples, not wall time, a turn that starts late still
+lasts a whole sampling interval and the ones after it move (counted as late).  Each cell of a
 target's ``state`` array (turns x regions) ends up as one of the codes below.
 """
 
@@ -74,7 +76,6 @@ class WindowTarget:
 class WindowStats:
     turns: int = 0  # turns run
     late: int = 0  # turns armed more than a tenth of an interval after their tick
-    skipped: int = 0  # turns not run at all: the loop was a whole interval behind
 
 
 def inside(pages: np.ndarray, lo: np.ndarray, hi: np.ndarray, page_size: int) -> np.ndarray:
@@ -232,14 +233,13 @@ def run_window(targets: list[WindowTarget], mode: Mode, tick0_ns: int, sample_ns
         cat, anyof, ret = mode.scan_masks
         tup = [(tg.uffd, tg.pagemap, tg.pidfd, tg.pages, tg.spans_lo, tg.spans_hi, tg.state,
                 _GONE_CODE[tg.gone]) for tg in targets]
-        nxt, why, late, skipped, run, gone = _native.run_window(
+        nxt, why, late, run, gone = _native.run_window(
             tup, protect_cmd=mode.protect_cmd, protect_flag=mode.protect_flag,
             cat_mask=cat, anyof_mask=anyof, ret_mask=ret, hit=mode.hit,
             populated=mode.populated, tick0_ns=tick0_ns, sample_ns=sample_ns, first=first,
             turns=targets[0].pages.shape[0], stop_fd=stop_fd, arm_ns=arm_ns, scan_ns=scan_ns,
             page_size=page_size, join=SCAN_JOIN, chunk=SCAN_CHUNK)
         stats.late += late
-        stats.skipped += skipped
         stats.turns += run
         for tg, g in zip(targets, gone, strict=True):
             tg.gone = _GONE[g]
@@ -264,15 +264,15 @@ def run_window_py(targets: list[WindowTarget], mode: Mode, tick0_ns: int, sample
         for fd in fds:
             poller.register(fd, select.POLLIN)
     late_ns = sample_ns // 10
+    prev_end = 0
     for t in range(first, n_turns):
-        tick = tick0_ns + t * sample_ns
-        end = tick + sample_ns
+        # back to back: a late turn starts now and still lasts a whole interval
+        tick = max(tick0_ns + t * sample_ns, prev_end)
         now = time.monotonic_ns()
-        if now >= end:
-            stats.skipped += 1
-            continue
         if now - tick > late_ns:
             stats.late += 1
+        end = prev_end = max(tick, now) + sample_ns
+        arm_ns[t] = now  # before protecting: a fault cannot come earlier
         armed: list[np.ndarray] = []
         for tg in targets:
             sel = np.zeros(0, dtype=np.intp)
@@ -289,7 +289,6 @@ def run_window_py(targets: list[WindowTarget], mode: Mode, tick0_ns: int, sample
                     sel = sel[ok]
                     tg.state[t, sel] = ARMED
             armed.append(sel)
-        arm_ns[t] = time.monotonic_ns()
         ready = _wait_until(end, poller)
         for tg, sel in zip(targets, armed, strict=True):
             if tg.gone or sel.size == 0:
