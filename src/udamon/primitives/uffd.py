@@ -75,7 +75,6 @@ from udamon.targets.procmaps import Vma, is_alive, read_vmas
 from udamon.targets.topology import nodes_of
 
 REFRESH_S = 1.0
-REFRESH_MIN_S = 0.25
 SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
 SHMEM_PREFIXES = ("/dev/zero", "/SYSV", "/memfd:", "/dev/shm/", "[anon_shmem")
 # x86 page-fault error code bits
@@ -400,13 +399,14 @@ class UffdPrimitive(Primitive):
     def _usable(self, t: _Target | None) -> bool:
         return t is not None and not t.gone and t.uffd >= 0 and not self._stopped
 
-    def _maybe_refresh(self, t: _Target, pages: np.ndarray | None = None) -> None:
+    def _maybe_refresh(self, t: _Target) -> None:
+        """Re-read the mappings once a second (DAMON's update interval): new ones are
+        registered, gone ones forgotten.  Sampled addresses outside the registered
+        mappings are no reason to look sooner: DAMON's three regions span the holes
+        between mappings and file mappings, which are never registrable."""
         now = time.monotonic()
         if now - t.last_refresh >= REFRESH_S:
             self._refresh(t, now)
-        elif (pages is not None and now - t.last_refresh >= REFRESH_MIN_S
-              and not uffd_loop.inside(pages, t.starts, t.ends, self.page_size).all()):
-            self._refresh(t, now)  # addresses outside: the mappings may have grown
 
     # ------------------------------------------------------------ one aggregation
 
@@ -425,7 +425,7 @@ class UffdPrimitive(Primitive):
                 continue
             assert t is not None
             pages = np.asarray(plan, dtype=np.uint64) & self._mask
-            self._maybe_refresh(t, pages[window.first:].ravel())
+            self._maybe_refresh(t)
             if not self._usable(t):
                 continue
             wts[pid] = WindowTarget(t.uffd, t.pagemap, t.pidfd, pages, t.starts, t.ends)
@@ -526,7 +526,7 @@ class UffdPrimitive(Primitive):
             return
         assert t is not None
         pages = sorted_unique(np.asarray(addrs, dtype=np.uint64) & self._mask)
-        self._maybe_refresh(t, pages)
+        self._maybe_refresh(t)
         if not self._usable(t):
             return
         pages = pages[uffd_loop.inside(pages, t.starts, t.ends, self.page_size)]
