@@ -136,6 +136,7 @@ def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bo
     st = monitor.stats
     extra = {"reports": st.accepted, "unmatched_reports": st.unmatched,
              "outside_reports": st.outside, "late_reports": st.late}
+    extra.update(res.end)
     if notes:
         extra["notes"] = notes
     if res.error:
@@ -147,7 +148,7 @@ def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bo
         if st.dropped:
             msg += f", {st.dropped} DROPPED (buffer full)"
         if res.lost_samples:
-            msg += f", {res.lost_samples} samples lost by the kernel"
+            msg += f", {res.lost_samples} lost before udamon read them"
         print(msg + ")", file=sys.stderr)
     return 0
 

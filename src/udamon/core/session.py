@@ -29,6 +29,7 @@ class SessionResult:
     lost_samples: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    end: dict = field(default_factory=dict)  # the primitive's own end-line keys
 
 
 class StopFlag:
@@ -146,6 +147,7 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         monitor.start(t0)
         next_tick = t0
         controlled = primitive.kind == "controlled"
+        delay = 0 if controlled else max(0, int(primitive.report_delay_ns))
         while True:
             if controlled:
                 # one turn per sampling interval: arm, wait, check
@@ -160,9 +162,10 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     next_tick = clock()
             else:
                 # observational: reports carry their time, so wake at the end of each
-                # aggregation, or earlier when the primitive has data waiting
-                next_tick = monitor.window_end or clock()
-                while not stop.is_set():
+                # aggregation (plus the primitive's report delay), or earlier when the
+                # primitive has data waiting
+                next_tick = (monitor.window_end or clock()) + delay
+                while not stop.is_set() and not primitive.exhausted():
                     remaining = (next_tick - clock()) / 1e9
                     if remaining <= 0:
                         break
@@ -177,7 +180,7 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     monitor.target(pid).exited = True
                 except KeyError:
                     pass
-            for s in monitor.advance(now):
+            for s in monitor.advance(now - delay):
                 if annotate is not None:
                     annotate(s)
                 sink(s)
@@ -190,6 +193,9 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                 break
             if monitor.targets and all(t.exited for t in monitor.targets):
                 res.reason = "targets-exited"
+                break
+            if primitive.exhausted():
+                res.reason = "input-exhausted"
                 break
         # the running interval holds the exited targets' last accesses, or the ones
         # since the last full interval before an interrupt: close it early
@@ -205,4 +211,5 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         st = primitive.stats()
         res.lost_samples = st.lost_samples
         res.notes = list(st.notes)
+        res.end = dict(st.end)
     return res
