@@ -14,6 +14,7 @@
  *
  * stdout, one JSON line each, flushed:
  *   {"event":"start","pid":P,"reader_tid":T,"writer_tid":T,"R":[a,b],"W":[a,b],"I":[a,b]}
+ *     (pinned: printed before the threads connect; flood: once all are connected)
  *   {"event":"end","sent":N,"dropped":D,"elapsed_ns":E,"intact":true}
  * (flood: reader_tid/writer_tid are -1.)  --block waits for room instead of
  * dropping.  Exit 0; 1 when the session refused or was not there; 2 bad usage.
@@ -214,7 +215,11 @@ int main(int argc, char **argv)
 	for (int i = 0; i < n; i++)
 		pthread_create(&th[i], NULL, pinned ? pinned_thread : flood_thread,
 			       (void *)(intptr_t)(pinned ? i : i + 1));
-	while (atomic_load(&ready) < n)
+	/* pinned: the start line comes as soon as the threads run (before they connect: a
+	 * session may need the buffer addresses first); flood: once every producer is
+	 * connected (the flood starts then) */
+	while (pinned ? (atomic_load(&tid_r) < 0 || atomic_load(&tid_w) < 0)
+		      : atomic_load(&ready) < n)
 		usleep(1000);
 	printf("{\"event\":\"start\",\"pid\":%d,\"reader_tid\":%d,\"writer_tid\":%d,"
 	       "\"R\":[%llu,%llu],\"W\":[%llu,%llu],\"I\":[%llu,%llu]}\n",

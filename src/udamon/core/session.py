@@ -148,6 +148,7 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         next_tick = t0
         controlled = primitive.kind == "controlled"
         delay = 0 if controlled else max(0, int(primitive.report_delay_ns))
+        exit_seen: dict[int, int] = {}  # pid -> when its exit was seen (with a delay)
         while True:
             if controlled:
                 # one turn per sampling interval: arm, wait, check
@@ -175,16 +176,24 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     res.reason = stop.why
             now = clock()
             monitor.report_batch(primitive.poll(now))
-            for pid in primitive.exited():
-                try:
-                    monitor.target(pid).exited = True
-                except KeyError:
-                    pass
+            exits = primitive.exited()
+            if delay:
+                # reports of a target that exited can still be on their way: it ends
+                # (its interval closes as its last) once the report delay has passed
+                for pid in exits:
+                    exit_seen.setdefault(pid, now)
+                exits = []
+            _mark_exited(monitor, exits)
             for s in monitor.advance(now - delay):
                 if annotate is not None:
                     annotate(s)
                 sink(s)
                 res.snapshots += 1
+            if exit_seen:
+                due = [pid for pid, seen in exit_seen.items() if now - delay >= seen]
+                _mark_exited(monitor, due)
+                for pid in due:
+                    del exit_seen[pid]
             if on_tick is not None:
                 on_tick(now - t0)
             if res.reason != "duration":
@@ -201,6 +210,12 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         # since the last full interval before an interrupt: close it early
         now = clock()
         monitor.report_batch(primitive.poll(now))
+        ws, sample_ns = monitor.window_start, monitor.attrs.sample_us * 1000
+        if len(monitor.buffer) and ws is not None and now - ws < sample_ns:
+            # flush() closes no interval shorter than a sampling interval: an input that
+            # ended right after an interval began still has its reports counted
+            time.sleep((ws + sample_ns - now) / 1e9)
+            now = clock()
         for s in monitor.flush(now):
             if annotate is not None:
                 annotate(s)
@@ -213,3 +228,11 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         res.notes = list(st.notes)
         res.end = dict(st.end)
     return res
+
+
+def _mark_exited(monitor: Monitor, pids) -> None:
+    for pid in pids:
+        try:
+            monitor.target(pid).exited = True
+        except KeyError:
+            pass

@@ -320,7 +320,7 @@ class ChannelServer:
             self._shift(p, cut + 1)
 
     def _lines(self, p: Producer, lines: list[str], out: list[np.ndarray]) -> None:
-        where = "stdin" if p.sock is None else f"producer {p.name} line"
+        where = "stdin" if p.sock is None else f"producer {p.name}"
         rows: list[str] = []
         linenos: list[int] = []
         for line in lines:
@@ -341,15 +341,22 @@ class ChannelServer:
         try:
             reps = parse_rows(where, rows, linenos, p.cols, len(p.cols))
         except InputError as e:
+            if p.sock is not None:  # the lines before the bad one still count
+                good = []
+                for row, ln in zip(rows, linenos, strict=True):
+                    try:
+                        good.append(parse_rows(where, [row], [ln], p.cols, len(p.cols)))
+                    except InputError:
+                        break
+                if good:
+                    self._take(p, np.concatenate(good), out)
             self._bad_line(p, 0, str(e), formatted=True)
             return
-        if "source" not in p.cols:
-            reps["source"] = wire._EXTERNAL
         self._take(p, reps, out)
 
     def _bad_line(self, p: Producer, lineno: int, what: str, formatted: bool = False) -> None:
         msg = what if formatted else (f"stdin:{lineno}: {what}" if p.sock is None
-                                      else f"producer {p.name} line {lineno}: {what}")
+                                      else f"producer {p.name}:{lineno}: {what}")
         if p.sock is None:
             raise InputError(msg)  # the user's own input: exit 2 as for a replay file
         self._close(p, msg)
@@ -357,6 +364,8 @@ class ChannelServer:
     def _take(self, p: Producer, reps: np.ndarray, out: list[np.ndarray]) -> None:
         if reps.size == 0:
             return
+        if p.framing == "csv" and "source" not in (p.cols or ()):
+            reps["source"] = wire.EXTERNAL  # (replay's parser says "replay")
         t = reps["time_ns"]
         future = int((t > self.clock()).sum())
         if future:

@@ -63,7 +63,7 @@ assert _HELLO.size == HELLO_SIZE and REPLY_SIZE == 16
 
 # An access must end at or below the last page under 2^64 (replay's rule).
 ADDR_END = (1 << 64) - 4096
-_EXTERNAL = SOURCE_IDS["external"]
+EXTERNAL = SOURCE_IDS["external"]
 
 
 class WireError(ValueError):
@@ -175,7 +175,7 @@ def decode(data: bytes | bytearray | memoryview) -> Decoded:
         r[name] = w[name]
     r["write"] = w["write"] != 0
     src = w["source"]
-    r["source"] = np.where(src == 0, _EXTERNAL, src)  # 0 (a zeroed struct): external
+    r["source"] = np.where(src == 0, EXTERNAL, src)  # 0 (a zeroed struct): external
     out.reports = r
     return out
 

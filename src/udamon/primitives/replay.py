@@ -263,10 +263,11 @@ class InputSummary:
     reports: int = 0
 
 
-def summarize(path: str, page: int = 4096) -> InputSummary:
+def summarize(path: str, page: int = 4096, reader=None) -> InputSummary:
+    """``reader(path)`` yields the input's report chunks (default: read_csv)."""
     summary = InputSummary()
     pages: dict[int, np.ndarray] = {}
-    for chunk in read_csv(path):
+    for chunk in (reader or read_csv)(path):
         summary.reports += int(chunk.size)
         summary.cpus.update(int(c) for c in np.unique(chunk["cpu"]) if c >= 0)
         nodes = chunk["node"]
@@ -301,10 +302,12 @@ class ReplayPrimitive(Primitive):
     kind = "observational"
     coverage = "complete"
 
-    def __init__(self, path: str, chunk: int = CHUNK):
+    def __init__(self, path: str, chunk: int = CHUNK, reader=None):
+        """``reader(path, chunk, linenos_out)``: the input format's chunk reader
+        (default read_csv; perf_script.read_perf_script for perf script output)."""
         self.path = path
         self._lines: list[int] = []
-        self._it = read_csv(path, chunk, self._lines)
+        self._it = (reader or read_csv)(path, chunk, self._lines)
 
     def where(self, i: int) -> str:
         """``FILE:LINE`` of report ``i`` of the chunk last read."""
