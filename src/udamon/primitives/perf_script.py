@@ -148,6 +148,7 @@ def _parse_line(path: str, lineno: int, line: str, st: PerfScriptStats):
     pid, tid, cpu = int(m.group("pid")), int(m.group("tid")), int(m.group("cpu"))
     t = _ns(m.group("sec"), m.group("frac"))
     mem = 0
+    weight = None
     tm = _TRACE.search(rest)
     if tm is not None:  # exceptions:page_fault_user (or any fault tracepoint like it)
         addr = int(tm.group("addr"), 16)
@@ -169,12 +170,7 @@ def _parse_line(path: str, lineno: int, line: str, st: PerfScriptStats):
                 return None
             write = int(store[0])
             mem = int(level[0])
-            st.stores += write
-            st.loads += 1 - write
-            st.levels[mem] += 1
-            if dm.group("weight") and not write:
-                st.weight_sum[mem] += int(dm.group("weight"))
-                st.weight_n[mem] += 1
+            weight = int(dm.group("weight")) if dm.group("weight") else None
             size, source = 1, SOURCE_IDS["pmu"]
         else:  # page-faults (or another event sampled with -d): a page, read or write unknown
             write = 0
@@ -183,6 +179,13 @@ def _parse_line(path: str, lineno: int, line: str, st: PerfScriptStats):
     if addr >= KERNEL_START:
         st.kernel_addr += 1
         return None
+    if source == SOURCE_IDS["pmu"]:
+        st.stores += write
+        st.loads += 1 - write
+        st.levels[mem] += 1
+        if weight is not None and not write:
+            st.weight_sum[mem] += weight
+            st.weight_n[mem] += 1
     if addr + size > ADDR_END or pid < 0:
         raise InputError(f"{path}:{lineno}: address {addr:#x} or pid {pid} out of range")
     return t, pid, tid, cpu, addr, size, write, source, mem
