@@ -42,7 +42,7 @@ from udamon.primitives import perf_mem
 from udamon.primitives.replay import ADDR_END, CHUNK, _open_text
 
 PAGE = 4096
-KERNEL_START = 0xFFFF_8000_0000_0000
+KERNEL_START = 1 << 63  # at or above: kernel addresses (x86-64 and arm64 alike)
 
 _LINE = re.compile(
     r"^\s*(?:(?P<comm>.*?)\s+)?(?P<pid>-?\d+)/(?P<tid>-?\d+)\s+\[(?P<cpu>\d+)\]\s+"

@@ -87,7 +87,7 @@ MEM_SAMPLE = (PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF
               | PERF_SAMPLE_CPU | PERF_SAMPLE_WEIGHT | PERF_SAMPLE_DATA_SRC)
 # SPE: samples are in the AUX area; the ring carries PERF_RECORD_AUX with a sample_id trailer
 SPE_SAMPLE = PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_SAMPLE_CPU
-KERNEL_START = 0xFFFF_8000_0000_0000  # above: kernel addresses (x86-64, arm64)
+KERNEL_START = 1 << 63  # at or above: kernel addresses (x86-64 and arm64 alike)
 LDLAT = 30  # cycles: perf mem's default load-latency threshold
 DEFAULT_PERIOD = {"pebs": 10_007, "ibs": 1 << 16, "spe": 4096}
 RING_PAGES = 256
