@@ -90,6 +90,8 @@ struct udamon_reporter {
 	uint64_t sent;     /* reports taken (sent or buffered) */
 	uint64_t dropped;  /* reports dropped (socket full, or session gone) */
 	uint64_t notified; /* the drop total last sent to the session */
+	uint32_t skip;     /* full: drop this many more before trying the socket again */
+	uint32_t backoff;  /* the next skip (doubles while the socket stays full) */
 	/* room for two drop notices beyond the reports */
 	unsigned char buf[(UDAMON_REPORT_BUFFER + 2) * sizeof(struct udamon_report_rec)];
 };
@@ -235,11 +237,21 @@ static inline int udamon_report(struct udamon_reporter *r, struct udamon_report_
 		return 0;
 	}
 	if (r->len + sizeof(*rec) > cap) {
-		udamon__push(r, r->flags & UDAMON_REPORT_BLOCK);
-		if (r->gone || r->len + sizeof(*rec) > cap) {
+		/* full and not blocking: a send() per dropped report would burn the CPU the
+		 * session needs to catch up, so wait a growing number of reports between tries */
+		if (r->skip) {
+			r->skip--;
 			r->dropped++;
 			return 0;
 		}
+		udamon__push(r, r->flags & UDAMON_REPORT_BLOCK);
+		if (r->gone || r->len + sizeof(*rec) > cap) {
+			r->backoff = r->backoff ? (r->backoff < 4096 ? r->backoff * 2 : 4096) : 16;
+			r->skip = r->backoff;
+			r->dropped++;
+			return 0;
+		}
+		r->backoff = 0;
 	}
 	if (r->notified != r->dropped)
 		udamon__notice(r); /* the buffer has one record of headroom for it */

@@ -10,12 +10,14 @@
  *   per --pause-us (default 10000).  Buffer I is mapped and never touched.  Each
  *   thread is its own producer (a reporter per thread).
  * flood: --producers N threads each send --count reports as fast as they can
- *   (addresses cycling over R, reads), to measure the channel.
+ *   (addresses cycling over R, reads), to measure the channel; with --duration they
+ *   stop after that many seconds even if --count is not reached.
  *
  * stdout, one JSON line each, flushed:
  *   {"event":"start","pid":P,"reader_tid":T,"writer_tid":T,"R":[a,b],"W":[a,b],"I":[a,b]}
  *     (pinned: printed before the threads connect; flood: once all are connected)
- *   {"event":"end","sent":N,"dropped":D,"elapsed_ns":E,"intact":true}
+ *   {"event":"end","sent":N,"dropped":D,"elapsed_ns":E,"flood_ns":F,"intact":true}
+ * (flood_ns: from the moment every producer was connected to the end, close included)
  * (flood: reader_tid/writer_tid are -1.)  --block waits for room instead of
  * dropping.  Exit 0; 1 when the session refused or was not there; 2 bad usage.
  */
@@ -39,6 +41,8 @@ static const char *sock_path;
 static int reader_cpu = 0, writer_cpu = 1, block_mode = 0, nprod = 1;
 static long pause_us = 10000;
 static double duration_s = 5.0;
+static int duration_given;
+static int64_t flood_deadline; /* flood with --duration: stop sending then */
 static size_t buf_size = 4u << 20;
 static long long count = 1000000;
 static volatile uint64_t *R, *W, *I;
@@ -139,7 +143,11 @@ static void *flood_thread(void *arg)
 	uint64_t base = (uint64_t)(uintptr_t)R, pages = buf_size / PAGE;
 	for (long long i = 0; i < count && !got_signal; i++) {
 		rec.addr = base + (uint64_t)(i % pages) * PAGE;
-		rec.time_ns = (i & 255) ? rec.time_ns : udamon_now_ns();
+		if (!(i & 255)) {
+			rec.time_ns = udamon_now_ns();
+			if (flood_deadline && rec.time_ns > flood_deadline)
+				break;
+		}
 		udamon_report(r, &rec);
 	}
 	finish(r);
@@ -187,7 +195,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--pause-us"))
 			pause_us = atol(v);
 		else if (!strcmp(a, "--duration"))
-			duration_s = atof(v);
+			duration_s = atof(v), duration_given = 1;
 		else if (!strcmp(a, "--size"))
 			buf_size = (size_t)atol(v) << 20;
 		else if (!strcmp(a, "--count"))
@@ -212,6 +220,8 @@ int main(int argc, char **argv)
 	int n = pinned ? 2 : nprod;
 	pthread_t th[64];
 	int64_t t0 = udamon_now_ns();
+	if (!pinned && duration_given) /* counted from the start; connecting takes ms */
+		flood_deadline = t0 + (int64_t)(duration_s * 1e9);
 	for (int i = 0; i < n; i++)
 		pthread_create(&th[i], NULL, pinned ? pinned_thread : flood_thread,
 			       (void *)(intptr_t)(pinned ? i : i + 1));
@@ -228,6 +238,7 @@ int main(int argc, char **argv)
 	       (unsigned long long)(uintptr_t)W, (unsigned long long)(uintptr_t)W + buf_size,
 	       (unsigned long long)(uintptr_t)I, (unsigned long long)(uintptr_t)I + buf_size);
 	fflush(stdout);
+	int64_t t_flood = udamon_now_ns(); /* flood: every producer is connected now */
 	if (pinned) {
 		int64_t end = t0 + (int64_t)(duration_s * 1e9);
 		while (!got_signal && udamon_now_ns() < end && !atomic_load(&failed))
@@ -236,15 +247,15 @@ int main(int argc, char **argv)
 	}
 	for (int i = 0; i < n; i++)
 		pthread_join(th[i], NULL);
-	int64_t elapsed = udamon_now_ns() - t0;
+	int64_t now = udamon_now_ns(), elapsed = now - t0, flood_ns = now - t_flood;
 	int intact = 1;
 	for (size_t i = 0; i < buf_size / 8; i += PAGE / 8)
 		intact &= R[i] == 0x0101010101010101ull && I[i] == 0x0101010101010101ull;
 	printf("{\"event\":\"end\",\"sent\":%llu,\"dropped\":%llu,\"elapsed_ns\":%lld,"
-	       "\"intact\":%s}\n",
+	       "\"flood_ns\":%lld,\"intact\":%s}\n",
 	       (unsigned long long)atomic_load(&total_sent),
 	       (unsigned long long)atomic_load(&total_dropped), (long long)elapsed,
-	       intact ? "true" : "false");
+	       (long long)flood_ns, intact ? "true" : "false");
 	fflush(stdout);
 	return atomic_load(&failed) ? 1 : 0;
 }
