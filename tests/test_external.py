@@ -430,3 +430,28 @@ def test_socket_path_that_is_a_file_or_a_live_session(tmp_path):
                    str(tmp_path / "r2.jsonl"))
     assert p.returncode == 2 and "another session is listening" in p.stderr
     _finish(sess)
+
+
+def test_reporter_command_forwards_stdin_to_a_session(tmp_path):
+    """`producer | python -m udamon.reporter --socket PATH`: the pipeline form for
+    sessions that do not read stdin (monitor, exporter, migrate, or a record with a
+    socket)."""
+    lo, me = 0x10000000, os.getpid()
+    sock, out = tmp_path / "s.sock", tmp_path / "rec.jsonl"
+    sess = _session(sock, out, "--range", f"{lo:#x}-{lo + (1 << 20):#x}", "--duration", "3s",
+                    pid=me)
+    lines = ["time_ns,pid,tid,cpu,addr,size,write"] + \
+        [f"0,{me},{me},1,{lo + i * 4096},4096,1" for i in range(200)]
+    p = subprocess.run([PY, "-m", "udamon.reporter", "--socket", str(sock)],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    _finish(sess)
+    rec = read_record(str(out))
+    (prod,) = rec.end["producers"]
+    assert prod["framing"] == "csv" and prod["reports"] == 200 and rec.end["reports"] == 200
+    p = subprocess.run([PY, "-m", "udamon.reporter", "--socket", str(sock),
+                        "--connect-timeout", "0.2"], input="", capture_output=True, text=True)
+    assert p.returncode == 1 and "cannot connect" in p.stderr
+    assert Path(subprocess.run([PY, "-m", "udamon.reporter", "--c-header"], capture_output=True,
+                               text=True).stdout.strip()).is_file()

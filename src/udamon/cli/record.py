@@ -36,6 +36,19 @@ examples:
   udamon record --input accesses.csv --cpus 0 --probe writes=write --probe cpu1=cpus:1 -o rec.jsonl
   udamon record --input accesses.csv --filter 'nodes:1,!threads:1234' \\
       --range 0x7f00000000-0x7f40000000 -o r.jsonl
+
+reports from other programs (--primitive external; docs/report-channel.md):
+  udamon record --primitive external --socket /run/udamon.sock --pid 1234 -o rec.jsonl
+      (producers: python -m udamon.reporter, the C header udamon_report.h)
+  producer | udamon record --input - --pid 1234 --breakdown cpu,rw -o rec.jsonl
+      (CSV lines with a header, or binary records; time_ns on CLOCK_MONOTONIC or 0)
+
+perf's own data (--input-format perf-script):
+  perf record -e page-faults -c 1 -d --sample-cpu -p 1234 -- sleep 10
+  perf script -F pid,tid,cpu,time,event,addr --ns > pf.txt
+  udamon record --input pf.txt --input-format perf-script --breakdown cpu -o rec.jsonl
+  (perf mem samples: -F pid,tid,cpu,time,event,addr,data_src,weight; the fault
+  tracepoint: -F pid,tid,cpu,time,event,trace)
 """
 
 

@@ -124,7 +124,7 @@ class ExternalPrimitive(Primitive):
             notes.append(line)
             warnings.append(line)
         if not s.producers:
-            line = "no producer connected: the record has no reports"
+            line = "no producer connected: no reports were received"
             notes.append(line)
             warnings.append(line)
         end = {"producers": [p.to_dict() for p in s.producers]}
