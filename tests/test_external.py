@@ -455,3 +455,14 @@ def test_reporter_command_forwards_stdin_to_a_session(tmp_path):
     assert p.returncode == 1 and "cannot connect" in p.stderr
     assert Path(subprocess.run([PY, "-m", "udamon.reporter", "--c-header"], capture_output=True,
                                text=True).stdout.strip()).is_file()
+
+
+def test_many_producers_are_summed_in_the_record():
+    from udamon.intake.channel import Producer
+    from udamon.primitives.external import MAX_LISTED, _listed
+
+    ps = [Producer(i, f"p{i}", reports=2, dropped=1) for i in range(MAX_LISTED + 5)]
+    ps[-1].error = "gone"
+    out = _listed(ps)
+    assert len(out) == MAX_LISTED + 1 and out[0]["name"] == "p0"
+    assert (out[-1]["reports"], out[-1]["dropped"]) == (10, 5) and "1 of them" in out[-1]["error"]

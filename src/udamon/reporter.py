@@ -246,6 +246,9 @@ def _connect(path: str, timeout: float) -> socket.socket:
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
+            # room for what is in flight while the session closes an interval (the kernel
+            # caps it at net.core.wmem_max)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             s.connect(path)
             return s
         except OSError as e:

@@ -258,7 +258,7 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
         if command:
             raise UsageError("replay reads recorded reports; it cannot launch a command")
     elif inp and not (live_input and prim == "external"):
-        raise UsageError(f"--input FILE is for the replay primitive, not {prim}"
+        raise UsageError(f"--input is for the replay primitive, not {prim}"
                          + (" (--input - feeds --primitive external)" if live_input else ""))
     if fmt != "csv" and (prim != "replay"):
         raise UsageError(f"--input-format {fmt} is for replaying a file (--input FILE)")

@@ -182,6 +182,10 @@ static inline int udamon_reporter_open(struct udamon_reporter *r, const char *pa
 		r->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (r->fd < 0)
 			return -errno;
+		/* room for what is in flight while the session closes an interval (the
+		 * kernel caps it at net.core.wmem_max) */
+		int sndbuf = 4 << 20;
+		setsockopt(r->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
 		if (connect(r->fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
 			break;
 		int e = errno;

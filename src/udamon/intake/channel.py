@@ -303,8 +303,8 @@ class ChannelServer:
             p.why_bad = p.why_bad or d.why_bad
         self._take(p, d.reports, out)
         if d.out_of_step is not None:
-            self._close(p, f"record {p.reports + p.bad + d.out_of_step + 1} has another "
-                           f"format version than {wire.VERSION}: the stream is out of step")
+            self._close(p, f"a record with another format version than {wire.VERSION} after "
+                           f"{p.reports + p.bad} records: the stream is out of step")
             return
         self._shift(p, n)
 

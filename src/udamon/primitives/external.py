@@ -35,6 +35,27 @@ from udamon.targets.procmaps import is_alive
 DEFAULT_REPORT_DELAY_NS = 50_000_000
 
 
+# the record lists this many producers one by one; the rest are summed in one entry
+# (a session that takes one short connection per report would list thousands)
+MAX_LISTED = 100
+
+
+def _listed(producers) -> list[dict]:
+    out = [p.to_dict() for p in producers[:MAX_LISTED]]
+    rest = producers[MAX_LISTED:]
+    if rest:
+        agg = {"name": f"({len(rest)} more producers)", "pid": -1, "uid": -1, "framing": "",
+               "reports": 0, "dropped": 0, "bad": 0, "restamped": 0, "unread": 0}
+        for p in rest:
+            for k in ("reports", "dropped", "bad", "restamped", "unread"):
+                agg[k] += getattr(p, k)
+        errors = sum(1 for p in rest if p.error)
+        if errors:
+            agg["error"] = f"{errors} of them were disconnected (see the notes)"
+        out.append(agg)
+    return out
+
+
 def external_available() -> tuple[bool, str]:
     return True, "reports from other programs (--socket PATH or --input -); needs no privileges"
 
@@ -102,7 +123,9 @@ class ExternalPrimitive(Primitive):
         lost = sum(p.dropped for p in s.producers)
         if not self._stopped:  # the producers' lines belong to the end of the session
             return PrimitiveStats(lost_samples=lost, notes=notes)
-        for p in s.producers:
+        for i, p in enumerate(s.producers):
+            if i >= MAX_LISTED and not (p.dropped or p.bad or p.restamped or p.error or p.unread):
+                continue  # the end line's aggregate has them
             who = p.framing or "nothing sent"
             if p.uid >= 0:
                 who += f", uid {p.uid}"
@@ -127,7 +150,7 @@ class ExternalPrimitive(Primitive):
             line = "no producer connected: no reports were received"
             notes.append(line)
             warnings.append(line)
-        end = {"producers": [p.to_dict() for p in s.producers]}
+        end = {"producers": _listed(s.producers)}
         if s.refused:
             end["refused_producers"] = list(s.refused)
         return PrimitiveStats(lost_samples=lost, notes=notes,
