@@ -466,3 +466,30 @@ def test_many_producers_are_summed_in_the_record():
     out = _listed(ps)
     assert len(out) == MAX_LISTED + 1 and out[0]["name"] == "p0"
     assert (out[-1]["reports"], out[-1]["dropped"]) == (10, 5) and "1 of them" in out[-1]["error"]
+
+
+def test_binary_stream_out_of_step_disconnects_that_producer(tmp_path):
+    """A raw binary producer whose stream slips (a record with another version) is cut
+    off at the slip; what it sent before counts; its refused fields are counted."""
+    lo, me = 0x10000000, os.getpid()
+    sock, out = tmp_path / "s.sock", tmp_path / "rec.jsonl"
+    sess = _session(sock, out, "--range", f"{lo:#x}-{lo + (1 << 20):#x}", "--duration", "2s",
+                    pid=me)
+    _wait_socket(sock, sess)
+    good = make(time_ns=0, pid=me, addr=lo + np.arange(6) * 4096, cpu=0)
+    w = np.frombuffer(wire.encode(good), dtype=wire.WIRE_DTYPE).copy()
+    w["write"][1] = 7  # refused: write must be 0 or 1
+    w["version"][4] = 2  # the slip
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(sock))
+    s.sendall(wire.encode_hello("slipping"))
+    ok, _ = wire.parse_reply(s.recv(16))
+    assert ok
+    s.sendall(w.tobytes())
+    time.sleep(0.3)
+    s.close()
+    _finish(sess)
+    rec = read_record(str(out))
+    (p,) = rec.end["producers"]
+    assert p["name"].startswith("slipping[") and p["reports"] == 3 and p["bad"] == 1
+    assert "out of step" in p["error"]
