@@ -111,9 +111,9 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     p.add_argument("--primitive", default="auto",
                    choices=registry.names() if replay else
                    ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)],
-                   help="how accesses are seen (default auto: " +
-                        ("replay when --input is given, else " if replay else "") +
-                        "the best live primitive this machine has)")
+                   help="how accesses are seen (default auto: external with --socket" +
+                        (" or --input -, replay with --input FILE" if replay else "") +
+                        ", else the best live primitive this machine has)")
     if replay:
         p.add_argument("--input", metavar="FILE",
                        help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write "
