@@ -212,14 +212,16 @@ def run_profile(seconds: float, log, primitives=("hint", "wp")) -> dict:
 
 
 GUEST_SHELL = ("cd {root} && {py} bench/bench_accuracy.py --repeat 2 --duration 10 "
-               "--json /udamon-results/acc.json && {py} bench/bench_slowdown.py --primitives hint "
+               "--primitives rwp,hint --json /udamon-results/acc.json && "
+               "{py} bench/bench_slowdown.py --primitives hint,rwp "
                "--workloads access_pattern --size 4 --repeat 3 --duration 8 "
                "--json /udamon-results/sd.json")
 
 
 def run_guest(log) -> dict:
-    """Kernel DAMON parts inside the QEMU guest of tests/guest/run.py (Debian 6.12 kernel),
-    for machines where the host's DAMON cannot be used."""
+    """udamon rwp (which needs Linux 7.3) and hint next to kernel DAMON paddr and vaddr
+    inside the QEMU guest of tests/guest/run.py (Linux 7.3), for hosts whose kernel lacks
+    RWP or whose DAMON cannot be used."""
     import shutil
 
     runner = ROOT / "tests" / "guest" / "run.py"
@@ -248,7 +250,8 @@ def run_guest(log) -> dict:
     acc = out["accuracy"]
     log(f"  guest: kernel DAMON paddr classes {acc['runs_kernel'][0].get('classes')}; vaddr "
         f"{(acc.get('runs_kernel_vaddr') or [{}])[0].get('classes')}; udamon "
-        f"{(acc.get('runs_udamon') or [{}])[0].get('classes')}")
+        + "; ".join(f"{r.get('primitive')} {r.get('classes')}"
+                    for r in acc.get("runs_udamon") or []))
     return out
 
 
@@ -309,7 +312,8 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
     if g and "skipped" not in g and "udamon" in g["accuracy"]:
         out += [f"Measured inside the QEMU guest of `tests/guest/run.py` ({g['kernel']}; TCG "
                 "emulation, ~20x slower than the host, so absolute numbers do not compare with "
-                "the host's), side by side on the same workload in one run: udamon hint, "
+                "the host's), side by side on the same workload in one run: udamon rwp and "
+                "hint (the guest lets the settings guard write the hint scan tunables), "
                 "kernel DAMON paddr (the buffers' physical ranges) and kernel DAMON vaddr "
                 "(the workload process). Guest command: "
                 f"`{g['command']}`.", ""]
@@ -336,10 +340,12 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
                 s = ka["scores"][b]
                 out.append(f"| {b} | {'hot' if b in 'RWS' else 'cold'} | {s['median']:.2f} "
                            f"({s['min']:.2f}..{s['max']:.2f}) | {last[b]} |")
+            hu = res["accuracy"]["udamon"]
+            hu = hu.get("hint", hu)
             out += ["", f"Kernel DAMON: {c['median']:.0f}/4 buffers right; udamon hint "
-                    f"(host, section 3): {res['accuracy']['udamon']['correct_of_4']['median']:.0f}"
+                    f"(host, section 3): {hu['correct_of_4']['median']:.0f}"
                     f"/4 by region nr_accesses, "
-                    f"{res['accuracy']['udamon']['probe_correct_of_4']['median']:.0f}/4 by "
+                    f"{hu['probe_correct_of_4']['median']:.0f}/4 by "
                     "exact per-buffer hits.", ""]
         out += ["Kernel DAMON overhead in the guest (access_pattern with 4 MiB buffers):", ""]
         out += bench_slowdown.markdown(ks)[2:] + [""]

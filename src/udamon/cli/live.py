@@ -246,9 +246,14 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     fmt = getattr(a, "input_format", "csv")
     live_input = inp == "-"
     prim = a.primitive
-    if prim == "auto":
-        prim = ("external" if live_input or a.socket else "replay" if inp
-                else registry.best_live())
+    if prim == "auto" and (live_input or a.socket):
+        prim = "external"
+    elif prim == "auto" and inp:
+        prim = "replay"
+    elif prim == "auto":
+        prim, why = registry.choose_live()
+        if not getattr(a, "quiet", False):
+            print(f"udamon: {why}", file=sys.stderr)
     if prim == "replay":
         if not inp:
             raise UsageError("--primitive replay needs --input FILE")
