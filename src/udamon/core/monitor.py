@@ -350,7 +350,10 @@ class Monitor:
                                           and t.mapped_changed else None)))
             t.mapped_changed = False
             r.reset_aggregated()
-            if t.exited:
+            # an exited target's last interval is the one holding its last reports: a
+            # primitive that delivers late (another process's pipeline) may still have
+            # some for a later interval in the buffer
+            if t.exited and not self.buffer.holds_pid(t.pid):
                 t.closed = True
         live = [t for t in live if not t.closed]
 

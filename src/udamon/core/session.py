@@ -30,6 +30,7 @@ class SessionResult:
     lost_samples: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    end: dict = field(default_factory=dict)  # the primitive's own end-line keys
 
 
 class StopFlag:
@@ -168,6 +169,8 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         next_tick = t0
         controlled = primitive.kind == "controlled"
         ran = 0
+        delay = 0 if controlled else max(0, int(primitive.report_delay_ns))
+        exit_seen: dict[int, int] = {}  # pid -> when its exit was seen (with a delay)
         while True:
             if controlled:
                 # the sampling turns of one aggregation interval, as kdamond_fn runs them:
@@ -177,9 +180,10 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     res.reason = stop.why
             else:
                 # observational: reports carry their time, so wake at the end of each
-                # aggregation, or earlier when the primitive has data waiting
-                next_tick = monitor.window_end or clock()
-                while not stop.is_set():
+                # aggregation (plus the primitive's report delay), or earlier when the
+                # primitive has data waiting
+                next_tick = (monitor.window_end or clock()) + delay
+                while not stop.is_set() and not primitive.exhausted():
                     remaining = (next_tick - clock()) / 1e9
                     if remaining <= 0:
                         break
@@ -190,19 +194,28 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
             now = clock()
             if not controlled:
                 monitor.report_batch(primitive.poll(now))
-            for pid in primitive.exited():
-                try:
-                    monitor.target(pid).exited = True
-                except KeyError:
-                    pass
+            exits = primitive.exited()
+            if delay:
+                # reports of a target that exited can still be on their way: it ends
+                # (its interval closes as its last) once the report delay has passed
+                for pid in exits:
+                    exit_seen.setdefault(pid, now)
+                exits = []
+            _mark_exited(monitor, exits)
             # a controlled interval is its turns: closed when they are done, also when a
             # stop or the targets' exit cut them short
-            snaps = (monitor.close(now) if ran else []) if controlled else monitor.advance(now)
+            snaps = ((monitor.close(now) if ran else []) if controlled
+                     else monitor.advance(now - delay))
             for s in snaps:
                 if annotate is not None:
                     annotate(s)
                 sink(s)
                 res.snapshots += 1
+            if exit_seen:
+                due = [pid for pid, seen in exit_seen.items() if now - delay >= seen]
+                _mark_exited(monitor, due)
+                for pid in due:
+                    del exit_seen[pid]
             if on_tick is not None:
                 on_tick(now - t0)
             if res.reason != "duration":
@@ -212,12 +225,21 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
             if monitor.targets and all(t.exited for t in monitor.targets):
                 res.reason = "targets-exited"
                 break
+            if primitive.exhausted():
+                res.reason = "input-exhausted"
+                break
         # the running interval holds the exited targets' last accesses, or the ones
         # since the last full interval before an interrupt: close it early (a controlled
         # session has closed its last interval already)
         if not controlled:
             now = clock()
             monitor.report_batch(primitive.poll(now))
+            ws, sample_ns = monitor.window_start, monitor.attrs.sample_us * 1000
+            if len(monitor.buffer) and ws is not None and now - ws < sample_ns:
+                # flush() closes no interval shorter than a sampling interval: an input
+                # that ended right after an interval began still has its reports counted
+                time.sleep((ws + sample_ns - now) / 1e9)
+                now = clock()
             for s in monitor.flush(now):
                 if annotate is not None:
                     annotate(s)
@@ -229,6 +251,7 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         st = primitive.stats()
         res.lost_samples = st.lost_samples
         res.notes = list(st.notes)
+        res.end = dict(st.end)
     return res
 
 
@@ -256,3 +279,11 @@ def _sample_window(monitor: Monitor, primitive: Primitive, stop: StopFlag,
             monitor.target(pid).exited = True
             del plans[pid]
     return first
+
+
+def _mark_exited(monitor: Monitor, pids) -> None:
+    for pid in pids:
+        try:
+            monitor.target(pid).exited = True
+        except KeyError:
+            pass

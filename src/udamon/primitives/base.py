@@ -58,12 +58,18 @@ class PrimitiveStats:
     notes: list[str] = field(default_factory=list)  # one-line facts for the record header
     # notes the user must see at the end (also in ``notes``): the CLI prints them on stderr
     warnings: list[str] = field(default_factory=list)
+    # more keys for the record's end line (e.g. external's per-producer counts)
+    end: dict = field(default_factory=dict)
 
 
 class Primitive(ABC):
     name: str = "?"
     kind: Kind = "observational"
     coverage: Coverage = "unknown"
+    # Observational kind: how late a report may arrive after the time it carries
+    # (another process's pipeline buffers it); the session closes each aggregation
+    # interval this much after its end, so such reports still count in their own.
+    report_delay_ns: int = 0
 
     def start(self, pids: list[int]) -> None:  # noqa: B027 - optional hook
         """Begin observing the given target processes."""
@@ -106,6 +112,11 @@ class Primitive(ABC):
     def exited(self) -> list[int]:
         """Pids among the targets that have exited since start."""
         return []
+
+    def exhausted(self) -> bool:
+        """True once the primitive will never report again (its input has ended): the
+        session then ends with reason ``input-exhausted``."""
+        return False
 
     def gone_at_start(self) -> list[int]:
         """Targets that exited while ``start()`` ran and are not observed (the others are)."""

@@ -23,6 +23,8 @@ class Entry:
     # Defaults of the monitoring intervals: DAMON's unless measured otherwise.
     default_sample_us: int = 5_000
     default_aggr_us: int = 100_000
+    # False: never picked by 'auto' (it needs options that say where reports come from)
+    auto: bool = True
 
 
 def _hint_available() -> tuple[bool, str]:
@@ -58,6 +60,25 @@ def _make_uffd(name: str, attrs: Attrs) -> Primitive:
     return cls([], faults_per_window=attrs.max_nr_regions * attrs.aggr_samples)
 
 
+def _make_external(attrs: Attrs, *, socket_path: str | None = None,
+                   stdin: bool = False) -> Primitive:
+    from udamon.primitives.external import ExternalPrimitive
+
+    return ExternalPrimitive(socket_path, stdin=stdin)
+
+
+def _pmu_available() -> tuple[bool, str]:
+    from udamon.primitives.pmu import pmu_available
+
+    return pmu_available()
+
+
+def _make_pmu(attrs: Attrs) -> Primitive:
+    from udamon.primitives.pmu import PmuPrimitive
+
+    return PmuPrimitive()
+
+
 ENTRIES: dict[str, Entry] = {
     "replay": Entry("replay", "recorded reports from a CSV file (--input)", False,
                     lambda: (True, "")),
@@ -81,6 +102,13 @@ ENTRIES: dict[str, Entry] = {
                 # every armed page the target writes costs a TLB-flush IPI and a fault:
                 # 5 ms sampling slowed a write-heavy target by ~23%, 50 ms by ~3%
                 default_sample_us=50_000, default_aggr_us=1_000_000),
+    "pmu": Entry("pmu", "precise memory sampling (Intel PEBS, AMD IBS op, Arm SPE) through "
+                 "perf_event_open: address, CPU, thread, load/store, memory level (root or "
+                 "CAP_PERFMON; hardware that has it)", True, _pmu_available, _make_pmu),
+    "external": Entry("external", "reports pushed by other programs over --socket PATH or "
+                      "--input - (binary records or CSV; docs/report-channel.md); no "
+                      "privileges needed", True, lambda: (True, ""), _make_external,
+                      auto=False),
 }
 
 
@@ -105,7 +133,7 @@ def choose_live() -> tuple[str, str]:
     before it), or a clear error naming what each lacks."""
     reasons = []
     for e in ENTRIES.values():
-        if not e.live:
+        if not e.live or not e.auto:
             continue
         ok, why = e.available()
         if ok:
