@@ -30,6 +30,10 @@ from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
 from udamon.targets.procmaps import mapped_spans, process_name, read_vmas, three_regions
 
+# Counting with a regions x sampling-intervals bitmap is fastest while it is small; past
+# this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
+DENSE_CELLS = 1 << 18
+
 # re-reads a target's mappings: (the ranges to monitor, the mapped spans within them)
 RangeProvider = Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]
 
@@ -253,10 +257,19 @@ class Monitor:
         inside = ridx >= 0
         self._outside += int((~inside).sum())
 
+        nr = len(r)
+        dense = nsamp * nr <= DENSE_CELLS
+
         def count(mask: np.ndarray) -> np.ndarray:
-            seen = np.zeros((nsamp, len(r)), dtype=bool)
-            seen[k[mask], ridx[mask]] = True
-            return seen.sum(axis=0)
+            """Per region, the sampling intervals in which a report of ``mask`` landed."""
+            if dense:  # a small intervals x regions bitmap
+                seen = np.zeros((nr, nsamp), dtype=bool)
+                seen[ridx[mask], k[mask]] = True
+                return seen.sum(axis=1)
+            # many sampling intervals (e.g. 1 us in 1 s): distinct (region, interval)
+            # pairs, so memory follows the reports, not intervals x regions
+            key = sorted_unique(ridx[mask] * nsamp + k[mask])
+            return np.bincount(key // nsamp, minlength=nr)
 
         passed = evaluate(self.filters, reports) & inside
         r.nr_accesses += count(passed)
