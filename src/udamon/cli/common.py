@@ -49,9 +49,9 @@ FILTER_HELP = (
 def add_monitoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("monitoring attributes (DAMON's; defaults as in the kernel)")
     g.add_argument("--sample", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
-                   default=None, help="sampling interval (default 5ms; 50ms for wp)")
+                   default=None, help="sampling interval (default 5ms)")
     g.add_argument("--aggr", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
-                   default=None, help="aggregation interval (default 100ms; 1s for wp)")
+                   default=None, help="aggregation interval (default 100ms)")
     g.add_argument("--update", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
                    default=None,
                    help="how often to follow the target's memory map changes (default 1s, "
