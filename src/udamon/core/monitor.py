@@ -28,7 +28,14 @@ from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
-from udamon.targets.procmaps import mapped_spans, process_name, read_vmas, three_regions
+from udamon.targets.procmaps import (
+    mapped_spans,
+    parse_maps,
+    process_name,
+    read_maps_text,
+    read_vmas,
+    three_regions,
+)
 
 # Counting with a regions x sampling-intervals bitmap is fastest while it is small; past
 # this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
@@ -40,11 +47,19 @@ RangeProvider = Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]
 
 def _vma_provider(pid: int) -> RangeProvider:
     """DAMON's vaddr ranges (three regions) plus the spans really mapped inside them:
-    the three regions include unmapped holes, which reports must not call memory."""
+    the three regions include unmapped holes, which reports must not call memory.
+    Parsed again only when the maps changed (read once a second for a whole session)."""
+    last: list = [None, None]
+
     def provide() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        vmas = read_vmas(pid)
-        ranges = three_regions(vmas)
-        return ranges, mapped_spans(vmas, ranges)
+        text = read_maps_text(pid)
+        if text != last[0]:
+            vmas = parse_maps(text)
+            if not vmas:
+                read_vmas(pid)  # says whether the process is gone
+            ranges = three_regions(vmas)
+            last[:] = [text, (ranges, mapped_spans(vmas, ranges))]
+        return last[1]
     return provide
 
 
