@@ -12,8 +12,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-
 from udamon.cli.common import (
     add_filter_args,
     add_monitoring_args,
@@ -22,8 +20,10 @@ from udamon.cli.common import (
     filters_from_args,
     parse_ranges,
     pid_list,
+    probe_weights,
     probes_from_args,
     typed,
+    weigh_probes,
 )
 from udamon.core.attrs import Attrs
 from udamon.core.monitor import Monitor, Snapshot
@@ -33,6 +33,7 @@ from udamon.primitives import registry
 from udamon.probes import breakdown as breakdown_mod
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
+from udamon.targets.page_nodes import PageNodeLookup
 
 INPUT_FORMATS = ("csv", "perf-script")
 
@@ -54,29 +55,20 @@ def install_stop() -> StopFlag:
     return stop
 
 
-def add_breakdown(probes: list[Probe], kinds: list[str], **who) -> list[Probe]:
+def add_breakdown(probes: list[Probe], kinds: list[str], a=None, **who) -> list[Probe]:
+    """The --probe probes plus the --breakdown ones, weighted by --probe-weight and
+    --regions-follow-origin (``a``: the parsed options)."""
+    follow = getattr(a, "regions_follow_origin", None)
+    if follow is None:
+        follow = any(k in breakdown_mod.ORIGIN_KINDS for k in kinds)
     try:
-        extra = breakdown_mod.breakdown_probes(kinds, **who)
+        extra = breakdown_mod.breakdown_probes(kinds, follow_origin=follow, **who)
     except ValueError as e:
         raise UsageError(str(e)) from None
     clash = {p.name for p in probes} & {p.name for p in extra}
     if clash:
         raise UsageError(f"--probe names clash with --breakdown probes: {', '.join(sorted(clash))}")
-    return probes + extra
-
-
-def page_node_sampler(seed):
-    from udamon.targets.page_nodes import sample_region_nodes
-
-    rng = np.random.default_rng(seed)
-
-    def annotate(snap: Snapshot) -> None:
-        # an interval without reports has no access to place, and hint's are mostly
-        # quiet: skipping them saves a move_pages() pass per aggregation (~1 ms)
-        if snap.nr_reports:
-            snap.page_nodes = sample_region_nodes(snap.pid, snap.start, snap.end, rng)
-
-    return annotate
+    return weigh_probes(probes + extra, probe_weights(a) if a is not None else {})
 
 
 @dataclass
@@ -148,11 +140,14 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                    help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
                         "thread (thread:<tid> per thread present at start; with -- COMMAND "
                         "that is only its first thread: threads created later are not broken "
-                        "down), rw (write, read)")
+                        "down), rw (write, read), numa (local, remote: the accessing CPU's "
+                        "node is / is not the node holding the page; needs page nodes, "
+                        "see --no-page-nodes)")
     p.add_argument("--no-page-nodes", action="store_true",
-                   help="do not sample which NUMA node holds each region's pages (by default "
-                        "2 random pages per region per aggregation that had reports, with "
-                        "move_pages(2) in query mode; 'report numa' uses them)")
+                   help="do not look up which NUMA node holds each reported page (by default "
+                        "every report gets its page's node, from batched move_pages(2) "
+                        "queries, each page once per aggregation; the local/remote filters, "
+                        "--breakdown numa and 'report numa' use it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     g = p.add_argument_group(
         "hint scanner (NUMA-balancing scan tunables in /sys/kernel/debug/sched/numa_balancing/; "
@@ -334,7 +329,9 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                     tids.update(thread_ids(pid))
                 except TargetGone:
                     pass
-            probes = add_breakdown(probes, kinds, cpus=cpus, nodes=nodes, tids=tids)
+            probes = add_breakdown(probes, kinds, a, cpus=cpus, nodes=nodes, tids=tids)
+        else:
+            probes = add_breakdown(probes, [], a)
         monitor = Monitor(attrs, filters, probes, seed=a.seed,
                           count_written_pages=primitive.kind != "controlled")
         gone = primitive.gone_at_start()
@@ -369,13 +366,15 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
 
         bar = LiveProgress(progress and not a.quiet and sys.stderr.isatty(), a.duration)
         try:
+            lookup = None if a.no_page_nodes else PageNodeLookup()
             res = run_live(monitor, primitive, sink, duration_ns=a.duration, stop=stop,
-                           on_tick=bar.update,
-                           annotate=None if a.no_page_nodes else page_node_sampler(a.seed))
+                           on_tick=bar.update, page_nodes=lookup)
         finally:
             bar.done()
         st = primitive.stats()
         notes = [n for n in st.notes if n not in start_notes]
+        if lookup is not None and lookup.stats.reports:
+            notes.append(lookup.stats.note())
         for s in sinks:
             s.end(res, monitor, notes)
         for w in st.warnings:

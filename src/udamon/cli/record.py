@@ -85,8 +85,12 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
     per_pid = summary.ranges if summary else {}
     targets = pids or sorted(per_pid)
     if summary and breakdown:
-        probes = live.add_breakdown(probes, breakdown, cpus=summary.cpus, nodes=summary.nodes,
-                                tids=set().union(*[summary.tids.get(p, set()) for p in targets]))
+        probes = live.add_breakdown(probes, breakdown, a, cpus=summary.cpus,
+                                    nodes=summary.nodes,
+                                    tids=set().union(*[summary.tids.get(p, set())
+                                                       for p in targets]))
+    else:
+        probes = live.add_breakdown(probes, [], a)
     if not targets:
         raise UsageError(f"{a.input}: holds no reports, nothing to monitor")
     _warn_derived_nodes(a.input, filters, probes, breakdown, perf)

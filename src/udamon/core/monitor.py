@@ -74,6 +74,9 @@ class Target:
     mapped: list[tuple[int, int]] | None = None  # mapped spans inside ranges (VMA targets)
     closed: bool = False  # exited and its last snapshot emitted
     mapped_changed: bool = True  # mapped changed since the last snapshot said it
+    # this interval's reports with page nodes (for the snapshot's page_nodes and numa)
+    window_reports: list[np.ndarray] = field(default_factory=list)
+    window_numa: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "name": self.name,
@@ -96,8 +99,14 @@ class Snapshot:
     probe_hits: dict[str, np.ndarray]
     nr_reports: int = 0  # reports for this target in the interval, before sample filters
     nr_passed: int = 0  # ... of which passed the sample filters and landed in a region
-    # per region {"<node>": sampled pages}, where page locations were sampled (live only)
+    # per region {"<node>": pages}: the distinct reported pages of the interval by the
+    # node that held them (reports with a page_node); None: no page node known
     page_nodes: list[dict[str, int]] | None = None
+    # NUMA locality of the interval's reports that passed the sample filters and landed
+    # in a region, when page nodes are known: {"local": n, "remote": n, "unknown": n,
+    # "threads": {"<tid>": [local, remote, unknown]}}; exact counts, independent of
+    # the region boundaries
+    numa: dict | None = None
     # per region, distinct pages written in the interval (None: not counted)
     written_pages: np.ndarray | None = None
     # the target's mapped spans, when they changed since its previous snapshot (the
@@ -128,6 +137,8 @@ class Snapshot:
                "nr_passed": self.nr_passed, "regions": regions}
         if self.mapped is not None:
             out["mapped"] = [[int(a), int(b)] for a, b in self.mapped]
+        if self.numa is not None:
+            out["numa"] = self.numa
         return out
 
 
@@ -288,6 +299,9 @@ class Monitor:
 
         passed = evaluate(self.filters, reports) & inside
         r.nr_accesses += count(passed)
+        if (reports["page_node"] >= 0).any():
+            t.window_reports.append(reports[inside])
+            t.window_numa.append(_locality(reports[passed]))
         if self.count_written_pages:
             w = passed & reports["write"]
             if w.any():
@@ -341,20 +355,25 @@ class Monitor:
             self._unmatched += int((~matched).sum())
 
         # kdamond_merge_regions: threshold from the hottest region, doubled while
-        # there are too many regions.
+        # there are too many regions.  Weighted probes (a DAMON probe's weight) each get
+        # a threshold the same way, from the region with the most weighted hits.
         max_nr = max((int(t.regions.nr_accesses.max(initial=0)) for t in live), default=0)
         thres = max_nr // 10
+        weighted = [(i, p.weight, max((int(t.regions.probe_hits[i].max(initial=0))
+                                       for t in live), default=0) * p.weight // 10)
+                    for i, p in enumerate(self.probes) if p.weight]
         total = sum(t.regions.total_size() for t in live)
         sz_limit = max(total // self.attrs.min_nr_regions, self.min_region_sz)
         for t in live:
             t.regions.update_ages(thres)
         while True:
             for t in live:
-                t.regions.merge(thres, sz_limit)
+                t.regions.merge(thres, sz_limit, weighted)
             nr = sum(len(t.regions) for t in live)
             if nr <= self.attrs.max_nr_regions or thres >= self.attrs.aggr_samples:
                 break
             thres = max(1, thres * 2)
+            weighted = [(i, w, max(1, th * 2)) for i, w, th in weighted]
 
         sample_us = self.attrs.sample_us
         self._aggrs_since_tune += 1
@@ -367,15 +386,20 @@ class Monitor:
         for t in live:
             r = t.regions
             n_rep, n_pass = counts.get(t.pid, (0, 0))
+            page_nodes = numa = None
+            if t.window_reports:
+                page_nodes = _pages_by_node(r, np.concatenate(t.window_reports))
+                numa = _merge_locality(t.window_numa)
+                t.window_reports, t.window_numa = [], []
             snaps.append(Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
                                   r.nr_accesses.copy(), r.age.copy(),
                                   {p.name: r.probe_hits[i].copy()
                                    for i, p in enumerate(self.probes)},
-                                  n_rep, n_pass,
+                                  n_rep, n_pass, page_nodes=page_nodes,
                                   written_pages=(r.written_pages.copy()
                                                  if self.count_written_pages else None),
                                   mapped=(list(t.mapped) if t.mapped is not None
-                                          and t.mapped_changed else None)))
+                                          and t.mapped_changed else None), numa=numa))
             t.mapped_changed = False
             r.reset_aggregated()
             # an exited target's last interval is the one holding its last reports: a
@@ -439,6 +463,60 @@ class Monitor:
         new = self.attrs.sample_us * adaptation // 10_000
         new = max(goal.min_sample_us, min(goal.max_sample_us, new))
         self.attrs = self.attrs.with_sample_us(max(new, 1))
+
+
+MAX_LOCALITY_THREADS = 256  # per snapshot; the rest are summed under "other"
+
+
+def _locality(reports: np.ndarray) -> dict:
+    """Local / remote / unknown counts of reports, in all and per thread."""
+    cn, pn = reports["node"], reports["page_node"]
+    known = (cn >= 0) & (pn >= 0)
+    kind = np.where(known, np.where(cn == pn, 0, 1), 2)  # 0 local, 1 remote, 2 unknown
+    tot = np.bincount(kind, minlength=3).tolist()
+    tids = reports["tid"]
+    threads: dict[str, list[int]] = {}
+    if tids.size:
+        ut = sorted_unique(tids)
+        idx = np.searchsorted(ut, tids)
+        m = np.bincount(idx * 3 + kind, minlength=ut.size * 3).reshape(ut.size, 3)
+        order = np.argsort(-m.sum(axis=1), kind="stable")
+        for j, i in enumerate(order.tolist()):
+            key = str(int(ut[i])) if j < MAX_LOCALITY_THREADS else "other"
+            prev = threads.get(key, [0, 0, 0])
+            threads[key] = [a + b for a, b in zip(prev, m[i].tolist(), strict=True)]
+    return {"local": tot[0], "remote": tot[1], "unknown": tot[2], "threads": threads}
+
+
+def _merge_locality(parts: list[dict]) -> dict:
+    out = {"local": 0, "remote": 0, "unknown": 0, "threads": {}}
+    for p in parts:
+        for k in ("local", "remote", "unknown"):
+            out[k] += p[k]
+        for tid, v in p["threads"].items():
+            prev = out["threads"].get(tid, [0, 0, 0])
+            out["threads"][tid] = [a + b for a, b in zip(prev, v, strict=True)]
+    return out
+
+
+def _pages_by_node(r: Regions, reports: np.ndarray) -> list[dict[str, int]]:
+    """Per region of ``r``, the distinct reported pages by the node that held them."""
+    known = (reports["page_node"] >= 0) & (reports["page_node"] < 1024)  # MAX_NUMNODES
+    out: list[dict[str, int]] = [{} for _ in range(len(r))]
+    if not known.any():
+        return out
+    # distinct (page, node) pairs: the page number with the node in the low 10 bits
+    key = sorted_unique(((reports["addr"][known] // np.uint64(PAGE)) << np.uint64(10))
+                        | reports["page_node"][known].astype(np.uint64))
+    node = (key & np.uint64(1023)).astype(np.int64)
+    ridx = r.index_of((key >> np.uint64(10)) * np.uint64(PAGE))
+    ok = ridx >= 0
+    top = int(node.max()) + 1
+    counts = np.bincount(ridx[ok] * top + node[ok], minlength=len(r) * top).reshape(len(r), top)
+    rr, nn = np.nonzero(counts)
+    for i, n, c in zip(rr.tolist(), nn.tolist(), counts[rr, nn].tolist(), strict=True):
+        out[i][str(n)] = c
+    return out
 
 
 def _feed_loop_next_input(last_input: int, score: int) -> int:

@@ -118,30 +118,44 @@ class Regions:
         )
         self.age = np.where(changed, 0, self.age + 1)
 
-    def merge(self, thres: int, sz_limit: int) -> None:
+    def merge(self, thres: int, sz_limit: int,
+              weighted: list[tuple[int, int, int]] | None = None) -> None:
         """damon_merge_regions_of: merge adjacent regions whose nr_accesses differ
         by at most ``thres`` while the merged size stays within ``sz_limit``.
         Counters of a merged region are size-weighted averages, except written
         pages, which add up.  As in the kernel, regions are merged left to right,
         each into the merged region before it, with integer division at every step;
-        only the regions that do merge are combined one by one."""
+        only the regions that do merge are combined one by one.
+
+        ``weighted``: (probe index, weight, threshold) of the probes that steer region
+        adjustment (DAMON's probe ``weight``): two regions then also need every such
+        probe's weighted hits within its threshold of each other."""
         n = len(self)
         if n < 2:
             return
         start = self.start.tolist()
         end = self.end.tolist()
         acc = self.nr_accesses.tolist()
+        wrows = [(w, th, (self.probe_hits[p] * w).tolist()) for p, w, th in (weighted or ())]
         firsts = [0]  # index of the first region of each merged region
         cur_acc, cur_sz, cur_end = acc[0], end[0] - start[0], end[0]
+        cur_w = [row[0] for _, _, row in wrows]
         for i in range(1, n):
             sz = end[i] - start[i]
-            if cur_end == start[i] and abs(cur_acc - acc[i]) <= thres and cur_sz + sz <= sz_limit:
-                cur_acc = (cur_acc * cur_sz + acc[i] * sz) // (cur_sz + sz)
-                cur_sz += sz
+            if (cur_end == start[i] and abs(cur_acc - acc[i]) <= thres
+                    and cur_sz + sz <= sz_limit
+                    and all(abs(c - row[i]) <= th
+                            for c, (_, th, row) in zip(cur_w, wrows, strict=True))):
+                tot = cur_sz + sz
+                cur_acc = (cur_acc * cur_sz + acc[i] * sz) // tot
+                cur_w = [(c * cur_sz + row[i] * sz) // tot
+                         for c, (_, _, row) in zip(cur_w, wrows, strict=True)]
+                cur_sz = tot
                 cur_end = end[i]
             else:
                 firsts.append(i)
                 cur_acc, cur_sz, cur_end = acc[i], sz, end[i]
+                cur_w = [row[i] for _, _, row in wrows]
         if len(firsts) == n:
             return  # nothing merged
         f = np.asarray(firsts, dtype=np.int64)

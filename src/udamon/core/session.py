@@ -19,6 +19,7 @@ import numpy as np
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.errors import InputError
 from udamon.primitives.base import Primitive, Window
+from udamon.targets.page_nodes import PageNodeLookup
 
 SnapshotSink = Callable[[Snapshot], None]
 
@@ -156,13 +157,22 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
              duration_ns: int | None = None, stop: StopFlag | None = None,
              clock: Callable[[], int] = time.monotonic_ns,
              on_tick: Callable[[int], None] | None = None,
-             annotate: Callable[[Snapshot], None] | None = None) -> SessionResult:
+             annotate: Callable[[Snapshot], None] | None = None,
+             page_nodes: PageNodeLookup | None = None) -> SessionResult:
     """Real-time loop.  A controlled primitive turns once per sampling interval (arm,
     wait, poll); an observational one sleeps until the end of each aggregation
     interval or until it has data waiting.  The caller has started the primitive;
-    this calls ``primitive.stop()`` before returning (any path)."""
+    this calls ``primitive.stop()`` before returning (any path).  ``page_nodes``
+    fills each report's ``page_node`` (the node holding the accessed page) before the
+    monitor counts it."""
     stop = stop or StopFlag()
     res = SessionResult("duration")
+
+    def feed(reports: np.ndarray) -> None:
+        if page_nodes is not None:
+            page_nodes.annotate(reports)
+        monitor.report_batch(reports)
+
     try:
         t0 = clock()
         monitor.start(t0)
@@ -175,7 +185,7 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
             if controlled:
                 # the sampling turns of one aggregation interval, as kdamond_fn runs them:
                 # one random page per region per sampling interval, armed and checked
-                ran = _sample_window(monitor, primitive, stop, clock)
+                ran = _sample_window(monitor, primitive, stop, clock, feed)
                 if stop.is_set():
                     res.reason = stop.why
             else:
@@ -188,12 +198,12 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     if remaining <= 0:
                         break
                     if primitive.wait(min(remaining, 0.1)):
-                        monitor.report_batch(primitive.poll(clock()))
+                        feed(primitive.poll(clock()))
                 if stop.is_set():
                     res.reason = stop.why
             now = clock()
             if not controlled:
-                monitor.report_batch(primitive.poll(now))
+                feed(primitive.poll(now))
             exits = primitive.exited()
             if delay:
                 # reports of a target that exited can still be on their way: it ends
@@ -211,6 +221,8 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     annotate(s)
                 sink(s)
                 res.snapshots += 1
+            if snaps and page_nodes is not None:
+                page_nodes.new_interval()  # pages may move between intervals
             if exit_seen:
                 due = [pid for pid, seen in exit_seen.items() if now - delay >= seen]
                 _mark_exited(monitor, due)
@@ -233,7 +245,7 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         # session has closed its last interval already)
         if not controlled:
             now = clock()
-            monitor.report_batch(primitive.poll(now))
+            feed(primitive.poll(now))
             ws, sample_ns = monitor.window_start, monitor.attrs.sample_us * 1000
             if len(monitor.buffer) and ws is not None and now - ws < sample_ns:
                 # flush() closes no interval shorter than a sampling interval: an input
@@ -256,7 +268,8 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
 
 
 def _sample_window(monitor: Monitor, primitive: Primitive, stop: StopFlag,
-                   clock: Callable[[], int]) -> int:
+                   clock: Callable[[], int],
+                   feed: Callable[[np.ndarray], None] | None = None) -> int:
     """Run the current aggregation interval's sampling turns on a controlled primitive
     and feed what it saw to the monitor.  A window that ends early because a target
     exited or exec'd is resumed for the others; a stop ends it.  The turns start now
@@ -273,7 +286,7 @@ def _sample_window(monitor: Monitor, primitive: Primitive, stop: StopFlag,
     while first < n and plans and not stop.is_set():
         reports, first = primitive.sample_window(Window(ws, sample_ns, plans, first, n),
                                                  stop.fileno())
-        monitor.report_batch(reports)
+        (feed or monitor.report_batch)(reports)
         gone = set(primitive.exited())
         for pid in gone & set(plans):
             monitor.target(pid).exited = True

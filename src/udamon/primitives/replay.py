@@ -21,7 +21,7 @@ from udamon.primitives.base import Primitive
 from udamon.targets.topology import nodes_of
 
 REQUIRED = ("time_ns", "pid", "tid", "cpu", "addr", "size", "write")
-OPTIONAL = ("node", "source", "mem")
+OPTIONAL = ("node", "source", "mem", "page_node")
 CHUNK = 65_536
 
 
@@ -107,11 +107,13 @@ def _conv(name: str, text: str, where: str) -> int:
 ADDR_END = (1 << 64) - 4096
 _LIMITS = {"time_ns": (-(1 << 63), (1 << 63) - 1), "pid": (0, (1 << 31) - 1),
            "tid": (-1, (1 << 31) - 1), "cpu": (-1, (1 << 31) - 1), "node": (-1, (1 << 31) - 1),
+           "page_node": (-1, (1 << 31) - 1),
            "addr": (0, ADDR_END - 1), "size": (1, ADDR_END), "write": (0, 1),
            "mem": (0, len(MEM_LEVELS) - 1)}
 _LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
                "tid": "-1 (unknown) or a thread id", "cpu": "-1 (unknown) or a CPU number",
                "node": "-1 (unknown) or a node number",
+               "page_node": "-1 (unknown) or the node number of the accessed page",
                "addr": f"0 to {ADDR_END - 1:#x}: the last page below 2^64 is left out",
                "size": f"1 to {ADDR_END:#x}", "write": "0 or 1",
                "mem": "a memory level 0 to 5: " + ", ".join(
