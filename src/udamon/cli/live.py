@@ -109,7 +109,8 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     if replay:
         p.add_argument("--input", metavar="FILE",
                        help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write "
-                            "(optional columns: node, source, mem; without node, a report's "
+                            "(optional columns: node, source, mem, page_node; without node, "
+                            "a report's "
                             "node is its CPU's node on this machine, with a warning when nodes "
                             "are filtered or broken down), or perf script output with "
                             "--input-format perf-script.  '-' reads reports live from stdin "
