@@ -10,7 +10,9 @@ one becomes a report whether or not NUMA balancing hinted it.  For each rate,
 time (utime + stime from /proc/PID/stat, so start-up is left out) is read over
 ``--window`` seconds after a 3 s warm-up.  CPU per fault = (CPU at the rate -
 CPU at rate 0) / reports recorded in the window; lost samples come from the
-record's end line.
+record's end line.  The cost of looking up each report's page node (move_pages,
+on by default) is read from the record's end notes: CPU per report, and its
+share of udamon's CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,7 +66,16 @@ def one(rate: int, window: float) -> dict:
            <= (WARMUP_S + (t1 - t0)) * 1e9]
     reports = sum(s["nr_reports"] for s in win)
     cpu_s = (c1 - c0) / CLK_TCK
-    return {"rate": rate, "window_s": t1 - t0, "cpu_s": cpu_s,
+    lookup = {}
+    for note in end.get("notes", []):
+        m = re.search(r"page nodes: (\d+) reports .* \(([0-9.]+) ms of CPU, ([0-9.]+) us per "
+                      r"report\)", note)
+        if m:
+            session_s = window + WARMUP_S + 1
+            lookup = {"lookup_reports": int(m.group(1)), "lookup_cpu_s": float(m.group(2)) / 1e3,
+                      "lookup_us_per_report": float(m.group(3)),
+                      "lookup_cpu_pct": float(m.group(2)) / 1e3 / session_s * 100}
+    return {"rate": rate, "window_s": t1 - t0, "cpu_s": cpu_s, **lookup,
             "cpu_pct": cpu_s / (t1 - t0) * 100, "reports_in_window": reports,
             "reports_per_s": reports / (t1 - t0), "lost_samples": end.get("lost_samples", 0),
             "snapshots": len(snaps)}
@@ -95,11 +107,15 @@ def markdown(res: dict) -> list[str]:
     if "skipped" in res:
         return [f"skipped: {res['skipped']}"]
     out = ["| faults/s asked | reports/s seen | udamon CPU (% of one CPU) | CPU per fault | "
-           "lost samples |", "|---|---|---|---|---|"]
+           "lost samples | page-node lookup: CPU per report | lookup share of udamon's CPU |",
+           "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         per = f"{r['us_per_fault']:.2f} us" if "us_per_fault" in r else "–"
+        lk = (f"{r['lookup_us_per_report']:.2f} us" if "lookup_us_per_report" in r else "–")
+        share = (f"{r['lookup_cpu_pct'] / r['cpu_pct'] * 100:.0f}%"
+                 if "lookup_cpu_pct" in r and r["cpu_pct"] else "–")
         out.append(f"| {r['rate']:,} | {r['reports_per_s']:,.0f} | {r['cpu_pct']:.2f}% | "
-                   f"{per} | {r['lost_samples']} |")
+                   f"{per} | {r['lost_samples']} | {lk} | {share} |")
     return out
 
 

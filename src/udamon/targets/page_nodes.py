@@ -58,6 +58,17 @@ class LookupStats:
                 f"{per:.2f} us per report)")
 
 
+def memory_nodes() -> list[int]:
+    """The NUMA nodes that have memory (/sys/devices/system/node/has_memory)."""
+    from udamon.targets.topology import parse_cpulist
+
+    try:
+        with open("/sys/devices/system/node/has_memory") as f:
+            return parse_cpulist(f.read())
+    except (OSError, ValueError):
+        return []
+
+
 @dataclass
 class PageNodeLookup:
     """The node of each reported page (``page_node``), from batched move_pages queries.
@@ -65,9 +76,12 @@ class PageNodeLookup:
     Within one aggregation interval a page is asked about once (a cache of the pages
     seen); ``new_interval()`` forgets them, because the kernel's NUMA balancing or
     ``udamon migrate`` may move pages between intervals.  Pages that are not present
-    (or not mapped) keep ``page_node`` -1."""
+    (or not mapped) keep ``page_node`` -1.  On a machine whose memory is all on one
+    node, every page is there: no query is made."""
 
     stats: LookupStats = field(default_factory=LookupStats)
+    only_node: int | None = field(default_factory=lambda: (lambda n: n[0] if len(n) == 1
+                                                           else None)(memory_nodes()))
     _cache: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     _broken: set[int] = field(default_factory=set)  # pids that cannot be queried
 
@@ -80,6 +94,11 @@ class PageNodeLookup:
             return
         t0 = time.thread_time()
         todo = reports["page_node"] < 0
+        if self.only_node is not None:  # one node holds all memory: nothing to ask
+            reports["page_node"][todo] = self.only_node
+            self.stats.reports += int(np.count_nonzero(todo))
+            self.stats.cpu_s += time.thread_time() - t0
+            return
         pids = reports["pid"][todo]
         for pid in sorted_unique(pids).tolist():
             if pid in self._broken:
