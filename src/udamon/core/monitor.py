@@ -482,7 +482,9 @@ def _locality(reports: np.ndarray) -> dict:
         m = np.bincount(idx * 3 + kind, minlength=ut.size * 3).reshape(ut.size, 3)
         order = np.argsort(-m.sum(axis=1), kind="stable")
         for j, i in enumerate(order.tolist()):
-            key = str(int(ut[i])) if j < MAX_LOCALITY_THREADS else "other"
+            tid = int(ut[i])
+            key = ("other" if j >= MAX_LOCALITY_THREADS else
+                   str(tid) if tid >= 0 else "unknown")  # unknown: no thread known
             prev = threads.get(key, [0, 0, 0])
             threads[key] = [a + b for a, b in zip(prev, m[i].tolist(), strict=True)]
     return {"local": tot[0], "remote": tot[1], "unknown": tot[2], "threads": threads}

@@ -238,7 +238,7 @@ def _parse_numa(numa, where: str) -> dict:
     out = {k: _int(numa.get(k, 0), f"numa {k}", where) for k in ("local", "remote", "unknown")}
     threads = numa.get("threads", {})
     if not isinstance(threads, dict) or not all(
-            (k.isdigit() or k == "other") and isinstance(v, list) and len(v) == 3
+            (k.isdigit() or k in ("other", "unknown")) and isinstance(v, list) and len(v) == 3
             and all(isinstance(x, int) and x >= 0 for x in v) for k, v in threads.items()):
         raise _Bad(f"{where}: numa threads must map thread ids to [local, remote, unknown]")
     out["threads"] = threads
