@@ -324,7 +324,10 @@ class Monitor:
         samples rather than wall time); the next one starts there."""
         if self.window_start is None or end_ns <= self.window_start:
             return []
-        return self._close_window(int(end_ns))
+        # the reports of the interval's turns sit on its nominal sampling grid (a turn
+        # cut short by a stop may end before its report's time): take them all
+        nominal = self.window_start + self.attrs.aggr_us * 1000
+        return self._close_window(int(end_ns), take_until=max(int(end_ns), nominal))
 
     def flush(self, now_ns: int) -> list[Snapshot]:
         """End the session: close the running aggregation interval early at ``now_ns``
@@ -337,11 +340,12 @@ class Monitor:
             out.extend(self._close_window(int(now_ns)))
         return out
 
-    def _close_window(self, end_ns: int | None = None) -> list[Snapshot]:
+    def _close_window(self, end_ns: int | None = None,
+                      take_until: int | None = None) -> list[Snapshot]:
         assert self.window_start is not None
         ws, we = self.window_start, end_ns if end_ns is not None else self.window_end
         assert we is not None
-        reports = self.buffer.take_before(we)
+        reports = self.buffer.take_before(take_until if take_until is not None else we)
         # a target that exited during this interval still gets it: its last accesses
         live = [t for t in self.targets if not t.closed]
         counts: dict[int, tuple[int, int]] = {}
@@ -448,21 +452,33 @@ class Monitor:
     def _tune_intervals(self, live: list[Target]) -> None:
         """kdamond_tune_intervals: feedback loop toward ``access_bp`` of the maximum
         possible access events, scaling the sampling interval."""
-        goal = self.attrs.intervals_goal
-        max_events = 0
-        events = 0
-        for t in live:
-            sz = t.regions.sizes().astype(np.int64)
-            max_events += int(sz.sum()) * self.attrs.aggr_samples
-            events += int((sz * t.regions.nr_accesses).sum())
-        target = max_events * goal.access_bp // 10_000 or 1
-        score = events * 10_000 // target
-        adaptation = _feed_loop_next_input(100_000_000, score) // 10_000
-        if adaptation <= 10_000:
-            adaptation = 5_000 + adaptation // 2
-        new = self.attrs.sample_us * adaptation // 10_000
-        new = max(goal.min_sample_us, min(goal.max_sample_us, new))
-        self.attrs = self.attrs.with_sample_us(max(new, 1))
+        sizes = [t.regions.sizes().astype(np.int64) for t in live]
+        accs = [t.regions.nr_accesses for t in live]
+        new = tuned_sample_us(self.attrs.sample_us, self.attrs.aggr_samples,
+                              np.concatenate(sizes) if sizes else np.zeros(0, np.int64),
+                              np.concatenate(accs) if accs else np.zeros(0, np.int64),
+                              self.attrs.intervals_goal)
+        if new is not None:
+            self.attrs = self.attrs.with_sample_us(max(new, 1))
+
+
+def tuned_sample_us(sample_us: int, aggr_samples: int, sizes: np.ndarray,
+                    nr_accesses: np.ndarray, goal) -> int | None:
+    """The next sampling interval (None: unchanged) of mm/damon/core.c's
+    kdamond_tune_intervals, with damon_get_intervals_score and
+    damon_get_intervals_adaptation_bp, in the kernel's integer arithmetic."""
+    sz = [int(x) for x in sizes]
+    max_events = sum(sz) * aggr_samples
+    events = sum(a * int(n) for a, n in zip(sz, nr_accesses, strict=True))
+    target = max_events * goal.access_bp // 10_000 or 1
+    score = events * 10_000 // target  # mult_frac(access_events, 10000, target)
+    adaptation = _feed_loop_next_input(100_000_000, score) // 10_000
+    if adaptation <= 10_000:
+        adaptation = 5_000 + adaptation // 2
+    if adaptation == 10_000:
+        return None  # the kernel leaves the attributes as they are
+    new = min(goal.max_sample_us, sample_us * adaptation // 10_000)
+    return max(goal.min_sample_us, new)
 
 
 MAX_LOCALITY_THREADS = 256  # per snapshot; the rest are summed under "other"
@@ -521,8 +537,11 @@ def _pages_by_node(r: Regions, reports: np.ndarray) -> list[dict[str, int]]:
     return out
 
 
+ULONG_MAX = (1 << 64) - 1
+
+
 def _feed_loop_next_input(last_input: int, score: int) -> int:
-    """damon_feed_loop_next_input from mm/damon/core.c."""
+    """damon_feed_loop_next_input from mm/damon/core.c (unsigned long arithmetic)."""
     goal = 10_000
     min_input = 10_000
     if score == goal:
@@ -531,7 +550,12 @@ def _feed_loop_next_input(last_input: int, score: int) -> int:
         return min_input
     over = score > goal
     diff = score - goal if over else goal - score
-    compensation = last_input * diff // goal
+    if last_input < ULONG_MAX // diff:
+        compensation = last_input * diff // goal
+    else:
+        compensation = last_input // goal * diff
     if over:
         return max(last_input - compensation, min_input)
-    return last_input + compensation
+    if last_input < ULONG_MAX - compensation:
+        return last_input + compensation
+    return ULONG_MAX
