@@ -91,17 +91,10 @@ def run(a: argparse.Namespace) -> int:
                            dry_run=a.dry_run)
     sinks: list[live.Sink] = [MigrateSink(params, a.format, a.quiet)]
     if a.output:
-        from udamon.cli.record import RecordSink
+        from udamon.record.sink import RecordSink
 
         sinks.append(RecordSink(a.output, a.quiet))
     return live.run_session(a, s, sinks)
-
-
-def remote_share(snap: Snapshot) -> float | None:
-    """Share of the interval's reports (that passed the sample filters) that were remote:
-    the accessing CPU on another node than the page; None when nothing is known."""
-    remote, total = remote_hits(snap)
-    return remote / total if total else None
 
 
 def remote_hits(snap: Snapshot) -> tuple[float, float]:

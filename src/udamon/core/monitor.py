@@ -28,39 +28,15 @@ from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
-from udamon.targets.procmaps import (
-    mapped_spans,
-    parse_maps,
-    process_name,
-    read_maps_text,
-    read_vmas,
-    three_regions,
-)
 
 # Counting with a regions x sampling-intervals bitmap is fastest while it is small; past
 # this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
 DENSE_CELLS = 1 << 18
 
-# re-reads a target's mappings: (the ranges to monitor, the mapped spans within them)
+# re-reads a target's ranges: (the ranges to monitor, the mapped spans within them); the
+# kernel's vaddr operations own this for DAMON, and udamon.targets.procmaps.vaddr_provider
+# is the same heuristic for a process (the Session passes it in)
 RangeProvider = Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]
-
-
-def _vma_provider(pid: int) -> RangeProvider:
-    """DAMON's vaddr ranges (three regions) plus the spans really mapped inside them:
-    the three regions include unmapped holes, which reports must not call memory.
-    Parsed again only when the maps changed (read once a second for a whole session)."""
-    last: list = [None, None]
-
-    def provide() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        text = read_maps_text(pid)
-        if text != last[0]:
-            vmas = parse_maps(text)
-            if not vmas:
-                read_vmas(pid)  # says whether the process is gone
-            ranges = three_regions(vmas)
-            last[:] = [text, (ranges, mapped_spans(vmas, ranges))]
-        return last[1]
-    return provide
 
 
 @dataclass
@@ -155,12 +131,15 @@ class Monitor:
     def __init__(self, attrs: Attrs | None = None, filters: Sequence[Filter] = (),
                  probes: Sequence[Probe] = (), *, seed: int | None = None,
                  buffer_capacity: int = DEFAULT_CAPACITY, min_region_sz: int = PAGE,
-                 count_written_pages: bool = True):
+                 count_written_pages: bool = True, sampled: bool = False):
         """``count_written_pages``: also count, per region, the distinct pages that
         passing write reports touched in each aggregation (what a dirty rate needs
         from an observational primitive; a controlled one samples a page per region,
-        so it turns this off)."""
+        so it turns this off).  ``sampled``: each report is one region's sample (a
+        controlled primitive), so it stands for the region's pages in the snapshots'
+        locality counts (``numa``) instead of for one page."""
         self.count_written_pages = count_written_pages
+        self.sampled = sampled
         self.attrs = (attrs or Attrs()).validate()
         self.filters = tuple(filters)
         self.probes = tuple(probes)
@@ -182,21 +161,25 @@ class Monitor:
     # -- configuration ---------------------------------------------------------
 
     def add_target(self, pid: int, ranges: Sequence[tuple[int, int]] | None = None,
-                   *, name: str | None = None) -> Target:
-        """Monitor ``pid``.  Without ``ranges`` the ranges come from /proc/<pid>/maps
-        (DAMON's three-region vaddr heuristic) and follow VMA changes."""
+                   *, name: str | None = None, provider: RangeProvider | None = None) -> Target:
+        """Monitor ``pid`` over ``ranges``, or over what ``provider`` says and follow it
+        every update interval (``udamon.targets.procmaps.vaddr_provider(pid)``: DAMON's
+        three-region heuristic over /proc/PID/maps, as the kernel's vaddr operations)."""
         if any(t.pid == pid for t in self.targets):
             raise ValueError(f"pid {pid} is already a target")
-        provider: RangeProvider | None = None
         mapped: list[tuple[int, int]] | None = None
         if ranges is None:
-            provider = _vma_provider(pid)
+            if provider is None:
+                raise ValueError("give the ranges to monitor, or a provider of them "
+                                 "(udamon.targets.procmaps.vaddr_provider(pid) follows the "
+                                 "process's memory maps)")
             ranges, mapped = provider()
             if not ranges:
                 raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
+        else:
+            provider = None
         if name is None:
-            name = process_name(pid)
-            name = "" if name == "?" else name
+            name = getattr(provider, "name", "") or ""
         ranges = sorted((int(s), int(e)) for s, e in ranges)
         for (s0, e0), (s1, _) in zip(ranges[:-1], ranges[1:], strict=False):
             if s1 < e0:
@@ -301,7 +284,10 @@ class Monitor:
         r.nr_accesses += count(passed)
         if (reports["page_node"] >= 0).any():
             t.window_reports.append(reports[inside])
-            t.window_numa.append(_locality(reports[passed]))
+            weight = None
+            if self.sampled:  # a sample stands for its region: weigh it by its pages
+                weight = ((r.end - r.start) // np.uint64(PAGE)).astype(np.int64)[ridx[passed]]
+            t.window_numa.append(_locality(reports[passed], weight))
         if self.count_written_pages:
             w = passed & reports["write"]
             if w.any():
@@ -484,18 +470,20 @@ def tuned_sample_us(sample_us: int, aggr_samples: int, sizes: np.ndarray,
 MAX_LOCALITY_THREADS = 256  # per snapshot; the rest are summed under "other"
 
 
-def _locality(reports: np.ndarray) -> dict:
-    """Local / remote / unknown counts of reports, in all and per thread."""
+def _locality(reports: np.ndarray, weight: np.ndarray | None = None) -> dict:
+    """Local / remote / unknown counts of reports (each counting ``weight``, default 1),
+    in all and per thread."""
     cn, pn = reports["node"], reports["page_node"]
     known = (cn >= 0) & (pn >= 0)
     kind = np.where(known, np.where(cn == pn, 0, 1), 2)  # 0 local, 1 remote, 2 unknown
-    tot = np.bincount(kind, minlength=3).tolist()
+    tot = [int(x) for x in np.bincount(kind, weights=weight, minlength=3).round()]
     tids = reports["tid"]
     threads: dict[str, list[int]] = {}
     if tids.size:
         ut = sorted_unique(tids)
         idx = np.searchsorted(ut, tids)
-        m = np.bincount(idx * 3 + kind, minlength=ut.size * 3).reshape(ut.size, 3)
+        m = np.bincount(idx * 3 + kind, weights=weight,
+                        minlength=ut.size * 3).round().astype(np.int64).reshape(ut.size, 3)
         order = np.argsort(-m.sum(axis=1), kind="stable")
         for j, i in enumerate(order.tolist()):
             tid = int(ut[i])
