@@ -20,8 +20,8 @@ import pytest
 from conftest import run_udamon
 
 from udamon.primitives.hint import hint_available
-from udamon.primitives.perf_tracepoint import online_cpus
 from udamon.primitives.uffd import wp_available
+from udamon.system.perf_tracepoint import online_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads.build import BuildError, build  # noqa: E402

@@ -177,7 +177,7 @@ def _primitive_list(replay: bool):
 
 def machine_cpus() -> list[int]:
     """The CPUs this machine has (present, online or not)."""
-    from udamon.primitives.perf_tracepoint import online_cpus
+    from udamon.system.perf_tracepoint import online_cpus
     from udamon.targets.topology import parse_cpulist
 
     try:
@@ -213,7 +213,7 @@ def check_cpus(filters: list[Filter]) -> None:
 
 
 def _scan_period_ms(text: str) -> int:
-    from udamon.primitives.sysctl_guard import SCAN_PERIOD_MS_RANGE
+    from udamon.system.sysctl_guard import SCAN_PERIOD_MS_RANGE
     from udamon.units import parse_duration_us
 
     us = parse_duration_us(text)
@@ -225,7 +225,7 @@ def _scan_period_ms(text: str) -> int:
 
 
 def _scan_size_mb(text: str) -> int:
-    from udamon.primitives.sysctl_guard import SCAN_SIZE_MB_RANGE
+    from udamon.system.sysctl_guard import SCAN_SIZE_MB_RANGE
 
     lo, hi = SCAN_SIZE_MB_RANGE
     try:

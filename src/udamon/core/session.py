@@ -236,7 +236,7 @@ class Session:
                 else p for p in probes]
 
     def _start_live(self) -> None:
-        from udamon.primitives.perf_tracepoint import online_cpus
+        from udamon.system.perf_tracepoint import online_cpus
         from udamon.targets.launch import Launched
         from udamon.targets.page_nodes import PageNodeLookup
         from udamon.targets.procmaps import read_vmas, thread_ids, vaddr_provider
