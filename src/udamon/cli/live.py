@@ -104,9 +104,9 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
         p.add_argument("--input", metavar="FILE",
                        help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write "
                             "(optional columns: node, source, mem, page_node; without node, "
-                            "a report's "
-                            "node is its CPU's node on this machine, with a warning when nodes "
-                            "are filtered or broken down), or perf script output with "
+                            "a report's node is its CPU's node on this machine or in "
+                            "--cpu-nodes, with a warning when nodes are filtered or broken "
+                            "down and no --cpu-nodes is given), or perf script output with "
                             "--input-format perf-script.  '-' reads reports live from stdin "
                             "(--primitive external; CSV lines or binary records, time_ns on "
                             "CLOCK_MONOTONIC or 0 for 'now'; ends at end of input)")
@@ -116,6 +116,10 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                             "for perf mem samples, the page-faults event recorded with -d "
                             "--sample-cpu, or exceptions:page_fault_user samples; see "
                             "docs/primitives.md)")
+        p.add_argument("--cpu-nodes", metavar="CPUS=NODE[,...]",
+                       help="replay: the recorded machine's CPU-to-node map, for input "
+                            "without a node column (e.g. 0-3=0,4-7=1; join CPU lists with "
+                            "'+': 0-1+4-5=0); default: this machine's map")
     p.add_argument("--socket", metavar="PATH",
                    help="--primitive external: listen on this unix socket for reports from "
                         "other programs (created mode 0600 and removed at the end; only this "
@@ -253,6 +257,7 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     live_input = inp == "-"
     prim = a.primitive
     names = prim.split(",")
+    _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, inp)
     if len(names) > 1:
         return _resolve_several(a, names, filters, probes, kinds, ranges, pids, command)
     if prim == "auto" and (live_input or a.socket):
@@ -294,6 +299,21 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
     return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
                        {prim: options} if options else {})
+
+
+def _check_cpu_nodes(text: str | None, names: list[str], inp: str | None) -> None:
+    """--cpu-nodes is the recorded machine's map: for replay only, and well formed."""
+    if text is None:
+        return
+    if names not in (["replay"], ["auto"]) or not inp or inp == "-":
+        raise UsageError("--cpu-nodes maps a replayed input's CPUs to nodes (--input FILE); "
+                         "live reports come from this machine, whose map udamon reads itself")
+    from udamon.targets.topology import parse_cpu_nodes
+
+    try:
+        parse_cpu_nodes(text)
+    except ValueError as e:
+        raise UsageError(f"--cpu-nodes {text}: {e}") from None
 
 
 def _resolve_several(a, names, filters, probes, kinds, ranges, pids, command) -> SessionSpec:

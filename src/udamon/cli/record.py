@@ -76,11 +76,13 @@ def _record_replay(a: argparse.Namespace, s: live.SessionSpec) -> int:
                       pids=s.pids, attrs=s.attrs, filters=s.filters, probes=s.probes,
                       breakdown=s.kinds, ranges=s.ranges, seed=a.seed,
                       regions_follow_origin=a.regions_follow_origin,
-                      probe_weights=probe_weights(a), stop=live.install_stop())
+                      probe_weights=probe_weights(a), cpu_nodes=a.cpu_nodes,
+                      stop=live.install_stop())
     session.start()
     assert session.monitor is not None
-    _warn_derived_nodes(a.input, session.monitor.filters, session.monitor.probes, s.kinds,
-                        a.input_format == "perf-script")
+    if a.cpu_nodes is None:
+        _warn_derived_nodes(a.input, session.monitor.filters, session.monitor.probes,
+                            s.kinds, a.input_format == "perf-script")
     progress = _Progress(not a.quiet and sys.stderr.isatty())
     session.progress = progress.update
     try:
@@ -93,7 +95,7 @@ def _record_replay(a: argparse.Namespace, s: live.SessionSpec) -> int:
 
 def _warn_derived_nodes(path: str, filters, probes, breakdown, perf: bool = False) -> None:
     """Without a node column, a report's node is looked up from its CPU in this
-    machine's topology (the intake does it), which may not be the recorded machine's."""
+    machine's topology unless --cpu-nodes gives the recorded machine's."""
     uses = any(f.type == "nodes" for f in [*filters, *(f for p in probes for f in p.filters)])
     if (uses or "node" in breakdown) and (perf or "node" not in columns(path)):
         from udamon.targets.topology import cpu_to_node
@@ -101,7 +103,8 @@ def _warn_derived_nodes(path: str, filters, probes, breakdown, perf: bool = Fals
         n = len({int(x) for x in cpu_to_node() if x >= 0}) or 1
         print(f"udamon: warning: {path} has no 'node' column: nodes are derived from each "
               f"report's CPU with this machine's CPU-to-node map ({n} node"
-              f"{'s' if n != 1 else ''}); add a node column for another machine's input",
+              f"{'s' if n != 1 else ''}); for another machine's input add a node column or "
+              "give its map with --cpu-nodes",
               file=sys.stderr)
 
 

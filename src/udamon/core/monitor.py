@@ -28,6 +28,7 @@ from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
+from udamon.targets.topology import cpu_to_node
 
 # Counting with a regions x sampling-intervals bitmap is fastest while it is small; past
 # this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
@@ -131,13 +132,21 @@ class Monitor:
     def __init__(self, attrs: Attrs | None = None, filters: Sequence[Filter] = (),
                  probes: Sequence[Probe] = (), *, seed: int | None = None,
                  buffer_capacity: int = DEFAULT_CAPACITY, min_region_sz: int = PAGE,
-                 count_written_pages: bool = True, sampled: bool = False):
+                 count_written_pages: bool = True, sampled: bool = False,
+                 cpu_nodes: np.ndarray | None | str = "local"):
         """``count_written_pages``: also count, per region, the distinct pages that
         passing write reports touched in each aggregation (what a dirty rate needs
         from an observational primitive; a controlled one samples a page per region,
         so it turns this off).  ``sampled``: each report is one region's sample (a
         controlled primitive), so it stands for the region's pages in the snapshots'
-        locality counts (``numa``) instead of for one page."""
+        locality counts (``numa``) instead of for one page.  ``cpu_nodes``: the
+        CPU-to-node table that fills reports' unknown nodes ("local": this machine's,
+        for live reports; a table from udamon.targets.topology.parse_cpu_nodes for
+        input recorded on another machine; None: unknown stays unknown)."""
+        if isinstance(cpu_nodes, str):
+            if cpu_nodes != "local":
+                raise ValueError('cpu_nodes must be "local", a table or None')
+            cpu_nodes = cpu_to_node()
         self.count_written_pages = count_written_pages
         self.sampled = sampled
         self.attrs = (attrs or Attrs()).validate()
@@ -147,7 +156,7 @@ class Monitor:
         if len(set(names)) != len(names):
             raise ValueError("probe names must be unique")
         self.targets: list[Target] = []
-        self.buffer = ReportBuffer(buffer_capacity)
+        self.buffer = ReportBuffer(buffer_capacity, cpu_nodes)
         self.rng = np.random.default_rng(seed)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None

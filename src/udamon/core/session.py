@@ -101,6 +101,7 @@ class Session:
                  duration_ns: int | None = None, seed: int | None = None,
                  page_nodes: bool = True, regions_follow_origin: bool | None = None,
                  probe_weights: dict[str, int] | None = None,
+                 cpu_nodes: str | None = None,
                  options: dict[str, dict] | None = None, stop: StopFlag | None = None,
                  log: Callable[[str], None] | None = None,
                  on_tick: Callable[[int], None] | None = None) -> None:
@@ -108,7 +109,9 @@ class Session:
         primitive name, its own options (hint's ``scan_period_ms``, external's
         ``socket_path``...).  ``log``: where one-line notes for the user go (the CLI
         prints them on stderr; default: nowhere).  ``input``: a replay file (CSV, or perf
-        script output with ``input_format="perf-script"``)."""
+        script output with ``input_format="perf-script"``).  ``cpu_nodes``: replay only,
+        the recorded machine's CPU-to-node map (``"0-3=0,4-7=1"``) for reports whose
+        input gives no node; default: this machine's."""
         self.pids = [int(p) for p in pids]
         self.command = list(command or [])
         self.input = input
@@ -124,6 +127,7 @@ class Session:
         self.use_page_nodes = page_nodes
         self.follow_origin = regions_follow_origin
         self.probe_weights = dict(probe_weights or {})
+        self.cpu_nodes = cpu_nodes
         self.options = {k: dict(v) for k, v in (options or {}).items()}
         self.stop_flag = stop or StopFlag()
         self.log = log or (lambda msg: None)
@@ -325,7 +329,14 @@ class Session:
                 return read_perf_script(path, chunk, linenos, stats)
             return read_csv(path, chunk, linenos)
 
-        summary = (summarize(self.input, reader=reader)
+        table = None
+        if self.cpu_nodes is not None:
+            from udamon.targets.topology import parse_cpu_nodes
+            try:
+                table = parse_cpu_nodes(self.cpu_nodes)
+            except ValueError as e:
+                raise UsageError(f"CPU-to-node map {self.cpu_nodes!r}: {e}") from None
+        summary = (summarize(self.input, reader=reader, cpu_nodes=table)
                    if self.ranges is None or not self.pids or self.kinds else None)
         per_pid = summary.ranges if summary else {}
         targets = self.pids or sorted(per_pid)
@@ -336,7 +347,8 @@ class Session:
             probes = self._probes()
         if not targets:
             raise UsageError(f"{self.input}: holds no reports, nothing to monitor")
-        self.monitor = Monitor(self.attrs, self.filters, probes, seed=self.seed)
+        self.monitor = Monitor(self.attrs, self.filters, probes, seed=self.seed,
+                               cpu_nodes="local" if table is None else table)
         for pid in targets:
             r = self.ranges if self.ranges is not None else per_pid.get(pid)
             if not r:

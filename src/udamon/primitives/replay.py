@@ -168,8 +168,11 @@ class InputSummary:
     reports: int = 0
 
 
-def summarize(path: str, page: int = 4096, reader=None) -> InputSummary:
-    """``reader(path)`` yields the input's report chunks (default: read_csv)."""
+def summarize(path: str, page: int = 4096, reader=None,
+              cpu_nodes: np.ndarray | None = None) -> InputSummary:
+    """``reader(path)`` yields the input's report chunks (default: read_csv);
+    ``cpu_nodes``: the CPU-to-node table for reports without a node (default: this
+    machine's, as the Monitor's buffer fills them)."""
     summary = InputSummary()
     pages: dict[int, np.ndarray] = {}
     for chunk in (reader or read_csv)(path):
@@ -177,7 +180,7 @@ def summarize(path: str, page: int = 4096, reader=None) -> InputSummary:
         summary.cpus.update(int(c) for c in np.unique(chunk["cpu"]) if c >= 0)
         nodes = chunk["node"]
         known = chunk["cpu"] >= 0
-        derived = nodes_of(chunk["cpu"][known & (nodes < 0)])
+        derived = nodes_of(chunk["cpu"][known & (nodes < 0)], cpu_nodes)
         summary.nodes.update(int(n) for n in np.unique(np.concatenate(
             [nodes[nodes >= 0], derived])) if n >= 0)
         for pid in np.unique(chunk["pid"]).tolist():
