@@ -76,9 +76,9 @@ class Snapshot:
     probe_hits: dict[str, np.ndarray]
     nr_reports: int = 0  # reports for this target in the interval, before sample filters
     nr_passed: int = 0  # ... of which passed the sample filters and landed in a region
-    # per region {"<node>": pages}: the distinct reported pages of the interval by the
-    # node that held them (reports with a page_node); None: no page node known
-    page_nodes: list[dict[str, int]] | None = None
+    # regions x nodes: the distinct reported pages of the interval by the node that
+    # held them (column n: node n; reports with a page_node); None: no page node known
+    page_nodes: np.ndarray | None = None
     # NUMA locality of the interval's reports that passed the sample filters and landed
     # in a region, when page nodes are known: {"local": n, "remote": n, "unknown": n,
     # "threads": {"<tid>": [local, remote, unknown]}}; exact counts, independent of
@@ -94,29 +94,13 @@ class Snapshot:
     def aggr_us(self) -> int:
         return (self.time_ns - self.start_ns) // 1000
 
-    def to_dict(self) -> dict:
-        names = list(self.probe_hits)
-        hits = [self.probe_hits[n].tolist() for n in names]
-        wp = self.written_pages.tolist() if self.written_pages is not None else None
-        regions = []
-        for i, (s, e, a, g) in enumerate(zip(self.start.tolist(), self.end.tolist(),
-                                              self.nr_accesses.tolist(), self.age.tolist(),
-                                              strict=True)):
-            reg = {"start": s, "end": e, "nr_accesses": a, "age": g,
-                   "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}}
-            if self.page_nodes is not None:
-                reg["nodes"] = self.page_nodes[i]
-            if wp is not None and wp[i]:
-                reg["written_pages"] = wp[i]
-            regions.append(reg)
-        out = {"time_ns": self.time_ns, "pid": self.pid, "sample_us": self.sample_us,
-               "aggr_us": self.aggr_us, "nr_reports": self.nr_reports,
-               "nr_passed": self.nr_passed, "regions": regions}
-        if self.mapped is not None:
-            out["mapped"] = [[int(a), int(b)] for a, b in self.mapped]
-        if self.numa is not None:
-            out["numa"] = self.numa
-        return out
+    def region_page_nodes(self) -> list[dict[int, int]]:
+        """Per region, {node: pages} of the nodes holding any of its reported pages
+        (empty dicts when no page node is known)."""
+        pn = self.page_nodes
+        if pn is None:
+            return [{} for _ in range(self.start.size)]
+        return [{int(n): int(row[n]) for n in np.flatnonzero(row)} for row in pn]
 
 
 @dataclass
@@ -514,12 +498,11 @@ def _merge_locality(parts: list[dict]) -> dict:
     return out
 
 
-def _pages_by_node(r: Regions, reports: np.ndarray) -> list[dict[str, int]]:
-    """Per region of ``r``, the distinct reported pages by the node that held them."""
+def _pages_by_node(r: Regions, reports: np.ndarray) -> np.ndarray:
+    """Regions of ``r`` x nodes: the distinct reported pages by the node that held them."""
     known = (reports["page_node"] >= 0) & (reports["page_node"] < 1024)  # MAX_NUMNODES
-    out: list[dict[str, int]] = [{} for _ in range(len(r))]
     if not known.any():
-        return out
+        return np.zeros((len(r), 0), dtype=np.int64)
     # distinct (page, node) pairs: the page number with the node in the low 10 bits
     key = sorted_unique(((reports["addr"][known] // np.uint64(PAGE)) << np.uint64(10))
                         | reports["page_node"][known].astype(np.uint64))
@@ -527,11 +510,8 @@ def _pages_by_node(r: Regions, reports: np.ndarray) -> list[dict[str, int]]:
     ridx = r.index_of((key >> np.uint64(10)) * np.uint64(PAGE))
     ok = ridx >= 0
     top = int(node.max()) + 1
-    counts = np.bincount(ridx[ok] * top + node[ok], minlength=len(r) * top).reshape(len(r), top)
-    rr, nn = np.nonzero(counts)
-    for i, n, c in zip(rr.tolist(), nn.tolist(), counts[rr, nn].tolist(), strict=True):
-        out[i][str(n)] = c
-    return out
+    return np.bincount(ridx[ok] * top + node[ok],
+                       minlength=len(r) * top).reshape(len(r), top).astype(np.int64)
 
 
 ULONG_MAX = (1 << 64) - 1
