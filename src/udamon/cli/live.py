@@ -90,6 +90,18 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     """The target, primitive, filter and monitoring options of a session."""
     p.epilog = primitives_help(replay) + ("\n\n" + p.epilog if p.epilog else "")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_source_args(p, replay)
+    _add_target_args(p, replay)
+    _add_output_args(p)
+    _add_hint_args(p)
+    add_filter_args(p)
+    add_monitoring_args(p)
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND ARGS: launch and monitor a command from its start")
+
+
+def _add_source_args(p: argparse.ArgumentParser, replay: bool) -> None:
+    """Where reports come from: --primitive, and replay's / external's inputs."""
     p.add_argument("--primitive", default="auto", metavar="NAME[,NAME]",
                    type=typed(_primitive_list(replay), "primitive"),
                    help="how accesses are seen: " +
@@ -125,6 +137,10 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         "other programs (created mode 0600 and removed at the end; only this "
                         "user and root may report; wire format in docs/report-channel.md, "
                         "clients: python -m udamon.reporter, udamon_report.h)")
+
+
+def _add_target_args(p: argparse.ArgumentParser, replay: bool) -> None:
+    """What is monitored and for how long."""
     p.add_argument("--pid", metavar="PID[,PID...]", action="append", default=[],
                    type=typed(pid_list, "pid list"),
                    help="target process(es)" + ("; with --input, which pids of the input to "
@@ -135,6 +151,10 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         (" or, for replay, the ranges the reports touch" if replay else ""))
     p.add_argument("--duration", metavar="DUR", type=typed(duration_arg, "duration"),
                    help="stop after this long (default: until the targets exit or Ctrl-C)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """What each snapshot carries beyond nr_accesses, and progress."""
     p.add_argument("--breakdown", metavar="KIND[,KIND]", action="append", default=[],
                    help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
                         "thread (thread:<tid> per thread present at start; with -- COMMAND "
@@ -148,6 +168,9 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         "queries, each page once per aggregation; the local/remote filters, "
                         "--breakdown numa and 'report numa' use it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _add_hint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "hint scanner (NUMA-balancing scan tunables in /sys/kernel/debug/sched/numa_balancing/; "
         "applied where writable, else noted in the record)")
@@ -157,10 +180,6 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     g.add_argument("--hint-scan-size", metavar="MIB", type=typed(_scan_size_mb, "MiB"),
                    help="MiB of a task's memory hinted per scan step (scan_size_mb; "
                         "default 256, 1..1048576)")
-    add_filter_args(p)
-    add_monitoring_args(p)
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="-- COMMAND ARGS: launch and monitor a command from its start")
 
 
 def _primitive_list(replay: bool):
@@ -252,22 +271,42 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     ranges = parse_ranges(a.range)
     pids = [p for group in a.pid for p in group]
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    names = a.primitive.split(",")
+    _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, getattr(a, "input", None))
+    if len(names) > 1:
+        return _resolve_several(a, names, filters, probes, kinds, ranges, pids, command)
+    prim = _choose_primitive(a)
+    _check_source_options(a, prim, command)
+    e = registry.entry(prim)
+    options = _primitive_options(a, prim)
+    if e.live:
+        check_cpus([*filters, *(f for p in probes for f in p.filters)])
+    attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
+    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
+                       {prim: options} if options else {})
+
+
+def _choose_primitive(a: argparse.Namespace) -> str:
+    """--primitive auto: external for --socket / --input -, replay for --input FILE,
+    else the best live primitive this machine has (and the user hears why)."""
+    inp = getattr(a, "input", None)
+    if a.primitive != "auto":
+        return a.primitive
+    if inp == "-" or a.socket:
+        return "external"
+    if inp:
+        return "replay"
+    prim, why = registry.choose_live()
+    if not getattr(a, "quiet", False):
+        print(f"udamon: {why}", file=sys.stderr)
+    return prim
+
+
+def _check_source_options(a: argparse.Namespace, prim: str, command: list[str]) -> None:
+    """--input, --input-format and --socket each belong to one primitive."""
     inp = getattr(a, "input", None)
     fmt = getattr(a, "input_format", "csv")
     live_input = inp == "-"
-    prim = a.primitive
-    names = prim.split(",")
-    _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, inp)
-    if len(names) > 1:
-        return _resolve_several(a, names, filters, probes, kinds, ranges, pids, command)
-    if prim == "auto" and (live_input or a.socket):
-        prim = "external"
-    elif prim == "auto" and inp:
-        prim = "replay"
-    elif prim == "auto":
-        prim, why = registry.choose_live()
-        if not getattr(a, "quiet", False):
-            print(f"udamon: {why}", file=sys.stderr)
     if prim == "replay":
         if not inp:
             raise UsageError("--primitive replay needs --input FILE")
@@ -286,19 +325,18 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
                          "programs) and/or --input - (reports on stdin)")
     if a.socket and prim != "external":
         raise UsageError(f"--socket is for --primitive external, not {prim}")
-    e = registry.entry(prim)
+
+
+def _primitive_options(a: argparse.Namespace, prim: str) -> dict:
+    """The primitive's own options: hint's scan tunables, external's channels."""
     options = {k: v for k, v in (("scan_period_ms", a.hint_scan_period),
                                  ("scan_size_mb", a.hint_scan_size)) if v is not None}
     if options and prim != "hint":
         raise UsageError(f"--hint-scan-period/--hint-scan-size are for --primitive hint, "
                          f"not {prim}")
     if prim == "external":
-        options = {"socket_path": a.socket, "stdin": live_input}
-    if e.live:
-        check_cpus([*filters, *(f for p in probes for f in p.filters)])
-    attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
-    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
-                       {prim: options} if options else {})
+        options = {"socket_path": a.socket, "stdin": getattr(a, "input", None) == "-"}
+    return options
 
 
 def _check_cpu_nodes(text: str | None, names: list[str], inp: str | None) -> None:
