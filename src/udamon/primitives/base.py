@@ -113,7 +113,7 @@ class Primitive:
         return False
 
     def exited(self) -> list[int]:
-        """Pids among the targets that have exited since start."""
+        """Pids among the targets that have exited since the last call (each once)."""
         return []
 
     def exhausted(self) -> bool:
