@@ -321,12 +321,36 @@ class Monitor:
 
     def _close_window(self, end_ns: int | None = None,
                       take_until: int | None = None) -> list[Snapshot]:
+        """One aggregation interval ends: kdamond_fn's steps after the sampling."""
         assert self.window_start is not None
         ws, we = self.window_start, end_ns if end_ns is not None else self.window_end
         assert we is not None
-        reports = self.buffer.take_before(take_until if take_until is not None else we)
         # a target that exited during this interval still gets it: its last accesses
         live = [t for t in self.targets if not t.closed]
+        counts = self._check_accesses(live, take_until if take_until is not None else we, ws)
+        self._merge_regions(live)
+        sample_us = self.attrs.sample_us  # the interval's, before tuning changes it
+        self._aggrs_since_tune += 1
+        goal = self.attrs.intervals_goal
+        if goal.enabled and self._aggrs_since_tune >= goal.aggrs:
+            self._aggrs_since_tune = 0
+            self._tune_intervals(live)
+        snaps = [self._snapshot(t, ws, we, sample_us, counts.get(t.pid, (0, 0)))
+                 for t in live]
+        self._reset_aggregated(live)
+        self._split_regions([t for t in live if not t.closed])
+        self.window_start = we
+        assert self._last_update_ns is not None
+        if we - self._last_update_ns >= self.attrs.update_us * 1000:
+            self._last_update_ns = we
+            self.update_ranges()
+        return snaps
+
+    def _check_accesses(self, live: list[Target], until_ns: int,
+                        ws: int) -> dict[int, tuple[int, int]]:
+        """kdamond's check_accesses for the interval: count the reports before
+        ``until_ns`` into their target's regions; per pid (reports, passed)."""
+        reports = self.buffer.take_before(until_ns)
         counts: dict[int, tuple[int, int]] = {}
         if reports.size:
             pids = reports["pid"]
@@ -336,10 +360,13 @@ class Monitor:
                 matched |= sel
                 counts[t.pid] = self._count(t, reports[sel], ws)
             self._unmatched += int((~matched).sum())
+        return counts
 
-        # kdamond_merge_regions: threshold from the hottest region, doubled while
-        # there are too many regions.  Weighted probes (a DAMON probe's weight) each get
-        # a threshold the same way, from the region with the most weighted hits.
+    def _merge_regions(self, live: list[Target]) -> None:
+        """kdamond_merge_regions: threshold from the hottest region, doubled while there
+        are too many regions (ages updated first, against the same threshold).  Weighted
+        probes (a DAMON probe's weight) each get a threshold the same way, from the
+        region with the most weighted hits."""
         max_nr = max((int(t.regions.nr_accesses.max(initial=0)) for t in live), default=0)
         thres = max_nr // 10
         weighted = [(i, p.weight, max((int(t.regions.probe_hits[i].max(initial=0))
@@ -358,41 +385,39 @@ class Monitor:
             thres = max(1, thres * 2)
             weighted = [(i, w, max(1, th * 2)) for i, w, th in weighted]
 
-        sample_us = self.attrs.sample_us
-        self._aggrs_since_tune += 1
-        goal = self.attrs.intervals_goal
-        if goal.enabled and self._aggrs_since_tune >= goal.aggrs:
-            self._aggrs_since_tune = 0
-            self._tune_intervals(live)
+    def _snapshot(self, t: Target, ws: int, we: int, sample_us: int,
+                  counts: tuple[int, int]) -> Snapshot:
+        """The target's regions as the interval leaves them (DAMON's after_aggregation
+        callback sees the same)."""
+        r = t.regions
+        page_nodes = numa = None
+        if t.window_reports:
+            page_nodes = _pages_by_node(r, np.concatenate(t.window_reports))
+            numa = _merge_locality(t.window_numa)
+            t.window_reports, t.window_numa = [], []
+        snap = Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
+                        r.nr_accesses.copy(), r.age.copy(),
+                        {p.name: r.probe_hits[i].copy() for i, p in enumerate(self.probes)},
+                        counts[0], counts[1], page_nodes=page_nodes,
+                        written_pages=(r.written_pages.copy()
+                                       if self.count_written_pages else None),
+                        mapped=(list(t.mapped) if t.mapped is not None
+                                and t.mapped_changed else None), numa=numa)
+        t.mapped_changed = False
+        return snap
 
-        snaps = []
+    def _reset_aggregated(self, live: list[Target]) -> None:
+        """kdamond_reset_aggregated; an exited target whose last reports are all counted
+        is closed (a primitive that delivers late, another process's pipeline, may still
+        have some for a later interval in the buffer)."""
         for t in live:
-            r = t.regions
-            n_rep, n_pass = counts.get(t.pid, (0, 0))
-            page_nodes = numa = None
-            if t.window_reports:
-                page_nodes = _pages_by_node(r, np.concatenate(t.window_reports))
-                numa = _merge_locality(t.window_numa)
-                t.window_reports, t.window_numa = [], []
-            snaps.append(Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
-                                  r.nr_accesses.copy(), r.age.copy(),
-                                  {p.name: r.probe_hits[i].copy()
-                                   for i, p in enumerate(self.probes)},
-                                  n_rep, n_pass, page_nodes=page_nodes,
-                                  written_pages=(r.written_pages.copy()
-                                                 if self.count_written_pages else None),
-                                  mapped=(list(t.mapped) if t.mapped is not None
-                                          and t.mapped_changed else None), numa=numa))
-            t.mapped_changed = False
-            r.reset_aggregated()
-            # an exited target's last interval is the one holding its last reports: a
-            # primitive that delivers late (another process's pipeline) may still have
-            # some for a later interval in the buffer
+            t.regions.reset_aggregated()
             if t.exited and not self.buffer.holds_pid(t.pid):
                 t.closed = True
-        live = [t for t in live if not t.closed]
 
-        # kdamond_split_regions
+    def _split_regions(self, live: list[Target]) -> None:
+        """kdamond_split_regions: 2 pieces each, 3 when the count did not change and
+        there is room, while at most half of max_nr_regions."""
         nr = sum(len(t.regions) for t in live)
         if nr <= self.attrs.max_nr_regions // 2:
             subs = 3 if (nr == self._last_nr_regions
@@ -400,13 +425,6 @@ class Monitor:
             for t in live:
                 t.regions.split(subs, self.rng, self.min_region_sz)
             self._last_nr_regions = nr
-
-        self.window_start = we
-        assert self._last_update_ns is not None
-        if we - self._last_update_ns >= self.attrs.update_us * 1000:
-            self._last_update_ns = we
-            self.update_ranges()
-        return snaps
 
     def update_ranges(self) -> None:
         """Follow VMA changes (damon_va_update); a target that is gone is marked exited."""
