@@ -34,7 +34,11 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 from prepare import default_cache, prepare  # noqa: E402
 
-DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py"]
+DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
+                 "tests/test_guest_place.py"]
+# two sockets of one CPU each: each its own L3 (two LLC domains for tests/test_guest_place.py)
+# and its own NUMA node, as on a two-socket server
+DEFAULT_SMP = "2,sockets=2"
 
 
 def default_python() -> str:
@@ -67,7 +71,8 @@ done
 """
 
 
-def qemu_command(cache: Path, results: Path, mem_per_node_mb: int, smp: str = "2") -> list[str]:
+def qemu_command(cache: Path, results: Path, mem_per_node_mb: int,
+                 smp: str = DEFAULT_SMP) -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("run: qemu-system-x86_64 not found (apt-get install qemu-system-x86, "
@@ -122,7 +127,8 @@ class Tail:
 
 def run_guest(pytest_args: list[str], *, cache: Path, results: Path, python: str,
               timeout: float = 900, mem_per_node_mb: int = 512, stream: bool = True,
-              install: bool = False, shell: str | None = None, smp: str = "2") -> dict:
+              install: bool = False, shell: str | None = None,
+              smp: str = DEFAULT_SMP) -> dict:
     """Boot the guest, run pytest in it; return the summary (also in results/summary.json)."""
     t0 = time.monotonic()
     prepare(cache, install=install)
@@ -192,9 +198,9 @@ def main() -> int:
                     help="Python to run pytest with in the guest (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds (default %(default)s)")
     ap.add_argument("--mem-per-node", type=int, default=512, help="MiB (default %(default)s)")
-    ap.add_argument("--smp", default="2",
-                    help="QEMU -smp (default %(default)s: one socket of two cores sharing an "
-                         "L3; '2,sockets=2': two sockets, an L3 each); CPU i is on node i")
+    ap.add_argument("--smp", default=DEFAULT_SMP,
+                    help="QEMU -smp (default %(default)s: two sockets, an L3 each; '2': one "
+                         "socket of two cores sharing one L3); CPU i is on node i")
     ap.add_argument("--install", action="store_true",
                     help="as root, apt-get install qemu-system-x86 when it is missing")
     ap.add_argument("--quiet", "-q", action="store_true", help="do not stream the guest's output")

@@ -203,8 +203,9 @@ def run(a: argparse.Namespace) -> int:
         window = {"source": "record", "record": a.input, "snapshots": len(rec.snapshots_of(pid)),
                   "primitive": rec.header.get("primitive")}
     else:
-        spec = _spec(a, pid)
-        rec, sampler, res = _window(a, spec, pid, a.duration or DEFAULT_WINDOW_NS, a.record)
+        ns = argparse.Namespace(**vars(a))
+        spec = _spec(ns, pid)
+        rec, sampler, res = _window(ns, spec, pid, a.duration or DEFAULT_WINDOW_NS, a.record)
         if res.reason == "interrupted":
             raise KeyboardInterrupt
         if res.reason == "targets-exited":
@@ -231,11 +232,12 @@ def _act(a: argparse.Namespace, pid: int, doc: dict, topo: Topology,
         out.write(plan_text(doc))
     rc = 0
     if a.apply or a.dry_run:
-        planned = [affinity.Planned(int(t["tid"]), int(t["starttime"]), t["comm"],
+        planned = [affinity.Planned(int(t["tid"]), int(t["starttime"]), str(t.get("comm", "")),
                                     frozenset(parse_cpulist(t["mask"])),
                                     frozenset(parse_cpulist(t["new_mask"])))
                    for t in doc["threads"] if t.get("new_mask")]
-        known = {int(t["tid"]) for t in doc["threads"]}
+        known = {int(t["tid"]): (int(t["starttime"]), str(t.get("comm", "")))
+                 for t in doc["threads"]}
         undo_path = None
         if not a.dry_run and planned:
             undo_path = a.undo_record or os.path.abspath(
@@ -251,11 +253,12 @@ def _act(a: argparse.Namespace, pid: int, doc: dict, topo: Topology,
             if a.format == "text":
                 out.write("\nchecking: a second monitoring window with the new masks ...\n")
                 out.flush()
-            spec = _spec(a, pid)
+            ns = argparse.Namespace(**vars(a))
+            spec = _spec(ns, pid)
             dur = a.check_duration or a.duration or int(doc["window"].get("duration_s", 10)
                                                         * 1e9)
             try:
-                rec2, _, r2 = _window(a, spec, pid, dur, a.check_record)
+                rec2, _, _ = _window(ns, spec, pid, dur, a.check_record)
             except TargetGone:
                 rec2 = None
             after = (placement.measured_cross(rec2, pid, topo) if rec2 is not None else
@@ -345,8 +348,19 @@ def _data_ranges(pid: int) -> list[tuple[int, int]]:
 
 
 def _spec(a: argparse.Namespace, pid: int) -> live.SessionSpec:
+    """The live session of a window (``a`` is a copy of the options: it is changed)."""
+    from udamon.probes.breakdown import MAX_THREAD_PROBES
+
+    try:
+        nthreads = len(thr.list_threads(pid))
+    except TargetGone as e:
+        raise UsageError(str(e)) from None
+    if nthreads > MAX_THREAD_PROBES:
+        raise UsageError(f"process {pid} has {nthreads} threads; udamon place follows at most "
+                         f"{MAX_THREAD_PROBES} (one probe each)")
     a.pid = [[pid]]
     a.command = []
+    a.input = None  # -i is the planning input, not a replay of this window
     a.no_page_nodes = True  # placement does not need page locations
     spec = live.resolve(a, replay=False)
     for k in ("thread", "cpu", "rw"):
@@ -510,8 +524,10 @@ def _from_saved(a: argparse.Namespace) -> int:
             doc = json.load(f)
     except FileNotFoundError:
         raise InputError(f"{a.plan}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{a.plan}: cannot read a plan: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{a.plan}:{e.lineno}: not JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{a.plan}: cannot read: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
         raise InputError(f"{a.plan}: not a plan saved by 'udamon place --save-plan'")
     if doc.get("version") != PLAN_VERSION:
@@ -611,10 +627,13 @@ def apply_text(res: affinity.Result, dry_run: bool) -> str:
     lines = [""]
     if dry_run:
         lines.append(f"dry run: would set {res.count('would-set')} mask(s); nothing was changed")
+    elif not res.outcomes:
+        lines.append("applied: nothing to change (the plan moves no thread)")
     else:
         lines.append(f"applied: {res.count('set')} mask(s) set, {res.count('unchanged')} already "
                      f"right" + (f"; undo record: {res.undo_path} (restore: udamon place --undo "
-                                 f"{res.undo_path})" if res.count("set") else ""))
+                                 f"{res.undo_path})" if res.count("set") else
+                                 "; nothing was changed"))
     for o in res.outcomes:
         if o.status in ("set", "would-set"):
             lines.append(f"  {o.tid} {o.comm}: {affinity.format_cpulist(o.previous or [])} -> "

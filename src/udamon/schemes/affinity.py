@@ -22,6 +22,7 @@ import datetime
 import errno
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from udamon.errors import InputError, RuntimeFailure, TargetGone, UsageError
@@ -122,21 +123,29 @@ def _write_json(path: str, doc: dict, *, exclusive: bool) -> None:
     os.replace(tmp, path)
 
 
-def apply(pid: int, pid_start: int | None, planned: list[Planned], known: set[int], *,
-          undo_path: str | None, dry_run: bool) -> Result:
-    """Set the planned masks.  ``known``: every tid the plan knew about (moved or not),
-    so that threads which appeared since are reported.  ``undo_path`` is required
-    unless ``dry_run``."""
+def apply(pid: int, pid_start: int | None, planned: list[Planned],
+          known: dict[int, tuple[int, str]], *, undo_path: str | None, dry_run: bool,
+          before_set: Callable[[Planned], None] | None = None) -> Result:
+    """Set the planned masks.  ``known``: every thread the plan knew about, moved or
+    not (tid -> (start time, comm)), so that threads which appeared or left since are
+    reported.  ``undo_path`` is required unless ``dry_run``.  ``before_set`` is called
+    with each thread just before its identity is checked and its mask set (tests make
+    a thread exit there)."""
     _check_process(pid, pid_start)
     res = Result(undo_path=None if dry_run else undo_path)
     try:
         now = list_threads(pid)
     except TargetGone:
         raise RuntimeFailure(f"process {pid} exited before its masks were set") from None
-    starts = {p.tid: p.starttime for p in planned}
     for tid, st in now.items():
-        if tid not in known or (tid in starts and st.starttime != starts[tid]):
+        if tid not in known or st.starttime != known[tid][0]:
             res.appeared.append((tid, st.comm))
+    moving = {p.tid for p in planned}
+    for tid, (start, comm) in known.items():
+        st = now.get(tid)
+        if tid not in moving and (st is None or st.starttime != start):
+            res.outcomes.append(Outcome(tid, comm, "left", "the thread exited since the plan "
+                                        "(it was not to be moved)"))
     todo: list[tuple[Planned, frozenset[int]]] = []
     for p in planned:
         st = now.get(p.tid)
@@ -179,6 +188,8 @@ def apply(pid: int, pid_start: int | None, planned: list[Planned], known: set[in
     _write_json(undo_path, doc, exclusive=True)  # before the first mask changes
     for k, (p, cur) in enumerate(todo):
         entry = doc["threads"][k]
+        if before_set is not None:
+            before_set(p)
         if not _same_thread(pid, p.tid, p.starttime):
             res.outcomes.append(Outcome(p.tid, p.comm, "exited", "the thread exited during "
                                         "the apply; not touched"))

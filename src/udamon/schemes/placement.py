@@ -20,9 +20,10 @@ and puts each group into one LLC domain:
 - **grouping**: groups are joined, most shared first, while a common domain can hold
   them; a pair whose shared bytes are less than ``min_join`` of the bytes the less
   active of the two accessed is not joined (a region that straddles two threads'
-  private data is noise, and noise must not move threads).  Groups go into domains biggest first, each to the
-  domain its partners or its members already are in, else the one with most room;
-  then single threads move where that lowers the cross-domain weight.  Only threads
+  private data is noise, and noise must not move threads).  Groups go into domains
+  biggest first, each to the domain its partners or its members already are in,
+  else the least loaded one (groups spread over the LLCs), else where their threads
+  run already; then single threads move where that lowers the cross-domain weight.  Only threads
   in a group of two or more get a new mask; the others are left as they are.
 
 The predicted cross-domain share is the share of the pair weight whose two threads
@@ -162,6 +163,18 @@ def residency(t: ThreadInfo, topo: Topology) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
+def _spread(t: ThreadInfo, topo: Topology) -> dict[int, float]:
+    """Share of a thread's load per domain once the scheduler balances it: its mask's
+    CPUs per domain (all of it in one domain when the mask lies in one)."""
+    d_of = topo.domain_of_cpu()
+    mask = t.mask & t.cpuset if t.cpuset is not None else t.mask
+    cpus = [c for c in mask if c in d_of] or list(d_of)
+    out: dict[int, float] = {}
+    for c in cpus:
+        out[d_of[c]] = out.get(d_of[c], 0.0) + 1.0 / len(cpus)
+    return out
+
+
 def cross_share(w: np.ndarray, dist: list[dict[int, float]]) -> float | None:
     """Share of the pair weight whose two threads are (expected to be) in different
     domains; None when there is no weight."""
@@ -203,10 +216,12 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
     dist_before_all = {t.tid: residency(t, topo) for t in threads}
 
     entries: dict[int, Entry] = {}
+    monitored = set(tids)
     for t in threads:
-        if t.tid not in set(tids):
-            entries[t.tid] = Entry(t.tid, "alone", "not monitored in the window (it started "
-                                   "later, or more threads than thread probes)")
+        if t.tid not in monitored:
+            entries[t.tid] = Entry(t.tid, "alone", "not monitored: no thread probe of its "
+                                   "own (it started after the window began, or the record "
+                                   "has none for it)")
 
     # capacity: each domain's CPUs x max_load, or its fair share of the total demand
     loads = {t.tid: t.load() for t in threads}
@@ -224,6 +239,7 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
         frac = np.where(least > 0, tot / np.where(least > 0, least, 1.0), 0.0)
     join = (w > 0) & (frac >= min_join)
     np.fill_diagonal(join, False)
+    wj = np.where(join, w, 0.0)  # what placement decisions weigh: noise does not attract
     partners = [float(w[i].sum()) > 0 for i in range(n)]
     fixed = [len(e) == 1 for e in elig]
     # threads that take part: share with someone (above noise), may go somewhere
@@ -236,12 +252,14 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
                                      "no sharing seen" if not partners[i] else
                                      "shares too little to be worth moving")
 
-    # load that stays where it is: threads that are not grouped
+    # load of the threads that are not grouped: a thread bound to one domain stays
+    # there; one the scheduler may move is counted by the CPUs its mask has per domain
     base = {d: 0.0 for d in dom_ids}
+    grouped = {tids[i] for i in range(n) if active[i]}
     for t in threads:
-        if t.tid in set(tids) and active[tids.index(t.tid)]:
+        if t.tid in grouped:
             continue
-        for d, p in dist_before_all[t.tid].items():
+        for d, p in _spread(t, topo).items():
             base[d] += loads[t.tid] * p
 
     # agglomerative grouping under the constraints
@@ -257,7 +275,7 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
         return sum(loads[tids[i]] for i in g)
 
     def g_w(a: list[int], b: list[int]) -> float:
-        return float(w[np.ix_(a, b)].sum())
+        return float(wj[np.ix_(a, b)].sum())
 
     def fits(g: list[int], doms: set[int]) -> bool:
         return any(base[d] + g_load(g) <= limit[d] + 1e-9 for d in doms)
@@ -291,13 +309,18 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
         doms = sorted(g_elig(g))
 
         def score(d: int, g=g) -> tuple:
+            # where it fits; to its partners; to the least loaded domain (groups spread
+            # over the LLCs: more cache and CPUs each); where its threads run already
             room = limit[d] - used[d] - g_load(g)
-            attract = sum(float(w[i, j]) for i in g for j, dj in assign.items() if dj == d)
+            attract = sum(float(wj[i, j]) for i in g for j, dj in assign.items() if dj == d)
+            rel = round((used[d] + g_load(g)) / max(cap[d], 1e-9), 2)
             here = sum(loads[tids[i]] * dist_before_all[tids[i]].get(d, 0.0) for i in g)
-            return (room >= -1e-9, attract, here, room, -d)
+            return (room >= -1e-9, attract, -rel, here, -d)
 
         d = max(doms, key=score)
-        if used[d] + g_load(g) > limit[d] + 1e-9 and len(g) > 1:
+        if used[d] + g_load(g) > limit[d] + 1e-9:
+            if len(g) == 1:  # a single thread that fits nowhere stays where it is
+                continue
             notes.append(f"group {', '.join(str(tids[i]) for i in g)} loads {topo.domains[d].name}"
                          f" above its share ({used[d] + g_load(g):.2f} of {limit[d]:.2f} CPUs)")
         for i in g:
@@ -312,7 +335,7 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
             for d in elig[i]:
                 if d == cur or used[d] + loads[tids[i]] > limit[d] + 1e-9:
                     continue
-                gain = sum(float(w[i, j]) * ((assign[j] == d) - (assign[j] == cur))
+                gain = sum(float(wj[i, j]) * ((assign[j] == d) - (assign[j] == cur))
                            for j in assign if j != i)
                 if gain > 1e-9:
                     used[cur] -= loads[tids[i]]
@@ -352,6 +375,11 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
                 else:
                     why = f"shares with {_partner_text(i, comp, w, tids)}"
                     entries[t.tid] = Entry(t.tid, "move", why, d, new)
+
+    for i in range(n):  # grouped at first, but no domain had room for it
+        if tids[i] not in entries:
+            entries[tids[i]] = Entry(tids[i], "fixed" if fixed[i] else "alone",
+                                     "no partner fits in a domain with it")
 
     # predictions and loads, before and after
     dist_before = [dist_before_all[t] for t in tids]
