@@ -612,3 +612,35 @@ def test_bad_files_are_one_line(tmp_path, workload):
     bad.write_text(json.dumps(u))
     p = place("--undo", str(bad))
     assert p.returncode == 1 and "has exited" in p.stderr
+
+
+def test_undo_record_of_a_killed_apply_still_restores(workload, tmp_path):
+    """udamon SIGKILLed after setting a mask, before rewriting the undo record: the
+    record says 'pending'; --undo looks at the mask the thread has and restores it."""
+    if TWO is None:
+        pytest.skip("needs two online CPUs")
+    t = workload.tids["a0"]
+    before = frozenset(os.sched_getaffinity(t))  # {0, 1}: the workload does not pin
+    os.sched_setaffinity(t, {0})  # what the killed apply had done
+
+    def record(applied: list[int]) -> Path:
+        path = tmp_path / f"undo-{applied[0]}.json"
+        path.write_text(json.dumps({
+            "format": "udamon-place-undo", "version": 1, "pid": workload.pid,
+            "pid_starttime": thr.read_stat(workload.pid, workload.pid).starttime,
+            "complete": False, "threads": [{
+                "tid": t, "starttime": thr.read_stat(workload.pid, t).starttime,
+                "comm": "a0", "previous": sorted(before), "applied": applied,
+                "status": "pending"}]}))
+        return path
+
+    p = place("--undo", str(record([0])))
+    assert p.returncode == 0 and "restored 1 mask(s)" in p.stdout, p.stdout + p.stderr
+    assert frozenset(os.sched_getaffinity(t)) == before
+    # a mask that someone else changed since the apply is left alone, unless --force
+    os.sched_setaffinity(t, {0})
+    p = place("--undo", str(record([1])))
+    assert p.returncode == 0 and "changed since the apply" in p.stdout, p.stdout
+    assert os.sched_getaffinity(t) == {0}
+    p = place("--undo", str(record([1])), "--force")
+    assert "restored 1" in p.stdout and frozenset(os.sched_getaffinity(t)) == before

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -221,11 +222,10 @@ def run(a: argparse.Namespace) -> int:
     doc = plan_doc(pid, p, before, window)
     if a.save_plan:
         _save(a.save_plan, doc)
-    return _act(a, pid, doc, topo, p)
+    return _act(a, pid, doc, topo)
 
 
-def _act(a: argparse.Namespace, pid: int, doc: dict, topo: Topology,
-         p: placement.Plan | None) -> int:
+def _act(a: argparse.Namespace, pid: int, doc: dict, topo: Topology) -> int:
     """Print the plan, apply it (--apply / --dry-run), run the check window."""
     out = sys.stdout
     if a.format == "text":
@@ -253,14 +253,15 @@ def _act(a: argparse.Namespace, pid: int, doc: dict, topo: Topology,
             if a.format == "text":
                 out.write("\nchecking: a second monitoring window with the new masks ...\n")
                 out.flush()
-            ns = argparse.Namespace(**vars(a))
-            spec = _spec(ns, pid)
             dur = a.check_duration or a.duration or int(doc["window"].get("duration_s", 10)
                                                         * 1e9)
-            try:
-                rec2, _, _ = _window(ns, spec, pid, dur, a.check_record)
-            except TargetGone:
-                rec2 = None
+            rec2 = None
+            if thr.read_stat(pid, pid) is not None:  # else it exited since the apply
+                ns = argparse.Namespace(**vars(a))
+                try:
+                    rec2, _, _ = _window(ns, _spec(ns, pid), pid, dur, a.check_record)
+                except TargetGone:
+                    pass
             after = (placement.measured_cross(rec2, pid, topo) if rec2 is not None else
                      placement.CrossMeasure(None, 0, 0, 0, 0, f"process {pid} exited"))
             doc["check"] = {"duration_s": dur / 1e9, "record": a.check_record,
@@ -548,14 +549,16 @@ def _from_saved(a: argparse.Namespace) -> int:
         raise UsageError(f"{a.plan} is a plan for process {pid}, not {pids[0]}")
     if thr.read_stat(pid, pid) is None:
         raise UsageError(f"process {pid} of {a.plan} does not exist (or has exited)")
-    return _act(a, pid, doc, topo, None)
+    return _act(a, pid, doc, topo)
 
 
 def _saved_topology(d: dict) -> Topology:
     from udamon.targets.topology import Domain
 
     doms = tuple(Domain(int(x["id"]), tuple(int(c) for c in x["cpus"]),
-                        tuple(int(n) for n in x.get("nodes", []))) for x in d["domains"])
+                        tuple(int(n) for n in x.get("nodes", [])),
+                        re.sub(r"\d+$", "", str(x.get("name", "llc"))) or "llc")
+                 for x in d["domains"])
     return Topology(tuple(parse_cpulist(d["cpus"])), doms,
                     {int(n): tuple(parse_cpulist(c)) for n, c in d.get("nodes", {}).items()},
                     str(d.get("level", "?")), str(d.get("source", "saved plan")))
@@ -593,10 +596,10 @@ def plan_text(doc: dict) -> str:
                      "more)")
     comm = {t["tid"]: t["comm"] for t in doc["threads"]}
     if doc["groups"]:
-        lines.append("\nplan: groups of threads that share, one LLC domain each:")
+        lines.append("\nplan: groups of threads that share, one domain each:")
         for g in doc["groups"]:
             who = ", ".join(f"{t} {comm.get(t, '')}" for t in g["tids"])
-            lines.append(f"  {g['domain']}: {who}  (CPU demand {g['load']:.2f}, room "
+            lines.append(f"  {g['domain']}: {who}  (CPU demand {g['load']:.2f}, domain limit "
                          f"{g['limit']:.2f}; shared inside: "
                          f"{fmt_size(g['written_inside'])} written, "
                          f"{fmt_size(g['read_only_inside'])} read-only)")

@@ -219,9 +219,8 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
     monitored = set(tids)
     for t in threads:
         if t.tid not in monitored:
-            entries[t.tid] = Entry(t.tid, "alone", "not monitored: no thread probe of its "
-                                   "own (it started after the window began, or the record "
-                                   "has none for it)")
+            entries[t.tid] = Entry(t.tid, "alone", "not monitored (no thread probe of its "
+                                   "own in the window)")
 
     # capacity: each domain's CPUs x max_load, or its fair share of the total demand
     loads = {t.tid: t.load() for t in threads}

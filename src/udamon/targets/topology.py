@@ -139,10 +139,11 @@ class Domain:
     id: int
     cpus: tuple[int, ...]
     nodes: tuple[int, ...]
+    prefix: str = "llc"  # "node" for NUMA-node domains, "dom" for domains given by hand
 
     @property
     def name(self) -> str:
-        return f"llc{self.id}"
+        return f"{self.prefix}{self.id}"
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "cpus": list(self.cpus),
@@ -192,10 +193,11 @@ def _cpu_llc(cpu_root: str, cpu: int) -> tuple[int, list[int]] | None:
     return best
 
 
-def _domains(groups: list[list[int]], nodes: dict[int, list[int]]) -> tuple[Domain, ...]:
+def _domains(groups: list[list[int]], nodes: dict[int, list[int]],
+             prefix: str = "llc") -> tuple[Domain, ...]:
     c2n = {c: n for n, cs in nodes.items() for c in cs}
     groups = sorted((sorted(g) for g in groups if g), key=lambda g: g[0])
-    return tuple(Domain(i, tuple(g), tuple(sorted({c2n[c] for c in g if c in c2n})))
+    return tuple(Domain(i, tuple(g), tuple(sorted({c2n[c] for c in g if c in c2n})), prefix)
                  for i, g in enumerate(groups))
 
 
@@ -228,11 +230,11 @@ def read_topology(cpu_root: str = CPU_ROOT, node_root: str = NODE_ROOT) -> Topol
     with_cpus = [cs for cs in nodes.values() if cs]
     covered = {c for cs in with_cpus for c in cs}
     if with_cpus and covered == on:
-        return Topology(tuple(online), _domains(with_cpus, nodes),
+        return Topology(tuple(online), _domains(with_cpus, nodes, "node"),
                         {n: tuple(c) for n, c in nodes.items()}, "node",
                         f"no cache information in {cpu_root}: one domain per NUMA node "
                         f"({node_root})")
-    return Topology(tuple(online), _domains([online], nodes),
+    return Topology(tuple(online), _domains([online], nodes, "dom"),
                     {n: tuple(c) for n, c in nodes.items()}, "machine",
                     f"no cache or node information in {cpu_root}, {node_root}: "
                     "the machine is one domain")
@@ -254,7 +256,7 @@ def given_topology(groups: list[list[int]], base: Topology) -> Topology:
             raise ValueError(f"CPU {format_cpulist(seen & set(g))} is in two domains")
         seen |= set(g)
     nodes = {n: list(c) for n, c in base.nodes.items()}
-    return Topology(base.cpus, _domains(groups, nodes), base.nodes, "given",
+    return Topology(base.cpus, _domains(groups, nodes, "dom"), base.nodes, "given",
                     "given with --domains")
 
 
@@ -263,5 +265,5 @@ def node_topology(base: Topology) -> Topology:
     groups = [list(c) for c in base.nodes.values() if c]
     if not groups:
         groups = [list(base.cpus)]
-    return Topology(base.cpus, _domains(groups, {n: list(c) for n, c in base.nodes.items()}),
-                    base.nodes, "node", "NUMA nodes (--domains node)")
+    return Topology(base.cpus, _domains(groups, {n: list(c) for n, c in base.nodes.items()},
+                                        "node"), base.nodes, "node", "NUMA nodes (--domains node)")
