@@ -1,8 +1,9 @@
 """The guest tier from the host: tests that need two NUMA nodes, run in QEMU.
 
 Boots the two-node Debian 6.12 guest of tests/guest/ (see docs/guest.md) and
-runs tests/test_guest_numa.py (NUMA hit/miss, migration) and
-tests/test_kernel_damon.py (the kernel DAMON paddr/vaddr driver, live) inside
+runs tests/test_guest_numa.py (NUMA hit/miss, migration),
+tests/test_kernel_damon.py (the kernel DAMON paddr/vaddr driver, live) and
+tests/test_guest_place.py (thread placement over its two LLC domains) inside
 it; passes when the guest's pytest ran them all (none skipped) and they
 passed.  Takes four to eight minutes.  CI runs it (.ci/run runs
 tests/guest/ci.sh first).  Skips with the reason when qemu-system-x86_64 is

@@ -644,3 +644,81 @@ def test_undo_record_of_a_killed_apply_still_restores(workload, tmp_path):
     assert os.sched_getaffinity(t) == {0}
     p = place("--undo", str(record([1])), "--force")
     assert "restored 1" in p.stdout and frozenset(os.sched_getaffinity(t)) == before
+
+
+def _cpuset_cgroup(tmp_name: str, cpus: str):
+    """A real cpuset cgroup holding ``cpus``: (directory, the file that takes tids or
+    None, the file that takes a whole process); None when this machine cannot make one."""
+    if os.geteuid() != 0:
+        return None
+    v1 = Path("/sys/fs/cgroup/cpuset")
+    if (v1 / "cpuset.cpus").is_file():
+        d = v1 / tmp_name
+        try:
+            d.mkdir()
+            (d / "cpuset.cpus").write_text(cpus)
+            (d / "cpuset.mems").write_text((v1 / "cpuset.mems").read_text().strip())
+        except OSError:
+            return None
+        return d, d / "tasks", d / "cgroup.procs", v1 / "tasks"
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.controllers").is_file() and "cpuset" in (
+            v2 / "cgroup.controllers").read_text().split():
+        d = v2 / tmp_name
+        try:
+            if "cpuset" not in (v2 / "cgroup.subtree_control").read_text().split():
+                (v2 / "cgroup.subtree_control").write_text("+cpuset")
+            d.mkdir()
+            (d / "cpuset.cpus").write_text(cpus)
+        except OSError:
+            return None
+        return d, None, d / "cgroup.procs", v2 / "cgroup.procs"
+    return None
+
+
+@needs_two_cpus
+def test_cgroup_cpusets_bound_the_plan(workload, tmp_path):
+    """A real cpuset cgroup that holds only CPU 1: whatever --cpus-allowed says, the plan
+    never puts its threads on CPU 0.  With per-thread cpusets (cgroup v1) one thread of a
+    pair in it is fixed to CPU 1's domain and its partner comes to it."""
+    workload.pin(BAD)
+    rec = replay_record(tmp_path, workload)
+    cg = _cpuset_cgroup(f"udamon-test-{os.getpid()}", "1")
+    if cg is None:
+        pytest.skip("cannot make a cpuset cgroup here (needs root and a cpuset controller)")
+    d, tasks, procs, home = cg
+    t = workload.tids
+    try:
+        if tasks is not None:  # v1: b0 alone into the cpuset
+            tasks.write_text(str(t["b0"]))
+            assert os.sched_getaffinity(t["b0"]) == {1}  # the kernel moved it
+            p = place("-i", str(rec), "--pid", str(workload.pid), "--domains", "0/1",
+                      "--cpus-allowed", "0-1", "--format", "json")
+            assert p.returncode == 0, p.stderr
+            doc = json.loads(p.stdout)
+            th = {x["tid"]: x for x in doc["threads"]}
+            assert th[t["b0"]]["cpuset"] == "1" and th[t["b0"]]["allowed"] == "1"
+            assert th[t["b0"]]["action"] == "fixed" and th[t["b0"]]["domain"] == "dom1"
+            assert th[t["b1"]]["domain"] == "dom1" and th[t["b1"]]["new_mask"] is None
+            assert th[t["a0"]]["domain"] == th[t["a1"]]["domain"] == "dom0"
+            assert th[t["a1"]]["new_mask"] == "0"
+        procs.write_text(str(workload.pid))  # now the whole process (v1 and v2)
+        p = place("-i", str(rec), "--pid", str(workload.pid), "--domains", "0/1",
+                  "--cpus-allowed", "0-1", "--format", "json")
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(p.stdout)
+        named = [x for x in doc["threads"] if x["tid"] in t.values()]
+        assert named and all(x["cpuset"] == "1" and x["allowed"] == "1" for x in named)
+        assert all(x["new_mask"] in (None, "1") for x in doc["threads"]), doc["threads"]
+    finally:
+        for tid in os.listdir(f"/proc/{workload.pid}/task"):
+            try:
+                home.write_text(tid)
+            except OSError:
+                pass
+        if tasks is None:
+            try:
+                home.write_text(str(workload.pid))
+            except OSError:
+                pass
+        d.rmdir()
