@@ -1,12 +1,13 @@
-"""Accuracy against ground truth on the pinned workload, udamon hint versus the kernel's DAMON.
+"""Accuracy against ground truth on the pinned workload: udamon's primitives and kernel DAMON.
 
-    sudo .venv/bin/python bench/bench_accuracy.py [--repeat 3] [--duration 8]
+    sudo .venv/bin/python bench/bench_accuracy.py [--repeat 3] [--duration 8] [--primitives P,..]
 
 Workload: tests/workloads/access_pattern, 4 buffers of 16 MiB: the reader
 (CPU 0) reads R and S, the writer (CPU 1) writes W and S, I is populated once
 and never touched again.  Truth: R, W, S hot; I cold; working set 3 x 16 MiB.
 
-udamon: 'udamon record --primitive hint --pid PID' with, per buffer B, probes
+udamon: 'udamon record --primitive P --pid PID' (P: hint by default, rwp where
+the kernel has it, each in its own column) with, per buffer B, probes
 B (addr:B), B_c0/B_c1 (cpus), B_tr/B_tw (reader/writer thread), B_w (write):
 probe counts are exact per buffer whatever the region boundaries.
 - hot/cold (DAMON's way, by region nr_accesses): a buffer's score is its
@@ -21,6 +22,8 @@ probe counts are exact per buffer whatever the region boundaries.
 - WSS error: per busy snapshot, (bytes of all the target's regions with
   nr_accesses > 0 - 48 MiB) / 48 MiB; median over busy snapshots, then
   median (min..max) over runs.
+- udamon's own CPU: user + system time of the 'udamon record' process over
+  the run, in % of one CPU (start-up included).
 
 Kernel DAMON (when a kdamond can be started here): paddr over the physical
 ranges of the four buffers (from /proc/PID/pagemap), snapshots every
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -57,7 +61,7 @@ def classify(scores: dict[str, float]) -> dict[str, str]:
     return {b: ("hot" if top > 0 and s >= 0.1 * top else "cold") for b, s in scores.items()}
 
 
-def udamon_run(duration: float) -> dict:
+def udamon_run(duration: float, primitive: str = "hint") -> dict:
     wl, info = start_json_workload([build("access_pattern"), "--size", str(SIZE_MIB),
                                     "--duration", str(duration + 300)])
     rng = {b: tuple(info[b]) for b in BUFS}
@@ -71,11 +75,16 @@ def udamon_run(duration: float) -> dict:
     fd, rec = tempfile.mkstemp(prefix="udamon-bench-", suffix=".jsonl")
     os.close(fd)
     try:
-        argv = [*UDAMON, "record", "--primitive", "hint", "-q", "--pid", str(wl.pid),
+        argv = [*UDAMON, "record", "--primitive", primitive, "-q", "--pid", str(wl.pid),
                 "--duration", f"{duration}s", "-o", rec]
         for p in probes:
             argv += ["--probe", p]
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
         r = subprocess.run(argv, capture_output=True, text=True, timeout=duration * 4 + 240)
+        wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workload is not reaped yet
+        cpu_pct = 100 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall
         if r.returncode != 0:
             raise RuntimeError(f"udamon record failed: {r.stderr.strip()[-300:]}")
         _, snaps, end = read_record(rec)
@@ -109,7 +118,8 @@ def udamon_run(duration: float) -> dict:
         return hits.get(num, 0) / hits[den] if hits.get(den) else None
 
     wr_all = sum(hits.get(f"{b}_w", 0) for b in BUFS)
-    return {"snapshots": len(snaps), "busy_snapshots": busy, "reports": end.get("reports"),
+    return {"primitive": primitive, "cpu_pct": cpu_pct,
+            "snapshots": len(snaps), "busy_snapshots": busy, "reports": end.get("reports"),
             "scores": score, "classes": classify(score), "hits": hits,
             "probe_classes": classify({b: float(hits.get(b, 0)) for b in BUFS}),
             "cpu_precision": {"R": share("R_c0", "R"), "W": share("W_c1", "W")},
@@ -181,14 +191,18 @@ def _kernel_summary(kd: list[dict]) -> dict:
 
 
 def run(repeat: int = 3, duration: float = 8.0, log=print, kernel_only: bool = False,
-        kernel_ops: tuple[str, ...] = ("paddr", "vaddr")) -> dict:
-    ud: list[dict] = []
+        kernel_ops: tuple[str, ...] = ("paddr", "vaddr"),
+        primitives: tuple[str, ...] = ("hint",)) -> dict:
+    uds: dict[str, list[dict]] = {p: [] for p in primitives}
     kds: dict[str, list[dict]] = {o: [] for o in kernel_ops}
     for i in range(repeat):
-        if not kernel_only:
-            ud.append(udamon_run(duration))
-            log(f"  accuracy rep {i}: udamon {ud[-1]['classes']} busy "
-                f"{ud[-1]['busy_snapshots']}/{ud[-1]['snapshots']}")
+        for prim, ud in uds.items():
+            if kernel_only:
+                break
+            ud.append(udamon_run(duration, prim))
+            log(f"  accuracy rep {i}: udamon {prim} {ud[-1]['classes']} busy "
+                f"{ud[-1]['busy_snapshots']}/{ud[-1]['snapshots']}, "
+                f"CPU {ud[-1]['cpu_pct']:.1f}%")
         for ops, kd in kds.items():
             if kd and "skipped" in kd[0]:
                 continue
@@ -207,33 +221,34 @@ def run(repeat: int = 3, duration: float = 8.0, log=print, kernel_only: bool = F
     if kernel_only:
         return {"repeat": repeat, "duration_s": duration, "runs_kernel": kd, "kernel": kernel,
                 **extra}
+    return {"repeat": repeat, "duration_s": duration, "primitives": list(primitives),
+            "runs_udamon": [r for ud in uds.values() for r in ud], "runs_kernel": kd,
+            "udamon": {p: _udamon_summary(ud) for p, ud in uds.items()},
+            "kernel": kernel, **extra}
 
+
+def _udamon_summary(ud: list[dict]) -> dict:
     def med(key, sub=None):
         xs = [(r[key] if sub is None else r[key][sub]) for r in ud]
         xs = [x for x in xs if x is not None]
         return summary(xs)
 
-    def correct(rs):
-        return summary([sum((r["classes"][b] == "hot") == (b in HOT) for b in BUFS)
-                        for r in rs if "classes" in r])
+    def correct(rs, key="classes"):
+        return summary([sum((r[key][b] == "hot") == (b in HOT) for b in BUFS)
+                        for r in rs if key in r])
 
-    def correct_probe(rs):
-        return summary([sum((r["probe_classes"][b] == "hot") == (b in HOT) for b in BUFS)
-                        for r in rs])
-
-    return {"repeat": repeat, "duration_s": duration, "runs_udamon": ud, "runs_kernel": kd,
-            "udamon": {"correct_of_4": correct(ud), "probe_correct_of_4": correct_probe(ud),
-                       "scores": {b: med("scores", b) for b in BUFS},
-                       "cpu_precision": {b: med("cpu_precision", b) for b in "RW"},
-                       "thread_precision": {b: med("thread_precision", b) for b in "RW"},
-                       "write_precision": med("write_precision"),
-                       "write_recall": med("write_recall"),
-                       "s_write_share": med("s_write_share"),
-                       "wss_err_pct_median": summary([r["wss_err_pct"]["median"] for r in ud
-                                                      if r["wss_err_pct"].get("n")]),
-                       "busy_snapshots": med("busy_snapshots"),
-                       "snapshots": med("snapshots")},
-            "kernel": kernel, **extra}
+    return {"correct_of_4": correct(ud), "probe_correct_of_4": correct(ud, "probe_classes"),
+            "scores": {b: med("scores", b) for b in BUFS},
+            "cpu_precision": {b: med("cpu_precision", b) for b in "RW"},
+            "thread_precision": {b: med("thread_precision", b) for b in "RW"},
+            "write_precision": med("write_precision"),
+            "write_recall": med("write_recall"),
+            "s_write_share": med("s_write_share"),
+            "wss_err_pct_median": summary([r["wss_err_pct"]["median"] for r in ud
+                                           if r["wss_err_pct"].get("n")]),
+            "busy_snapshots": med("busy_snapshots"),
+            "snapshots": med("snapshots"),
+            "cpu_pct": med("cpu_pct")}
 
 
 def _pct(s: dict) -> str:
@@ -243,46 +258,63 @@ def _pct(s: dict) -> str:
 
 
 def markdown(res: dict) -> list[str]:
-    u = res["udamon"]
+    us = res["udamon"]
+    if "correct_of_4" in us:  # a result of the one-primitive version
+        us = {"hint": us}
     ks = [("paddr", res["kernel"])] + ([("vaddr", res["kernel_vaddr"])]
                                        if "kernel_vaddr" in res else [])
     out = [f"{res['repeat']} runs of {res['duration_s']:g} s each; median (min..max over runs).",
-           "", "| measure | udamon hint | " + " | ".join(f"kernel DAMON {o}" for o, _ in ks)
-           + " |", "|---|---|" + "---|" * len(ks)]
+           "", "| measure | " + " | ".join(f"udamon {p}" for p in us) + " | "
+           + " | ".join(f"kernel DAMON {o}" for o, _ in ks) + " |",
+           "|---|" + "---|" * (len(us) + len(ks))]
 
     def kcol(fn, na: str = "n/a") -> str:
         return " | ".join(("not run: " + k["skipped"]) if "skipped" in k else
                           (fn(k) if fn else na) for _, k in ks)
 
-    c = u["correct_of_4"]
-    out.append(f"| buffers classified right (R, W, S hot; I cold) | {c['median']:.0f}/4 "
-               f"(min {c['min']:.0f}) | "
-               + kcol(lambda k: f"{k['correct_of_4']['median']:.0f}/4 "
-                                f"(min {k['correct_of_4']['min']:.0f})") + " |")
-    pc = u["probe_correct_of_4"]
-    out.append(f"| same, by each buffer's exact probe hits (addr probe) | {pc['median']:.0f}/4 "
-               f"(min {pc['min']:.0f}) | " + kcol(None, "–") + " |")
+    def ucol(fn) -> str:
+        return " | ".join(fn(u) for u in us.values())
+
+    def count(c):
+        return f"{c['median']:.0f}/4 (min {c['min']:.0f})" if c.get("n") else "–"
+
+    out.append("| buffers classified right (R, W, S hot; I cold) | "
+               + ucol(lambda u: count(u["correct_of_4"])) + " | "
+               + kcol(lambda k: count(k["correct_of_4"])) + " |")
+    out.append("| same, by each buffer's exact probe hits (addr probe) | "
+               + ucol(lambda u: count(u["probe_correct_of_4"])) + " | " + kcol(None, "–")
+               + " |")
     for b in BUFS:
-        s = u["scores"][b]
         out.append(f"| score of {b} (mean nr_accesses per page, busy snapshots) | "
-                   f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f}) | "
-                   + kcol(lambda k, b=b: f"{k['scores'][b]['median']:.2f}") + " |")
+                   + ucol(lambda u, b=b: f"{u['scores'][b]['median']:.2f} "
+                          f"({u['scores'][b]['min']:.2f}..{u['scores'][b]['max']:.2f})")
+                   + " | " + kcol(lambda k, b=b: f"{k['scores'][b]['median']:.2f}") + " |")
     na = kcol(None)
-    out += [f"| CPU precision, R (reader CPU) | {_pct(u['cpu_precision']['R'])} | {na} |",
-            f"| CPU precision, W (writer CPU) | {_pct(u['cpu_precision']['W'])} | {na} |",
-            f"| thread precision, R (reader tid) | {_pct(u['thread_precision']['R'])} | {na} |",
-            f"| thread precision, W (writer tid) | {_pct(u['thread_precision']['W'])} | {na} |",
-            f"| write precision (write hits on W+S / on all) | {_pct(u['write_precision'])} "
-            f"| {na} |",
-            f"| write recall (write hits on W / hits on W) | {_pct(u['write_recall'])} | {na} |",
-            f"| write recall on S (read and written every pass: write hits / hits) | "
-            f"{_pct(u['s_write_share'])} | {na} |"]
-    w = u["wss_err_pct_median"]
-    wss = (f"{w['median']:+.0f}% ({w['min']:+.0f}..{w['max']:+.0f})" if w.get("n") else "–")
-    b, n = u["busy_snapshots"], u["snapshots"]
+    rows = [("CPU precision, R (reader CPU)", lambda u: _pct(u["cpu_precision"]["R"])),
+            ("CPU precision, W (writer CPU)", lambda u: _pct(u["cpu_precision"]["W"])),
+            ("thread precision, R (reader tid)", lambda u: _pct(u["thread_precision"]["R"])),
+            ("thread precision, W (writer tid)", lambda u: _pct(u["thread_precision"]["W"])),
+            ("write precision (write hits on W+S / on all)",
+             lambda u: _pct(u["write_precision"])),
+            ("write recall (write hits on W / hits on W)", lambda u: _pct(u["write_recall"])),
+            ("write recall on S (read and written every pass: write hits / hits)",
+             lambda u: _pct(u["s_write_share"]))]
+    out += [f"| {name} | {ucol(fn)} | {na} |" for name, fn in rows]
+
+    def wss(u):
+        w = u["wss_err_pct_median"]
+        return f"{w['median']:+.0f}% ({w['min']:+.0f}..{w['max']:+.0f})" if w.get("n") else "–"
+
+    def cpu(u):
+        c = u.get("cpu_pct") or {}
+        return f"{c['median']:.1f}% ({c['min']:.1f}..{c['max']:.1f})" if c.get("n") else "–"
+
     dash = kcol(None, "–")
-    out += [f"| WSS error, median over busy snapshots | {wss} | {dash} |",
-            f"| busy snapshots / snapshots | {b['median']:.0f} / {n['median']:.0f} | {dash} |"]
+    out += [f"| WSS error, median over busy snapshots | {ucol(wss)} | {dash} |",
+            "| busy snapshots / snapshots | "
+            + ucol(lambda u: f"{u['busy_snapshots']['median']:.0f} / "
+                   f"{u['snapshots']['median']:.0f}") + f" | {dash} |",
+            f"| udamon's own CPU (% of one CPU, start-up included) | {ucol(cpu)} | {dash} |"]
     return out
 
 
@@ -294,13 +326,19 @@ def main() -> int:
                     help="only the kernel DAMON part (e.g. inside a slow emulated guest)")
     ap.add_argument("--kernel-ops", default="paddr,vaddr",
                     help="kernel DAMON operations to compare with (default paddr,vaddr)")
+    ap.add_argument("--primitives", default="hint",
+                    help="udamon primitives to run, one column each (default hint; e.g. "
+                         "hint,rwp where the kernel has RWP)")
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
     ops = tuple(o for o in a.kernel_ops.split(",") if o)
     if not set(ops) <= {"paddr", "vaddr"}:
         ap.error("--kernel-ops: paddr and/or vaddr")
+    prims = tuple(p for p in a.primitives.split(",") if p)
+    if not prims or not set(prims) <= {"hint", "wp", "rwp"}:
+        ap.error("--primitives: a comma-separated list of hint, wp, rwp")
     res = run(a.repeat, a.duration, log=lambda s: print(s, file=sys.stderr, flush=True),
-              kernel_only=a.kernel_only, kernel_ops=ops)
+              kernel_only=a.kernel_only, kernel_ops=ops, primitives=prims)
     if not a.kernel_only:
         print("\n".join(markdown(res)))
     if a.json:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from workloads.build import build  # noqa: E402
 
-from udamon.primitives.uffd_wp import WpPrimitive, wp_available  # noqa: E402
+from udamon.primitives.uffd import WpPrimitive, wp_available  # noqa: E402
 
 
 def one_run(binary: str, duration: float, mib: int, monitored: bool, regions: int,

@@ -8,7 +8,9 @@ Sections (each also runs on its own, see the bench_*.py files):
 3. accuracy against ground truth (hot/cold, CPU/thread/write attribution, WSS);
 4. kernel DAMON (paddr, sysfs) on the same workload;
 5. intake and filter throughput (bench/bench_intake.py), and the wp primitive's
-   own overhead benchmark (bench/bench_wp_overhead.py) when it is present.
+   own overhead benchmark (bench/bench_wp_overhead.py) when it is present;
+6. the report channel: reports/s from 1 and 4 other processes into a live session,
+   drops counted exactly, the session's CPU per report (bench/bench_channel.py).
 Plus a cProfile of udamon recording the pinned workload (full run only).
 The full run takes about 8-10 minutes on a 2-vCPU machine, --quick under 2.
 Needs root (the live primitives do); exits 1 with one line otherwise.
@@ -41,6 +43,7 @@ MODES = {
              "accuracy": {"repeat": 3, "duration": 10.0},
              "intake": ["--reports", "2000000", "--repeat", "5"],
              "wp_overhead": ["--cli", "--runs", "8", "--duration", "8"],
+             "channel": ["--reports", "4000000", "--seconds", "2", "--repeat", "5"],
              "profile_s": 8, "guest": True},
     "quick": {"slowdown": {"repeat": 3, "duration": 2.0,
                            "workloads": ("access_pattern", "write", "stress-ng")},
@@ -48,6 +51,7 @@ MODES = {
               "accuracy": {"repeat": 1, "duration": 6.0},
               "intake": ["--reports", "300000", "--repeat", "3"],
               "wp_overhead": ["--cli", "--runs", "2", "--duration", "3"],
+              "channel": ["--reports", "2000000", "--seconds", "1", "--repeat", "2"],
               "profile_s": 0, "guest": False},
 }
 
@@ -96,6 +100,23 @@ def run_intake(args: list[str], log) -> dict:
     os.unlink(path)
     log("  intake: " + "; ".join(f"{row['what']}" for row in rows[:1]) + " ...")
     return {"args": args, "rows": rows, "table": r.stdout.strip()}
+
+
+def run_channel(args: list[str], log) -> dict:
+    """bench_channel.py: the report channel's throughput and loss accounting."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_channel.py"), *args,
+                        "--json", path], capture_output=True, text=True, timeout=1800)
+    if r.returncode not in (0, 1) or not os.path.getsize(path):
+        os.unlink(path)
+        return {"skipped": (r.stderr.strip().splitlines() or ["?"])[-1]}
+    with open(path) as f:
+        out = json.load(f)
+    os.unlink(path)
+    for line in r.stderr.strip().splitlines():
+        log(line)
+    return out
 
 
 def run_wp_overhead(args: list[str], log) -> dict:
@@ -191,14 +212,16 @@ def run_profile(seconds: float, log, primitives=("hint", "wp")) -> dict:
 
 
 GUEST_SHELL = ("cd {root} && {py} bench/bench_accuracy.py --repeat 2 --duration 10 "
-               "--json /udamon-results/acc.json && {py} bench/bench_slowdown.py --primitives hint "
+               "--primitives rwp,hint --json /udamon-results/acc.json && "
+               "{py} bench/bench_slowdown.py --primitives hint,rwp "
                "--workloads access_pattern --size 4 --repeat 3 --duration 8 "
                "--json /udamon-results/sd.json")
 
 
 def run_guest(log) -> dict:
-    """Kernel DAMON parts inside the QEMU guest of tests/guest/run.py (Debian 6.12 kernel),
-    for machines where the host's DAMON cannot be used."""
+    """udamon rwp (which needs Linux 7.3) and hint next to kernel DAMON paddr and vaddr
+    inside the QEMU guest of tests/guest/run.py (Linux 7.3), for hosts whose kernel lacks
+    RWP or whose DAMON cannot be used."""
     import shutil
 
     runner = ROOT / "tests" / "guest" / "run.py"
@@ -227,7 +250,8 @@ def run_guest(log) -> dict:
     acc = out["accuracy"]
     log(f"  guest: kernel DAMON paddr classes {acc['runs_kernel'][0].get('classes')}; vaddr "
         f"{(acc.get('runs_kernel_vaddr') or [{}])[0].get('classes')}; udamon "
-        f"{(acc.get('runs_udamon') or [{}])[0].get('classes')}")
+        + "; ".join(f"{r.get('primitive')} {r.get('classes')}"
+                    for r in acc.get("runs_udamon") or []))
     return out
 
 
@@ -288,7 +312,8 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
     if g and "skipped" not in g and "udamon" in g["accuracy"]:
         out += [f"Measured inside the QEMU guest of `tests/guest/run.py` ({g['kernel']}; TCG "
                 "emulation, ~20x slower than the host, so absolute numbers do not compare with "
-                "the host's), side by side on the same workload in one run: udamon hint, "
+                "the host's), side by side on the same workload in one run: udamon rwp and "
+                "hint (the guest lets the settings guard write the hint scan tunables), "
                 "kernel DAMON paddr (the buffers' physical ranges) and kernel DAMON vaddr "
                 "(the workload process). Guest command: "
                 f"`{g['command']}`.", ""]
@@ -315,10 +340,12 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
                 s = ka["scores"][b]
                 out.append(f"| {b} | {'hot' if b in 'RWS' else 'cold'} | {s['median']:.2f} "
                            f"({s['min']:.2f}..{s['max']:.2f}) | {last[b]} |")
+            hu = res["accuracy"]["udamon"]
+            hu = hu.get("hint", hu)
             out += ["", f"Kernel DAMON: {c['median']:.0f}/4 buffers right; udamon hint "
-                    f"(host, section 3): {res['accuracy']['udamon']['correct_of_4']['median']:.0f}"
+                    f"(host, section 3): {hu['correct_of_4']['median']:.0f}"
                     f"/4 by region nr_accesses, "
-                    f"{res['accuracy']['udamon']['probe_correct_of_4']['median']:.0f}/4 by "
+                    f"{hu['probe_correct_of_4']['median']:.0f}/4 by "
                     "exact per-buffer hits.", ""]
         out += ["Kernel DAMON overhead in the guest (access_pattern with 4 MiB buffers):", ""]
         out += bench_slowdown.markdown(ks)[2:] + [""]
@@ -327,6 +354,13 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
     out += ["## 5. Intake and filters (`bench/bench_intake.py "
             f"{' '.join(res['intake'].get('args', []))}`)", ""]
     out += [res["intake"].get("table", "error: " + res["intake"].get("error", "?")), ""]
+    ch = res.get("channel")
+    if ch:
+        import bench_channel
+
+        out += ["## 6. Report channel (external primitive)", ""]
+        out += (bench_channel.markdown(ch["rows"], ch["args"]) if "rows" in ch
+                else [f"skipped: {ch['skipped']}"]) + [""]
     prof = res.get("profile")
     for prim, pr in (prof or {}).get("runs", {}).items():
         if "top_tottime" not in pr:
@@ -354,7 +388,7 @@ def main() -> int:
                     help="with --only: rerun those sections and merge them into the existing "
                          "results (e.g. to redo a section measured while the machine was busy)")
     ap.add_argument("--only",
-                    default="slowdown,scale,accuracy,guest,intake,wp_overhead,profile",
+                    default="slowdown,scale,accuracy,guest,intake,wp_overhead,channel,profile",
                     help="comma-separated sections to run (default: all)")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -402,6 +436,9 @@ def main() -> int:
     if "wp_overhead" in only:
         section("wp_overhead", "wp and hint overhead (bench_wp_overhead.py)", run_wp_overhead,
                 cfg["wp_overhead"], log)
+    if "channel" in only:
+        section("channel", "6. report channel (bench_channel.py)", run_channel,
+                cfg["channel"], log)
     if "guest" in only and cfg["guest"] and "skipped" in res.get("accuracy", {}).get(
             "kernel", {"skipped": 1}):
         section("guest", "4b. kernel DAMON in a QEMU guest (host kdamonds unusable)",

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udamon.intake.reports import SOURCES, make
+from udamon.intake.reports import MEM_LEVELS, SOURCES, make
 from udamon.probes.filters import Filter, evaluate, evaluate_reference, parse_conditions
 from udamon.probes.probe import Probe
 
@@ -30,12 +30,16 @@ filter_st = st.one_of(
     st.builds(lambda a, n: ("addr", f"{a:#x}-{a + n:#x}"), st.integers(0, 1 << 20),
               st.integers(1, 1 << 20)),
     st.builds(lambda s: ("source", s), st.sampled_from(SOURCES)),
+    st.builds(lambda s: ("mem", "+".join(s)),
+              st.lists(st.sampled_from((*MEM_LEVELS, "local", "remote")), min_size=1,
+                       max_size=3)),
 ).flatmap(with_flags)
 
 report_st = st.fixed_dictionaries({
     "time_ns": st.integers(0, 10**9), "pid": st.integers(1, 3), "tid": st.integers(99, 106),
     "cpu": st.integers(-1, 8), "node": st.integers(-1, 2), "addr": st.integers(0, 1 << 21),
     "write": st.booleans(), "source": st.sampled_from(SOURCES),
+    "mem": st.integers(0, len(MEM_LEVELS) - 1),
 })
 
 
@@ -116,12 +120,24 @@ def test_unknown_cpu_never_matches_a_cpu_list():
     ("cpus:3-1", "end before start"),
     ("addr:0x10-0x5", "bad range"),
     ("source:nosuch", "unknown source"),
+    ("mem:l4", "unknown memory level"),
     ("cpus:0,,write", "empty condition"),
     ("write,,read", "empty condition"),
 ])
 def test_bad_conditions(text, msg):
     with pytest.raises(ValueError, match=msg):
         parse_conditions(text)
+
+
+def test_mem_filter_aliases():
+    """'local' and 'remote' are the two sides of the NUMA question (the data_src levels)."""
+    arr = make(time_ns=[0] * 6, pid=1, addr=0, mem=list(range(6)))
+    assert evaluate(parse_conditions("mem:local"), arr).tolist() == [
+        False, True, True, False, False, False]
+    assert evaluate(parse_conditions("mem:remote"), arr).tolist() == [
+        False, False, False, True, True, False]
+    assert evaluate(parse_conditions("!mem:unknown,mem:other+ram"), arr).tolist() == [
+        False, False, True, False, False, True]
 
 
 def test_filter_dict_round_trip_and_validation():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from udamon.primitives.uffd_wp import WpPrimitive, wp_available
+from udamon.primitives.uffd import WpPrimitive, wp_available
 from udamon.targets import freeze
 from udamon.targets.freeze import FreezeFailed, Freezer
 

@@ -1,11 +1,11 @@
-"""The guest tier from the host: tests that need two NUMA nodes, run in QEMU.
+"""The guest tier from the host: tests that need two NUMA nodes or Linux 7.3, run in QEMU.
 
-Boots the two-node Debian 6.12 guest of tests/guest/ (see docs/guest.md) and
-runs tests/test_guest_numa.py (NUMA hit/miss, migration),
-tests/test_kernel_damon.py (the kernel DAMON paddr/vaddr driver, live) and
-tests/test_guest_place.py (thread placement over its two LLC domains) inside
-it; passes when the guest's pytest ran them all (none skipped) and they
-passed.  Takes four to eight minutes.  CI runs it (.ci/run runs
+Boots the two-node Linux 7.3 guest of tests/guest/ (see docs/guest.md) and
+runs its default tests inside it (tests/guest/run.py DEFAULT_TESTS: NUMA
+hit/miss and migration, the kernel DAMON paddr/vaddr driver, the rwp
+primitive, the controlled sampling loop and thread placement over its two LLC
+domains); passes when the guest's pytest ran them all (none skipped) and they
+passed.  Takes several minutes.  CI runs it (.ci/run runs
 tests/guest/ci.sh first).  Skips with the reason when qemu-system-x86_64 is
 not installed (``bash tests/guest/ci.sh`` or ``python3 tests/guest/run.py
 --install`` installs it), when the guest image cannot be prepared, inside the

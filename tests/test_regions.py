@@ -126,3 +126,75 @@ def test_three_regions_cuts_the_two_biggest_gaps():
             v(0xffffffffff600000, 0xffffffffff601000, "[vsyscall]")]
     assert three_regions(vmas) == [(0x400000, 0x500000), (0x7f0000000000, 0x7f0000300000),
                                    (0x7ffff0000000, 0x7ffff0021000)]
+
+
+def _reference_merge(r: Regions, thres: int, sz_limit: int) -> list[tuple]:
+    """damon_merge_regions_of written out as the kernel does it: one region at a time,
+    each into the merged one before it, integer division at every step."""
+    out: list[list] = []
+    for i in range(len(r)):
+        s, e = int(r.start[i]), int(r.end[i])
+        row = [s, e, int(r.nr_accesses[i]), int(r.age[i]), int(r.last_nr_accesses[i]),
+               [int(h[i]) for h in r.probe_hits], int(r.written_pages[i])]
+        if out:
+            p = out[-1]
+            sp, sz = p[1] - p[0], e - s
+            if p[1] == s and abs(p[2] - row[2]) <= thres and sp + sz <= sz_limit:
+                tot = sp + sz
+                p[2] = (p[2] * sp + row[2] * sz) // tot
+                p[3] = (p[3] * sp + row[3] * sz) // tot
+                p[4] = (p[4] * sp + row[4] * sz) // tot
+                p[5] = [(a * sp + b * sz) // tot for a, b in zip(p[5], row[5], strict=True)]
+                p[6] += row[6]
+                p[1] = e
+                continue
+        out.append(row)
+    return [tuple(x[:5]) + (tuple(x[5]), x[6]) for x in out]
+
+
+@given(n=st.integers(2, 40), probes=st.integers(0, 3), thres=st.integers(0, 5),
+       limit_pages=st.integers(2, 200), seed=st.integers(0, 2**31))
+@settings(max_examples=300, deadline=None)
+def test_merge_matches_the_kernels_sequential_merge(n, probes, thres, limit_pages, seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 20, n) * PAGE
+    gaps = np.where(rng.random(n) < 0.2, PAGE, 0)  # some regions are not adjacent
+    starts = np.cumsum(gaps + np.concatenate(([0], sizes[:-1])))
+    r = Regions(starts, starts + sizes, probes)
+    r.nr_accesses = rng.integers(0, 8, n)
+    r.age = rng.integers(0, 50, n)
+    r.last_nr_accesses = rng.integers(0, 8, n)
+    r.probe_hits = rng.integers(0, 20, (probes, n))
+    r.written_pages = rng.integers(0, 5, n)
+    want = _reference_merge(r, thres, limit_pages * PAGE)
+    r.merge(thres, limit_pages * PAGE)
+    got = [(int(r.start[i]), int(r.end[i]), int(r.nr_accesses[i]), int(r.age[i]),
+            int(r.last_nr_accesses[i]), tuple(int(h[i]) for h in r.probe_hits),
+            int(r.written_pages[i])) for i in range(len(r))]
+    assert got == want
+
+
+@given(ranges=ranges_st(6), subs=st.sampled_from([2, 3]), seed=st.integers(0, 2**31))
+@settings(max_examples=300, deadline=None)
+def test_split_cuts_as_damon_split_regions_of(ranges, subs, seed):
+    """Every region becomes 1..subs pieces covering it exactly, each piece keeps the
+    region's counters, and the cuts fall on 10%..90% of the (remaining) size."""
+    r = Regions([s for s, _ in ranges], [e for _, e in ranges], 1)
+    r.nr_accesses = np.arange(len(r), dtype=np.int64) + 1
+    r.probe_hits[0] = r.nr_accesses * 10
+    before = list(zip(r.start.tolist(), r.end.tolist(), strict=True))
+    r.split(subs, np.random.default_rng(seed))
+    r.check_invariants()
+    assert covered(r) == coalesce(before)
+    for i, (s, e) in enumerate(before):
+        inside = [(a, b) for a, b in zip(r.start.tolist(), r.end.tolist(), strict=True)
+                  if s <= a and b <= e]
+        assert inside[0][0] == s and inside[-1][1] == e and 1 <= len(inside) <= subs
+        if e - s <= 2 * PAGE:
+            assert len(inside) == 1  # too small to split
+        if len(inside) >= 2:  # the last cut: 10%..90% of the region
+            cut = inside[-1][0]
+            assert s + (e - s) // 10 - PAGE < cut < s + 9 * (e - s) // 10 + PAGE
+        idx = r.index_of(np.asarray([a for a, _ in inside], dtype=np.uint64))
+        assert set(r.nr_accesses[idx].tolist()) == {i + 1}
+        assert set(r.probe_hits[0][idx].tolist()) == {(i + 1) * 10}

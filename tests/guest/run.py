@@ -4,7 +4,7 @@
     python3 tests/guest/run.py [--install] [-- PYTEST ARGS...]
 
 Default pytest arguments: ``tests/test_guest_numa.py``.  The guest (see
-prepare.py) is a Debian 6.12 kernel under TCG with two NUMA nodes (CPU 0 and
+prepare.py) is Debian's Linux 7.3 kernel under TCG with two NUMA nodes (CPU 0 and
 512 MiB on node 0, CPU 1 and 512 MiB on node 1), the host's root shared
 read-only over 9p under a tmpfs overlay, so the repository and its venv run
 inside as they are.  A second, writable 9p share (a host temporary directory,
@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE))
 from prepare import default_cache, prepare  # noqa: E402
 
 DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
+                 "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py",
                  "tests/test_guest_place.py"]
 # two sockets of one CPU each: each its own L3 (two LLC domains for tests/test_guest_place.py)
 # and its own NUMA node, as on a two-socket server
@@ -91,7 +92,10 @@ def qemu_command(cache: Path, results: Path, mem_per_node_mb: int,
         "-numa", "node,nodeid=0,cpus=0,memdev=m0",
         "-numa", "node,nodeid=1,cpus=1,memdev=m1",
         "-kernel", str(cache / "vmlinuz"), "-initrd", str(cache / "initramfs.gz"),
-        "-append", "console=ttyS0 panic=-1 loglevel=4 mitigations=off",
+        # damon_stat.enabled=N: Debian's 7.3 starts DAMON_STAT at boot, an *exclusive*
+        # kdamond that makes every sysfs kdamond fail with EBUSY (mm/damon/core.c
+        # damon_start); the tests start their own
+        "-append", "console=ttyS0 panic=-1 loglevel=4 mitigations=off damon_stat.enabled=N",
         "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{results / 'console.log'}",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"

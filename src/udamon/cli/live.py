@@ -34,6 +34,7 @@ from udamon.probes import breakdown as breakdown_mod
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
 
+INPUT_FORMATS = ("csv", "perf-script")
 
 class Sink(Protocol):
     def begin(self, header: dict, monitor: Monitor) -> None: ...
@@ -98,7 +99,7 @@ def primitives_help(replay: bool) -> str:
     lines = ["primitives:"]
     for e in registry.ENTRIES.values():
         if e.live or replay:
-            lines.append(f"  {e.name:<7} {e.help}")
+            lines.append(f"  {e.name:<8} {e.help}")
     lines.append("\nSystem-wide changes: with --primitive hint, " + SYSTEM_CHANGES + ".")
     return "\n".join(lines)
 
@@ -110,15 +111,29 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     p.add_argument("--primitive", default="auto",
                    choices=registry.names() if replay else
                    ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)],
-                   help="how accesses are seen (default auto: " +
-                        ("replay when --input is given, else " if replay else "") +
-                        "the best live primitive this machine has)")
+                   help="how accesses are seen (default auto: external with --socket" +
+                        (" or --input -, replay with --input FILE" if replay else "") +
+                        ", else the best live primitive this machine has)")
     if replay:
-        p.add_argument("--input", metavar="CSV",
+        p.add_argument("--input", metavar="FILE",
                        help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write "
-                            "(optional columns: node, source; without node, a report's node "
-                            "is its CPU's node on this machine, with a warning when nodes are "
-                            "filtered or broken down)")
+                            "(optional columns: node, source, mem; without node, a report's "
+                            "node is its CPU's node on this machine, with a warning when nodes "
+                            "are filtered or broken down), or perf script output with "
+                            "--input-format perf-script.  '-' reads reports live from stdin "
+                            "(--primitive external; CSV lines or binary records, time_ns on "
+                            "CLOCK_MONOTONIC or 0 for 'now'; ends at end of input)")
+        p.add_argument("--input-format", choices=INPUT_FORMATS, default="csv",
+                       help="format of the --input FILE: csv (default) or perf-script "
+                            "(the text of 'perf script -F pid,tid,cpu,time,event,addr,...' "
+                            "for perf mem samples, the page-faults event recorded with -d "
+                            "--sample-cpu, or exceptions:page_fault_user samples; see "
+                            "docs/primitives.md)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="--primitive external: listen on this unix socket for reports from "
+                        "other programs (created mode 0600 and removed at the end; only this "
+                        "user and root may report; wire format in docs/report-channel.md, "
+                        "clients: python -m udamon.reporter, udamon_report.h)")
     p.add_argument("--pid", metavar="PID[,PID...]", action="append", default=[],
                    type=typed(pid_list, "pid list"),
                    help="target process(es)" + ("; with --input, which pids of the input to "
@@ -228,22 +243,43 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     pids = [p for group in a.pid for p in group]
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
     inp = getattr(a, "input", None)
+    fmt = getattr(a, "input_format", "csv")
+    live_input = inp == "-"
     prim = a.primitive
-    if prim == "auto":
-        prim = "replay" if inp else registry.best_live()
+    if prim == "auto" and (live_input or a.socket):
+        prim = "external"
+    elif prim == "auto" and inp:
+        prim = "replay"
+    elif prim == "auto":
+        prim, why = registry.choose_live()
+        if not getattr(a, "quiet", False):
+            print(f"udamon: {why}", file=sys.stderr)
     if prim == "replay":
         if not inp:
             raise UsageError("--primitive replay needs --input FILE")
+        if live_input:
+            raise UsageError("--input - reads live reports: it is for --primitive external, "
+                             "not replay (give a file to replay)")
         if command:
             raise UsageError("replay reads recorded reports; it cannot launch a command")
-    elif inp:
-        raise UsageError(f"--input is for the replay primitive, not {prim}")
+    elif inp and not (live_input and prim == "external"):
+        raise UsageError(f"--input is for the replay primitive, not {prim}"
+                         + (" (--input - feeds --primitive external)" if live_input else ""))
+    if fmt != "csv" and (prim != "replay"):
+        raise UsageError(f"--input-format {fmt} is for replaying a file (--input FILE)")
+    if prim == "external" and not (a.socket or live_input):
+        raise UsageError("--primitive external needs --socket PATH (reports from other "
+                         "programs) and/or --input - (reports on stdin)")
+    if a.socket and prim != "external":
+        raise UsageError(f"--socket is for --primitive external, not {prim}")
     e = registry.entry(prim)
     options = {k: v for k, v in (("scan_period_ms", a.hint_scan_period),
                                  ("scan_size_mb", a.hint_scan_size)) if v is not None}
     if options and prim != "hint":
         raise UsageError(f"--hint-scan-period/--hint-scan-size are for --primitive hint, "
                          f"not {prim}")
+    if prim == "external":
+        options = {"socket_path": a.socket, "stdin": live_input}
     if e.live:
         check_cpus([*filters, *(f for p in probes for f in p.filters)])
     attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)

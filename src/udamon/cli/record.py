@@ -13,7 +13,8 @@ from udamon.cli.common import (
 from udamon.core.monitor import Monitor
 from udamon.core.session import SessionResult, run_replay
 from udamon.errors import UsageError
-from udamon.primitives.replay import ReplayPrimitive, columns, summarize
+from udamon.primitives.perf_script import PerfScriptStats, read_perf_script
+from udamon.primitives.replay import CHUNK, ReplayPrimitive, columns, read_csv, summarize
 from udamon.record.writer import RecordWriter, build_header
 
 DESCRIPTION = """\
@@ -35,6 +36,19 @@ examples:
   udamon record --input accesses.csv --cpus 0 --probe writes=write --probe cpu1=cpus:1 -o rec.jsonl
   udamon record --input accesses.csv --filter 'nodes:1,!threads:1234' \\
       --range 0x7f00000000-0x7f40000000 -o r.jsonl
+
+reports from other programs (--primitive external; docs/report-channel.md):
+  udamon record --primitive external --socket /run/udamon.sock --pid 1234 -o rec.jsonl
+      (producers: python -m udamon.reporter, the C header udamon_report.h)
+  producer | udamon record --input - --pid 1234 --breakdown cpu,rw -o rec.jsonl
+      (CSV lines with a header, or binary records; time_ns on CLOCK_MONOTONIC or 0)
+
+perf's own data (--input-format perf-script):
+  perf record -e page-faults -c 1 -d --sample-cpu -p 1234 -- sleep 10
+  perf script -F pid,tid,cpu,time,event,addr --ns > pf.txt
+  udamon record --input pf.txt --input-format perf-script --breakdown cpu -o rec.jsonl
+  (perf mem samples: -F pid,tid,cpu,time,event,addr,data_src,weight; the fault
+  tracepoint: -F pid,tid,cpu,time,event,trace)
 """
 
 
@@ -58,7 +72,16 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
     if not os.path.exists(a.input):
         raise UsageError(f"--input {a.input}: no such file")
     _check_not_input(a.input, a.output)
-    summary = summarize(a.input) if ranges is None or not pids or breakdown else None
+    perf = a.input_format == "perf-script"
+    stats = PerfScriptStats() if perf else None
+
+    def reader(path, chunk=CHUNK, linenos=None, stats=None):
+        if perf:
+            return read_perf_script(path, chunk, linenos, stats)
+        return read_csv(path, chunk, linenos)
+
+    summary = (summarize(a.input, reader=reader) if ranges is None or not pids or breakdown
+               else None)
     per_pid = summary.ranges if summary else {}
     targets = pids or sorted(per_pid)
     if summary and breakdown:
@@ -66,7 +89,7 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
                                 tids=set().union(*[summary.tids.get(p, set()) for p in targets]))
     if not targets:
         raise UsageError(f"{a.input}: holds no reports, nothing to monitor")
-    _warn_derived_nodes(a.input, filters, probes, breakdown)
+    _warn_derived_nodes(a.input, filters, probes, breakdown, perf)
     monitor = Monitor(attrs, filters, probes, seed=a.seed)
     for pid in targets:
         r = ranges if ranges is not None else per_pid.get(pid)
@@ -74,11 +97,14 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
             raise UsageError(f"pid {pid} has no reports in {a.input}; pids there: "
                              f"{', '.join(map(str, sorted(per_pid))) or 'none'}")
         monitor.add_target(pid, r, name=f"replay:{pid}")
-    prim = ReplayPrimitive(a.input)
+    prim = ReplayPrimitive(a.input, reader=lambda p, c, ln: reader(p, c, ln, stats))
+    if perf:  # faults and precise samples see some accesses, not all of them
+        prim.coverage = "unknown"
     writer = RecordWriter(a.output)
+    extra = {"input_format": "perf-script"} if perf else {}
     writer.write_header(build_header(attrs, "replay", prim.coverage, filters, probes,
                                      monitor.targets, input=os.path.abspath(a.input),
-                                     written_pages=monitor.count_written_pages))
+                                     written_pages=monitor.count_written_pages, **extra))
     stop = live.install_stop()
     progress = _Progress(not a.quiet and sys.stderr.isatty())
     try:
@@ -90,16 +116,16 @@ def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
         writer.close("error", dropped_reports=st.dropped, lost_samples=0)
         raise
     progress.done()
-    rc = finish(writer, monitor, res, a.quiet)
+    rc = finish(writer, monitor, res, a.quiet, notes=stats.notes() if stats else None)
     _warn_outside(monitor, ranges is not None)
     return rc
 
 
-def _warn_derived_nodes(path: str, filters, probes, breakdown) -> None:
+def _warn_derived_nodes(path: str, filters, probes, breakdown, perf: bool = False) -> None:
     """Without a node column, a report's node is looked up from its CPU in this
     machine's topology (the intake does it), which may not be the recorded machine's."""
     uses = any(f.type == "nodes" for f in [*filters, *(f for p in probes for f in p.filters)])
-    if (uses or "node" in breakdown) and "node" not in columns(path):
+    if (uses or "node" in breakdown) and (perf or "node" not in columns(path)):
         from udamon.targets.topology import cpu_to_node
 
         n = len({int(x) for x in cpu_to_node() if x >= 0}) or 1
@@ -136,6 +162,7 @@ def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bo
     st = monitor.stats
     extra = {"reports": st.accepted, "unmatched_reports": st.unmatched,
              "outside_reports": st.outside, "late_reports": st.late}
+    extra.update(res.end)
     if notes:
         extra["notes"] = notes
     if res.error:
@@ -147,7 +174,7 @@ def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bo
         if st.dropped:
             msg += f", {st.dropped} DROPPED (buffer full)"
         if res.lost_samples:
-            msg += f", {res.lost_samples} samples lost by the kernel"
+            msg += f", {res.lost_samples} lost before udamon read them"
         print(msg + ")", file=sys.stderr)
     return 0
 

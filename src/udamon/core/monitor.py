@@ -228,9 +228,15 @@ class Monitor:
 
     def sampling_addresses(self, pid: int) -> np.ndarray:
         """One random page-aligned address per region, for controlled primitives to arm."""
+        return self.sampling_plan(pid, 1)[0]
+
+    def sampling_plan(self, pid: int, turns: int) -> np.ndarray:
+        """``turns`` x regions random page-aligned addresses, one per region per sampling
+        interval of the coming aggregation (damon_va_prepare_access_checks' sampling
+        address, drawn ahead for the whole interval: regions change only when it ends)."""
         r = self.target(pid).regions
         sz = (r.end - r.start).astype(np.float64)
-        off = (self.rng.random(len(r)) * sz).astype(np.uint64)
+        off = (self.rng.random((turns, len(r))) * sz).astype(np.uint64)
         return (r.start + off) & ~np.uint64(self.min_region_sz - 1)
 
     # -- one aggregation -------------------------------------------------------
@@ -263,6 +269,20 @@ class Monitor:
         for i, p in enumerate(self.probes):
             r.probe_hits[i] += count(evaluate(p.filters, reports) & inside)
         return int(reports.size), int(passed.sum())
+
+    def begin_window(self, now_ns: int) -> None:
+        """Controlled sampling: the running interval's turns start at ``now_ns`` (closing
+        the previous interval took that long), so the interval starts there too."""
+        if self.window_start is None or now_ns > self.window_start:
+            self.window_start = int(now_ns)
+
+    def close(self, end_ns: int) -> list[Snapshot]:
+        """Close the running aggregation interval at ``end_ns`` (controlled sampling: an
+        aggregation is its sampling turns, however long they took, as kdamond counts
+        samples rather than wall time); the next one starts there."""
+        if self.window_start is None or end_ns <= self.window_start:
+            return []
+        return self._close_window(int(end_ns))
 
     def flush(self, now_ns: int) -> list[Snapshot]:
         """End the session: close the running aggregation interval early at ``now_ns``
@@ -330,7 +350,10 @@ class Monitor:
                                           and t.mapped_changed else None)))
             t.mapped_changed = False
             r.reset_aggregated()
-            if t.exited:
+            # an exited target's last interval is the one holding its last reports: a
+            # primitive that delivers late (another process's pipeline) may still have
+            # some for a later interval in the buffer
+            if t.exited and not self.buffer.holds_pid(t.pid):
                 t.closed = True
         live = [t for t in live if not t.closed]
 

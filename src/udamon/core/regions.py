@@ -122,80 +122,73 @@ class Regions:
         """damon_merge_regions_of: merge adjacent regions whose nr_accesses differ
         by at most ``thres`` while the merged size stays within ``sz_limit``.
         Counters of a merged region are size-weighted averages, except written
-        pages, which add up."""
+        pages, which add up.  As in the kernel, regions are merged left to right,
+        each into the merged region before it, with integer division at every step;
+        only the regions that do merge are combined one by one."""
         n = len(self)
         if n < 2:
             return
         start = self.start.tolist()
         end = self.end.tolist()
         acc = self.nr_accesses.tolist()
-        age = self.age.tolist()
-        last = self.last_nr_accesses.tolist()
-        hits = [row.tolist() for row in self.probe_hits]
-        wp = self.written_pages.tolist()
-        o_wp = [wp[0]]
-        o_start, o_end, o_acc, o_age, o_last = [start[0]], [end[0]], [acc[0]], [age[0]], [last[0]]
-        o_hits = [[h[0]] for h in hits]
+        firsts = [0]  # index of the first region of each merged region
+        cur_acc, cur_sz, cur_end = acc[0], end[0] - start[0], end[0]
         for i in range(1, n):
-            sz_prev = o_end[-1] - o_start[-1]
             sz = end[i] - start[i]
-            if (o_end[-1] == start[i] and abs(o_acc[-1] - acc[i]) <= thres
-                    and sz_prev + sz <= sz_limit):
-                tot = sz_prev + sz
-                o_acc[-1] = (o_acc[-1] * sz_prev + acc[i] * sz) // tot
-                o_age[-1] = (o_age[-1] * sz_prev + age[i] * sz) // tot
-                o_last[-1] = (o_last[-1] * sz_prev + last[i] * sz) // tot
-                for p, h in enumerate(hits):
-                    o_hits[p][-1] = (o_hits[p][-1] * sz_prev + h[i] * sz) // tot
-                o_wp[-1] += wp[i]
-                o_end[-1] = end[i]
+            if cur_end == start[i] and abs(cur_acc - acc[i]) <= thres and cur_sz + sz <= sz_limit:
+                cur_acc = (cur_acc * cur_sz + acc[i] * sz) // (cur_sz + sz)
+                cur_sz += sz
+                cur_end = end[i]
             else:
-                o_start.append(start[i])
-                o_end.append(end[i])
-                o_acc.append(acc[i])
-                o_age.append(age[i])
-                o_last.append(last[i])
-                o_wp.append(wp[i])
-                for p, h in enumerate(hits):
-                    o_hits[p].append(h[i])
-        self.start = np.asarray(o_start, dtype=np.uint64)
-        self.end = np.asarray(o_end, dtype=np.uint64)
-        self.nr_accesses = np.asarray(o_acc, dtype=np.int64)
-        self.age = np.asarray(o_age, dtype=np.int64)
-        self.last_nr_accesses = np.asarray(o_last, dtype=np.int64)
-        self.probe_hits = np.asarray(o_hits, dtype=np.int64).reshape(len(hits), len(o_start))
-        self.written_pages = np.asarray(o_wp, dtype=np.int64)
+                firsts.append(i)
+                cur_acc, cur_sz, cur_end = acc[i], sz, end[i]
+        if len(firsts) == n:
+            return  # nothing merged
+        f = np.asarray(firsts, dtype=np.int64)
+        last = np.append(f[1:], n) - 1  # last region of each merged region
+        # counters averaged by size, one row each: nr_accesses, age, last, probe hits
+        avg = np.vstack((self.nr_accesses, self.age, self.last_nr_accesses, self.probe_hits))
+        out = avg[:, f].copy()
+        sizes = (self.end - self.start).astype(np.int64)
+        for g in np.flatnonzero(last > f).tolist():
+            x = avg[:, f[g]].copy()
+            tot = int(sizes[f[g]])
+            for j in range(int(f[g]) + 1, int(last[g]) + 1):
+                sz = int(sizes[j])
+                x = (x * tot + avg[:, j] * sz) // (tot + sz)
+                tot += sz
+            out[:, g] = x
+        self.written_pages = np.add.reduceat(self.written_pages, f)
+        self.start = self.start[f]
+        self.end = self.end[last]
+        self.nr_accesses, self.age, self.last_nr_accesses = out[0], out[1], out[2]
+        self.probe_hits = out[3:].reshape(self.nr_probes, f.size)
 
     def split(self, nr_subs: int, rng: np.random.Generator, min_sz: int = PAGE) -> None:
-        """damon_split_regions_of: split each region into up to ``nr_subs`` pieces at
-        random points (10%..90% of the remaining size); pieces keep the counters."""
-        if nr_subs < 2:
+        """damon_split_regions_of: split each region into up to ``nr_subs`` (2 or 3)
+        pieces at random points (10%..90% of the remaining size); pieces keep the
+        counters.  As in the kernel, the second cut goes into the first piece, and a
+        draw that would leave nothing (0 or the whole size) is skipped.  Vectorised:
+        one draw per region per cut."""
+        if nr_subs < 2 or len(self) == 0:
             return
-        idx: list[int] = []
-        starts: list[int] = []
-        ends: list[int] = []
-        s_list = self.start.tolist()
-        e_list = self.end.tolist()
-        for i, (s, e) in enumerate(zip(s_list, e_list, strict=True)):
-            pieces = [s]
-            sz = e - s
-            cur_start = s
-            for _ in range(nr_subs - 1):
-                if sz <= 2 * min_sz:
-                    break
-                sz_sub = align_down(int(rng.integers(1, 10)) * sz // 10, min_sz)
-                if sz_sub == 0 or sz_sub >= sz:
-                    continue
-                # damon_split_region_at(r, sz_sub): r keeps the first sz_sub bytes and
-                # the loop goes on splitting that first part.
-                pieces.append(cur_start + sz_sub)
-                sz = sz_sub
-            bounds = sorted(set(pieces)) + [e]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                idx.append(i)
-                starts.append(a)
-                ends.append(b)
-        self._rebuild(idx, starts, ends)
+        start = self.start.astype(np.int64)
+        end = self.end.astype(np.int64)
+        sz = end - start
+        cuts_s: list[np.ndarray] = []
+        for _ in range(min(nr_subs, 3) - 1):
+            r = rng.integers(1, 10, size=sz.size)
+            sub = (r * sz // 10) // min_sz * min_sz  # damon_split_region_at(r, sz_sub)
+            ok = (sz > 2 * min_sz) & (sub > 0) & (sub < sz)
+            cuts_s.append(start[ok] + sub[ok])
+            sz = np.where(ok, sub, sz)  # the next cut goes into the first piece
+        cuts = np.concatenate(cuts_s)
+        if cuts.size == 0:
+            return
+        new_start = np.sort(np.concatenate((start, cuts)))
+        new_end = np.sort(np.concatenate((end, cuts)))  # pieces do not overlap: pairs match
+        idx = np.searchsorted(start, new_start, side="right") - 1
+        self._rebuild(idx.tolist(), new_start.tolist(), new_end.tolist())
 
     def set_ranges(self, ranges: Sequence[tuple[int, int]], min_sz: int = PAGE) -> None:
         """damon_set_regions: make the regions cover exactly ``ranges`` (sorted,

@@ -8,6 +8,7 @@ call ``primitive.stop()`` on every path.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import numpy as np
 
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.errors import InputError
-from udamon.primitives.base import Primitive
+from udamon.primitives.base import Primitive, Window
 
 SnapshotSink = Callable[[Snapshot], None]
 
@@ -29,18 +30,39 @@ class SessionResult:
     lost_samples: int = 0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    end: dict = field(default_factory=dict)  # the primitive's own end-line keys
 
 
 class StopFlag:
-    """Set from a signal handler or another thread to end a session cleanly."""
+    """Set from a signal handler or another thread to end a session cleanly.
+
+    ``fileno()`` is an eventfd that becomes readable when the flag is set, so a
+    primitive sleeping in poll() (the controlled sampling loop) wakes at once."""
 
     def __init__(self) -> None:
         self._ev = threading.Event()
         self.why = "interrupted"
+        self._fd = -1
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            self._fd = os.eventfd(1 if self._ev.is_set() else 0,
+                                  os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self._fd
 
     def set(self, why: str = "interrupted") -> None:
         self.why = why
         self._ev.set()
+        if self._fd >= 0:
+            try:
+                os.eventfd_write(self._fd, 1)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def is_set(self) -> bool:
         return self._ev.is_set()
@@ -146,23 +168,22 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
         monitor.start(t0)
         next_tick = t0
         controlled = primitive.kind == "controlled"
+        ran = 0
+        delay = 0 if controlled else max(0, int(primitive.report_delay_ns))
+        exit_seen: dict[int, int] = {}  # pid -> when its exit was seen (with a delay)
         while True:
             if controlled:
-                # one turn per sampling interval: arm, wait, check
-                for t in monitor.targets:
-                    if not t.exited:
-                        primitive.arm(t.pid, monitor.sampling_addresses(t.pid))
-                next_tick += monitor.attrs.sample_us * 1000
-                delay = (next_tick - clock()) / 1e9
-                if delay > 0 and stop.wait(delay):
+                # the sampling turns of one aggregation interval, as kdamond_fn runs them:
+                # one random page per region per sampling interval, armed and checked
+                ran = _sample_window(monitor, primitive, stop, clock)
+                if stop.is_set():
                     res.reason = stop.why
-                elif delay < -1.0:  # far behind (suspended?): do not catch up turn by turn
-                    next_tick = clock()
             else:
                 # observational: reports carry their time, so wake at the end of each
-                # aggregation, or earlier when the primitive has data waiting
-                next_tick = monitor.window_end or clock()
-                while not stop.is_set():
+                # aggregation (plus the primitive's report delay), or earlier when the
+                # primitive has data waiting
+                next_tick = (monitor.window_end or clock()) + delay
+                while not stop.is_set() and not primitive.exhausted():
                     remaining = (next_tick - clock()) / 1e9
                     if remaining <= 0:
                         break
@@ -171,17 +192,30 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                 if stop.is_set():
                     res.reason = stop.why
             now = clock()
-            monitor.report_batch(primitive.poll(now))
-            for pid in primitive.exited():
-                try:
-                    monitor.target(pid).exited = True
-                except KeyError:
-                    pass
-            for s in monitor.advance(now):
+            if not controlled:
+                monitor.report_batch(primitive.poll(now))
+            exits = primitive.exited()
+            if delay:
+                # reports of a target that exited can still be on their way: it ends
+                # (its interval closes as its last) once the report delay has passed
+                for pid in exits:
+                    exit_seen.setdefault(pid, now)
+                exits = []
+            _mark_exited(monitor, exits)
+            # a controlled interval is its turns: closed when they are done, also when a
+            # stop or the targets' exit cut them short
+            snaps = ((monitor.close(now) if ran else []) if controlled
+                     else monitor.advance(now - delay))
+            for s in snaps:
                 if annotate is not None:
                     annotate(s)
                 sink(s)
                 res.snapshots += 1
+            if exit_seen:
+                due = [pid for pid, seen in exit_seen.items() if now - delay >= seen]
+                _mark_exited(monitor, due)
+                for pid in due:
+                    del exit_seen[pid]
             if on_tick is not None:
                 on_tick(now - t0)
             if res.reason != "duration":
@@ -191,18 +225,65 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
             if monitor.targets and all(t.exited for t in monitor.targets):
                 res.reason = "targets-exited"
                 break
+            if primitive.exhausted():
+                res.reason = "input-exhausted"
+                break
         # the running interval holds the exited targets' last accesses, or the ones
-        # since the last full interval before an interrupt: close it early
-        now = clock()
-        monitor.report_batch(primitive.poll(now))
-        for s in monitor.flush(now):
-            if annotate is not None:
-                annotate(s)
-            sink(s)
-            res.snapshots += 1
+        # since the last full interval before an interrupt: close it early (a controlled
+        # session has closed its last interval already)
+        if not controlled:
+            now = clock()
+            monitor.report_batch(primitive.poll(now))
+            ws, sample_ns = monitor.window_start, monitor.attrs.sample_us * 1000
+            if len(monitor.buffer) and ws is not None and now - ws < sample_ns:
+                # flush() closes no interval shorter than a sampling interval: an input
+                # that ended right after an interval began still has its reports counted
+                time.sleep((ws + sample_ns - now) / 1e9)
+                now = clock()
+            for s in monitor.flush(now):
+                if annotate is not None:
+                    annotate(s)
+                sink(s)
+                res.snapshots += 1
     finally:
         primitive.stop()
+        stop.close()
         st = primitive.stats()
         res.lost_samples = st.lost_samples
         res.notes = list(st.notes)
+        res.end = dict(st.end)
     return res
+
+
+def _sample_window(monitor: Monitor, primitive: Primitive, stop: StopFlag,
+                   clock: Callable[[], int]) -> int:
+    """Run the current aggregation interval's sampling turns on a controlled primitive
+    and feed what it saw to the monitor.  A window that ends early because a target
+    exited or exec'd is resumed for the others; a stop ends it.  The turns start now
+    (the interval's start on the clock may have passed while the previous one was
+    closed) and run back to back; the caller closes the interval when they are done.
+    Returns the number of turns run."""
+    monitor.begin_window(clock())
+    ws = monitor.window_start
+    assert ws is not None
+    n = monitor.attrs.aggr_samples
+    sample_ns = monitor.attrs.sample_us * 1000
+    first = 0
+    plans = {t.pid: monitor.sampling_plan(t.pid, n) for t in monitor.targets if not t.exited}
+    while first < n and plans and not stop.is_set():
+        reports, first = primitive.sample_window(Window(ws, sample_ns, plans, first, n),
+                                                 stop.fileno())
+        monitor.report_batch(reports)
+        gone = set(primitive.exited())
+        for pid in gone & set(plans):
+            monitor.target(pid).exited = True
+            del plans[pid]
+    return first
+
+
+def _mark_exited(monitor: Monitor, pids) -> None:
+    for pid in pids:
+        try:
+            monitor.target(pid).exited = True
+        except KeyError:
+            pass

@@ -80,6 +80,10 @@ class ReportBuffer:
             return np.empty(0, dtype=REPORT_DTYPE)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
+    def holds_pid(self, pid: int) -> bool:
+        """Whether any report waiting in the buffer is for ``pid``."""
+        return any(bool((c["pid"] == pid).any()) for c in self._chunks)
+
     def earliest(self) -> int | None:
         if not self._chunks:
             return None

@@ -21,6 +21,9 @@ REPORT_DTYPE = np.dtype(
         ("size", np.uint64),  # bytes accessed (a page for fault-based sources)
         ("write", np.bool_),
         ("source", np.uint8),  # index into SOURCES
+        # where the data was served from, when the source knows (precise sampling's
+        # data_src): index into MEM_LEVELS; 0 = unknown
+        ("mem", np.uint8),
     ]
 )
 
@@ -36,8 +39,17 @@ SOURCES: tuple[str, ...] = (
     "pmu",
     "kernel",
     "external",
+    "perf",  # imported from `perf script` output (mem samples are "pmu")
 )
 SOURCE_IDS: dict[str, int] = {name: i for i, name in enumerate(SOURCES)}
+
+# Where an access was served from (perf's data_src, decoded by
+# udamon.primitives.perf_mem): the node-level split NUMA placement needs.  Append only:
+# the wire format and records store the numbers.  "cache": a cache of the accessing
+# CPU's node; "ram": memory of its node; "remote-ram"/"remote-cache": another node's
+# memory or cache; "other": I/O, uncached.  A cache hit says nothing about the page's node.
+MEM_LEVELS: tuple[str, ...] = ("unknown", "cache", "ram", "remote-ram", "remote-cache", "other")
+MEM_IDS: dict[str, int] = {name: i for i, name in enumerate(MEM_LEVELS)}
 
 
 def source_id(name: str) -> int:
@@ -67,6 +79,7 @@ def make(
     node=-1,
     write=False,
     source: str | int = "api",
+    mem=0,
 ) -> np.ndarray:
     """Build a report array from scalars or equal-length sequences (broadcast)."""
     cols = np.broadcast_arrays(
@@ -78,10 +91,11 @@ def make(
         np.asarray(addr, dtype=np.uint64),
         np.asarray(size, dtype=np.uint64),
         np.asarray(write, dtype=np.bool_),
+        np.asarray(mem, dtype=np.uint8),
     )
     n = cols[0].size
     out = np.empty(n, dtype=REPORT_DTYPE)
-    for name, col in zip(REPORT_DTYPE.names[:8], cols, strict=True):
+    for name, col in zip((*REPORT_DTYPE.names[:8], "mem"), cols, strict=True):
         out[name] = col.reshape(-1)
     out["source"] = source if isinstance(source, int) else source_id(source)
     return out

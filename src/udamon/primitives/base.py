@@ -9,9 +9,10 @@ Two kinds plug in behind it (DESIGN.md, "Semantics that must match DAMON"):
   one page per region to watch (``arm``); they report only accesses to those
   pages, and the core counts a region only when its armed page was hit.
 
-The session driver calls ``start`` once, then per sampling interval ``arm``
-(controlled kind only) and ``poll``, and ``stop`` exactly once on every exit
-path.
+The session driver calls ``start`` once, then per aggregation interval
+``sample_window`` (controlled kind: it runs the interval's sampling turns, one
+page per region per turn, as DAMON's kdamond does) or ``wait``/``poll``
+(observational kind), and ``stop`` on every exit path.
 """
 
 from __future__ import annotations
@@ -32,23 +33,69 @@ Coverage = Literal["controlled", "complete", "unknown"]
 
 
 @dataclass
+class Window:
+    """The sampling turns of one aggregation interval, for a controlled primitive.
+
+    Turn ``t`` runs from ``tick0_ns + t * sample_ns`` for one sampling interval and
+    watches ``plans[pid][t]`` (one page-aligned address per region of that target,
+    chosen by the core).  ``first`` is the turn to start with: a window that ended
+    early (a target exited or exec'd, a stop) is resumed from there."""
+
+    tick0_ns: int
+    sample_ns: int
+    plans: dict[int, np.ndarray]  # pid -> (turns, regions) uint64
+    first: int = 0
+    turns: int = -1  # number of turns; -1: the plans' first dimension
+
+    def __post_init__(self) -> None:
+        if self.turns < 0:
+            self.turns = max((int(p.shape[0]) for p in self.plans.values()), default=0)
+
+
+@dataclass
 class PrimitiveStats:
     lost_samples: int = 0  # events the kernel or a reader lost before udamon saw them
     notes: list[str] = field(default_factory=list)  # one-line facts for the record header
     # notes the user must see at the end (also in ``notes``): the CLI prints them on stderr
     warnings: list[str] = field(default_factory=list)
+    # more keys for the record's end line (e.g. external's per-producer counts)
+    end: dict = field(default_factory=dict)
 
 
 class Primitive(ABC):
     name: str = "?"
     kind: Kind = "observational"
     coverage: Coverage = "unknown"
+    # Observational kind: how late a report may arrive after the time it carries
+    # (another process's pipeline buffers it); the session closes each aggregation
+    # interval this much after its end, so such reports still count in their own.
+    report_delay_ns: int = 0
 
     def start(self, pids: list[int]) -> None:  # noqa: B027 - optional hook
         """Begin observing the given target processes."""
 
     def arm(self, pid: int, addrs: np.ndarray) -> None:  # noqa: B027 - controlled only
         """Controlled kind: watch the pages holding ``addrs`` until the next poll."""
+
+    def sample_window(self, window: Window, stop_fd: int = -1) -> tuple[np.ndarray, int]:
+        """Controlled kind: run the window's turns from ``window.first``; return the
+        reports (accesses to armed pages) and the next turn to run, less than
+        ``window.turns`` when the window ended early (a target exited, ``stop_fd``
+        became readable).  The default runs each turn as ``arm`` + sleep + ``poll``."""
+        import time
+
+        parts = []
+        for t in range(window.first, window.turns):
+            end = window.tick0_ns + (t + 1) * window.sample_ns
+            for pid, plan in window.plans.items():
+                self.arm(pid, plan[t])
+            delay = (end - time.monotonic_ns()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
+            parts.append(self.poll(time.monotonic_ns()))
+        from udamon.intake.reports import empty
+
+        return (np.concatenate(parts) if parts else empty()), window.turns
 
     @abstractmethod
     def poll(self, now_ns: int) -> np.ndarray:
@@ -65,6 +112,11 @@ class Primitive(ABC):
     def exited(self) -> list[int]:
         """Pids among the targets that have exited since start."""
         return []
+
+    def exhausted(self) -> bool:
+        """True once the primitive will never report again (its input has ended): the
+        session then ends with reason ``input-exhausted``."""
+        return False
 
     def gone_at_start(self) -> list[int]:
         """Targets that exited while ``start()`` ran and are not observed (the others are)."""

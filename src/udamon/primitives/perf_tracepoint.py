@@ -40,16 +40,12 @@ and stores are not reordered with older loads, which is exactly the
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import math
-import mmap
 import os
-import platform
 import re
 import resource
 import select
-import struct
 from collections.abc import Iterable
 from typing import Literal
 
@@ -58,7 +54,36 @@ import numpy as np
 from udamon.arrays import sorted_unique
 from udamon.errors import RuntimeFailure
 from udamon.primitives.mounts import is_mounted, mount, umount
+from udamon.primitives.perf_ring import (
+    ATTR_DISABLED,
+    ATTR_INHERIT,
+    ATTR_USE_CLOCKID,
+    CLOCK_MONOTONIC,
+    PERF_EVENT_IOC_DISABLE,
+    PERF_EVENT_IOC_ENABLE,
+    PERF_EVENT_IOC_SET_OUTPUT,
+    PERF_RECORD_LOST,
+    PERF_RECORD_SAMPLE,
+    PERF_SAMPLE_CPU,
+    PERF_SAMPLE_IDENTIFIER,
+    PERF_SAMPLE_RAW,
+    PERF_SAMPLE_TID,
+    PERF_SAMPLE_TIME,
+    PERF_TYPE_TRACEPOINT,
+    PerfEventAttr,
+    SampleParser,
+    raw_size_for,
+    sample_dtype,
+    syscall_known,
+)
+from udamon.primitives.perf_ring import Ring as _Ring
+from udamon.primitives.perf_ring import event_id as _event_id
+from udamon.primitives.perf_ring import ioctl as _ioctl
+from udamon.primitives.perf_ring import perf_event_open as _perf_event_open
 from udamon.targets.topology import parse_cpulist
+
+__all__ = ["FAULT_DTYPE", "PERF_RECORD_LOST", "PERF_RECORD_SAMPLE", "FaultTracer",
+           "PerfEventAttr", "online_cpus", "page_fault_tracepoint_available"]
 
 FAULT_DTYPE = np.dtype(
     [
@@ -76,111 +101,9 @@ Mode = Literal["auto", "per-thread", "system-wide"]
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 TRACEPOINT = "exceptions/page_fault_user"
-
-_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241}
-_PAGE = mmap.PAGESIZE
-
-# perf ABI constants (include/uapi/linux/perf_event.h)
-PERF_TYPE_TRACEPOINT = 2
-PERF_SAMPLE_TID = 1 << 1
-PERF_SAMPLE_TIME = 1 << 2
-PERF_SAMPLE_CPU = 1 << 7
-PERF_SAMPLE_RAW = 1 << 10
-PERF_SAMPLE_IDENTIFIER = 1 << 16
-PERF_RECORD_LOST = 2
-PERF_RECORD_SAMPLE = 9
-PERF_FLAG_FD_CLOEXEC = 1 << 3
-_ATTR_DISABLED = 1 << 0
-_ATTR_INHERIT = 1 << 1
-_ATTR_USE_CLOCKID = 1 << 25
-PERF_EVENT_IOC_ENABLE = 0x2400
-PERF_EVENT_IOC_DISABLE = 0x2401
-PERF_EVENT_IOC_SET_OUTPUT = 0x2405
-PERF_EVENT_IOC_ID = 0x80082407
-CLOCK_MONOTONIC = 1
-
-# Offsets in struct perf_event_mmap_page.
-_OFF_DATA_HEAD = 1024
-_OFF_DATA_TAIL = 1032
-_OFF_DATA_OFFSET = 1040
-_OFF_DATA_SIZE = 1048
-
-# Layout of a SAMPLE record with IDENTIFIER|TID|TIME|CPU|RAW.
-_S_ID = 8
-_S_PID = 16
-_S_TID = 20
-_S_TIME = 24
-_S_CPU = 32
-_S_RAWSIZE = 40
-_S_RAW = 44
-
-
-class PerfEventAttr(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("size", ctypes.c_uint32),
-        ("config", ctypes.c_uint64),
-        ("sample_period", ctypes.c_uint64),
-        ("sample_type", ctypes.c_uint64),
-        ("read_format", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
-        ("wakeup_events", ctypes.c_uint32),
-        ("bp_type", ctypes.c_uint32),
-        ("config1", ctypes.c_uint64),
-        ("config2", ctypes.c_uint64),
-        ("branch_sample_type", ctypes.c_uint64),
-        ("sample_regs_user", ctypes.c_uint64),
-        ("sample_stack_user", ctypes.c_uint32),
-        ("clockid", ctypes.c_int32),
-        ("sample_regs_intr", ctypes.c_uint64),
-        ("aux_watermark", ctypes.c_uint32),
-        ("sample_max_stack", ctypes.c_uint16),
-        ("reserved_2", ctypes.c_uint16),
-        ("aux_sample_size", ctypes.c_uint32),
-        ("reserved_3", ctypes.c_uint32),
-        ("sig_data", ctypes.c_uint64),
-        ("config3", ctypes.c_uint64),
-    ]
-
-
-assert ctypes.sizeof(PerfEventAttr) == 136
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _perf_event_open(
-    attr: PerfEventAttr, pid: int, cpu: int, group_fd: int = -1, flags: int = PERF_FLAG_FD_CLOEXEC
-) -> int:
-    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
-    if nr is None:
-        raise RuntimeFailure(f"perf_event_open: unsupported architecture {platform.machine()}")
-    fd = _libc.syscall(
-        ctypes.c_long(nr),
-        ctypes.byref(attr),
-        ctypes.c_long(pid),
-        ctypes.c_long(cpu),
-        ctypes.c_long(group_fd),
-        ctypes.c_ulong(flags),
-    )
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return int(fd)
-
-
-def _ioctl(fd: int, req: int, arg: int = 0) -> None:
-    import fcntl
-
-    fcntl.ioctl(fd, req, arg)
-
-
-def _event_id(fd: int) -> int:
-    import fcntl
-
-    buf = bytearray(8)
-    fcntl.ioctl(fd, PERF_EVENT_IOC_ID, buf)
-    return struct.unpack("<Q", buf)[0]
+# what every sample of the tracer carries (the ring-buffer layout follows from it)
+SAMPLE_TYPE = (PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_SAMPLE_CPU
+               | PERF_SAMPLE_RAW)
 
 
 def _open_error(e: OSError, what: str) -> RuntimeFailure:
@@ -292,7 +215,9 @@ def page_fault_tracepoint_available() -> tuple[bool, str]:
     kernel knowing it is enough; the session mounts it through the settings
     guard (whose watchdog unmounts it whatever happens).
     """
-    if platform.machine() not in _NR_PERF_EVENT_OPEN:
+    if not syscall_known():
+        import platform
+
         return False, f"perf_event_open number unknown for {platform.machine()}"
     tp_dir = _find_tracepoint_dir()
     if tp_dir is None:
@@ -321,14 +246,8 @@ def _make_attr(tp_id: int, *, wakeup_events: int, inherit: bool) -> PerfEventAtt
     attr.size = ctypes.sizeof(PerfEventAttr)
     attr.config = tp_id
     attr.sample_period = 1
-    attr.sample_type = (
-        PERF_SAMPLE_IDENTIFIER
-        | PERF_SAMPLE_TID
-        | PERF_SAMPLE_TIME
-        | PERF_SAMPLE_CPU
-        | PERF_SAMPLE_RAW
-    )
-    attr.flags = _ATTR_DISABLED | _ATTR_USE_CLOCKID | (_ATTR_INHERIT if inherit else 0)
+    attr.sample_type = SAMPLE_TYPE
+    attr.flags = ATTR_DISABLED | ATTR_USE_CLOCKID | (ATTR_INHERIT if inherit else 0)
     attr.wakeup_events = max(1, wakeup_events)
     attr.clockid = CLOCK_MONOTONIC
     return attr
@@ -339,54 +258,6 @@ def _list_tids(pid: int) -> list[int]:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if t.isdigit())
     except FileNotFoundError:
         return []
-
-
-# ---------------------------------------------------------------- ring buffer
-
-
-class _Ring:
-    """One mmapped perf ring buffer (the output of every event on one CPU)."""
-
-    def __init__(self, fd: int, pages: int) -> None:
-        self.fd = fd
-        try:
-            self.mm = mmap.mmap(
-                fd, (1 + pages) * _PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
-            )
-        except OSError as e:
-            hint = " (perf_event_mlock_kb limit?)" if e.errno == errno.EPERM else ""
-            raise RuntimeFailure(
-                f"cannot mmap a {pages}-page perf ring buffer: {e.strerror}{hint}"
-            ) from None
-        self._head = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_HEAD)
-        self._tail = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_TAIL)
-        off = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_OFFSET).value
-        size = ctypes.c_uint64.from_buffer(self.mm, _OFF_DATA_SIZE).value
-        self.data_off = int(off) or _PAGE
-        self.data_size = int(size) or pages * _PAGE
-
-    def take(self) -> bytes:
-        """Copy every complete record available and release the space."""
-        head = self._head.value  # one aligned load (smp_rmb implied on x86)
-        tail = self._tail.value
-        n = head - tail
-        if n <= 0:
-            return b""
-        size = self.data_size
-        start = tail % size
-        base = self.data_off
-        if start + n <= size:
-            data = self.mm[base + start : base + start + n]
-        else:
-            first = size - start
-            data = self.mm[base + start : base + size] + self.mm[base : base + n - first]
-        self._tail.value = head  # one aligned store after the copy
-        return data
-
-    def close(self) -> None:
-        # ctypes views keep exported buffers alive; drop them before closing.
-        del self._head, self._tail
-        self.mm.close()
 
 
 # ---------------------------------------------------------------- tracer
@@ -432,7 +303,7 @@ class FaultTracer:
         self._tracefs = _Tracefs()
         self._fds: list[int] = []
         self._rings: list[_Ring] = []
-        self._lost = 0
+        self._parser: SampleParser | None = None
         self._opened = False
         self._closed = False
         # dedup state (per-thread mode): event id -> family, tid -> kept family
@@ -481,53 +352,13 @@ class FaultTracer:
             _ioctl(fd, PERF_EVENT_IOC_ENABLE)
 
     def _build_dtype(self, offsets: dict[str, int], raw_end: int) -> None:
-        raw_size = ((4 + raw_end + 7) & ~7) - 4  # the kernel pads u32 size + data to u64
-        self._rec_size = _S_RAW + raw_size
+        raw_size = raw_size_for(raw_end)  # the kernel pads u32 size + data to u64
         self._raw_size = raw_size
-        self._dtype = np.dtype(
-            {
-                "names": [
-                    "type",
-                    "size",
-                    "id",
-                    "pid",
-                    "tid",
-                    "time",
-                    "cpu",
-                    "rawsize",
-                    "addr",
-                    "ip",
-                    "error_code",
-                ],
-                "formats": [
-                    "<u4",
-                    "<u2",
-                    "<u8",
-                    "<i4",
-                    "<i4",
-                    "<i8",
-                    "<i4",
-                    "<u4",
-                    "<u8",
-                    "<u8",
-                    "<u8",
-                ],
-                "offsets": [
-                    0,
-                    6,
-                    _S_ID,
-                    _S_PID,
-                    _S_TID,
-                    _S_TIME,
-                    _S_CPU,
-                    _S_RAWSIZE,
-                    _S_RAW + offsets["address"],
-                    _S_RAW + offsets["ip"],
-                    _S_RAW + offsets["error_code"],
-                ],
-                "itemsize": self._rec_size,
-            }
-        )
+        fields = {"addr": (offsets["address"], "<u8"), "ip": (offsets["ip"], "<u8"),
+                  "error_code": (offsets["error_code"], "<u8")}
+        self._dtype = sample_dtype(SAMPLE_TYPE, raw_size, fields)
+        self._rec_size = self._dtype.itemsize
+        self._parser = SampleParser(self._dtype)
 
     def _raise_nofile(self, need: int) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -621,7 +452,7 @@ class FaultTracer:
     @property
     def lost(self) -> int:
         """Total events the kernel dropped (PERF_RECORD_LOST) so far."""
-        return self._lost
+        return self._parser.lost if self._parser is not None else 0
 
     def read(self) -> np.ndarray:
         """Every fault sampled since the last call (FAULT_DTYPE)."""
@@ -641,49 +472,8 @@ class FaultTracer:
         return out
 
     def _parse(self, data: bytes) -> np.ndarray:
-        dt = self._dtype
-        assert dt is not None
-        n = len(data)
-        if n == 0:
-            return np.zeros(0, dtype=dt)
-        rs = self._rec_size
-        if n % rs == 0:  # fast path: only samples of the expected size
-            recs = np.frombuffer(data, dtype=dt)
-            if np.all(recs["type"] == PERF_RECORD_SAMPLE) and np.all(recs["size"] == rs):
-                return recs
-        return self._parse_slow(data)
-
-    def _parse_slow(self, data: bytes) -> np.ndarray:
-        """Mixed records: take runs of samples in bulk, step over the others one by one."""
-        dt = self._dtype
-        assert dt is not None
-        rs = self._rec_size
-        hdr = struct.Struct("<IHH")
-        lost_s = struct.Struct("<QQ")
-        runs: list[np.ndarray] = []
-        off = 0
-        n = len(data)
-        while off + 8 <= n:
-            k = (n - off) // rs
-            if k:
-                run = np.frombuffer(data, dtype=dt, count=k, offset=off)
-                bad = np.flatnonzero((run["type"] != PERF_RECORD_SAMPLE) | (run["size"] != rs))
-                m = int(bad[0]) if bad.size else k
-                if m:
-                    runs.append(run[:m])
-                    off += m * rs
-                    continue
-            typ, _misc, size = hdr.unpack_from(data, off)
-            if size < 8 or off + size > n:
-                break  # corrupt or truncated: give up on this chunk
-            if typ == PERF_RECORD_LOST and size >= 24:
-                self._lost += lost_s.unpack_from(data, off + 8)[1]
-            elif typ == PERF_RECORD_SAMPLE and size == rs:
-                runs.append(np.frombuffer(data, dtype=dt, count=1, offset=off))
-            off += size
-        if not runs:
-            return np.zeros(0, dtype=dt)
-        return runs[0] if len(runs) == 1 else np.concatenate(runs)
+        assert self._parser is not None
+        return self._parser.parse(data)
 
     def _filter(self, recs: np.ndarray) -> np.ndarray:
         if recs.size == 0:

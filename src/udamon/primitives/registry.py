@@ -23,6 +23,8 @@ class Entry:
     # Defaults of the monitoring intervals: DAMON's unless measured otherwise.
     default_sample_us: int = 5_000
     default_aggr_us: int = 100_000
+    # False: never picked by 'auto' (it needs options that say where reports come from)
+    auto: bool = True
 
 
 def _hint_available() -> tuple[bool, str]:
@@ -39,36 +41,74 @@ def _make_hint(attrs: Attrs, *, scan_period_ms: int | None = None,
                          scan_size_mb=scan_size_mb)
 
 
-def _wp_available() -> tuple[bool, str]:
+def _uffd_available(name: str) -> tuple[bool, str]:
     import os
 
-    from udamon.primitives.uffd_wp import wp_available
+    from udamon.primitives.uffd import uffd_available
+    from udamon.primitives.uffd_abi import MODES
 
     if os.geteuid() != 0:
-        return False, "the wp primitive needs root (ptrace injection, pagemap)"
-    return wp_available()
+        return False, f"the {name} primitive needs root (ptrace injection, pagemap)"
+    return uffd_available(MODES[name])
 
 
-def _make_wp(attrs: Attrs) -> Primitive:
-    from udamon.primitives.uffd_wp import WpPrimitive
+def _make_uffd(name: str, attrs: Attrs) -> Primitive:
+    from udamon.primitives.uffd import RwpPrimitive, WpPrimitive
 
-    return WpPrimitive([])
+    cls = WpPrimitive if name == "wp" else RwpPrimitive
+    # every armed page may fault once per turn: size the fault rings for a window
+    return cls([], faults_per_window=attrs.max_nr_regions * attrs.aggr_samples)
+
+
+def _make_external(attrs: Attrs, *, socket_path: str | None = None,
+                   stdin: bool = False) -> Primitive:
+    from udamon.primitives.external import ExternalPrimitive
+
+    return ExternalPrimitive(socket_path, stdin=stdin)
+
+
+def _pmu_available() -> tuple[bool, str]:
+    from udamon.primitives.pmu import pmu_available
+
+    return pmu_available()
+
+
+def _make_pmu(attrs: Attrs) -> Primitive:
+    from udamon.primitives.pmu import PmuPrimitive
+
+    return PmuPrimitive()
 
 
 ENTRIES: dict[str, Entry] = {
     "replay": Entry("replay", "recorded reports from a CSV file (--input)", False,
                     lambda: (True, "")),
+    # 'auto' takes the first live entry this machine can run: rwp, then hint, then wp
+    "rwp": Entry("rwp", "userfaultfd async read-write protection injected into the target: "
+                 "DAMON's controlled sampling of reads and writes (one page per region per "
+                 "sampling interval), attributed to CPU/thread (root, x86_64, Linux 7.3+ "
+                 "with CONFIG_USERFAULTFD_RWP; default intervals 50ms/1s)", True,
+                 lambda: _uffd_available("rwp"), lambda attrs: _make_uffd("rwp", attrs),
+                 attach_before_exec=False, default_sample_us=50_000,
+                 default_aggr_us=1_000_000),
     "hint": Entry("hint", "NUMA-balancing hinting faults: reads and writes, any CPU, "
                   "attributed to CPU/node/thread (root; changes kernel.numa_balancing "
                   "for the session)", True, _hint_available, _make_hint),
     "wp": Entry("wp", "userfaultfd async write-protect injected into the target: controlled "
                 "write sampling (one page per region per sampling interval), attributed to "
                 "CPU/thread (root, x86_64; default intervals 50ms/1s, see "
-                "docs/primitives.md)", True, _wp_available, _make_wp,
+                "docs/primitives.md)", True, lambda: _uffd_available("wp"),
+                lambda attrs: _make_uffd("wp", attrs),
                 attach_before_exec=False,
                 # every armed page the target writes costs a TLB-flush IPI and a fault:
                 # 5 ms sampling slowed a write-heavy target by ~23%, 50 ms by ~3%
                 default_sample_us=50_000, default_aggr_us=1_000_000),
+    "pmu": Entry("pmu", "precise memory sampling (Intel PEBS, AMD IBS op, Arm SPE) through "
+                 "perf_event_open: address, CPU, thread, load/store, memory level (root or "
+                 "CAP_PERFMON; hardware that has it)", True, _pmu_available, _make_pmu),
+    "external": Entry("external", "reports pushed by other programs over --socket PATH or "
+                      "--input - (binary records or CSV; docs/report-channel.md); no "
+                      "privileges needed", True, lambda: (True, ""), _make_external,
+                      auto=False),
 }
 
 
@@ -85,14 +125,21 @@ def entry(name: str) -> Entry:
 
 def best_live() -> str:
     """'auto': the first live primitive this machine can run, or a clear error."""
+    return choose_live()[0]
+
+
+def choose_live() -> tuple[str, str]:
+    """'auto': (the first live primitive this machine can run, why it and not the ones
+    before it), or a clear error naming what each lacks."""
     reasons = []
     for e in ENTRIES.values():
-        if not e.live:
+        if not e.live or not e.auto:
             continue
         ok, why = e.available()
         if ok:
-            return e.name
-        reasons.append(f"{e.name}: {why}")
+            skipped = f" ({'; '.join(reasons)})" if reasons else ""
+            return e.name, f"auto chose {e.name}{skipped}"
+        reasons.append(f"not {e.name}: {why}")
     raise RuntimeFailure("no live primitive can run here (" + "; ".join(reasons) + ")")
 
 

@@ -1,7 +1,7 @@
 """The replay primitive: a recorded stream of access reports from a CSV file.
 
 Input contract (DESIGN.md): a header ``time_ns,pid,tid,cpu,addr,size,write``
-(column order free; optional extra columns ``node`` and ``source``), one report
+(column order free; optional extra columns ``node``, ``source`` and ``mem``), one report
 per line, sorted by time.  Integers are decimal; ``addr`` may be 0x-hex.
 """
 
@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from udamon.errors import InputError
-from udamon.intake.reports import SOURCE_IDS, empty
+from udamon.intake.reports import MEM_LEVELS, SOURCE_IDS, empty
 from udamon.primitives.base import Primitive
 from udamon.targets.topology import nodes_of
 
 REQUIRED = ("time_ns", "pid", "tid", "cpu", "addr", "size", "write")
-OPTIONAL = ("node", "source")
+OPTIONAL = ("node", "source", "mem")
 CHUNK = 65_536
 
 
@@ -107,12 +107,33 @@ def _conv(name: str, text: str, where: str) -> int:
 ADDR_END = (1 << 64) - 4096
 _LIMITS = {"time_ns": (-(1 << 63), (1 << 63) - 1), "pid": (0, (1 << 31) - 1),
            "tid": (-1, (1 << 31) - 1), "cpu": (-1, (1 << 31) - 1), "node": (-1, (1 << 31) - 1),
-           "addr": (0, ADDR_END - 1), "size": (1, ADDR_END), "write": (0, 1)}
+           "addr": (0, ADDR_END - 1), "size": (1, ADDR_END), "write": (0, 1),
+           "mem": (0, len(MEM_LEVELS) - 1)}
 _LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
                "tid": "-1 (unknown) or a thread id", "cpu": "-1 (unknown) or a CPU number",
                "node": "-1 (unknown) or a node number",
                "addr": f"0 to {ADDR_END - 1:#x}: the last page below 2^64 is left out",
-               "size": f"1 to {ADDR_END:#x}", "write": "0 or 1"}
+               "size": f"1 to {ADDR_END:#x}", "write": "0 or 1",
+               "mem": "a memory level 0 to 5: " + ", ".join(
+                   f"{i} {n}" for i, n in enumerate(MEM_LEVELS))}
+
+
+def parse_header(line: str, where: str) -> list[str]:
+    """The column names of a header line; InputError naming ``where`` when bad."""
+    cols = [c.strip().strip('"') for c in line.strip().split(",")]
+    missing = [c for c in REQUIRED if c not in cols]
+    unknown = [c for c in cols if c not in REQUIRED + OPTIONAL]
+    if missing or unknown or len(set(cols)) != len(cols):
+        what = []
+        if missing:
+            what.append("missing " + ", ".join(missing))
+        if unknown:
+            what.append("unknown " + ", ".join(unknown))
+        if len(set(cols)) != len(cols):
+            what.append("duplicate columns")
+        raise InputError(f"{where}: bad header ({'; '.join(what)}); expected "
+                         f"'{','.join(REQUIRED)}' (optional: {', '.join(OPTIONAL)})")
+    return cols
 
 
 def read_csv(path: str, chunk: int = CHUNK,
@@ -133,20 +154,10 @@ def read_csv(path: str, chunk: int = CHUNK,
         if not first.strip():
             raise InputError(f"{path}: empty file (expected a header "
                              f"'{','.join(REQUIRED)}')")
-        cols = [c.strip().strip('"') for c in first.strip().split(",")]
-        missing = [c for c in REQUIRED if c not in cols]
-        unknown = [c for c in cols if c not in REQUIRED + OPTIONAL]
-        if missing or unknown or len(set(cols)) != len(cols):
-            what = []
-            if missing:
-                what.append("missing " + ", ".join(missing))
-            if unknown:
-                what.append("unknown " + ", ".join(unknown))
-            if len(set(cols)) != len(cols):
-                what.append("duplicate columns")
-            raise InputError(_not_gzip(path, f"{path}:1: bad header ({'; '.join(what)}); "
-                                       f"expected '{','.join(REQUIRED)}' (optional: "
-                                       f"{', '.join(OPTIONAL)})"))
+        try:
+            cols = parse_header(first, f"{path}:1")
+        except InputError as e:
+            raise InputError(_not_gzip(path, str(e))) from None
         ncol = len(cols)
         lineno = 1
         last_time: int | None = None
@@ -168,7 +179,7 @@ def read_csv(path: str, chunk: int = CHUNK,
                 raise InputError(f"{path}:{linenos[-1]}: the last line is cut off")
             if not rows:
                 continue
-            out = _parse_rows(path, rows, linenos, cols, ncol)
+            out = parse_rows(path, rows, linenos, cols, ncol)
             t = out["time_ns"]
             if last_time is not None and t[0] < last_time:
                 _backwards(path, linenos[0], int(t[0]), last_time)
@@ -187,8 +198,9 @@ def _backwards(path: str, line: int, t: int, prev: int):
                      "replay input must be sorted by time")
 
 
-def _parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
-                ncol: int) -> np.ndarray:
+def parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
+               ncol: int) -> np.ndarray:
+    """CSV lines (without the header) -> REPORT_DTYPE; InputError naming ``path:LINE``."""
     dt = np.dtype([(c, "U16" if c == "source" else
                     (np.uint64 if c in ("addr", "size") else np.int64)) for c in cols])
     try:
@@ -251,10 +263,11 @@ class InputSummary:
     reports: int = 0
 
 
-def summarize(path: str, page: int = 4096) -> InputSummary:
+def summarize(path: str, page: int = 4096, reader=None) -> InputSummary:
+    """``reader(path)`` yields the input's report chunks (default: read_csv)."""
     summary = InputSummary()
     pages: dict[int, np.ndarray] = {}
-    for chunk in read_csv(path):
+    for chunk in (reader or read_csv)(path):
         summary.reports += int(chunk.size)
         summary.cpus.update(int(c) for c in np.unique(chunk["cpu"]) if c >= 0)
         nodes = chunk["node"]
@@ -289,10 +302,12 @@ class ReplayPrimitive(Primitive):
     kind = "observational"
     coverage = "complete"
 
-    def __init__(self, path: str, chunk: int = CHUNK):
+    def __init__(self, path: str, chunk: int = CHUNK, reader=None):
+        """``reader(path, chunk, linenos_out)``: the input format's chunk reader
+        (default read_csv; perf_script.read_perf_script for perf script output)."""
         self.path = path
         self._lines: list[int] = []
-        self._it = read_csv(path, chunk, self._lines)
+        self._it = (reader or read_csv)(path, chunk, self._lines)
 
     def where(self, i: int) -> str:
         """``FILE:LINE`` of report ``i`` of the chunk last read."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from udamon.intake.reports import SOURCE_IDS, SOURCES
+from udamon.intake.reports import MEM_IDS, MEM_LEVELS, SOURCE_IDS, SOURCES
 from udamon.targets.topology import parse_cpulist
 from udamon.units import parse_range
 
@@ -35,7 +35,13 @@ FILTER_TYPES: dict[str, tuple[bool, str]] = {
     "read": (False, "a read"),
     "addr": (True, "to an address in [START, END), e.g. addr:0x7f0000000000-0x7f0000100000"),
     "source": (True, f"seen by one of these sources ({'/'.join(SOURCES)}), e.g. source:hint"),
+    "mem": (True, f"served from one of these levels ({'/'.join(MEM_LEVELS)}; local = "
+                  "cache+ram, remote = remote-ram+remote-cache; known for pmu and perf mem "
+                  "samples), e.g. mem:remote-ram"),
 }
+
+# shorthands of the mem filter: the two sides of the NUMA question
+MEM_ALIASES = {"local": ("cache", "ram"), "remote": ("remote-ram", "remote-cache")}
 
 _LIST_TYPES = ("cpus", "nodes", "threads", "pids")
 # what the ids of each list type are, for errors; reports hold them as int32 (the
@@ -89,6 +95,16 @@ class Filter:
                     raise ValueError(f"unknown source {name!r} (known: {', '.join(SOURCES)})")
                 ids.append(SOURCE_IDS[name])
             object.__setattr__(self, "_ids", tuple(sorted(set(ids))))
+        elif self.type == "mem":
+            ids = []
+            for name in (self.value or "").replace("+", ",").split(","):
+                name = name.strip()
+                for level in MEM_ALIASES.get(name, (name,)):
+                    if level not in MEM_IDS:
+                        raise ValueError(f"unknown memory level {name!r} (known: "
+                                         f"{', '.join([*MEM_LEVELS, *MEM_ALIASES])})")
+                    ids.append(MEM_IDS[level])
+            object.__setattr__(self, "_ids", tuple(sorted(set(ids))))
 
     # -- evaluation -------------------------------------------------------
 
@@ -104,7 +120,7 @@ class Filter:
             a = reports["addr"]
             return (a >= np.uint64(lo)) & (a < np.uint64(hi))
         col = {"cpus": "cpu", "nodes": "node", "threads": "tid", "pids": "pid",
-               "source": "source"}[t]
+               "source": "source", "mem": "mem"}[t]
         return np.isin(reports[col], np.asarray(self._ids, dtype=np.int64))
 
     def test_one(self, report) -> bool:
@@ -117,7 +133,7 @@ class Filter:
         if t == "addr":
             return self._range[0] <= int(report["addr"]) < self._range[1]
         col = {"cpus": "cpu", "nodes": "node", "threads": "tid", "pids": "pid",
-               "source": "source"}[t]
+               "source": "source", "mem": "mem"}[t]
         return int(report[col]) in self._ids
 
     # -- (de)serialisation -------------------------------------------------

@@ -55,13 +55,17 @@ def sample_region_nodes(pid: int, starts: np.ndarray, ends: np.ndarray,
         status = query_nodes(pid, addrs).reshape(per_region, n)
     except OSError:
         return None
-    out: list[dict[str, int]] = []
-    for i in range(n):
-        col = status[:, i]
-        col = col[col >= 0]
-        if col.size == 0:
-            out.append({})
-            continue
-        nodes, counts = np.unique(col, return_counts=True)
-        out.append({str(int(k)): int(c) for k, c in zip(nodes, counts, strict=True)})
+    # pages per (region, node) in one bincount
+    ok = status >= 0
+    if not ok.any():
+        return [{} for _ in range(n)]
+    top = int(status.max()) + 1
+    region = np.broadcast_to(np.arange(n), status.shape)
+    counts = np.bincount((region[ok] * top + status[ok]).ravel(),
+                         minlength=n * top).reshape(n, top)
+    nz_r, nz_n = np.nonzero(counts)
+    vals = counts[nz_r, nz_n].tolist()
+    out: list[dict[str, int]] = [{} for _ in range(n)]
+    for r, node, c in zip(nz_r.tolist(), nz_n.tolist(), vals, strict=True):
+        out[r][str(node)] = c
     return out

@@ -1,0 +1,164 @@
+"""Cost of the controlled sampling loop (wp, rwp) per turn and per armed page, 10 to 1000 regions.
+
+    sudo .venv/bin/python bench/bench_loop.py [--mode wp] [--regions 10,20,50,100,200,500,1000]
+                                              [--turns 400] [--json FILE]
+
+A target (tests/workloads/access_pattern, 4 x 64 MiB, its reader and writer
+pinned to CPUs 0 and 1) is attached by the primitive; for each region count N
+the address space of the four buffers is cut into N equal regions and
+``run_window`` runs windows of 20 turns at DAMON's 5 ms sampling interval, with
+the C loop and with the pure-Python fallback, one after the other.  Measured
+per implementation and N: the monitoring thread's CPU time (user + system,
+RUSAGE_THREAD; the loop runs in the calling thread and sleeps in ppoll/poll)
+per turn, the turns run versus due in the wall time taken, and the turns that
+started late.  A least-squares line over N gives the fixed cost per turn
+(intercept) and the cost per armed page (slope).  Only the loop is measured:
+the primitive's per-aggregation Python (fault join, reports) and the core are
+in bench_scale / the steady-state profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+from common import build, start_json_workload
+
+from udamon.primitives import uffd_loop
+from udamon.primitives.uffd import RwpPrimitive, WpPrimitive, uffd_available
+from udamon.primitives.uffd_abi import MODES
+from udamon.primitives.uffd_loop import WindowStats, WindowTarget
+
+SAMPLE_NS = 5_000_000
+TURNS_PER_WINDOW = 20
+
+
+def _thread_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_THREAD)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _plan(lo: int, hi: int, n: int, turns: int, rng) -> np.ndarray:
+    edges = np.linspace(lo, hi, n + 1).astype(np.uint64) & ~np.uint64(4095)
+    sz = (edges[1:] - edges[:-1]).astype(np.float64)
+    off = (rng.random((turns, n)) * sz).astype(np.uint64)
+    return (edges[:-1] + off) & ~np.uint64(4095)
+
+
+def measure(prim, pid: int, lo: int, hi: int, n: int, turns: int, native: bool) -> dict:
+    t = prim._targets[pid]
+    rng = np.random.default_rng(n)
+    fn = uffd_loop.run_window if native else uffd_loop.run_window_py
+    stats = WindowStats()
+    done = 0
+    cpu0, wall0 = _thread_cpu(), time.monotonic()
+    while done < turns:
+        k = min(TURNS_PER_WINDOW, turns - done)
+        wt = WindowTarget(t.uffd, t.pagemap, t.pidfd, _plan(lo, hi, n, k, rng), t.starts,
+                          t.ends)
+        arm, scan = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        nxt, _ = fn([wt], prim.mode, time.monotonic_ns(), SAMPLE_NS, 0, -1, arm, scan, stats)
+        done += nxt
+    cpu, wall = _thread_cpu() - cpu0, time.monotonic() - wall0
+    return {"regions": n, "native": native, "turns": stats.turns, "late": stats.late,
+            "wall_s": wall, "cpu_s": cpu, "cpu_us_per_turn": cpu / stats.turns * 1e6,
+            "cpu_pct": cpu / wall * 100, "turns_per_s": stats.turns / wall,
+            "due_per_s": 1e9 / SAMPLE_NS}
+
+
+def fit(rows: list[dict]) -> dict:
+    x = np.asarray([r["regions"] for r in rows], dtype=float)
+    y = np.asarray([r["cpu_us_per_turn"] for r in rows], dtype=float)
+    slope, icpt = np.polyfit(x, y, 1)
+    return {"fixed_us_per_turn": float(icpt), "us_per_armed_page": float(slope)}
+
+
+def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int = 400,
+        log=print) -> dict:
+    ok, why = uffd_available(MODES[mode])
+    if os.geteuid() != 0 or not ok:
+        return {"skipped": why if os.geteuid() == 0 else "needs root"}
+    wl, info = start_json_workload([build("access_pattern"), "--size", "64",
+                                    "--duration", "3600"])
+    cls = WpPrimitive if mode == "wp" else RwpPrimitive
+    prim = cls([wl.pid], attribute=False)
+    out: dict = {"mode": mode, "sample_ms": SAMPLE_NS / 1e6, "native_built": uffd_loop.native(),
+                 "rows": []}
+    try:
+        prim.start([wl.pid])
+        lo = min(info[b][0] for b in "RWSI")
+        hi = max(info[b][1] for b in "RWSI")
+        for n in regions:
+            for native in ([True, False] if uffd_loop.native() else [False]):
+                r = measure(prim, wl.pid, lo, hi, n, turns, native)
+                out["rows"].append(r)
+                log(f"  loop {mode} {'C' if native else 'Python'} {n} regions: "
+                    f"{r['cpu_us_per_turn']:.0f} us CPU/turn ({r['cpu_pct']:.1f}% of a CPU), "
+                    f"{r['turns_per_s']:.0f}/{r['due_per_s']:.0f} turns/s, {r['late']} late")
+    finally:
+        prim.stop()
+        wl.terminate()
+        wl.wait(30)
+    for native in (True, False):
+        rows = [r for r in out["rows"] if r["native"] == native]
+        if len(rows) >= 2:
+            out["fit_c" if native else "fit_python"] = fit(rows)
+    return out
+
+
+def markdown(res: dict) -> list[str]:
+    if "skipped" in res:
+        return [f"skipped: {res['skipped']}"]
+    out = [f"`{res['mode']}` at {res['sample_ms']:g} ms sampling, 4 x 64 MiB pinned "
+           "reader/writer target; udamon's monitoring-thread CPU (user + system):", "",
+           "| regions | C: us CPU per turn | C: % of one CPU | C: turns/s (due) | C: late | "
+           "Python: us CPU per turn | Python: % of one CPU | Python: turns/s | C vs Python |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["regions"], r["native"]): r for r in res["rows"]}
+    for n in sorted({r["regions"] for r in res["rows"]}):
+        c, p = by.get((n, True)), by.get((n, False))
+
+        def cols(r):
+            return (["–"] * 4 if r is None else
+                    [f"{r['cpu_us_per_turn']:.0f}", f"{r['cpu_pct']:.1f}%",
+                     f"{r['turns_per_s']:.0f} ({r['due_per_s']:.0f})", str(r["late"])])
+
+        ratio = (f"{p['cpu_us_per_turn'] / c['cpu_us_per_turn']:.1f}x" if c and p else "–")
+        out.append(f"| {n} | " + " | ".join(cols(c)) + " | "
+                   + " | ".join(cols(p)[:3]) + f" | {ratio} |")
+    for key, name in (("fit_c", "C"), ("fit_python", "Python")):
+        f = res.get(key)
+        if f:
+            out.append("")
+            out.append(f"{name} loop, least squares over the rows: fixed cost "
+                       f"{f['fixed_us_per_turn']:.1f} us per turn, "
+                       f"{f['us_per_armed_page']:.2f} us per armed page.")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("wp", "rwp"), default="wp")
+    ap.add_argument("--regions", default="10,20,50,100,200,500,1000")
+    ap.add_argument("--turns", type=int, default=400, help="turns per measurement")
+    ap.add_argument("--json", metavar="FILE")
+    a = ap.parse_args()
+    try:
+        regions = tuple(int(x) for x in a.regions.split(","))
+    except ValueError:
+        ap.error("--regions: a comma-separated list of numbers")
+    res = run(a.mode, regions, a.turns, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print("\n".join(markdown(res)))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0 if "skipped" not in res else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Builds the optional C extension of the controlled sampling loop (udamon.primitives._uffd_loop).
+
+Everything else is in pyproject.toml.  The extension is optional, as psutil's
+platform code is not: when it cannot be compiled (no C compiler, no Python
+headers) the install goes on and udamon uses the pure-Python loop, saying so
+once when a wp or rwp session starts.
+"""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # pragma: no cover - depends on the build machine
+            print(f"udamon: the C sampling loop was not built ({e}); using the Python one")
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # pragma: no cover - depends on the build machine
+            print(f"udamon: building {ext.name} failed ({e}); using the Python loop")
+
+
+setup(
+    ext_modules=[Extension("udamon.primitives._uffd_loop",
+                           ["src/udamon/primitives/_uffd_loop.c"],
+                           extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+                           optional=True)],
+    cmdclass={"build_ext": OptionalBuildExt},
+)
