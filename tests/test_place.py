@@ -168,14 +168,14 @@ def test_own_threads_mask_and_cpuset():
 # -- the planner on constructed sharing --------------------------------------------
 
 
-def info(tid, mask, demand=1.0, allowed=None, cpuset=None, seen=None):
+def info(tid, mask, use=1.0, allowed=None, cpuset=None, seen=None):
     mask = frozenset(mask)
     allowed = frozenset(allowed if allowed is not None else mask)
     if cpuset is not None:
         allowed &= frozenset(cpuset)
     return placement.ThreadInfo(tid, f"t{tid}", 1000 + tid, mask,
                                 None if cpuset is None else frozenset(cpuset), allowed,
-                                demand / 2, demand, seen or {})
+                                use, min(1.0, 2 * use), seen or {})
 
 
 def sharing(tids, shared: dict[tuple[int, int], tuple[float, float]], own=1 << 20):
@@ -216,7 +216,7 @@ def test_pinned_thread_is_an_anchor_and_cpusets_are_honoured():
     p = placement.plan(TWO, th, sharing([1, 2], {(1, 2): (0, 1e6)}))
     assert p.entries[2].action == "fixed" and p.entries[2].new_mask is None
     assert p.entries[1].new_mask == frozenset({1})
-    # ... unless both are busy: two CPUs' worth of demand does not go onto one CPU
+    # ... unless both are busy: two CPUs' worth of CPU use does not go onto one CPU
     th = [info(1, {0, 1}, 1.0, seen={0: 5}), info(2, {1}, 1.0)]
     p = placement.plan(TWO, th, sharing([1, 2], {(1, 2): (0, 1e6)}))
     assert not p.changes and "no partner fits" in p.entries[1].why
@@ -239,7 +239,7 @@ def test_capacity_write_weight_and_noise():
     d = domains_of(placement.plan(TWO, th, sh, write_weight=1.0))
     assert d[1] == d[2] and 3 not in d
     # four light threads fit in one domain; a 1% straddle between the pairs is noise
-    th = [info(t, {0, 1}, demand=0.1) for t in (1, 2, 3, 4)]
+    th = [info(t, {0, 1}, use=0.1) for t in (1, 2, 3, 4)]
     shared = {(1, 2): (0, 800e3), (3, 4): (0, 800e3), (2, 3): (10e3, 0)}
     d = domains_of(placement.plan(TWO, th, sharing([1, 2, 3, 4], shared)))
     assert d[1] == d[2] and d[3] == d[4] and d[1] != d[3]

@@ -42,8 +42,8 @@ last-level-cache (LLC) domain, and check that it worked.
 2. Plan: threads are grouped by the bytes they share (report sharing's matrix; write
    sharing weighs --write-weight times read sharing, because a line written in one
    LLC must be fetched by the other) and each group goes into one LLC domain, as
-   long as the domain has the CPU for them (their CPU demand from /proc/PID/task/TID/
-   schedstat and stat).  A thread only goes where its cgroup cpuset and its current
+   long as the domain has the CPU for them (their CPU use from /proc/PID/task/TID/
+   stat).  A thread only goes where its cgroup cpuset and its current
    affinity allow (--cpus-allowed widens the latter); threads without sharing are
    left alone.  The plan says how much of the sharing crosses domains now and would
    with the plan.
@@ -134,9 +134,8 @@ def add_parser(sub) -> None:
                    help="how much more a shared byte in written regions counts than one only "
                         "read (default %(default)g)")
     g.add_argument("--max-load", metavar="R", type=typed(_load, "load"), default=1.0,
-                   help="CPU demand a domain may take per CPU it has (default 1; when the "
-                        "threads want more CPU than the machine has, each domain gets its fair "
-                        "share, +10%% for measurement noise)")
+                   help="CPU use a domain may take per CPU it has (default 1, +10%% for "
+                        "measurement noise)")
     g.add_argument("--min-join", metavar="F", type=typed(_fraction, "fraction"),
                    default=placement.DEFAULT_MIN_JOIN,
                    help="a pair is brought together only when it shares at least this "
@@ -376,7 +375,7 @@ def _spec(a: argparse.Namespace, pid: int) -> live.SessionSpec:
 
 
 class SamplerSink:
-    """Samples the threads (CPU use, demand, where they run) at every snapshot."""
+    """Samples the threads (CPU use, runnable time, where they run) at every snapshot."""
 
     def __init__(self, pid: int):
         self.sampler = thr.ThreadSampler(pid)
@@ -452,7 +451,8 @@ def _thread_infos(pid: int, sampler: thr.ThreadSampler, topo: Topology,
             allowed &= cpuset
         out[tid] = placement.ThreadInfo(tid, st.comm, st.starttime, mask, cpuset,
                                         frozenset(allowed), sampler.cpu_use(tid),
-                                        sampler.demand(tid), dict(sampler.seen_on.get(tid, {})))
+                                        sampler.runnable(tid),
+                                        dict(sampler.seen_on.get(tid, {})))
     return out
 
 
@@ -471,7 +471,7 @@ def plan_doc(pid: int, p: placement.Plan, before: placement.CrossMeasure, window
             "cpuset": None if t.cpuset is None else format_cpulist(t.cpuset),
             "allowed": format_cpulist(t.allowed),
             "cpu_use": None if t.cpu_use is None else round(t.cpu_use, 3),
-            "demand": None if t.demand is None else round(t.demand, 3),
+            "runnable": None if t.runnable is None else round(t.runnable, 3),
             "runs_in": {p.topology.domains[d].name: round(v, 3) for d, v in res.items()},
             "action": e.action if e else "alone", "why": e.why if e else "",
             "domain": None if e is None or e.domain is None else p.topology.domains[e.domain].name,
@@ -599,18 +599,18 @@ def plan_text(doc: dict) -> str:
         lines.append("\nplan: groups of threads that share, one domain each:")
         for g in doc["groups"]:
             who = ", ".join(f"{t} {comm.get(t, '')}" for t in g["tids"])
-            lines.append(f"  {g['domain']}: {who}  (CPU demand {g['load']:.2f}, domain limit "
+            lines.append(f"  {g['domain']}: {who}  (CPU use {g['load']:.2f}, domain limit "
                          f"{g['limit']:.2f}; shared inside: "
                          f"{fmt_size(g['written_inside'])} written, "
                          f"{fmt_size(g['read_only_inside'])} read-only)")
-    rows = [["tid", "name", "cpu", "demand", "runs in", "mask now", "plan", "why"]]
+    rows = [["tid", "name", "cpu", "runnable", "runs in", "mask now", "plan", "why"]]
     for t in doc["threads"]:
         runs = ",".join(f"{k}" + ("" if v >= 0.995 else f" {100 * v:.0f}%")
                         for k, v in t["runs_in"].items())
         plan = (f"-> {t['new_mask']} ({t['domain']})" if t["new_mask"] else
                 "stays" if t["action"] in ("stay", "fixed") else "left alone")
         use = "-" if t["cpu_use"] is None else f"{t['cpu_use']:.2f}"
-        dem = "-" if t["demand"] is None else f"{t['demand']:.2f}"
+        dem = "-" if t["runnable"] is None else f"{t['runnable']:.2f}"
         rows.append([str(t["tid"]), t["comm"], use, dem, runs, t["mask"], plan, t["why"]])
     lines.append("")
     lines += render_table(rows, left=2)
@@ -621,7 +621,7 @@ def plan_text(doc: dict) -> str:
                  + (pct(mb["share"]) + " of the accesses to shared regions came from outside "
                     "their main domain" if mb["share"] is not None else f"- ({mb['why']})"))
     loads = ", ".join(f"{k} {v['before']:.2f} -> {v['after']:.2f}" for k, v in doc["loads"].items())
-    lines.append(f"CPU demand per domain (now -> with the plan): {loads}")
+    lines.append(f"CPU use per domain (now -> with the plan): {loads}")
     lines += [f"note: {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
 

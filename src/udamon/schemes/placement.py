@@ -9,11 +9,11 @@ and puts each group into one LLC domain:
   threads both accessed in a snapshot, mean per snapshot), split into regions that
   someone wrote in that snapshot and regions only read; a pair's weight is
   ``read_only + write_weight * written`` (write sharing costs more: it invalidates).
-- **capacity**: a domain holds at most its CPUs' worth of CPU demand (``max_load``
-  per CPU; when the threads together want more CPU than the machine has, each
-  domain's fair share of the total), plus a slack of ``SLACK`` for measurement
-  noise.  Demand is CPU time plus run-queue wait (schedstat) per second, i.e. what
-  a thread would use if it never waited, at most one CPU.
+- **capacity**: a domain holds at most ``max_load`` x its CPUs of CPU use (the
+  threads' utime + stime per second over the window; when they use more than that
+  together, each domain's fair share of the total), plus a slack of ``SLACK`` for
+  measurement noise.  A starved thread counts what it got: packing threads into a
+  domain that holds their present use does not take CPU from them.
 - **allowed CPUs**: a thread only goes where its cgroup cpuset and its current
   affinity (or ``cpus_allowed`` given by the operator) allow; a thread whose allowed
   CPUs lie within one domain is *fixed* there, and its partners come to it.
@@ -42,7 +42,7 @@ import numpy as np
 
 from udamon.targets.topology import Topology, format_cpulist
 
-SLACK = 0.1  # a domain may be loaded 10 % above its share: demand is measured, not known
+SLACK = 0.1  # a domain may be loaded 10 % above its share: CPU use is measured, not known
 DEFAULT_WRITE_WEIGHT = 4.0
 DEFAULT_MIN_JOIN = 0.1
 
@@ -55,13 +55,12 @@ class ThreadInfo:
     mask: frozenset[int]  # current affinity
     cpuset: frozenset[int] | None  # the cgroup cpuset's effective CPUs (None: unknown)
     allowed: frozenset[int]  # where the plan may put it
-    cpu_use: float | None = None  # CPUs used during the window
-    demand: float | None = None  # CPUs it would use if it never waited
+    cpu_use: float | None = None  # CPUs used during the window (what it weighs)
+    runnable: float | None = None  # share of the time it ran or waited to run
     seen_on: dict[int, int] = field(default_factory=dict)  # cpu -> samples
 
     def load(self) -> float:
-        d = self.demand if self.demand is not None else self.cpu_use
-        return min(max(d if d is not None else 0.0, 0.0), 1.0)
+        return min(max(self.cpu_use if self.cpu_use is not None else 0.0, 0.0), 1.0)
 
 
 @dataclass
@@ -222,11 +221,11 @@ def plan(topo: Topology, threads: list[ThreadInfo], sh: Sharing, *,
             entries[t.tid] = Entry(t.tid, "alone", "not monitored (no thread probe of its "
                                    "own in the window)")
 
-    # capacity: each domain's CPUs x max_load, or its fair share of the total demand
+    # capacity: each domain's CPUs x max_load, or its fair share of the total CPU use
     loads = {t.tid: t.load() for t in threads}
-    total_demand = sum(loads.values())
+    total_use = sum(loads.values())
     cap = {d: len(dom_cpus[d]) * max_load for d in dom_ids}
-    factor = max(1.0, total_demand / max(sum(cap.values()), 1e-9))
+    factor = max(1.0, total_use / max(sum(cap.values()), 1e-9))
     limit = {d: cap[d] * factor * (1 + SLACK) for d in dom_ids}
 
     # a pair may be brought together when it shares at least min_join of the bytes the

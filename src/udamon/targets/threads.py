@@ -162,9 +162,9 @@ def read_schedstat(pid: int, tid: int) -> tuple[int, int] | None:
 
 class ThreadSampler:
     """Samples a process's threads: CPU time used between the first and the last
-    sample (in CPUs: 1.0 = one CPU all the time), the CPU demand (time on a CPU plus
-    time waiting for one, from schedstat: what it would use if it never waited) and on
-    which CPU each was seen."""
+    sample (in CPUs: 1.0 = one CPU all the time), the share of the time it was
+    runnable (on a CPU or waiting for one, from schedstat: 1.0 with a lower CPU use
+    means it was starved) and on which CPU each was seen."""
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -206,8 +206,8 @@ class ThreadSampler:
             return None
         return max(s1.cpu_ticks - s0.cpu_ticks, 0) / CLK_TCK / (t1 - t0)
 
-    def demand(self, tid: int) -> float | None:
-        """CPUs the thread would have used had it never waited for one (at most 1);
+    def runnable(self, tid: int) -> float | None:
+        """Share of the time the thread was on a CPU or waiting for one (at most 1);
         None without schedstat or with one sample."""
         a, b = self.sched_first.get(tid), self.sched_last.get(tid)
         if a is None or b is None or b[0] - a[0] < 0.05:
