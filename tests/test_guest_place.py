@@ -1,10 +1,10 @@
 """Cache-aware thread placement, end to end, on a machine with two LLC domains.
 
 Runs where sysfs shows two last-level-cache domains, i.e. in the QEMU guest of
-tests/guest/ (``-smp 2,sockets=2``: each socket its own L3, CPU 0 on node 0, CPU 1 on
-node 1; ``python3 tests/guest/run.py -- tests/test_guest_place.py``).  Elsewhere it
-skips with the reason (the host has one L3: tests/test_place.py checks that the plan
-says so and does nothing).
+tests/guest/ booted with two sockets (each its own L3, CPU 0 on node 0, CPU 1 on
+node 1: ``python3 tests/guest/run.py --smp 2,sockets=2 -- tests/test_guest_place.py``;
+tests/test_guest_tier.py does that in CI).  Elsewhere it skips with the reason (the
+host has one L3: tests/test_place.py checks that the plan says so and does nothing).
 
 The workload (tests/workloads/llc_pairs.c) has two pairs of threads: a0 and a1 write
 and read buffer A, b0 and b1 only read buffer B; no thread touches the other pair's
@@ -62,7 +62,7 @@ pytestmark = [
     pytest.mark.skipif(len(_topo.domains) < 2, reason=(
         f"needs two LLC domains (this machine has {len(_topo.domains)}: {_topo.level} over "
         f"CPUs {format_cpulist(_topo.cpus)}); runs in the QEMU guest: "
-        "python3 tests/guest/run.py -- tests/test_guest_place.py")),
+        "python3 tests/guest/run.py --smp 2,sockets=2 -- tests/test_guest_place.py")),
     pytest.mark.skipif(not _ok, reason=f"hint primitive unavailable: {_why}"),
 ]
 
@@ -104,7 +104,7 @@ def test_place_puts_each_sharing_pair_in_one_llc(tmp_path, llc_pairs_bin):
         for attempt in range(1, ATTEMPTS + 1):
             undo = tmp_path / f"undo-{attempt}.json"
             before_rec, after_rec = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
-            p = run_udamon("place", "--pid", str(info["pid"]),
+            p = run_udamon("place", "--primitive", "hint", "--pid", str(info["pid"]),
                            "--cpus-allowed", format_cpulist(_topo.cpus),
                            "--range", f"{A[0]:#x}-{A[1]:#x}", "--range", f"{B[0]:#x}-{B[1]:#x}",
                            "--regions", os.environ.get("UDAMON_GUEST_PLACE_REGIONS", "3,6"),
