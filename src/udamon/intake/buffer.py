@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from udamon.intake.reports import REPORT_DTYPE, make
+from udamon.intake.reports import REPORT_DTYPE
 from udamon.targets.topology import nodes_of
 
 DEFAULT_CAPACITY = 1 << 22  # ~4M reports, 160 MiB at most
@@ -50,9 +50,6 @@ class ReportBuffer:
         self._len += n
         self.accepted += n
         return n
-
-    def add_one(self, **fields) -> bool:
-        return self.add(make(**fields)) == 1
 
     def take_before(self, end_ns: int) -> np.ndarray:
         """Remove and return every report with ``time_ns < end_ns``.

@@ -224,10 +224,25 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
                 and 0 <= x[0] < x[1] for x in spans):
             raise _Bad(f"{where}: mapped must be a list of [start, end] pairs")
         mapped = [(int(a), int(b)) for a, b in spans]
+    numa = _parse_numa(obj["numa"], where) if "numa" in obj else None
     return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
                     _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
-                    written_pages=wpages, mapped=mapped)
+                    written_pages=wpages, mapped=mapped, numa=numa)
+
+
+def _parse_numa(numa, where: str) -> dict:
+    """A snapshot's locality counts: local/remote/unknown, and per thread."""
+    if not isinstance(numa, dict):
+        raise _Bad(f"{where}: numa must be an object")
+    out = {k: _int(numa.get(k, 0), f"numa {k}", where) for k in ("local", "remote", "unknown")}
+    threads = numa.get("threads", {})
+    if not isinstance(threads, dict) or not all(
+            (k.isdigit() or k in ("other", "unknown")) and isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, int) and x >= 0 for x in v) for k, v in threads.items()):
+        raise _Bad(f"{where}: numa threads must map thread ids to [local, remote, unknown]")
+    out["threads"] = threads
+    return out
 
 
 def _parse_end(end, where: str) -> dict:
