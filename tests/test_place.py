@@ -31,6 +31,7 @@ from udamon.errors import RuntimeFailure, UsageError
 from udamon.probes.filters import parse_conditions
 from udamon.probes.probe import Probe
 from udamon.record.reader import Record
+from udamon.report import placement as place_report
 from udamon.schemes import affinity, placement
 from udamon.targets import threads as thr
 from udamon.targets.topology import (
@@ -286,10 +287,10 @@ def test_measured_cross_domain_share():
                (0x3000, 0x4000, {"thread:1": 2, "cpu:0": 1, "cpu:1": 1}),
                # shared within one domain: sharing, not cross
                (0x4000, 0x6000, {"thread:1": 1, "thread:2": 1, "cpu:1": 4})], names)
-    m = placement.measured_cross(_record([s], names), 1, TWO)
+    m = place_report.measured_cross(_record([s], names), 1, TWO)
     # region 1: 8 KiB x 4 hits, 1 of them from outside; region 3: 8 KiB x 4 hits, none
     assert m.share == pytest.approx(1 / 8) and m.snapshots == 1
-    empty = placement.measured_cross(_record([], names), 1, TWO)
+    empty = place_report.measured_cross(_record([], names), 1, TWO)
     assert empty.share is None and "no region" in empty.why
 
 

@@ -17,6 +17,7 @@ from udamon.cli.common import typed
 from udamon.core.monitor import Monitor
 from udamon.core.session import SessionResult
 from udamon.errors import InputError, RuntimeFailure, TargetGone, UsageError
+from udamon.report import placement as place_report
 from udamon.schemes import affinity, placement
 from udamon.targets import threads as thr
 from udamon.targets.topology import (
@@ -214,10 +215,10 @@ def run(a: argparse.Namespace) -> int:
                                                                       DEFAULT_WINDOW_NS) / 1e9,
                   "snapshots": len(rec.snapshots_of(pid)), "primitive": spec.primitive}
     infos = _thread_infos(pid, sampler, topo, a.cpus_allowed)
-    sh = placement.sharing_from_record(rec, pid)
+    sh = place_report.sharing_from_record(rec, pid)
     p = placement.plan(topo, list(infos.values()), sh, write_weight=a.write_weight,
                        max_load=a.max_load, min_join=a.min_join)
-    before = placement.measured_cross(rec, pid, topo)
+    before = place_report.measured_cross(rec, pid, topo)
     doc = plan_doc(pid, p, before, window)
     if a.save_plan:
         _save(a.save_plan, doc)
@@ -261,8 +262,8 @@ def _act(a: argparse.Namespace, pid: int, doc: dict, topo: Topology) -> int:
                     rec2, _, _ = _window(ns, _spec(ns, pid), pid, dur, a.check_record)
                 except TargetGone:
                     pass
-            after = (placement.measured_cross(rec2, pid, topo) if rec2 is not None else
-                     placement.CrossMeasure(None, 0, 0, 0, 0, f"process {pid} exited"))
+            after = (place_report.measured_cross(rec2, pid, topo) if rec2 is not None else
+                     place_report.CrossMeasure(None, 0, 0, 0, 0, f"process {pid} exited"))
             doc["check"] = {"duration_s": dur / 1e9, "record": a.check_record,
                             "measured_after": after.to_dict()}
             if a.format == "text":
@@ -459,7 +460,7 @@ def _thread_infos(pid: int, sampler: thr.ThreadSampler, topo: Topology,
 # -- the plan document ---------------------------------------------------------------
 
 
-def plan_doc(pid: int, p: placement.Plan, before: placement.CrossMeasure, window: dict) -> dict:
+def plan_doc(pid: int, p: placement.Plan, before: place_report.CrossMeasure, window: dict) -> dict:
     st = thr.read_stat(pid, pid)
     threads = []
     for t in p.threads:
