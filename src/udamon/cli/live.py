@@ -90,6 +90,7 @@ class SessionSpec:
     pids: list[int]
     command: list[str]
     options: dict = field(default_factory=dict)  # the primitive's own (hint's scan tunables)
+    paddr: bool = False  # --paddr: the physical address space (kernel primitive)
 
 
 def primitives_help(replay: bool) -> str:
@@ -163,6 +164,19 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     g.add_argument("--hint-scan-size", metavar="MIB", type=typed(_scan_size_mb, "MiB"),
                    help="MiB of a task's memory hinted per scan step (scan_size_mb; "
                         "default 256, 1..1048576)")
+    k = p.add_argument_group("kernel DAMON (--primitive kernel; docs/kernel-damon.md)")
+    k.add_argument("--paddr", action="store_true",
+                   help="monitor the physical address space (DAMON paddr) instead of a "
+                        "process: over the --range physical ranges, or all System RAM")
+    k.add_argument("--kernel-weight", metavar="PROBE=W", action="append", default=[],
+                   help="the kernel probe PROBE's weight (Linux 7.3 attributes-only "
+                        "monitoring: regions follow the weighted probe hits, nr_accesses "
+                        "stay 0)")
+    k.add_argument("--kernel-reader", choices=("auto", "tracepoint", "tried-regions"),
+                   default="auto",
+                   help="how aggregations are read: the damon:damon_aggregated tracepoints "
+                        "(exact; auto's choice where they can be read) or the stat scheme's "
+                        "tried_regions (misses aggregations while it reads)")
     add_filter_args(p)
     add_monitoring_args(p)
     p.add_argument("command", nargs=argparse.REMAINDER,
@@ -280,10 +294,75 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
                          f"not {prim}")
     if prim == "external":
         options = {"socket_path": a.socket, "stdin": live_input}
+    paddr = bool(getattr(a, "paddr", False))
+    if prim == "kernel":
+        options = _kernel_options(a, filters, probes, kinds, ranges, pids, command)
+    else:
+        _no_kernel_options(a, prim, filters, probes)
     if e.live:
         check_cpus([*filters, *(f for p in probes for f in p.filters)])
     attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
-    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command, options)
+    if paddr and ranges is None:
+        ranges = options["ranges"]
+    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command, options,
+                       paddr=paddr)
+
+
+def _kernel_options(a, filters, probes, kinds, ranges, pids, command) -> dict:
+    """--primitive kernel: what the kernel's DAMON can be asked for, or one line why not."""
+    from udamon.primitives.kernel_sysfs import KernelProbe, check_probe_filters, system_ram
+
+    if filters:
+        raise UsageError("the kernel's DAMON has no sample filters (per-CPU, thread and "
+                         "read/write sample filters are not upstream): --cpus, --tids, "
+                         "--write-only and --filter cannot be used with --primitive kernel")
+    if kinds:
+        raise UsageError(f"--breakdown {','.join(kinds)}: the kernel's DAMON cannot tell which "
+                         "CPU, node or thread made an access, nor read from write; use a "
+                         "primitive that reports them (hint, rwp)")
+    weights: dict[str, int] = {}
+    names = {p.name for p in probes}
+    for spec in a.kernel_weight:
+        name, sep, w = spec.partition("=")
+        try:
+            weight = int(w)
+        except ValueError:
+            weight = -1
+        if not sep or weight < 0:
+            raise UsageError(f"bad --kernel-weight {spec!r} (expected PROBE=W, W a whole "
+                             "number >= 0)")
+        if name not in names:
+            raise UsageError(f"--kernel-weight {spec!r}: no --probe named {name!r}")
+        weights[name] = weight
+    kprobes = [KernelProbe(p.name, p.filters, weights.get(p.name, 0)) for p in probes]
+    check_probe_filters(kprobes)
+    if a.paddr:
+        if pids or command:
+            raise UsageError("--paddr monitors the physical address space: give no --pid "
+                             "and no command")
+        if ranges is None:
+            ranges = system_ram()
+            if not ranges:
+                raise UsageError("/proc/iomem lists no System RAM: give --range START-END")
+    elif not pids and not command:
+        raise UsageError("give the target: --pid PID or -- COMMAND ARGS (or --paddr)")
+    return {"paddr": bool(a.paddr), "ranges": ranges, "probes": kprobes,
+            "reader": a.kernel_reader}
+
+
+def _no_kernel_options(a, prim: str, filters, probes) -> None:
+    """Options and filter types only the kernel primitive takes."""
+    from udamon.probes.filters import KERNEL_ONLY_TYPES
+
+    if getattr(a, "paddr", False) or getattr(a, "kernel_weight", None) or \
+            getattr(a, "kernel_reader", "auto") != "auto":
+        raise UsageError(f"--paddr, --kernel-weight and --kernel-reader are for --primitive "
+                         f"kernel, not {prim}")
+    for f in [*filters, *(f for p in probes for f in p.filters)]:
+        if f.type in KERNEL_ONLY_TYPES:
+            raise UsageError(f"filter type {f.type!r} is evaluated by the kernel's DAMON only "
+                             f"(--primitive kernel probes); reports from {prim} do not say "
+                             "what backs a page")
 
 
 def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = True) -> int:
@@ -295,6 +374,8 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
 
     prim_name, attrs, filters, probes = spec.primitive, spec.attrs, spec.filters, spec.probes
     kinds, ranges, pids, command = spec.kinds, spec.ranges, spec.pids, spec.command
+    if spec.paddr:
+        pids = [0]  # the physical address space: one target, id 0
     if bool(pids) == bool(command):
         raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
     entry = registry.entry(prim_name)
@@ -304,7 +385,7 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
     if command and "thread" in kinds:
         print("udamon: note: --breakdown thread with -- COMMAND covers the command's first "
               "thread only: threads it creates later are not broken down", file=sys.stderr)
-    for pid in pids:
+    for pid in pids if not spec.paddr else []:
         try:
             read_vmas(pid)
         except TargetGone as e:
@@ -335,14 +416,16 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                 except TargetGone:
                     pass
             probes = add_breakdown(probes, kinds, cpus=cpus, nodes=nodes, tids=tids)
-        monitor = Monitor(attrs, filters, probes, seed=a.seed,
-                          count_written_pages=primitive.kind != "controlled")
+        # a regions primitive (kernel) counts its probes itself; the monitor counts the rest
+        mine = [p for p in probes if primitive.kind != "regions"]
+        monitor = Monitor(attrs, filters, mine, seed=a.seed,
+                          count_written_pages=primitive.kind == "observational")
         gone = primitive.gone_at_start()
         for pid in targets:
             if pid in gone:
                 continue
             try:
-                monitor.add_target(pid, ranges)
+                monitor.add_target(pid, ranges, **({"name": "paddr"} if spec.paddr else {}))
             except TargetGone:
                 gone.append(pid)
         if not monitor.targets:
@@ -355,7 +438,9 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
         for n in gone_notes:
             print(f"udamon: note: {n}", file=sys.stderr)
         extra = {"command": command} if command else {}
-        start_notes = primitive.stats().notes + gone_notes
+        st0 = primitive.stats()
+        extra.update(st0.header)
+        start_notes = st0.notes + gone_notes
         header = build_header(attrs, prim_name, primitive.coverage, filters, probes,
                               monitor.targets, clock="monotonic", notes=start_notes,
                               written_pages=monitor.count_written_pages, **extra)

@@ -13,6 +13,7 @@ from udamon.cli import live
 from udamon.cli.common import typed
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.core.session import SessionResult
+from udamon.errors import UsageError
 from udamon.schemes.numa_migrate import PAGE, Action, MigrateParams, apply, node_hits
 from udamon.units import fmt_size, parse_size
 
@@ -86,6 +87,9 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     s = live.resolve(a, replay=False)
+    if s.primitive == "kernel":
+        raise UsageError("udamon migrate needs the node of every access, which the kernel's "
+                         "DAMON cannot tell (use --primitive hint)")
     if "node" not in s.kinds:
         s.kinds = [*s.kinds, "node"]
     params = MigrateParams(quota_bytes=a.quota, min_hits=a.min_hits, min_share=a.min_share,

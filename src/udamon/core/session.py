@@ -2,7 +2,8 @@
 
 Two loops: ``run_replay`` is data-driven (time comes from the reports, as fast
 as the input can be read); ``run_live`` follows the monotonic clock, one turn
-per sampling interval.  Both end with a reason for the record's end line and
+per sampling interval (or, for a primitive that runs its own DAMON, one snapshot
+per aggregation it hands over).  Both end with a reason for the record's end line and
 call ``primitive.stop()`` on every path.
 """
 
@@ -162,6 +163,9 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
     interval or until it has data waiting.  The caller has started the primitive;
     this calls ``primitive.stop()`` before returning (any path)."""
     stop = stop or StopFlag()
+    if primitive.kind == "regions":
+        return _run_supplied(monitor, primitive, sink, duration_ns=duration_ns, stop=stop,
+                             clock=clock, on_tick=on_tick, annotate=annotate)
     res = SessionResult("duration")
     try:
         t0 = clock()
@@ -245,6 +249,49 @@ def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
                     annotate(s)
                 sink(s)
                 res.snapshots += 1
+    finally:
+        primitive.stop()
+        stop.close()
+        st = primitive.stats()
+        res.lost_samples = st.lost_samples
+        res.notes = list(st.notes)
+        res.end = dict(st.end)
+    return res
+
+
+def _run_supplied(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
+                  duration_ns: int | None, stop: StopFlag, clock: Callable[[], int],
+                  on_tick: Callable[[int], None] | None,
+                  annotate: Callable[[Snapshot], None] | None) -> SessionResult:
+    """A regions primitive runs its own DAMON: every aggregation it completes becomes
+    the monitor's regions and one snapshot per target.  The aggregation running when
+    the session ends is the supplier's, not ended: it is not in the record."""
+    res = SessionResult("duration")
+    try:
+        t0 = clock()
+        monitor.start(t0)
+        while True:
+            primitive.wait(0.1)
+            now = clock()
+            for snap in monitor.supply(primitive.aggregations()):
+                if annotate is not None:
+                    annotate(snap)
+                sink(snap)
+                res.snapshots += 1
+            _mark_exited(monitor, primitive.exited())
+            if on_tick is not None:
+                on_tick(now - t0)
+            if stop.is_set():
+                res.reason = stop.why
+                break
+            if duration_ns is not None and now - t0 >= duration_ns:
+                break
+            if monitor.targets and all(t.exited for t in monitor.targets):
+                res.reason = "targets-exited"
+                break
+            if primitive.exhausted():
+                res.reason = "input-exhausted"
+                break
     finally:
         primitive.stop()
         stop.close()

@@ -79,6 +79,18 @@ def _make_pmu(attrs: Attrs) -> Primitive:
     return PmuPrimitive()
 
 
+def _kernel_available() -> tuple[bool, str]:
+    from udamon.primitives.kernel_sysfs import kernel_available
+
+    return kernel_available()
+
+
+def _make_kernel(attrs: Attrs, **options) -> Primitive:
+    from udamon.primitives.kernel import KernelPrimitive
+
+    return KernelPrimitive(attrs, **options)
+
+
 ENTRIES: dict[str, Entry] = {
     "replay": Entry("replay", "recorded reports from a CSV file (--input)", False,
                     lambda: (True, "")),
@@ -109,6 +121,12 @@ ENTRIES: dict[str, Entry] = {
                       "--input - (binary records or CSV; docs/report-channel.md); no "
                       "privileges needed", True, lambda: (True, ""), _make_external,
                       auto=False),
+    "kernel": Entry("kernel", "the kernel's own DAMON (sysfs): vaddr on --pid (fvaddr with "
+                    "--range), paddr with --paddr; the kernel's regions, nr_accesses, ages and "
+                    "probes (anon, memcg: Linux 7.2+; --kernel-weight: 7.3); it cannot tell "
+                    "CPU, thread, read or write (root; a kdamond of udamon's own, never one "
+                    "it did not start)", True, _kernel_available, _make_kernel,
+                    attach_before_exec=False, auto=False),
 }
 
 

@@ -264,7 +264,13 @@ def _check_order(snap: Snapshot, rec: Record, targets: set[int], last_of: dict[i
 
 
 def read_record(path: str, *, salvage: bool = False) -> Record:
-    """Read and validate a whole record.  Raises InputError with FILE:LINE."""
+    """Read and validate a whole record.  Raises InputError with FILE:LINE.  A record
+    file of damo (DAMON's user-space tool) is read as one too (record/damo_import.py)."""
+    from udamon.record import damo_import
+
+    kind = damo_import.sniff(path)
+    if kind is not None:
+        return damo_import.read_damo(path, kind)
     rec: Record | None = None
     mapped_of: dict[int, list[tuple[int, int]]] = {}
     last_of: dict[int, int] = {}
