@@ -73,9 +73,11 @@ def workload():
         binary = build("access_pattern")
     except BuildError as e:
         pytest.skip(f"cannot build the workload: {e}")
+    # niced: its two threads spin on both vCPUs, which under TCG take turns on one host
+    # thread; udamon's Python (and damo's, and perf) would crawl at equal priority
     p = subprocess.Popen([binary, "--duration", "900", "--size", str(SIZE_MIB), "--flush-tlb",
                           "--reader-cpu", "0", "--writer-cpu", "1"], stdout=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=lambda: os.nice(10))
     info = json.loads(p.stdout.readline())
     yield info
     p.send_signal(signal.SIGTERM)
@@ -84,11 +86,29 @@ def workload():
     assert end["intact"] and p.returncode == 0, end  # never harmed by udamon or the kernel
 
 
+def _cli(*args: str) -> tuple[int, str, str]:
+    """The udamon command line, in this process (Python takes ~20 s to start under TCG):
+    (exit code, stdout, stderr).  Signal handlers the command installs are put back."""
+    import contextlib
+    import io
+
+    from udamon.cli.main import main
+
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return rc, out.getvalue(), err.getvalue()
+
+
 def _record(args: list[str], seconds: float) -> tuple[dict, list[dict], dict | None, str]:
     out = f"/tmp/udamon-kernel-{os.getpid()}-{time.monotonic_ns()}.jsonl"
-    r = subprocess.run([*UDAMON, "record", "-q", *args, "--duration", f"{seconds}s", "-o", out],
-                       capture_output=True, text=True, timeout=seconds * 8 + 300)
-    assert r.returncode == 0, r.stderr
+    rc, _, err = _cli("record", "-q", *args, "--duration", f"{seconds}s", "-o", out)
+    assert rc == 0, err
     with open(out) as f:
         lines = [json.loads(x) for x in f if x.strip()]
     end = lines[-1]["end"] if "end" in lines[-1] else None
@@ -123,10 +143,10 @@ def test_kernel_vaddr_and_udamon_rwp_agree_on_the_pinned_workload(workload):
     in every report (those that need CPU or write information say so in one line)."""
     pid = str(workload["pid"])
     attrs = ["--sample", "20ms", "--aggr", "400ms"]
-    header, snaps, end, path = _record(["--primitive", "kernel", "--pid", pid, *attrs], 15)
+    header, snaps, end, path = _record(["--primitive", "kernel", "--pid", pid, *attrs], 12)
     assert header["primitive"] == "kernel" and header["coverage"] == "controlled"
     assert header["kernel"]["ops"] == "vaddr" and header["kernel"]["reader"] == "tracepoint"
-    assert end is not None and end["kernel"]["aggregations"] == len(snaps) > 10
+    assert end is not None and end["kernel"]["aggregations"] == len(snaps) > 8
     assert end["kernel"]["broken_aggregations"] == 0 and end["lost_samples"] == 0
     assert all(max(g["nr_accesses"] for g in s["regions"]) <= 20 for s in snaps)
     late = snaps[len(snaps) // 2:]
@@ -139,17 +159,16 @@ def test_kernel_vaddr_and_udamon_rwp_agree_on_the_pinned_workload(workload):
     assert abs(kw - truth) <= 0.15 * truth, kw / 2**20
     for kind, ok in (("access", 0), ("heatmap", 0), ("wss", 0), ("ksm", 2), ("dirty", 2),
                      ("numa", 2), ("sharing", 2)):
-        r = subprocess.run([*UDAMON, "report", kind, "-i", path], capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == ok, (kind, r.stderr)
+        rc, _, err = _cli("report", kind, "-i", path)
+        assert rc == ok, (kind, err)
         if ok:  # cannot tell writes / CPUs apart: one line, no traceback
-            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     os.unlink(path)
     from udamon.primitives.uffd import rwp_available
 
     if not rwp_available()[0]:
         pytest.skip(f"no RWP here for the comparison ({rwp_available()[1]})")
-    _, usnaps, uend, upath = _record(["--primitive", "rwp", "--pid", pid, *attrs], 15)
+    _, usnaps, uend, upath = _record(["--primitive", "rwp", "--pid", pid, *attrs], 12)
     os.unlink(upath)
     ulate = usnaps[len(usnaps) // 2:]
     us = _scores(workload, ulate)
@@ -166,7 +185,7 @@ def test_sigkill_of_udamon_leaves_no_kdamond(workload):
                             str(workload["pid"]), "-o", out], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not (os.path.exists(out) and open(out).read().count("\n") >= 3):
+        while not (os.path.exists(out) and open(out).read().count("\n") >= 2):
             assert time.monotonic() < deadline and mon.poll() is None, "no snapshots"
             time.sleep(0.2)
         assert (KD / "nr_kdamonds").read_text().strip() == "1"
@@ -202,10 +221,33 @@ sys.stdin.readline()
 """
 
 
-def test_paddr_anon_probe_tells_anonymous_from_shared_memory(tmp_path):
-    """--paddr over two buffers' physical pages with the kernel's 7.2 'anon' probe: every
-    sample of the private anonymous buffer hits it, none of the shared (shmem) one's;
-    the probe is a column of the record and of 'report access'."""
+KPF_LRU, KPF_ANON = 5, 12
+
+
+def _anon_share(lo: int, hi: int, flags: dict[int, int]) -> float:
+    """Share of the pages in physical [lo, hi) that are anonymous and on an LRU list (what
+    the kernel's anon probe finds: damon_get_folio() takes LRU folios only)."""
+    want = (1 << KPF_ANON) | (1 << KPF_LRU)
+    pfns = range(lo // 4096, hi // 4096)
+    return sum(1 for f in pfns if flags.get(f, 0) & want == want) / max(len(pfns), 1)
+
+
+def _kpageflags(ranges: list[tuple[int, int]]) -> dict[int, int]:
+    out = {}
+    with open("/proc/kpageflags", "rb") as f:
+        for lo, hi in ranges:
+            f.seek(lo // 4096 * 8)
+            vals = np.frombuffer(f.read((hi - lo) // 4096 * 8), dtype=np.uint64)
+            out.update(zip(range(lo // 4096, hi // 4096), vals.tolist(), strict=True))
+    return out
+
+
+def test_paddr_anon_probe_tells_anonymous_from_shared_memory():
+    """--paddr over two buffers' physical pages with the kernel's 7.2 'anon' probe: a
+    region's hits are the share of its samples that fell on anonymous pages, which the
+    kernel's own page flags (/proc/kpageflags) give for every page; the private buffer's
+    pages are anonymous, the shared (shmem) buffer's are not.  The probe is a column of
+    the record and of 'report access'."""
     p = subprocess.Popen([sys.executable, "-c", _BUFFERS], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
@@ -213,29 +255,42 @@ def test_paddr_anon_probe_tells_anonymous_from_shared_memory(tmp_path):
         anon = virt_to_pfns(p.pid, anon_va, anon_va + n)
         shm = virt_to_pfns(p.pid, shm_va, shm_va + n)
         assert (anon != 0).all() and (shm != 0).all()
-        ranges = pfn_ranges(np.concatenate([anon, shm]), 6)
+        ranges = pfn_ranges(np.concatenate([anon, shm]), 64)
         rng = [a for lo, hi in ranges for a in ("--range", f"{lo:#x}-{hi:#x}")]
         header, snaps, end, path = _record(
             ["--primitive", "kernel", "--paddr", *rng, "--probe", "anon=anon", "--sample",
-             "5ms", "--aggr", "100ms", "--regions", "20,1000"], 6)
-        r = subprocess.run([*UDAMON, "report", "access", "-i", path], capture_output=True,
-                           text=True, timeout=300)
+             "5ms", "--aggr", "100ms", "--regions", "20,1000"], 5)
+        flags = _kpageflags(ranges)
+        rc, text, err = _cli("report", "access", "-i", path)
         os.unlink(path)
     finally:
         p.kill()
         p.wait()
     assert header["kernel"]["ops"] == "paddr" and header["targets"][0]["name"] == "paddr"
     assert [pr["name"] for pr in header["probes"]] == ["anon"]
-    assert r.returncode == 0 and "anon" in r.stdout.splitlines()[3 + 1], r.stdout[:600]
+    assert rc == 0 and any(ln.split()[:1] == ["start"] and ln.split()[-1] == "anon"
+                           for ln in text.splitlines()), text[:800]
     assert end["kernel"]["aggregations"] == len(snaps) > 5
+    assert np.mean([_anon_share(int(f) * 4096, int(f) * 4096 + 4096, flags) for f in anon]) > 0.99
+    assert np.mean([_anon_share(int(f) * 4096, int(f) * 4096 + 4096, flags) for f in shm]) == 0
+    # 20 samples per aggregation (5 ms / 100 ms): hits / 20 estimates the anonymous share
+    err_w = tot = 0.0
+    for s in snaps[2:]:
+        for g in s["regions"]:
+            sz = g["end"] - g["start"]
+            err_w += sz * abs(g["probes"]["anon"] / 20 - _anon_share(g["start"], g["end"], flags))
+            tot += sz
     per_anon, per_shm = [], []
     for s in snaps[2:]:
         regs = [(g["start"], g["end"], g["probes"]["anon"], 0) for g in s["regions"]]
-        per_anon.append(np.median(classify_pages(anon, regs)[0]))
-        per_shm.append(np.median(classify_pages(shm, regs)[0]))
-    print("anon hits per aggregation: anon buffer", per_anon, "shared buffer", per_shm)
-    # 20 samples per aggregation (5 ms / 100 ms): the anonymous pages' regions hit each
-    assert np.median(per_anon) >= 18 and np.median(per_shm) == 0
+        per_anon.append(float(np.mean(classify_pages(anon, regs)[0])))
+        per_shm.append(float(np.mean(classify_pages(shm, regs)[0])))
+    print(f"anon probe: mean |hits/20 - anonymous share| {err_w / tot:.3f}; hits over the "
+          f"private buffer {np.mean(per_anon):.1f}, the shared one {np.mean(per_shm):.1f}")
+    # (a run: 0.061; the buffers' pages interleave physically with each other and with
+    # other memory, so their regions mix: 10.0 and 5.2 hits; the page flags say by how much)
+    assert err_w / tot <= 0.12
+    assert np.mean(per_anon) > np.mean(per_shm)
 
 
 def test_vaddr_probes_are_refused_with_the_reason(workload):
@@ -281,11 +336,10 @@ def test_busy_damon_is_refused_and_untouched(workload):
     try:
         kpid = (KD / "0" / "pid").read_text().strip()
         sample = KD / "0" / "contexts" / "0" / "monitoring_attrs" / "intervals" / "sample_us"
-        r = subprocess.run([*UDAMON, "record", "--primitive", "kernel", "--pid",
-                            str(workload["pid"]), "--duration", "1s", "-o", os.devnull],
-                           capture_output=True, text=True, timeout=300)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        rc, _, err = _cli("record", "--primitive", "kernel", "--pid", str(workload["pid"]),
+                          "--duration", "1s", "-o", os.devnull)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1, err
         assert f"kdamond 0 (pid {kpid} kdamond.0, not started by udamon)" in lines[0]
         assert (KD / "0" / "state").read_text().strip() == "on"
         assert (KD / "0" / "pid").read_text().strip() == kpid
@@ -317,34 +371,66 @@ def test_busy_damon_is_refused_and_untouched(workload):
         time.sleep(0.1)
 
 
-def test_damo_record_of_a_kernel_session_reads_into_udamon_reports(workload, tmp_path):
-    """damo 3.4.3 records a kernel DAMON session of its own (perf on the damon
-    tracepoints, converted to json_compressed); udamon's reports read the file, and the
-    pid comes from damo's .kdamonds file."""
+def test_damo_record_of_a_kernel_session_reads_into_udamon_reports(workload):
+    """damo 3.4.3 records a kernel DAMON session of its own (damo record --snapshot:
+    the tried regions of its kdamond, json_compressed, with its .kdamonds file); udamon's
+    reports read the file, with the target's pid from the .kdamonds file."""
+    damo = os.path.join(os.path.dirname(sys.executable), "damo")
+    if not os.access(damo, os.X_OK):
+        pytest.skip("needs damo (the test extras)")
+    out = f"/tmp/udamon-damo-{os.getpid()}.data"
+    r = subprocess.run([damo, "record", "--snapshot", "0.3", "6", "--do_record", "access",
+                        "-o", out, str(workload["pid"])], capture_output=True, text=True,
+                       timeout=600)
+    try:
+        assert r.returncode == 0 and os.path.exists(out), r.stdout[-2000:] + r.stderr[-2000:]
+        _nothing_left()  # damo cleaned up after itself too
+        for kind in ("access", "wss", "heatmap"):
+            rc, _, err = _cli("report", kind, "-i", out)
+            assert rc == 0, (kind, err)
+        from udamon.record.reader import read_record
+
+        rec = read_record(out)
+        assert rec.header["input_format"] == "damo-json_compressed"
+        assert rec.pids == [workload["pid"]] and len(rec.snapshots) == 6
+        sc = _scores(workload, [s.to_dict() for s in rec.snapshots[2:]])
+        print("damo record", {b: round(v, 2) for b, v in sc.items()})
+        hot = min(sc["R"], sc["W"], sc["S"])
+        assert hot > 0 and sc["I"] <= 0.05 * hot, sc
+    finally:
+        for f in (out, f"{out}.kdamonds"):
+            if os.path.exists(f):
+                os.unlink(f)
+
+
+def test_perf_data_of_the_kernel_tracepoints_reads_exactly(workload):
+    """perf record of the damon tracepoints (what damo record keeps with --output_type
+    perf_data) during udamon's own kernel session: the record udamon reads from
+    perf.data holds exactly the aggregations udamon's tracer read."""
     import shutil
 
-    damo = os.path.join(os.path.dirname(sys.executable), "damo")
-    if not os.access(damo, os.X_OK) or shutil.which("perf") is None or \
-            shutil.which("file") is None:
-        pytest.skip("needs damo (test extras), perf and file")
-    out = "/tmp/udamon-damo.data"  # perf cannot write its data onto the 9p results share
-    r = subprocess.run([damo, "record", "--do_record", "access", "--timeout", "5", "-o", out,
-                        str(workload["pid"])], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and os.path.exists(out), r.stdout[-2000:] + r.stderr[-2000:]
-    _nothing_left()  # damo cleaned up after itself too
-    for kind in ("access", "wss", "heatmap"):
-        rr = subprocess.run([*UDAMON, "report", kind, "-i", out], capture_output=True,
-                            text=True, timeout=300)
-        assert rr.returncode == 0, rr.stderr
-    from udamon.record.reader import read_record
+    if shutil.which("perf") is None:
+        pytest.skip("needs perf")
+    prim = KernelPrimitive(Attrs(5000, 100000, 1000000, 10, 1000))
+    prim.start([workload["pid"]])
+    out = f"/tmp/udamon-perf-{os.getpid()}.data"
+    try:
+        r = subprocess.run(["perf", "record", "-q", "-e", "damon:damon_aggregated", "-a",
+                            "-o", out, "--", "sleep", "3"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.3)
+        mine = [list(zip(a.start.tolist(), a.end.tolist(), a.nr_accesses.tolist(),
+                         a.age.tolist(), strict=True)) for a in prim.aggregations()]
+    finally:
+        prim.stop()
+    try:
+        from udamon.record.reader import read_record
 
-    rec = read_record(out)
-    assert rec.header["input_format"] == "damo-json_compressed"
-    assert rec.pids == [workload["pid"]] and len(rec.snapshots) >= 10
-    snaps = [s.to_dict() for s in rec.snapshots]
-    sc = _scores(workload, snaps[len(snaps) // 2:])
-    print("damo record", {b: round(v, 2) for b, v in sc.items()})
-    assert min(sc["R"], sc["W"], sc["S"]) > 0 and sc["I"] <= 0.05 * min(sc["R"], sc["W"], sc["S"])
-    for f in (out, f"{out}.kdamonds"):
-        if os.path.exists(f):
-            os.unlink(f)
+        rec = read_record(out)
+        assert rec.header["input_format"] == "damo-perf_data"
+        theirs = [list(zip(s.start.tolist(), s.end.tolist(), s.nr_accesses.tolist(),
+                           s.age.tolist(), strict=True)) for s in rec.snapshots]
+        assert len(theirs) >= 5 and all(t in mine for t in theirs)
+    finally:
+        os.unlink(out)

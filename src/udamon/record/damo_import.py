@@ -317,6 +317,7 @@ def records_to_record(path: str, kind: str, records: list, *,
     targets: list[dict] = []
     snaps: list[Snapshot] = []
     used: set[int] = set()
+    ns_fix = False
     for ri, rec in enumerate(records):
         kd, ci = int(rec.get("kdamond_idx") or 0), int(rec.get("context_idx") or 0)
         ctx = _ctx(kdamonds, kd, ci)
@@ -356,6 +357,14 @@ def records_to_record(path: str, kind: str, records: list, *,
             t0 = _ns(t0, f"{where} start_time") if t0 is not None else t1 - attrs.aggr_us * 1000
             su = s.get("sample_interval_us")
             sample_us = _us(su, f"{where} sample_interval_us") if su else attrs.sample_us
+            if sample_us * 1000 > t1 - t0 and sample_us % 1000 == 0:
+                # damo 3.4.3 writes this field in nanoseconds when it writes raw numbers
+                # (format_time_us_exact), though it reads it back as microseconds
+                sample_us //= 1000
+                if not ns_fix:
+                    ns_fix = True
+                    all_notes.append("damo's sample_interval_us were nanoseconds (damo 3.4.3 "
+                                     "writes them so): read as such")
             st, en, acc, age, hits = _region_arrays(regions, where, sample_us,
                                                     attrs.aggr_us, nr_probes)
             if last is not None and t1 <= last:
