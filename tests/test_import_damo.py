@@ -154,14 +154,15 @@ def test_snapshot_mode_records_and_the_kdamonds_file(tmp_path):
 
 
 # the kernel's tracepoints as 'perf script' prints them (the print fmt of Linux 7.3)
-PERF_TEXT = """\
- kdamond.0   158 [001]   100.000000100: damon:damon_region_aggregated: target_id=0 nr_regions=2 4096-8192: 20 1 probe_hits=14 00
- kdamond.0   158 [001]   100.000000200: damon:damon_region_aggregated: target_id=0 nr_regions=2 8192-65536: 0 7 probe_hits=00 14
- kdamond.0   158 [001]   100.000000150: damon:damon_aggregated: target_id=0 nr_regions=2 4096-8192: 20 1
- kdamond.0   158 [001]   100.100000100: damon:damon_region_aggregated: target_id=0 nr_regions=2 4096-8192: 19 2 probe_hits=13 01
- kdamond.0   158 [001]   100.100000200: damon:damon_region_aggregated: target_id=0 nr_regions=2 8192-65536: 1 0 probe_hits=00 14
- kdamond.0   158 [001]   100.200000100: damon:damon_region_aggregated: target_id=0 nr_regions=2 4096-8192: 19 2 probe_hits=13 01
-"""
+_K = " kdamond.0   158 [001]   {t}: damon:{ev}: target_id=0 nr_regions=2 {rest}\n"
+PERF_TEXT = "".join(_K.format(t=t, ev=ev, rest=rest) for t, ev, rest in (
+    ("100.000000100", "damon_region_aggregated", "4096-8192: 20 1 probe_hits=14 00"),
+    ("100.000000200", "damon_region_aggregated", "8192-65536: 0 7 probe_hits=00 14"),
+    ("100.000000150", "damon_aggregated", "4096-8192: 20 1"),
+    ("100.100000100", "damon_region_aggregated", "4096-8192: 19 2 probe_hits=13 01"),
+    ("100.100000200", "damon_region_aggregated", "8192-65536: 1 0 probe_hits=00 14"),
+    ("100.200000100", "damon_region_aggregated", "4096-8192: 19 2 probe_hits=13 01"),
+))
 
 
 def test_kernel_tracepoint_text_with_probe_hits(tmp_path):

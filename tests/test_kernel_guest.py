@@ -210,6 +210,8 @@ def test_sigkill_of_udamon_leaves_no_kdamond(workload):
 
 _BUFFERS = r"""
 import ctypes, mmap, sys
+if len(sys.argv) > 1:  # join this memory cgroup before allocating anything
+    open(sys.argv[1] + "/cgroup.procs", "w").write("0")
 n = 8 << 20
 bufs = [mmap.mmap(-1, n, flags=f | mmap.MAP_ANONYMOUS) for f in (mmap.MAP_PRIVATE, mmap.MAP_SHARED)]
 for m in bufs:
@@ -232,9 +234,10 @@ def _anon_share(lo: int, hi: int, flags: dict[int, int]) -> float:
     return sum(1 for f in pfns if flags.get(f, 0) & want == want) / max(len(pfns), 1)
 
 
-def _kpageflags(ranges: list[tuple[int, int]]) -> dict[int, int]:
+def _kpageflags(ranges: list[tuple[int, int]], which: str = "kpageflags") -> dict[int, int]:
+    """Per page frame: the kernel's page flags (or, /proc/kpagecgroup, its memcg's inode)."""
     out = {}
-    with open("/proc/kpageflags", "rb") as f:
+    with open(f"/proc/{which}", "rb") as f:
         for lo, hi in ranges:
             f.seek(lo // 4096 * 8)
             vals = np.frombuffer(f.read((hi - lo) // 4096 * 8), dtype=np.uint64)
@@ -242,7 +245,36 @@ def _kpageflags(ranges: list[tuple[int, int]]) -> dict[int, int]:
     return out
 
 
-def test_paddr_anon_probe_tells_anonymous_from_shared_memory():
+@pytest.fixture
+def memcg():
+    """A memory cgroup of the test's own (cgroup2 mounted here if nothing is), or None
+    where the guest kernel offers none; removed afterwards."""
+    root = Path("/sys/fs/cgroup")
+    mounted = False
+    if not (root / "cgroup.controllers").exists():
+        if subprocess.run(["mount", "-t", "cgroup2", "none", str(root)],
+                          capture_output=True).returncode != 0:
+            yield None
+            return
+        mounted = True
+    cg = root / f"udamon-test-{os.getpid()}"
+    try:
+        if "memory" not in (root / "cgroup.controllers").read_text().split():
+            yield None
+            return
+        (root / "cgroup.subtree_control").write_text("+memory\n")
+        cg.mkdir()
+        yield cg
+    finally:
+        if cg.exists():
+            for pid in (cg / "cgroup.procs").read_text().split():
+                (root / "cgroup.procs").write_text(pid + "\n")
+            cg.rmdir()
+        if mounted:
+            subprocess.run(["umount", str(root)], capture_output=True)
+
+
+def test_paddr_anon_and_memcg_probes_match_the_kernels_page_flags(memcg):
     """--paddr over two buffers' physical pages with the kernel's 7.2 'anon' probe: a
     region's hits are the share of its samples that fell on anonymous pages, which the
     kernel's own page flags (/proc/kpageflags) give for every page; the private buffer's
@@ -257,17 +289,19 @@ def test_paddr_anon_probe_tells_anonymous_from_shared_memory():
         assert (anon != 0).all() and (shm != 0).all()
         ranges = pfn_ranges(np.concatenate([anon, shm]), 64)
         rng = [a for lo, hi in ranges for a in ("--range", f"{lo:#x}-{hi:#x}")]
+        cg = (["--probe", f"cg=memcg:/{memcg.name}"] if memcg is not None else [])
         header, snaps, end, path = _record(
-            ["--primitive", "kernel", "--paddr", *rng, "--probe", "anon=anon", "--sample",
-             "5ms", "--aggr", "100ms", "--regions", "20,1000"], 5)
+            ["--primitive", "kernel", "--paddr", *rng, "--probe", "anon=anon", *cg,
+             "--sample", "5ms", "--aggr", "100ms", "--regions", "20,1000"], 5)
         flags = _kpageflags(ranges)
+        owner = _kpageflags(ranges, "kpagecgroup") if memcg is not None else {}
         rc, text, err = _cli("report", "access", "-i", path)
         os.unlink(path)
     finally:
         p.kill()
         p.wait()
     assert header["kernel"]["ops"] == "paddr" and header["targets"][0]["name"] == "paddr"
-    assert [pr["name"] for pr in header["probes"]] == ["anon"]
+    assert [pr["name"] for pr in header["probes"]] == ["anon"] + (["cg"] if memcg else [])
     assert rc == 0 and any(ln.split()[:1] == ["start"] and ln.split()[-1] == "anon"
                            for ln in text.splitlines()), text[:800]
     assert end["kernel"]["aggregations"] == len(snaps) > 5
@@ -291,6 +325,81 @@ def test_paddr_anon_probe_tells_anonymous_from_shared_memory():
     # other memory, so their regions mix: 10.0 and 5.2 hits; the page flags say by how much)
     assert err_w / tot <= 0.12
     assert np.mean(per_anon) > np.mean(per_shm)
+    if memcg is None:
+        print("memcg probe not checked: the guest kernel offers no memory cgroups")
+        return
+    ino = os.stat(memcg).st_ino
+    lru = 1 << KPF_LRU
+
+    def cg_share(lo: int, hi: int) -> float:
+        pfns = range(lo // 4096, hi // 4096)
+        return sum(1 for f in pfns if owner.get(f) == ino and flags.get(f, 0) & lru) / len(pfns)
+
+    assert np.mean([cg_share(int(f) * 4096, int(f) * 4096 + 4096) for f in shm]) > 0.99
+    err_w = tot = 0.0
+    for s in snaps[2:]:
+        for g in s["regions"]:
+            sz = g["end"] - g["start"]
+            err_w += sz * abs(g["probes"]["cg"] / 20 - cg_share(g["start"], g["end"]))
+            tot += sz
+    print(f"memcg probe: mean |hits/20 - the cgroup's share| {err_w / tot:.3f}")
+    assert err_w / tot <= 0.12
+
+
+def test_fvaddr_and_two_targets(workload):
+    """--range on a process is the kernel's fvaddr (fixed ranges: the workload's buffers,
+    which it classifies); two --pid targets are one context, whose tracepoint records say
+    which target (by index) each region belongs to."""
+    lo = min(workload[b][0] for b in "RWSI")
+    hi = max(workload[b][1] for b in "RWSI")
+    prim = KernelPrimitive(Attrs(20_000, 400_000, 4_000_000, 10, 1000), ranges=[(lo, hi)])
+    prim.start([workload["pid"]])
+    try:
+        assert prim.ops == "fvaddr"
+        deadline = time.monotonic() + 60
+        aggs: list = []
+        while len(aggs) < 8 and time.monotonic() < deadline:
+            prim.wait(0.2)
+            aggs += prim.aggregations()
+    finally:
+        prim.stop()
+    _nothing_left()
+    assert len(aggs) >= 8
+    assert all(int(a.start[0]) >= lo and int(a.end[-1]) <= hi for a in aggs)
+    snaps = [{"regions": [{"start": int(s), "end": int(e), "nr_accesses": int(n)} for s, e, n
+                          in zip(a.start, a.end, a.nr_accesses, strict=True)]} for a in aggs[4:]]
+    sc = _scores(workload, snaps)
+    assert min(sc["R"], sc["W"], sc["S"]) > 0 and sc["I"] <= 0.05 * min(sc["R"], sc["W"], sc["S"])
+    from udamon.targets.procmaps import read_vmas, three_regions
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        time.sleep(1)
+        spans = {p: three_regions(read_vmas(p)) for p in (workload["pid"], other.pid)}
+        prim = KernelPrimitive(Attrs(10_000, 200_000, 2_000_000, 10, 1000))
+        prim.start([workload["pid"], other.pid])
+        try:
+            time.sleep(2)
+            aggs = prim.aggregations()
+        finally:
+            prim.stop()
+    finally:
+        other.kill()
+        other.wait()
+    _nothing_left()
+    assert {a.pid for a in aggs} == {workload["pid"], other.pid}
+    for a in aggs:  # each target's regions are its own address space's (three regions)
+        sp = spans[a.pid]
+        assert int(a.start[0]) >= sp[0][0] - (1 << 30) and int(a.end[-1]) <= sp[-1][1] + (1 << 30)
+        inside = [any(lo <= int(x) < hi for lo, hi in sp) for x in a.start]
+        assert np.mean(inside) >= 0.9, (a.pid, sp)
+    # the workload's hot buffers are hot in its own aggregations only (a swapped target
+    # index would show them in the sleeper's)
+    lo, hi = workload["R"][0], workload["R"][1]
+    hot = {p: sum(_overlap(int(s), int(e), lo, hi) * int(n) for a in aggs if a.pid == p
+                  for s, e, n in zip(a.start, a.end, a.nr_accesses, strict=True))
+           for p in (workload["pid"], other.pid)}
+    assert hot[workload["pid"]] > 0 and hot[other.pid] == 0, hot
 
 
 def test_vaddr_probes_are_refused_with_the_reason(workload):
