@@ -33,7 +33,7 @@ from workloads.build import build  # noqa: E402
 
 from udamon.core.attrs import Attrs  # noqa: E402
 from udamon.primitives.kernel import KernelPrimitive  # noqa: E402
-from udamon.primitives.kernel_trace import AggregationTracer, Grouper  # noqa: E402
+from udamon.system.kernel_trace import AggregationTracer, Grouper  # noqa: E402
 
 
 def run_one(pid: int, reader: str, min_regions: int, seconds: float) -> dict:

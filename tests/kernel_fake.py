@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from udamon.primitives import sysctl_watchdog as wd
+from udamon.system import sysctl_watchdog as wd
 
 _real_write = wd.write_value
 

@@ -29,15 +29,15 @@ import pytest
 from udamon.core.attrs import Attrs
 from udamon.errors import RuntimeFailure
 from udamon.primitives.kernel import KernelPrimitive
-from udamon.primitives.kernel_damon import (
+from udamon.probes.probe import Probe
+from udamon.system.kernel_damon import (
     KernelAttrs,
     KernelDamon,
     classify_pages,
     pfn_ranges,
     virt_to_pfns,
 )
-from udamon.primitives.kernel_sysfs import ADMIN, KernelProbe, kernel_available
-from udamon.probes.probe import Probe
+from udamon.system.kernel_sysfs import ADMIN, KernelProbe, kernel_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads.build import BuildError, build  # noqa: E402

@@ -33,7 +33,11 @@ from udamon.core.monitor import Monitor
 from udamon.errors import RuntimeFailure, UsageError
 from udamon.intake.reports import make
 from udamon.primitives.base import SuppliedRegions
-from udamon.primitives.kernel_sysfs import (
+from udamon.probes.filters import Filter
+from udamon.probes.probe import Probe
+from udamon.record.reader import read_record
+from udamon.record.writer import RecordWriter, build_header
+from udamon.system.kernel_sysfs import (
     ADMIN,
     Kdamond,
     KdamondSpec,
@@ -41,13 +45,9 @@ from udamon.primitives.kernel_sysfs import (
     busy_reason,
     system_ram,
 )
-from udamon.primitives.kernel_trace import AggregationTracer, Grouper, read_format, record_dtype
-from udamon.primitives.sysctl_guard import SettingsGuard
-from udamon.primitives.sysctl_watchdog import proc_start_time
-from udamon.probes.filters import Filter
-from udamon.probes.probe import Probe
-from udamon.record.reader import read_record
-from udamon.record.writer import RecordWriter, build_header
+from udamon.system.kernel_trace import AggregationTracer, Grouper, read_format, record_dtype
+from udamon.system.sysctl_guard import SettingsGuard
+from udamon.system.sysctl_watchdog import proc_start_time
 
 # ------------------------------------------------------------------ who holds DAMON
 
@@ -266,8 +266,8 @@ _CHILD = textwrap.dedent("""
     import pytest
     from kernel_fake import FakeKernel
     from udamon.core.attrs import Attrs
-    from udamon.primitives.kernel_sysfs import Kdamond, KdamondSpec
-    from udamon.primitives.sysctl_guard import SettingsGuard
+    from udamon.system.kernel_sysfs import Kdamond, KdamondSpec
+    from udamon.system.sysctl_guard import SettingsGuard
     from pathlib import Path
     mp = pytest.MonkeyPatch()
     fake = FakeKernel(Path({root!r})).install(mp)
@@ -476,12 +476,11 @@ def test_monitor_closes_an_exited_target_after_its_last_supplied_snapshot():
     (["--primitive", "kernel", "--pid", "1", "--cpus", "0"], "has no sample filters"),
     (["--primitive", "kernel", "--pid", "1", "--breakdown", "cpu"], "cannot tell which CPU"),
     (["--primitive", "kernel", "--pid", "1", "--probe", "w=write"], "cannot tell 'write'"),
-    (["--primitive", "kernel", "--pid", "1", "--probe", "a=anon", "--kernel-weight", "b=1"],
-     "no --probe named 'b'"),
-    (["--primitive", "kernel", "--pid", "1", "--probe", "a=anon", "--kernel-weight", "a=x"],
-     "bad --kernel-weight"),
+    (["--primitive", "kernel", "--pid", "1", "--probe", "a=anon,cpus:0"], "cannot tell 'cpus'"),
+    (["--primitive", "kernel,hint", "--pid", "1"], "runs alone for now"),
+    (["--primitive", "kernel", "--pid", "1", "--kernel-reader", "x"], "invalid choice"),
     (["--primitive", "kernel", "--paddr", "--pid", "1"], "give no --pid"),
-    (["--primitive", "kernel"], "--pid PID or -- COMMAND ARGS (or --paddr)"),
+    (["--primitive", "kernel"], "(one of them) (or --paddr)"),
     (["--primitive", "hint", "--pid", "1", "--probe", "a=anon"], "evaluated by the kernel"),
     (["--primitive", "hint", "--pid", "1", "--paddr"], "are for --primitive kernel"),
     (["--primitive", "kernel", "--pid", "1", "--probe", "m=memcg"], "needs a value"),

@@ -36,7 +36,7 @@ from prepare import default_cache, prepare  # noqa: E402
 
 DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
                  "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py",
-                 "tests/test_kernel_guest.py"]
+                 "tests/test_primitive_contract.py", "tests/test_kernel_guest.py"]
 
 
 def default_python() -> str:

@@ -1,6 +1,6 @@
 """The interface every primitive implements.
 
-Two kinds plug in behind it (DESIGN.md, "Semantics that must match DAMON"):
+Three kinds plug in behind it (DESIGN.md, "Semantics that must match DAMON"):
 
 * **observational** primitives (hint, pmu, replay, external reporters) see
   accesses wherever they happen; the core counts a region as accessed in a
@@ -25,7 +25,6 @@ every exit path.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,7 +87,7 @@ class PrimitiveStats:
     header: dict = field(default_factory=dict)
 
 
-class Primitive(ABC):
+class Primitive:
     name: str = "?"
     kind: Kind = "observational"
     coverage: Coverage = "unknown"
@@ -123,9 +122,19 @@ class Primitive(ABC):
 
         return (np.concatenate(parts) if parts else empty()), window.turns
 
-    @abstractmethod
     def poll(self, now_ns: int) -> np.ndarray:
-        """Return the reports (REPORT_DTYPE) collected since the last poll."""
+        """Observational kind (and a controlled one's single turn after ``arm``): the
+        reports (REPORT_DTYPE) collected since the last poll.  A data-driven primitive
+        (replay) is read through its chunks instead and keeps this default."""
+        from udamon.intake.reports import empty
+
+        return empty()
+
+    def claim_probes(self, probes: list) -> list[str]:
+        """Regions kind: the names of the probes (udamon.probes.probe.Probe) this primitive
+        counts itself (the kernel's probe filters); the monitor counts the others.  Called
+        before ``start``; UsageError for a probe it can neither count nor leave to others."""
+        return []
 
     def aggregations(self) -> list[SuppliedRegions]:
         """Regions kind: the aggregations completed since the last call (every target of
@@ -141,7 +150,7 @@ class Primitive(ABC):
         return False
 
     def exited(self) -> list[int]:
-        """Pids among the targets that have exited since start."""
+        """Pids among the targets that have exited since the last call (each once)."""
         return []
 
     def exhausted(self) -> bool:

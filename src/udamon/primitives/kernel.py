@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from udamon.core.attrs import Attrs
-from udamon.errors import RuntimeFailure
+from udamon.errors import RuntimeFailure, UsageError
 from udamon.intake.reports import empty
 from udamon.primitives.base import Primitive, PrimitiveStats, SuppliedRegions
-from udamon.primitives.kernel_sysfs import (
+from udamon.system.kernel_sysfs import (
     ADMIN,
     Kdamond,
     KdamondSpec,
@@ -44,10 +44,13 @@ from udamon.primitives.kernel_sysfs import (
     check_probe_filters,
     kernel_available,
 )
-from udamon.primitives.kernel_trace import AggregationTracer, Grouper, tracepoints_available
-from udamon.primitives.sysctl_guard import DEFAULT_STATE_DIR, SettingsGuard, apply_tracefs
-from udamon.primitives.sysctl_guard import restore_stale as _restore_stale
+from udamon.system.kernel_trace import AggregationTracer, Grouper, tracepoints_available
+from udamon.system.sysctl_guard import DEFAULT_STATE_DIR, SettingsGuard, apply_tracefs
+from udamon.system.sysctl_guard import restore_stale as _restore_stale
 from udamon.targets.procmaps import is_alive
+
+if TYPE_CHECKING:  # the core is above the primitives: only its type, not its code
+    from udamon.core.attrs import Attrs
 
 READERS = ("auto", "tracepoint", "tried-regions")
 PADDR_PID = 0  # the record's target id for the physical address space
@@ -65,6 +68,9 @@ class KernelPrimitive(Primitive):
                  probes: list[KernelProbe] | None = None, reader: str = "auto",
                  root: str = ADMIN, state_dir: str = DEFAULT_STATE_DIR,
                  first_aggregation_timeout_s: float = 30.0):
+        """``ranges``: paddr's physical ranges, or fixed virtual ones (fvaddr); None: a
+        process's mappings (vaddr).  ``probes``: kernel probes (a session gives them
+        through ``claim_probes``)."""
         if reader not in READERS:
             raise ValueError(f"reader must be one of {', '.join(READERS)}")
         self.attrs = attrs
@@ -72,6 +78,8 @@ class KernelPrimitive(Primitive):
         self.ranges = list(ranges) if ranges else []
         self.probes = list(probes or [])
         check_probe_filters(self.probes)
+        if paddr and not ranges:
+            raise UsageError("the kernel's paddr operations need physical ranges")
         self.reader = reader
         self.root = root
         self.state_dir = state_dir
@@ -92,6 +100,15 @@ class KernelPrimitive(Primitive):
         self._calibrate = False
         self._stopped = False
         self.reader_used = ""
+
+    def claim_probes(self, probes: list) -> list[str]:
+        """Every probe of a kernel session is the kernel's: its filters must be the
+        kernel's probe filters (anon, memcg); its weight is the kernel's 7.3 weight."""
+        kp = [KernelProbe(p.name, tuple(p.filters), int(getattr(p, "weight", 0)))
+              for p in probes]
+        check_probe_filters(kp)
+        self.probes = kp
+        return [p.name for p in kp]
 
     # -- start ---------------------------------------------------------------------
     def start(self, pids: list[int]) -> None:
@@ -190,8 +207,9 @@ class KernelPrimitive(Primitive):
                     raise RuntimeFailure(
                         f"the kernel's {self.ops} operations do not count probes (a probe "
                         "without filters, which every sample hits, had no hits in the first "
-                        "aggregation; Linux 7.3 applies probes in paddr only): use --paddr "
-                        "for probes " + ", ".join(repr(p.name) for p in self.probes))
+                        "aggregation; Linux 7.3 applies probes in paddr only): probes "
+                        + ", ".join(repr(p.name) for p in self.probes)
+                        + " need paddr, the physical address space")
                 self._notes.append(f"checked: the kernel's {self.ops} operations count probes")
                 return
             if self.kdamond is not None and not self.kdamond.running:

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from udamon.errors import RuntimeFailure
-from udamon.primitives.mounts import is_mounted
-from udamon.primitives.perf_ring import (
+from udamon.system.mounts import is_mounted
+from udamon.system.perf_ring import (
     ATTR_DISABLED,
     ATTR_USE_CLOCKID,
     CLOCK_MONOTONIC,

@@ -31,17 +31,19 @@ directory, which the kernel removes with the ``nr_kdamonds`` write.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from udamon.core.attrs import Attrs
 from udamon.errors import RuntimeFailure, UsageError
-from udamon.primitives import sysctl_watchdog as wd
-from udamon.primitives.sysctl_guard import DEFAULT_STATE_DIR, SettingsGuard
-from udamon.probes.filters import Filter
+from udamon.system import sysctl_watchdog as wd
+from udamon.system.sysctl_guard import DEFAULT_STATE_DIR, SettingsGuard
+
+if TYPE_CHECKING:  # the layers above: their types, not their code
+    from udamon.core.attrs import Attrs
+    from udamon.probes.filters import Filter
 
 ADMIN = "/sys/kernel/mm/damon/admin"
 MODULES = "/sys/module"
@@ -310,8 +312,8 @@ class Kdamond:
         if goal.enabled:
             if not os.path.isdir(gdir):
                 raise RuntimeFailure("this kernel's DAMON has no intervals auto-tuning "
-                                     f"({os.path.relpath(gdir, self.root)} is missing): drop "
-                                     "--intervals-goal")
+                                     f"({os.path.relpath(gdir, self.root)} is missing): monitor "
+                                     "without an intervals goal")
             # aggrs last: the other three are checked against each other at 'on'
             self._w(os.path.join(gdir, "access_bp"), goal.access_bp)
             self._w(os.path.join(gdir, "min_sample_us"), goal.min_sample_us)
@@ -354,8 +356,7 @@ class Kdamond:
         if not os.path.exists(nr_file):
             raise RuntimeFailure(
                 "this kernel's DAMON has no probes (monitoring_attrs/probes/nr_probes is "
-                "missing; Linux 7.2 added them): drop the --probe options for --primitive "
-                "kernel")
+                "missing; Linux 7.2 added them): monitor without probes")
         try:
             wd.write_value(nr_file, f"{n}\n")
         except OSError as e:
@@ -389,7 +390,7 @@ class Kdamond:
                 raise RuntimeFailure(
                     f"probe {p.name!r}: this kernel's DAMON probes have no weight "
                     "(probes/<P>/weight is missing; Linux 7.3 added attributes-only "
-                    "monitoring): drop --kernel-weight")
+                    "monitoring): monitor without probe weights")
             self._w(wfile, p.weight)
         elif os.path.exists(wfile):
             self._w(wfile, 0)
@@ -473,8 +474,3 @@ def system_ram(iomem: str = "/proc/iomem") -> list[tuple[int, int]]:
     if out and all(s == 0 for s, _ in out) and all(e <= 1 for _, e in out):
         raise RuntimeFailure(f"{iomem} shows no addresses (root needed)")
     return out
-
-
-def dump_spec(spec: KdamondSpec) -> str:  # pragma: no cover - debugging aid
-    return json.dumps({"ops": spec.ops, "targets": spec.targets,
-                       "probes": [p.name for p in spec.probes]})
