@@ -36,7 +36,7 @@ from prepare import default_cache, prepare  # noqa: E402
 
 DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
                  "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py",
-                 "tests/test_primitive_contract.py"]
+                 "tests/test_primitive_contract.py", "tests/test_kernel_guest.py"]
 DEFAULT_SMP = "2"  # QEMU 7.2: one socket of two cores, one shared L3
 # A second boot for the tests that need two LLC domains: two sockets of one CPU each,
 # each its own L3 and (as in the default boot) its own NUMA node
