@@ -11,7 +11,7 @@ import os
 import sys
 
 from udamon import __version__
-from udamon.errors import UdamonError
+from udamon.errors import ParameterError, UdamonError
 
 DESCRIPTION = """\
 DAMON-style data access monitoring from user space.  Every access report says
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UdamonError as e:
-        print(f"udamon: error: {e}", file=sys.stderr)
+        msg = e.for_option() if isinstance(e, ParameterError) else str(e)
+        print(f"udamon: error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("udamon: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from udamon.errors import ParameterError
 from udamon.probes.filters import parse_conditions
 from udamon.probes.probe import Probe
 
@@ -48,8 +49,9 @@ def breakdown_probes(kinds: list[str], *, cpus: Iterable[int] = (), nodes: Itera
     if "thread" in kinds:
         tids = sorted(tids)
         if len(tids) > MAX_THREAD_PROBES:
-            raise ValueError(f"--breakdown thread would add {len(tids)} probes; at most "
-                             f"{MAX_THREAD_PROBES} (use --probe NAME=threads:... for a subset)")
+            raise ParameterError("breakdown", "{param} thread would add {n} probes; at most "
+                                 "{most} (a probe with a threads: condition selects a "
+                                 "subset)", n=len(tids), most=MAX_THREAD_PROBES)
         out += [Probe(f"thread:{t}", tuple(parse_conditions(f"threads:{t}"))) for t in tids]
     if "rw" in kinds:
         out += [Probe("write", tuple(parse_conditions("write"))),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from udamon.core.monitor import Snapshot
-from udamon.errors import UsageError
+from udamon.errors import ParameterError, UsageError
 from udamon.probes.filters import conditions_text, parse_conditions
 from udamon.record.reader import Record
 from udamon.units import fmt_duration_ns, fmt_size
@@ -34,8 +34,9 @@ def pick_pids(rec: Record, pid: int | None) -> list[int]:
     """The targets to report on: ``pid`` (validated) or all that have snapshots."""
     if pid is not None:
         if pid not in rec.pids:
-            raise UsageError(f"--pid {pid} is not a target of {rec.path} "
-                             f"(targets: {', '.join(map(str, rec.pids)) or 'none'})")
+            raise ParameterError("pid", "{param} {pid} is not a target of {path} "
+                                 "(targets: {targets})", pid=pid, path=rec.path,
+                                 targets=", ".join(map(str, rec.pids)) or "none")
         pids = [pid]
     else:
         pids = [p for p in rec.pids if rec.snapshots_of(p)]
@@ -57,8 +58,9 @@ def target_name(rec: Record, pid: int) -> str:
 
 def check_probe(rec: Record, name: str | None) -> str | None:
     if name is not None and name not in rec.probe_names:
-        raise UsageError(f"--probe {name!r} is not a probe of {rec.path} "
-                         f"(probes: {', '.join(rec.probe_names) or 'none'})")
+        raise ParameterError("probe", "{param} {name!r} is not a probe of {path} "
+                             "(probes: {probes})", name=name, path=rec.path,
+                             probes=", ".join(rec.probe_names) or "none")
     return name
 
 
