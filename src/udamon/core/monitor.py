@@ -142,6 +142,9 @@ class Monitor:
             raise ValueError("probe names must be unique")
         self.targets: list[Target] = []
         self.buffer = ReportBuffer(buffer_capacity, cpu_nodes)
+        # called with the reports each aggregation counts (page nodes filled): a sink
+        # that keeps the report stream (udamon record --keep-reports) sets it
+        self.report_tap: Callable[[np.ndarray], None] | None = None
         self.rng = np.random.default_rng(seed)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None
@@ -359,6 +362,8 @@ class Monitor:
         """kdamond's check_accesses for the interval: count the reports before
         ``until_ns`` into their target's regions; per pid (reports, passed)."""
         reports = self.buffer.take_before(until_ns)
+        if self.report_tap is not None and reports.size:
+            self.report_tap(reports)
         counts: dict[int, tuple[int, int]] = {}
         if reports.size:
             pids = reports["pid"]
@@ -457,6 +462,8 @@ class Monitor:
                 t.regions = Regions(b.start, b.end, len(self.probes))
                 supplied.append((t, b))
         reports = self.buffer.take_before(end_ns)
+        if self.report_tap is not None and reports.size:
+            self.report_tap(reports)
         out: list[Snapshot] = []
         matched = np.zeros(reports.size, dtype=bool)
         for t, b in supplied:
