@@ -15,6 +15,7 @@ from udamon.core.monitor import Monitor
 from udamon.core.session import Session
 from udamon.errors import UsageError
 from udamon.primitives.replay import columns
+from udamon.probes.breakdown import AUTO
 from udamon.record.report_stream import ReportStreamSink
 from udamon.record.sink import RecordSink
 
@@ -81,6 +82,8 @@ def run(a: argparse.Namespace) -> int:
     s = live.resolve(a, replay=True)
     if s.primitive == "replay":
         return _record_replay(a, s)
+    if not a.breakdown:  # a live record keeps what later reports need
+        s.kinds = [AUTO]
     return live.run_session(a, s, _sinks(a))
 
 

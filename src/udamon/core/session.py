@@ -154,6 +154,7 @@ class Session:
         self._closed = False
         self._released = True
         self._start_notes: list[str] = []
+        self._breakdown_notes: list[str] = []
         self._lookup = None
         self._perf_stats = None
         self._resolve()
@@ -237,6 +238,8 @@ class Session:
             raise UsageError(f"the {own[0]} primitive has no sample filters (the kernel's "
                              "per-CPU, thread and read/write sample filters are not "
                              "upstream): sample filters cannot be used with it")
+        if self.kinds == [breakdown_mod.AUTO]:
+            self.kinds = []  # the default: nothing to break down
         if self.kinds:
             raise UsageError(f"breakdown {','.join(self.kinds)}: the {own[0]} primitive cannot "
                              "tell which CPU, node or thread made an access, nor read from "
@@ -269,8 +272,10 @@ class Session:
 
     def _probes(self, cpus=(), nodes=(), tids=()) -> list[Probe]:
         follow = self.follow_origin
-        if follow is None:
+        if follow is None:  # as asked: 'auto' does not change how regions adjust
             follow = any(k in breakdown_mod.ORIGIN_KINDS for k in self.kinds)
+        self.kinds, self._breakdown_notes = breakdown_mod.expand_auto(
+            self.kinds, ncpus=len(list(cpus)), nnodes=len(set(nodes)), ntids=len(set(tids)))
         try:
             extra = (breakdown_mod.breakdown_probes(self.kinds, cpus=cpus, nodes=nodes,
                                                     tids=tids, follow_origin=follow)
@@ -364,7 +369,8 @@ class Session:
                       for pid in gone]
         for n in gone_notes:
             self.log(n)
-        self._start_notes = [n for p in self.primitives for n in p.stats().notes] + gone_notes
+        self._start_notes = ([n for p in self.primitives for n in p.stats().notes] + gone_notes
+                             + self._breakdown_notes)
         extra: dict = {"command": self.command} if self.command else {}
         for p in self.primitives:
             extra.update(p.stats().header)

@@ -9,10 +9,12 @@ import numpy as np
 from udamon.core.monitor import Snapshot
 from udamon.probes.filters import conditions_text
 from udamon.record.reader import Record
-from udamon.report.common import atom_values, atoms, render_table
+from udamon.report.common import atom_values, atoms, pick_columns, render_table
 from udamon.units import fmt_duration_ns, fmt_size
 
 SORT_KEYS = ("address", "size", "nr_accesses", "age")
+# start, end, size, nr_acc, rate and age, as the table prints them
+BASE_COLUMNS_WIDTH = 66
 
 
 @dataclass
@@ -21,6 +23,9 @@ class AccessOptions:
     sort: str = "address"  # a SORT_KEYS entry or "probe:NAME"
     pid: int | None = None
     top: int | None = None
+    columns: list[str] | None = None  # probe columns to show: names or globs (thread:*)
+    wide: bool = False  # every probe column, however wide the table gets
+    width: int = 120  # otherwise the probe columns that fit in this many characters
 
 
 def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[int, Snapshot]]]:
@@ -142,7 +147,11 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
         lines.append("note: this primitive does not control what it samples; a region with "
                      "nr_accesses 0 was not observed, which is not the same as not accessed")
     t0 = rec.snapshots[0].start_ns if rec.snapshots else 0
-    names = rec.probe_names
+    names, hidden = pick_columns(rec.probe_names, opts.columns, opts.wide,
+                                 opts.width - BASE_COLUMNS_WIDTH)
+    if hidden and not opts.columns:
+        lines.append(f"columns: {len(names)} of {len(rec.probe_names)} probes fit in "
+                     f"{opts.width}; --columns 'thread:*' picks, --wide shows all")
     for pid, chosen in select_snapshots(rec, opts).items():
         tname = next((t.get("name", "") for t in rec.header.get("targets", [])
                       if t.get("pid") == pid), "")
