@@ -155,6 +155,7 @@ class Session:
         self._released = True
         self._start_notes: list[str] = []
         self._breakdown_notes: list[str] = []
+        self._supplied_note = ""
         self._lookup = None
         self._perf_stats = None
         self._resolve()
@@ -216,8 +217,10 @@ class Session:
                      f"{', '.join(n for n in self.names if n != controlled[0])} feed the probes")
 
     def _check_own_monitor(self) -> None:
-        """A primitive with a monitor of its own (the kernel's DAMON) runs alone here, and
-        has none of what only reports carry (sample filters, origin breakdowns)."""
+        """A primitive with a monitor of its own (the kernel's DAMON) supplies the regions
+        and nr_accesses; observational primitives beside it (hint) supply what only
+        reports carry (CPU, thread, read/write) as probes over those regions.  Without
+        them it has no sample filters and no origin breakdowns."""
         from udamon.probes.filters import KERNEL_ONLY_TYPES
 
         own = [n for n in self.names if registry.entry(n).own_monitor]
@@ -230,10 +233,15 @@ class Session:
                                      f"DAMON only (kernel primitive probes); reports from "
                                      f"{', '.join(self.names)} do not say what backs a page")
             return
-        if len(self.names) > 1:
-            others = ", ".join(n for n in self.names if n != own[0])
-            raise UsageError(f"the {own[0]} primitive runs alone for now (with {others} it "
-                             "would supply the regions they report over; not built yet)")
+        others = [n for n in self.names if n != own[0]]
+        bad = [n for n in others if n in ("wp", "rwp") or registry.entry(n).own_monitor]
+        if bad:
+            raise UsageError(f"the {own[0]} primitive supplies the regions and nr_accesses; "
+                             f"{bad[0]} samples regions of its own and cannot join it (an "
+                             "observational primitive can: hint, pmu, external)")
+        if others:
+            self._check_kernel_with_observers(own[0], others)
+            return
         if self.filters:
             raise UsageError(f"the {own[0]} primitive has no sample filters (the kernel's "
                              "per-CPU, thread and read/write sample filters are not "
@@ -252,6 +260,24 @@ class Session:
                     f"filters are {', '.join(KERNEL_ONLY_TYPES)}; per-CPU, thread, read and "
                     "write sample filters are not upstream): use a primitive that reports "
                     "who and how (hint, rwp, wp) for that probe")
+
+    def _check_kernel_with_observers(self, own: str, others: list[str]) -> None:
+        """kernel,hint: nr_accesses are the kernel's, so sample filters have nothing to
+        select; the kernel's probe filters go to the kernel, the others to udamon's
+        probes over the kernel's regions (the observers' reports)."""
+        from udamon.probes.filters import KERNEL_ONLY_TYPES
+
+        if self.filters:
+            raise UsageError(f"with {own}, nr_accesses are the kernel's: sample filters "
+                             f"have nothing to select ({', '.join(others)} feed the probes)")
+        for p in self.user_probes:
+            types = {f.type for f in p.filters}
+            if types & set(KERNEL_ONLY_TYPES) and types - set(KERNEL_ONLY_TYPES):
+                raise UsageError(f"probe {p.name!r} mixes the kernel's probe filters "
+                                 f"({', '.join(KERNEL_ONLY_TYPES)}) with conditions only "
+                                 "reports carry: split it into two probes")
+        self._supplied_note = (f"{own} supplies the regions and nr_accesses; the probes "
+                               f"count {', '.join(others)}'s reports over them")
 
     # -- start / stop --------------------------------------------------------------
 
@@ -274,10 +300,10 @@ class Session:
         follow = self.follow_origin
         if follow is None:  # as asked: 'auto' does not change how regions adjust
             follow = any(k in breakdown_mod.ORIGIN_KINDS for k in self.kinds)
-        self.kinds, self._breakdown_notes = breakdown_mod.expand_auto(
+        kinds, self._breakdown_notes = breakdown_mod.expand_auto(
             self.kinds, ncpus=len(list(cpus)), nnodes=len(set(nodes)), ntids=len(set(tids)))
         try:
-            extra = (breakdown_mod.breakdown_probes(self.kinds, cpus=cpus, nodes=nodes,
+            extra = (breakdown_mod.breakdown_probes(kinds, cpus=cpus, nodes=nodes,
                                                     tids=tids, follow_origin=follow)
                      if self.kinds else [])
         except ValueError as e:
@@ -330,6 +356,8 @@ class Session:
             self._released = True
         for p in late:  # needs the program's own mappings
             p.start(targets)
+        if self._supplied_note:
+            self.log(self._supplied_note)
         cpus: list[int] = []
         nodes: set[int] = set()
         tids: set[int] = set()
