@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from udamon.core.monitor import Snapshot
+from udamon.core.names import region_mappings, union_tables
 from udamon.errors import UsageError
 from udamon.probes.filters import conditions_text, parse_conditions
 from udamon.record.reader import Record
@@ -406,3 +407,25 @@ def fmt_rate(bps: float) -> str:
 
 def fmt_pct(x: float) -> str:
     return f"{x * 100:.1f}%" if np.isfinite(x) else "-"
+
+
+# -- names ------------------------------------------------------------------------
+
+
+def mappings_of(rec: Record, pid: int, start, end, *, whole_record: bool = False
+                ) -> list[list[str]] | None:
+    """Per range [start[i], end[i]) of target ``pid``, the names of the mappings it
+    overlaps (udamon.core.names.region_mappings) in the last snapshot's table, or in
+    all the target's tables (``whole_record``: ranges that were mapped only for a
+    while); None when the record has no names (replayed input)."""
+    snaps = rec.snapshots_of(pid)
+    table = (union_tables([s.names for s in snaps]) if whole_record
+             else snaps[-1].names if snaps else None)
+    if table is None:
+        return None
+    return region_mappings(table, np.asarray(start, dtype=np.uint64),
+                           np.asarray(end, dtype=np.uint64))
+
+
+NO_NAMES_NOTE = ("mapping names: not in this record (only live targets' /proc/PID/maps "
+                 "say which mapping a region is in)")
