@@ -260,7 +260,7 @@ def test_damaged_names_say_file_and_line(tmp_path, bad, msg):
     path.write_text("".join(lines))
     with pytest.raises(InputError) as e:
         read_record(str(path))
-    assert f"n.jsonl:3: " in str(e.value) and msg in str(e.value), str(e.value)
+    assert "n.jsonl:3: " in str(e.value) and msg in str(e.value), str(e.value)
     p = run_udamon("report", "access", "-i", str(path))
     assert p.returncode == 2 and "n.jsonl:3:" in p.stderr and msg in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -55,8 +55,9 @@ def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[i
 def summed(snaps: list[Snapshot]) -> Snapshot:
     """One table for the whole record: nr_accesses and probe hits summed over all
     snapshots, on the finest cut of their region boundaries (adjacent pieces with
-    equal sums joined, unless they are in different mappings).  Bursty primitives (hint) leave most snapshots empty, so any
-    single one says little; the sum shows where the accesses were and who made them.
+    equal sums joined, unless they are in different mappings).  Bursty primitives
+    (hint) leave most snapshots empty, so any single one says little; the sum shows
+    where the accesses were and who made them.
     Its "rate" is over the whole record; "age" is the last snapshot's."""
     last = snaps[-1]
     lo, hi = atoms(snaps)
