@@ -481,6 +481,30 @@ def test_wp_record_with_ranges_names_regions_and_threads(tmp_path, named_bin):
     assert f"thread:{info['writer_tid']} (nm_writer)" in text and "[anon]" in text
 
 
+@needs_wp
+def test_monitor_view_names_regions_and_threads(tmp_path, named_bin):
+    """The live terminal view: a mapping column and thread probes as ``tid (comm)``."""
+    wl, info = _start(named_bin, tmp_path, "--duration", "60")
+    lo = min(info[k][0] for k in "FMA")
+    hi = max(info[k][1] for k in "FMA")
+    try:
+        p = run_udamon("monitor", "--primitive", "wp", "--pid", str(info["pid"]),
+                       "--range", f"{lo:#x}-{hi:#x}", "--regions", "10,100",
+                       "--breakdown", "thread", "--duration", "3s", "--top", "40",
+                       timeout=90)
+    finally:
+        _stop(wl)
+    assert p.returncode == 0, p.stderr
+    print(p.stdout)
+    assert "ended: duration" in p.stdout
+    # wp sees writes: the writer's probe has hits, titled with its name
+    assert f"hottest by thread:{info['writer_tid']} (nm_writer)" in p.stdout
+    assert re.search(r"^\s*start\s+end\s+size\s.*\sage\s+mapping\s*$", p.stdout, re.M)
+    # (wp cannot protect a shared file mapping: F has no hits, so no row)
+    for name in ("memfd:udamon_memfd", "[anon]"):
+        assert name in p.stdout, name
+
+
 def _metric_lines(text: str, name: str) -> list[dict[str, str]]:
     out = []
     for line in text.splitlines():
