@@ -28,7 +28,6 @@ from udamon.core.names import join_names, thread_label
 from udamon.errors import UsageError
 from udamon.record.reader import Record
 from udamon.report.common import (
-    NO_NAMES_NOTE,
     aggr_samples,
     breakdown,
     fmt_pct,
@@ -282,8 +281,6 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
         lines.append("page locations: not in this record, so there is no local/remote split "
                      "(it needs per-region page nodes, key 'nodes' in the snapshots); "
                      "showing the per-node access split only")
-    if not rec.has_names:
-        lines.append(NO_NAMES_NOTE)
     for t in res.targets:
         bn = t.by_node()
         tnames = rec.thread_names(t.pid)
