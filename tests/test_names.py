@@ -555,3 +555,12 @@ def test_exporter_labels_comm_and_capped_thread_names(tmp_path, named_bin):
             ex.kill()
             ex.wait()
         _stop(wl)
+
+
+@pytest.mark.parametrize("value", ["-1", "10001", "many"])
+def test_exporter_thread_labels_bad_value(value):
+    p = run_udamon("exporter", "--primitive", "hint", "--pid", str(os.getpid()),
+                   "--thread-labels", value)
+    assert p.returncode == 2, p.stderr
+    assert "--thread-labels" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Traceback" not in p.stderr
