@@ -332,7 +332,13 @@ def iter_record(path: str, *, salvage: bool = False) -> RecordReader:
 
 def read_record(path: str, *, salvage: bool = False) -> Record:
     """Read and validate a whole record into memory.  Raises InputError with FILE:LINE
-    (RecordDamaged when snapshots before the damage are intact)."""
+    (RecordDamaged when snapshots before the damage are intact).  A record file of damo
+    (DAMON's user-space tool) is read as one too (record/damo_import.py)."""
+    from udamon.record import damo_import
+
+    kind = damo_import.sniff(path)
+    if kind is not None:
+        return damo_import.read_damo(path, kind)
     with RecordReader(path, salvage=salvage) as r:
         rec = Record(path, r.header, r.attrs, r.filters, r.probes)
         rec.snapshots.extend(r)
