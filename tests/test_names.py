@@ -116,22 +116,23 @@ class _Snap:
 
 
 def test_name_tracker_follows_a_real_process():
-    """This process: a thread that starts (and renames itself soon after, as threads
-    do), one that exits before it is looked at, and memory mapped in between."""
+    """This process: a thread that starts unnamed and names itself after udamon first
+    looked (as threads do), one that exits before it is looked at, and memory mapped
+    in between."""
     pid = os.getpid()
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
     tracker = NameTracker(update_ns=0)
     tracker.add(pid)
     first = tracker.threads(pid)
-    assert first[pid] == Path(f"/proc/{pid}/comm").read_text().strip()
+    assert first[pid] == comm
     go, ready, done, end = (threading.Event() for _ in range(4))
     tid = [0]
 
     def worker():
         tid[0] = threading.get_native_id()
-        _set_thread_name("udamon-t1")
         ready.set()
         go.wait(10)
-        _set_thread_name("udamon-t1b")  # renamed after udamon first read it
+        _set_thread_name("udamon-t1")  # named after udamon first read it
         done.set()
         end.wait(10)
 
@@ -155,15 +156,15 @@ def test_name_tracker_follows_a_real_process():
     try:
         s1 = _Snap(pid)
         tracker.annotate(s1)
-        assert s1.threads[tid[0]] == "udamon-t1"
+        assert s1.threads[tid[0]] == Path(f"/proc/{pid}/task/{tid[0]}/comm").read_text().strip()
         assert "udamon-brief" not in s1.threads.values()  # gone before it was looked at
         assert "memfd:udamon-names" in {n for _, _, n in s1.names}
         go.set()
         done.wait(10)
         s2 = _Snap(pid)
         tracker.annotate(s2)
-        assert s2.threads[tid[0]] == "udamon-t1b"  # young threads are read again
-        assert s1.threads[tid[0]] == "udamon-t1"  # what the first snapshot had stays
+        assert s2.threads[tid[0]] == "udamon-t1"  # young unnamed threads are read again
+        assert s1.threads[tid[0]] != "udamon-t1"  # what the first snapshot had stays
     finally:
         go.set()
         end.set()
@@ -173,8 +174,43 @@ def test_name_tracker_follows_a_real_process():
         os.close(fd)
     s3 = _Snap(pid)
     tracker.annotate(s3)
-    assert s3.threads[tid[0]] == "udamon-t1b"  # an exited thread keeps its name
+    assert s3.threads[tid[0]] == "udamon-t1"  # an exited thread keeps its name
     assert "memfd:udamon-names" not in {n for _, _, n in s3.names}  # unmapped
+
+
+def test_name_tracker_reads_young_threads_in_turn(monkeypatch):
+    """Many unnamed young threads: at most YOUNG_READS comm reads per listing besides
+    the new threads', and in turn, so each is read again within a few listings."""
+    import udamon.core.names as names_mod
+
+    monkeypatch.setattr(names_mod, "YOUNG_READS", 8)
+    pid = os.getpid()
+    ev = threading.Event()
+    ts = [threading.Thread(target=ev.wait) for _ in range(40)]
+    for t in ts:
+        t.start()
+    reads: list[int] = []
+    real = names_mod.thread_comm
+    monkeypatch.setattr(names_mod, "thread_comm",
+                        lambda p, t: reads.append(t) or real(p, t))
+    try:
+        tracker = NameTracker(update_ns=10**12)
+        tracker.add(pid)
+        tids = set(tracker.threads(pid))
+        assert len(tids) >= 41 and len(reads) == len(tids)  # every new thread once
+        seen: set[int] = set()
+        for _ in range(len(tids) // 8 + 1):
+            reads.clear()
+            tracker.annotate(_Snap(pid))
+            assert len(reads) <= 8
+            seen.update(reads)
+        names = tracker.threads(pid)
+        unnamed = {t for t in tids if names[t] == names[pid]}  # the 40 and the main thread
+        assert len(unnamed) >= 41 and seen == unnamed
+    finally:
+        ev.set()
+        for t in ts:
+            t.join()
 
 
 # -- the record -----------------------------------------------------------------------
