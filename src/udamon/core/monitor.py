@@ -22,6 +22,7 @@ import numpy as np
 
 from udamon.arrays import sorted_unique
 from udamon.core.attrs import Attrs
+from udamon.core.names import join_names, region_mappings
 from udamon.core.regions import PAGE, Regions
 from udamon.errors import TargetGone
 from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
@@ -85,6 +86,11 @@ class Snapshot:
     # "threads": {"<tid>": [local, remote, unknown]}}; exact counts, independent of
     # the region boundaries
     numa: dict | None = None
+    # the target's mappings as (start, end, name) spans in address order, and its
+    # threads' names {tid: comm}, as udamon.core.names.NameTracker knew them when the
+    # snapshot was taken (live targets; None: not known, e.g. replayed input)
+    names: list[tuple[int, int, str]] | None = None
+    threads: dict[int, str] | None = None
     # per region, distinct pages written in the interval (None: not counted)
     written_pages: np.ndarray | None = None
     # the target's mapped spans, when they changed since its previous snapshot (the
@@ -94,6 +100,19 @@ class Snapshot:
     @property
     def aggr_us(self) -> int:
         return (self.time_ns - self.start_ns) // 1000
+
+    def region_mappings(self) -> list[list[str]] | None:
+        """Per region, the names of the mappings it overlaps, most bytes first ([] for a
+        hole between mappings); None when the snapshot has no names."""
+        if self.names is None:
+            return None
+        return region_mappings(self.names, self.start, self.end)
+
+    def region_names(self, short: bool = False) -> list[str] | None:
+        """Per region, one name: ``a``, ``a+b`` or ``a (+N)`` (udamon.core.names.join_names;
+        ``short``: long paths as ``.../basename``); None when the snapshot has no names."""
+        per = self.region_mappings()
+        return None if per is None else [join_names(x, short) for x in per]
 
     def region_page_nodes(self) -> list[dict[int, int]]:
         """Per region, {node: pages} of the nodes holding any of its reported pages

@@ -50,6 +50,7 @@ from udamon.core.loop import (  # noqa: F401 - the session's API
     run_replay,
 )
 from udamon.core.monitor import Monitor, Snapshot
+from udamon.core.names import NameTracker
 from udamon.errors import RuntimeFailure, TargetGone, UsageError
 from udamon.primitives import registry
 from udamon.primitives.base import Primitive
@@ -157,6 +158,7 @@ class Session:
         self._breakdown_notes: list[str] = []
         self._supplied_note = ""
         self._lookup = None
+        self._names: NameTracker | None = None  # live: mapping and thread names
         self._perf_stats = None
         self._resolve()
 
@@ -405,12 +407,20 @@ class Session:
         if len(self.primitives) > 1:
             extra["primitives"] = [{"name": p.name, "kind": p.kind, "coverage": p.coverage}
                                    for p in self.primitives]
+        if not self.physical:  # physical memory has no maps and no threads
+            self._names = NameTracker(attrs.update_us * 1000)
+            for t in self.monitor.targets:
+                self._names.add(t.pid, t.provider)
         drive = next((p for p in self.primitives if p.kind != "observational"),
                      self.primitives[0])
         self.header = describe(attrs, ",".join(self.names), drive.coverage, self.filters,
                                probes, self.monitor.targets, clock="monotonic",
                                notes=self._start_notes,
                                written_pages=self.monitor.count_written_pages, **extra)
+        for td in self.header["targets"] if self._names else []:  # threads' names at start
+            names = self._names.threads(td["pid"])
+            if names:
+                td["threads"] = {str(k): v for k, v in sorted(names.items())}
         self._lookup = PageNodeLookup() if self.use_page_nodes else None
 
     def _start_replay(self) -> None:
@@ -503,7 +513,8 @@ class Session:
         try:
             yield from iter_live(self.monitor, self.primitives, duration_ns=self.duration_ns,
                                  stop=self.stop_flag, on_tick=self.on_tick,
-                                 page_nodes=self._lookup, result=self.result)
+                                 page_nodes=self._lookup, result=self.result,
+                                 annotate=self._names.annotate if self._names else None)
         finally:
             self._closed = True  # iter_live stopped every primitive
             self.notes = [n for n in self.result.notes if n not in self._start_notes]

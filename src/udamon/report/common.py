@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from udamon.core.monitor import Snapshot
+from udamon.core.names import region_mappings, union_tables
 from udamon.errors import ParameterError, UsageError
 from udamon.probes.filters import conditions_text, parse_conditions
 from udamon.record.reader import Record
@@ -410,38 +411,23 @@ def fmt_pct(x: float) -> str:
     return f"{x * 100:.1f}%" if np.isfinite(x) else "-"
 
 
-# Which probe columns a table shows first when not all fit: the user's own probes, then
-# the breakdowns' read/write, locality, nodes, CPUs and threads (the many), each in
-# record order.
-_COLUMN_PRIORITY = (("write", "read"), ("local", "remote"), ("node:",), ("cpu:",),
-                    ("thread:",))
+# -- names ------------------------------------------------------------------------
 
 
-def pick_columns(names: Sequence[str], patterns: Sequence[str] | None, wide: bool,
-                 room: int) -> tuple[list[str], int]:
-    """The probe columns to show (in ``names``' order) and how many are left out:
-    ``patterns`` (names or fnmatch globs such as ``thread:*``) picks them; ``wide``
-    shows all; otherwise as many as fit in ``room`` characters, by _COLUMN_PRIORITY."""
-    import fnmatch
+def mappings_of(rec: Record, pid: int, start, end, *, whole_record: bool = False
+                ) -> list[list[str]] | None:
+    """Per range [start[i], end[i]) of target ``pid``, the names of the mappings it
+    overlaps (udamon.core.names.region_mappings) in the last snapshot's table, or in
+    all the target's tables (``whole_record``: ranges that were mapped only for a
+    while); None when the record has no names (replayed input)."""
+    snaps = rec.snapshots_of(pid)
+    table = (union_tables([s.names for s in snaps]) if whole_record
+             else snaps[-1].names if snaps else None)
+    if table is None:
+        return None
+    return region_mappings(table, np.asarray(start, dtype=np.uint64),
+                           np.asarray(end, dtype=np.uint64))
 
-    if patterns:
-        shown = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-        return shown, len(names) - len(shown)
-    if wide:
-        return list(names), 0
 
-    def rank(n: str) -> int:
-        for i, group in enumerate(_COLUMN_PRIORITY):
-            if any(n == g or (g.endswith(":") and n.startswith(g)) for g in group):
-                return i + 1
-        return 0
-
-    chosen: set[str] = set()
-    used = 0
-    for n in sorted(names, key=rank):  # stable: record order within a rank
-        w = max(len(n), 5) + 2
-        if used + w > room:
-            break
-        chosen.add(n)
-        used += w
-    return [n for n in names if n in chosen], len(names) - len(chosen)
+NO_NAMES_NOTE = ("mapping names: not in this record (only live targets' /proc/PID/maps "
+                 "say which mapping a region is in)")
