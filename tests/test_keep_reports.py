@@ -45,7 +45,7 @@ def test_kept_reports_answer_a_breakdown_the_record_did_not_have(tmp_path, acces
     try:
         p = run_udamon("record", "--primitive", "wp", "--pid", str(info["pid"]),
                        "--range", buffers_span(info), "--regions", "32,400", "--write-only",
-                       "--duration", "3s", "-q", "-o", str(rec_path),
+                       "--breakdown", "none", "--duration", "3s", "-q", "-o", str(rec_path),
                        "--keep-reports", str(kept), timeout=60)
         assert p.returncode == 0, p.stderr
     finally:
