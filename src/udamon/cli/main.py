@@ -25,7 +25,18 @@ Start with 'udamon demo'.  Exit codes: 0 ok, 1 runtime failure, 2 bad usage or i
 def build_parser():
     import argparse
 
-    from udamon.cli import demo, export, exporter, migrate, monitor, record, report, synth
+    from udamon.cli import (
+        demo,
+        dirty_rate,
+        export,
+        exporter,
+        ksm_advise,
+        migrate,
+        monitor,
+        record,
+        report,
+        synth,
+    )
     from udamon.cli.common import Parser
 
     p = Parser(prog="udamon", description=DESCRIPTION,
@@ -33,7 +44,8 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"udamon {__version__}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for mod in (record, report, monitor, migrate, exporter, export, synth, demo):
+    for mod in (record, report, monitor, migrate, dirty_rate, ksm_advise, exporter, export,
+                synth, demo):
         mod.add_parser(sub)
     return p
 

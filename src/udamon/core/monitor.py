@@ -84,6 +84,8 @@ class Snapshot:
     # the target's mapped spans, when they changed since its previous snapshot (the
     # reader carries them forward); None: unchanged or not known
     mapped: list[tuple[int, int]] | None = None
+    # keys of an estimator's snapshot kept as they are (record/format.py ESTIMATE_KEYS)
+    extra: dict | None = None
 
     @property
     def aggr_us(self) -> int:
@@ -109,6 +111,8 @@ class Snapshot:
                "nr_passed": self.nr_passed, "regions": regions}
         if self.mapped is not None:
             out["mapped"] = [[int(a), int(b)] for a, b in self.mapped]
+        if self.extra:
+            out.update(self.extra)
         return out
 
 

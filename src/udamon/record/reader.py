@@ -25,6 +25,7 @@ from udamon.probes.probe import Probe
 from udamon.record.format import (
     END_KEYS,
     END_REASONS,
+    ESTIMATE_KEYS,
     FORMAT_NAME,
     FORMAT_VERSION,
     GZIP_MAGIC,
@@ -224,10 +225,14 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
                 and 0 <= x[0] < x[1] for x in spans):
             raise _Bad(f"{where}: mapped must be a list of [start, end] pairs")
         mapped = [(int(a), int(b)) for a, b in spans]
+    extra = {k: obj[k] for k in ESTIMATE_KEYS if k in obj}
+    for k, v in extra.items():
+        if not isinstance(v, dict):
+            raise _Bad(f"{where}: {k!r} must be an object")
     return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
                     _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
-                    written_pages=wpages, mapped=mapped)
+                    written_pages=wpages, mapped=mapped, extra=extra or None)
 
 
 def _parse_end(end, where: str) -> dict:
