@@ -14,7 +14,8 @@
  * where D is the number of distinct buffer pages it wrote in that window -- the
  * quantity a dirty rate estimates (QEMU: pages dirtied in the measuring period)
  * -- and O the pages of its own bookkeeping it wrote meanwhile (version bytes,
- * the window's bitmap, counters and stack: D + O is all it dirtied).  A write
+ * the window's bitmap, counters and stack: D + O is all it dirtied).  --rate -1
+ * writes as fast as it can (the benchmarks' throughput: writes per window).  A write
  * bumps the page's version: word 0 holds the version, word 1 a hash of page and
  * version (the dirtier keeps the version's low byte), so the content changes (QEMU's page-sampling mode sees a change of
  * content) and can be checked: on SIGUSR1 it compares every page with what it
@@ -94,7 +95,7 @@ int main(int argc, char **argv)
     long tick_ms = opt(argc, argv, "--tick-ms", "dirtier_tick_ms", 1);
     long seed = opt(argc, argv, "--seed", "dirtier_seed", 1);
     long seconds = opt(argc, argv, "--seconds", "dirtier_seconds", 0);
-    if (mib <= 0 || rate < 0 || window_ms <= 0 || tick_ms <= 0 || tick_ms > window_ms) {
+    if (mib <= 0 || rate < -1 || window_ms <= 0 || tick_ms <= 0 || tick_ms > window_ms) {
         fprintf(stderr, "dirtier: bad options\n");
         return 2;
     }
@@ -128,7 +129,7 @@ int main(int argc, char **argv)
     for (;;) {
         uint64_t t = now_ns();
         /* pages due by now: rate * elapsed, written in one burst every millisecond */
-        uint64_t due = (uint64_t)((double)rate * (double)(t - t0) / 1e9);
+        uint64_t due = rate < 0 ? done + 4096 : (uint64_t)((double)rate * (double)(t - t0) / 1e9);
         while (done < due) {
             size_t p = (size_t)(xorshift() % npages);
             uint64_t v = buf[p * (PAGE / 8)] + 1;
@@ -181,7 +182,9 @@ int main(int argc, char **argv)
             printf("{\"bad_pages\": %zu, \"ok\": %s}\n", bad, bad ? "false" : "true");
             fflush(stdout);
         }
-        struct timespec ts = {tick_ms / 1000, (tick_ms % 1000) * 1000000};
-        nanosleep(&ts, NULL);
+        if (rate >= 0) {
+            struct timespec ts = {tick_ms / 1000, (tick_ms % 1000) * 1000000};
+            nanosleep(&ts, NULL);
+        }
     }
 }

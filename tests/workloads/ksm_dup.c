@@ -1,10 +1,13 @@
 /* Duplicate pages that KSM could merge, written at four different paces.
  *
- *   ksm_dup [--mib N] [--hot RATE] [--slow RATE] [--read RATE] [--mergeable] [--seed S]
+ *   ksm_dup [--mib N] [--copies C] [--hot RATE] [--slow RATE] [--read RATE]
+ *           [--mergeable] [--seed S]
  *
  * Maps four regions of N MiB (default 32), each its own mapping, and fills each
- * with N/4 MiB of pseudo-random pages repeated four times (every page has exactly
- * three duplicates, in its own region; the regions' contents differ).  Then:
+ * with N/C MiB of pseudo-random pages repeated C times (default 4: every page has
+ * exactly three duplicates, in its own region; the regions' contents differ;
+ * --copies 1: no duplicate inside the process, two instances with the same seed
+ * hold the same pages).  Then:
  *
  *   region 0 "never": not touched again;
  *   region 1 "hot":   RATE random page writes per second (default 2000);
@@ -85,7 +88,9 @@ int main(int argc, char **argv)
     uint64_t seed = (uint64_t)opt(argc, argv, "--seed", 1);
     int mergeable = has(argc, argv, "--mergeable");
     const char *names[NREG] = {"never", "hot", "slow", "read"};
-    size_t npages = (size_t)mib * 1024 * 1024 / PAGE, distinct = npages / 4;
+    long copies = opt(argc, argv, "--copies", 4);
+    size_t npages = (size_t)mib * 1024 * 1024 / PAGE;
+    size_t distinct = copies > 0 ? npages / (size_t)copies : 0;
     if (mib < 1 || distinct == 0) {
         fprintf(stderr, "ksm_dup: bad --mib\n");
         return 2;

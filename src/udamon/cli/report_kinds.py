@@ -141,8 +141,25 @@ def _ksm_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ksm_run(a: argparse.Namespace, rec: Record) -> int:
+    from udamon.report import ksm_advice
+    from udamon.report.common import pick_pids, record_line
+
     fmt = _formats(a, "ksm", ("text", "json"))
     top = getattr(a, "top", None)
+    if ksm_advice.is_advice_record(rec):
+        if getattr(a, "min_age", None) is not None:
+            raise UsageError("--min-age: a record of udamon ksm-advise holds the advice made "
+                             "with its own --min-age")
+        pick_pids(rec, getattr(a, "pid", None))
+        adv, applied = ksm_advice.advice_from_record(rec, getattr(a, "pid", None))
+        if fmt == "json":
+            doc = ksm_advice.to_json(adv, rec.path)
+            for t in doc["targets"]:
+                if t["pid"] in applied:
+                    t["apply"] = applied[t["pid"]]
+            return _emit_json(doc)
+        sys.stdout.write(ksm_advice.to_text(adv, [record_line(rec)], top or 20))
+        return 0
     res = ksm.compute(rec, getattr(a, "pid", None), getattr(a, "min_age", None))
     if fmt == "json":
         return _emit_json(ksm.to_json(rec, res))

@@ -17,11 +17,12 @@ joined over gaps of at most ``join_pages`` pages while at least
 ``min_pages`` such pages or more (a range may thus hold a few pages that were
 written or are unique: offering them costs KSM a look, nothing more; its
 ``unwritten_ns`` and ``never_written`` are those of the pages it would merge).
-A range's **predicted saving** is what KSM's own per-process account would show once it is merged: its pages that would be
-merged (``ksm_merging_pages``) plus those that would go to the zero page
-(``ksm_zero_pages``), times the page size -- the target's private memory given
-up.  The memory freed system-wide is smaller by one kept copy per content (and
-per ``max_page_sharing`` sharers); it is reported too.  Write-hot ranges of
+A range's **predicted saving** is what KSM's own per-process account would
+show once it is merged: its pages that would be merged (``ksm_merging_pages``)
+plus those that would go to the zero page (``ksm_zero_pages``), times the page
+size -- the target's private memory given up.  The memory freed system-wide is
+smaller by one kept copy per content (and per ``max_page_sharing`` sharers); it
+is reported too.  Write-hot ranges of
 mappings already offered to KSM (``MADV_MERGEABLE``) are listed apart: merged
 pages there are broken again by every write (``MADV_UNMERGEABLE`` stops that).
 
@@ -296,3 +297,57 @@ def to_text(adv: Advice, header: list[str] | None = None, top: int = 20) -> str:
     lines.append(f"\nfreed system-wide if every candidate merges: ~{fmt_size(adv.freed_bytes)} "
                  "(one copy of each content stays)")
     return "\n".join(lines) + "\n"
+
+
+# -- a record of udamon ksm-advise -------------------------------------------------
+
+
+def is_advice_record(rec) -> bool:
+    est = rec.header.get("estimator")
+    return isinstance(est, dict) and est.get("kind") == "ksm-advise"
+
+
+def _range(d: dict, hot: bool = False) -> Range:
+    if hot:
+        return Range(int(d["start"]), int(d["end"]), int(d["written_pages"]), 0, 0, 0, 0,
+                     bool(d.get("never_written")), int(d["unwritten_ns"]),
+                     int(d["written_pages"]))
+    return Range(int(d["start"]), int(d["end"]), int(d["pages"]), int(d["duplicate_pages"]),
+                 int(d["zero_pages"]), int(d["predicted_merging_pages"]),
+                 int(d["predicted_zero_pages"]), bool(d["never_written"]),
+                 int(d["unwritten_ns"]))
+
+
+def advice_from_record(rec, pid: int | None = None) -> tuple[Advice, dict[int, dict]]:
+    """The advice a record of ``udamon ksm-advise -o`` holds, and per target what
+    --apply did (when it ran)."""
+    from udamon.errors import InputError
+
+    est = rec.header["estimator"]
+    targets, applied = [], {}
+    end = 0
+    for s in rec.snapshots:
+        d = (s.extra or {}).get("ksm")
+        if d is None or (pid is not None and s.pid != pid):
+            continue
+        end = max(end, s.time_ns)
+        try:
+            cands = [_range(c) for c in d["candidates"]]
+            unm = [_range(c, hot=True) for c in d.get("unmerge", [])]
+            p = d["predicted"]
+            targets.append(TargetAdvice(s.pid, str(d.get("name", "")),
+                                        int(d["resident_bytes"]) // PAGE, int(d["cold_pages"]),
+                                        int(d["duplicate_pages"]), int(d["zero_pages"]),
+                                        int(p["merging_pages"]), int(p["zero_pages"]), cands, unm,
+                                        dict(d.get("ksm_stat") or {}),
+                                        -1 if d.get("ksm_pages") is None else int(d["ksm_pages"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{rec.path}: the KSM advice of pid {s.pid} is malformed "
+                             f"({type(e).__name__}: {e})") from None
+        if "apply" in d:
+            applied[s.pid] = d["apply"]
+    length = int(est.get("length_ns", 0))
+    adv = Advice(targets, end - length, end, int(est.get("min_age_ns", 0)),
+                 int(est.get("intervals", 0)), dict(est.get("ksm") or {}),
+                 int(est.get("freed_bytes", 0)), list(est.get("notes") or []))
+    return adv, applied
