@@ -229,10 +229,14 @@ def test_apply_takes_write_hot_ranges_back(ksm_dup, ksm_alone):
             from udamon.targets.vmm import parse_smaps
 
             maps = parse_smaps(f.read())
-        inside = [m for m in maps if m.start < hot[1] and m.end > hot[0]]
-        assert inside and all("mg" not in m.flags for m in inside), inside
-        never = w.regions["never"]
-        assert all("mg" in m.flags for m in maps if m.start < never[1] and m.end > never[0])
+        def offered(lo, hi):
+            """Share of [lo, hi) in mappings offered to KSM."""
+            return sum(min(hi, m.end) - max(lo, m.start) for m in maps
+                       if m.start < hi and m.end > lo and "mg" in m.flags) / (hi - lo)
+
+        # page-level ranges: a few unwritten pages at the hot region's edges may stay
+        assert offered(*hot) < 0.01, offered(*hot)
+        assert offered(*w.regions["never"]) == 1.0 and offered(*w.regions["read"]) == 1.0
         assert ksm.settings() == ksm_alone
         assert w.check()["ok"]
     finally:

@@ -338,6 +338,10 @@ def to_text(res: DirtyRates, header: list[str] | None = None) -> str:
                 if p.name != t.rate_part:
                     lines.append(f"pid {t.pid}: outside the ranges given ({p.name}): "
                                  f"{fmt_rate(p.mean_bps)}")
+        if t.rate.resident_bytes == 0:
+            lines.append(f"pid {t.pid}: none of the memory its rate counts could be watched "
+                         "(nothing resident, or not anonymous/shmem memory: hugetlbfs is not "
+                         "supported): its rate says nothing")
         unobs = sum(p.unobserved for p in t.parts)
         if unobs:
             lines.append(f"pid {t.pid}: {unobs} mapping-window(s) could not be observed (the "
@@ -363,6 +367,3 @@ def to_text(res: DirtyRates, header: list[str] | None = None) -> str:
                          f"{_precopy_text(pc)}{rng}")
     return "\n".join(lines) + "\n"
 
-
-def frac(x: float) -> str:
-    return "-" if not math.isfinite(x) else f"{x:.0%}"
