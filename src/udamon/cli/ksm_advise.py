@@ -79,7 +79,7 @@ def add_parser(sub) -> None:
                         "MADV_UNMERGEABLE in the targets, then wait for KSM and compare")
     a.add_argument("--dry-run", action="store_true", help="with --apply: only say what it "
                                                           "would do")
-    a.add_argument("--top", type=_positive_int, metavar="N",
+    a.add_argument("--top", type=typed(_positive_int, "count"), metavar="N",
                    help="at most N candidate ranges per target (shown and applied)")
     a.add_argument("--no-unmerge", action="store_true",
                    help="with --apply: do not MADV_UNMERGEABLE the write-hot ranges")
@@ -88,7 +88,7 @@ def add_parser(sub) -> None:
                                                 "to merge (default 60s)")
     k = p.add_argument_group("KSM's global settings (changed only when asked, restored at exit)")
     k.add_argument("--ksm-run", action="store_true", help="run ksmd for this command")
-    k.add_argument("--ksm-pages-to-scan", type=_positive_int, metavar="N",
+    k.add_argument("--ksm-pages-to-scan", type=typed(_positive_int, "count"), metavar="N",
                    help="with --ksm-run: pages ksmd scans per wake-up")
     k.add_argument("--ksm-sleep", metavar="DUR", type=typed(duration_arg, "duration"),
                    help="with --ksm-run: ksmd's sleep between wake-ups (e.g. 20ms)")
