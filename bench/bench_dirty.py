@@ -55,7 +55,7 @@ def udamon(*args: str, timeout: float = 180) -> tuple[dict, float]:
 
 def truth(vm: VM, first: int) -> float:
     time.sleep(1.1)
-    t = vm.truth(first, len(vm.lines))
+    t = vm.truth(first)
     return (t["distinct_mean"] + t["own_mean"]) * PAGE
 
 

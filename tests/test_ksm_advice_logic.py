@@ -122,3 +122,19 @@ def test_hash_tells_pages_apart_and_equal_pages_together():
     z = np.zeros((2, 512), np.uint64)
     z[1, 0] = 1
     assert hash_words(z)[0] != hash_words(z)[1]
+
+
+def test_a_twin_that_will_not_be_offered_does_not_count():
+    """A cold run whose only twins are scattered cold pages of a write-hot area
+    (too sparse to offer): nothing would merge, so nothing is predicted."""
+    n = 264
+    h = np.arange(n) + 5000
+    last = np.full(n, -1)
+    last[64:] = 9 * S  # pages 64.. are write-hot ...
+    cold_twins = np.arange(64, 264, 10)  # ... but for one in ten, cold
+    last[cold_twins] = -1
+    h[cold_twins] = np.arange(20) + 5000  # twins of pages 0..19
+    adv = run([pages(n, hashes=h, last=last)])
+    (t,) = adv.targets
+    assert t.duplicate_pages == 40  # they are duplicates ...
+    assert t.candidates == [] and t.merging_pages == 0 and adv.freed_bytes == 0  # ... unoffered

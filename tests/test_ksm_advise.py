@@ -164,14 +164,17 @@ def test_ksm_merges_what_the_workload_says(ksm_truth):
 
 
 def test_advisor_candidates_are_the_regions_ksm_keeps_merged(ksm_dup, ksm_truth):
-    for run in range(3):
-        w = Workload(ksm_dup, "--seed", str(run + 1))
-        try:
-            p = run_udamon("ksm-advise", "--pid", str(w.pid), "--format", "json",
-                           "-q", timeout=120)
-            assert p.returncode == 0, p.stderr
-            doc = json.loads(p.stdout)
-            (t,) = doc["targets"]
+    """Three runs at the defaults, side by side (three workloads, three advisors)."""
+    ws = [Workload(ksm_dup, "--seed", str(run + 1)) for run in range(3)]
+    try:
+        procs = [subprocess.Popen([sys.executable, "-m", "udamon", "ksm-advise", "--pid",
+                                   str(w.pid), "--format", "json", "-q"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for w in ws]
+        outs = [p.communicate(timeout=120) for p in procs]
+        for run, (w, p, (out, err)) in enumerate(zip(ws, procs, outs, strict=True)):
+            assert p.returncode == 0, err
+            (t,) = json.loads(out)["targets"]
             assert regions_covered(w, t["candidates"]) == ksm_truth["kept"], \
                 (run, t["candidates"], ksm_truth)
             # ranked by predicted saving, page-level, the contract's keys
@@ -187,7 +190,8 @@ def test_advisor_candidates_are_the_regions_ksm_keeps_merged(ksm_dup, ksm_truth)
             assert w.check()["ok"]
             assert ksm.ksm_stat(w.pid).get("ksm_mergeable") in (False, None), \
                 "the advisor without --apply offered memory to KSM"
-        finally:
+    finally:
+        for w in ws:
             w.stop()
 
 

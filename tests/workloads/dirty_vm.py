@@ -223,8 +223,9 @@ class VM:
             time.sleep(0.2)
         raise RuntimeError(f"the VM (rate {self.rate}) did not start its dirtier in {timeout} s")
 
-    def truth(self, first: int, last: int) -> dict:
-        """The dirtier's windows ``first`` .. ``last - 1`` (indices into ``lines``)."""
+    def truth(self, first: int, last: int | None = None) -> dict:
+        """The dirtier's windows ``first`` .. ``last - 1`` (indices into ``lines``;
+        ``last`` None: up to the newest)."""
         self.poll_console()
         ws = self.lines[first:last]
         if not ws:

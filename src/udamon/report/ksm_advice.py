@@ -146,51 +146,84 @@ def _runs(addr: np.ndarray, mask: np.ndarray, vmas: list[tuple[int, int, bool]],
     return out
 
 
+def _groups(targets: list[TargetPages], offered: list[np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Content groups among the offered non-zero pages of all targets (hashes and
+    sizes), and the number of offered zero pages."""
+    hs = [t.hash[o & ~t.zero] for t, o in zip(targets, offered, strict=True)]
+    allh = np.concatenate(hs) if hs else np.zeros(0, np.uint64)
+    uniq, counts = np.unique(allh, return_counts=True)
+    zeros = sum(int(np.count_nonzero(o & t.zero)) for t, o in zip(targets, offered,
+                                                                   strict=True))
+    return uniq, counts, zeros
+
+
+def _worth(t: TargetPages, offered: np.ndarray, uniq: np.ndarray, counts: np.ndarray,
+           zeros: int, use_zero: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(duplicate, zero that merges, either) among the offered pages of ``t``."""
+    n = np.zeros(t.addr.size, dtype=np.int64)
+    nz = offered & ~t.zero
+    if uniq.size and nz.any():
+        n[nz] = counts[np.searchsorted(uniq, t.hash[nz])]
+    dup = nz & (n >= 2)
+    zero = offered & t.zero
+    zmerge = zero if (use_zero or zeros >= 2) else np.zeros_like(zero)
+    return dup, zmerge, dup | zmerge
+
+
 def advise(targets: list[TargetPages], *, start_ns: int, end_ns: int, intervals: int,
            settings: dict, min_age_ns: int | None = None, join_pages: int = JOIN_PAGES,
            min_density: float = MIN_DENSITY, min_pages: int = MIN_PAGES) -> Advice:
+    """Candidates per target.  Duplicates count only among pages that will be offered:
+    a cold page whose every twin lies outside the candidate ranges (left out as too
+    scattered) has nothing to merge with, so ranges and groups are worked out again
+    over the offered pages until they no longer change."""
     length = end_ns - start_ns
     min_age = min_age_ns if min_age_ns is not None else min(DEFAULT_MIN_AGE_NS, length // 2)
     use_zero = bool(settings.get("use_zero_pages", 0))
     mps = max(int(settings.get("max_page_sharing", 256)), 2)
-    cold = []
+    cold, unwritten = [], []
     for t in targets:
-        unwritten = end_ns - np.where(t.last_write_ns >= 0, t.last_write_ns, t.since_ns)
-        cold.append(unwritten >= min_age)
-    # content groups among the cold, non-zero pages of all targets
-    hs = [t.hash[c & ~t.zero] for t, c in zip(targets, cold, strict=True)]
-    allh = np.concatenate(hs) if hs else np.zeros(0, np.uint64)
-    uniq, counts = np.unique(allh, return_counts=True)
-    total_zero = sum(int(np.count_nonzero(c & t.zero)) for t, c in zip(targets, cold,
-                                                                        strict=True))
+        u = end_ns - np.where(t.last_write_ns >= 0, t.last_write_ns, t.since_ns)
+        unwritten.append(u)
+        cold.append(u >= min_age)
+    offered = [c.copy() for c in cold]
+    runs: list[list[tuple[int, int]]] = [[] for _ in targets]
+    for _ in range(8):
+        uniq, counts, zeros = _groups(targets, offered)
+        runs = [_runs(t.addr, _worth(t, o, uniq, counts, zeros, use_zero)[2], t.vmas,
+                      join_pages, min_density, min_pages)
+                for t, o in zip(targets, offered, strict=True)]
+        new = []
+        for t, c, rs in zip(targets, cold, runs, strict=True):
+            inside = np.zeros(t.addr.size, dtype=bool)
+            for a, b in rs:
+                inside[a:b] = True
+            new.append(c & inside)
+        if all(np.array_equal(x, y) for x, y in zip(new, offered, strict=True)):
+            break
+        offered = new
+    uniq, counts, zeros = _groups(targets, offered)
     dups = counts[counts >= 2]
     freed = int((dups - -(-dups // mps)).sum())  # one KSM page per max_page_sharing sharers
     if use_zero:
-        freed += total_zero
-    elif total_zero >= 2:
-        freed += total_zero - -(-total_zero // mps)
-    freed *= PAGE
+        freed += zeros
+    elif zeros >= 2:
+        freed += zeros - -(-zeros // mps)
     out = []
-    for t, c in zip(targets, cold, strict=True):
-        n = np.zeros(t.addr.size, dtype=np.int64)
-        nz = c & ~t.zero
-        if uniq.size:
-            n[nz] = counts[np.searchsorted(uniq, t.hash[nz])]
-        dup = nz & (n >= 2)
-        zero = c & t.zero
-        zero_merge = zero if (use_zero or total_zero >= 2) else np.zeros_like(zero)
-        worth = dup | zero_merge
-        unwritten = end_ns - np.where(t.last_write_ns >= 0, t.last_write_ns, t.since_ns)
+    for t, c, u, o, rs in zip(targets, cold, unwritten, offered, runs, strict=True):
+        dup, zmerge, worth = _worth(t, o, uniq, counts, zeros, use_zero)
         cands = []
-        for a, b in _runs(t.addr, worth, t.vmas, join_pages, min_density, min_pages):
+        for a, b in rs:
             w = slice(a, b)
-            zr = int(np.count_nonzero(zero_merge[w]))
-            dp = int(np.count_nonzero(dup[w]))
             ww = np.flatnonzero(worth[w]) + a  # the pages it would merge
+            if ww.size < min_pages:
+                continue
+            zr = int(np.count_nonzero(zmerge[w]))
+            dp = int(np.count_nonzero(dup[w]))
             cands.append(Range(int(t.addr[a]), int(t.addr[b - 1]) + PAGE, int(ww.size), dp, zr,
                                dp + (0 if use_zero else zr), zr if use_zero else 0,
-                               bool((t.last_write_ns[ww] < 0).all()),
-                               int(unwritten[ww].min())))
+                               bool((t.last_write_ns[ww] < 0).all()), int(u[ww].min())))
         cands.sort(key=lambda r: (-r.predicted_saving, r.start))
         hot = (t.last_write_ns >= 0) & ~c
         unm = []
@@ -199,14 +232,16 @@ def advise(targets: list[TargetPages], *, start_ns: int, end_ns: int, intervals:
             w = slice(a, b)
             unm.append(Range(int(t.addr[a]), int(t.addr[b - 1]) + PAGE,
                              int(np.count_nonzero(hot[w])), 0, 0, 0, 0, False,
-                             int(unwritten[w].min()), int(np.count_nonzero(hot[w]))))
+                             int(u[w].min()), int(np.count_nonzero(hot[w]))))
         unm.sort(key=lambda r: (-r.written_pages, r.start))
+        all_dup, _, _ = _worth(t, c, *_groups(targets, cold), use_zero)
         out.append(TargetAdvice(t.pid, t.name, int(t.addr.size), int(np.count_nonzero(c)),
-                                int(np.count_nonzero(dup)), int(np.count_nonzero(zero)),
+                                int(np.count_nonzero(all_dup)),
+                                int(np.count_nonzero(c & t.zero)),
                                 sum(r.merging_pages for r in cands),
                                 sum(r.zero_merged for r in cands), cands, unm, t.ksm_stat,
                                 t.ksm_pages))
-    return Advice(out, start_ns, end_ns, min_age, intervals, dict(settings), freed)
+    return Advice(out, start_ns, end_ns, min_age, intervals, dict(settings), freed * PAGE)
 
 
 # -- output ------------------------------------------------------------------------
