@@ -47,7 +47,7 @@ RATES = (200, 2000, 20000)
 
 @pytest.fixture(scope="module")
 def vms():
-    vs = start_vms(list(RATES), check=4)
+    vs = start_vms(list(RATES))
     yield vs
     for v in vs:
         v.stop()
@@ -55,6 +55,10 @@ def vms():
 
 def _truth(vm: VM, first: int) -> float:
     t = vm.truth(first)
+    # the guest must have kept its pace (a starved TCG vCPU writes fewer pages per
+    # real second; its count per real second still holds, but say why it moved)
+    assert t["late"] <= t["windows"] // 3, f"the VM could not keep its rate: {t}"
+    print(f"VM {vm.rate}: windows {[(w['ms'], w['distinct']) for w in vm.lines[first:]]}")
     return (t["distinct_mean"] + t["own_mean"]) * PAGE
 
 
@@ -95,7 +99,6 @@ def test_three_vms_ranked_within_truth_at_the_defaults(vms):
     for v in vms:
         v.poll_console()
         assert v.proc.poll() is None
-        assert v.checks and all(c["ok"] for c in v.checks), v.checks
 
 
 def test_exact_mode_on_a_vm(vms):
@@ -111,8 +114,16 @@ def test_exact_mode_on_a_vm(vms):
     assert abs(t["mean_bps"] / truth - 1) < 0.03, (t["mean_bps"], truth)
 
 
-def test_vm_survives_sigkill_of_udamon(vms):
-    v = next(x for x in vms if x.rate == 20000)
+def test_vm_survives_sigkill_of_udamon():
+    """A VM of its own, checking its whole buffer every other window."""
+    (v,) = start_vms([20000], check=2)
+    try:
+        _killed_midway(v)
+    finally:
+        v.stop()
+
+
+def _killed_midway(v: VM) -> None:
     u = subprocess.Popen([sys.executable, "-m", "udamon", "dirty-rate", "--pid", str(v.pid),
                           "--precision", "0", "--duration", "60s", "-q"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

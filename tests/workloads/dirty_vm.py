@@ -230,10 +230,14 @@ class VM:
         ws = self.lines[first:last]
         if not ws:
             raise RuntimeError("no dirtier windows in that span")
+        # per real second, over the span: a window that took longer (the guest fell
+        # behind) wrote its pages in more time, and the next, catching up, in less
+        secs = sum(w.get("ms", 1000) for w in ws) / 1000
         d = [w["distinct"] for w in ws]
         own = [w.get("own", 0) for w in ws]
-        return {"windows": len(ws), "distinct_mean": sum(d) / len(d),
-                "own_mean": sum(own) / len(own),
+        return {"windows": len(ws), "distinct_mean": sum(d) / secs,
+                "own_mean": sum(own) / secs, "seconds": secs,
+                "late": sum(1 for w in ws if w.get("ms", 1000) > 1050),
                 "writes_mean": sum(w["writes"] for w in ws) / len(ws),
                 "distinct_min": min(d), "distinct_max": max(d)}
 

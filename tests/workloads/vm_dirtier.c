@@ -13,11 +13,13 @@
  * between) and timed by the TSC, and prints on COM1 at the end of every 1 s
  * window
  *
- *   {"window": I, "writes": W, "distinct": D, "own": O}
+ *   {"window": I, "ms": M, "writes": W, "distinct": D, "own": O}
  *
  * D: distinct buffer pages written in the window; O: pages of its own it wrote
  * meanwhile (the version bytes' pages, the window bitmap, its stack and
- * counters).  D + O is everything the guest dirtied.  Every CHECK windows it
+ * counters).  D + O is everything the guest dirtied.  M: the window's real length
+ * in ms (TSC): above 1000 when the guest fell behind (its vCPU starved, or a
+ * check ran), and then its pages per real second are fewer.  Every CHECK windows it
  * compares each page with what it wrote and prints {"bad_pages": N, "ok": ...}.
  *
  * Build: gcc -m32 -ffreestanding -fno-pic -fno-stack-protector -mgeneral-regs-only
@@ -202,7 +204,7 @@ __attribute__((used)) void run(uint32_t mbinfo_addr)
     puts_("{"); kv("addr", BUF_BASE, 0); kv("pages", npages, 0); kv("rate", rate, 0);
     kv("tsc_khz", tsc_per_ms, 1); puts_("}\n");
 
-    uint64_t w0 = rdtsc();
+    uint64_t w0 = rdtsc(), last_print = w0;
     uint32_t window = 0, done = 0, writes = 0, distinct = 0, vdistinct = 0;
     for (;;) {
         __asm__ volatile("hlt");
@@ -222,7 +224,10 @@ __attribute__((used)) void run(uint32_t mbinfo_addr)
         if (ms >= 1000) {
             /* own pages: version pages, the bitmap's pages, state, the stack's top */
             uint32_t own = vdistinct + (npages / 8 + PAGE - 1) / PAGE + 2;
-            puts_("{"); kv("window", window, 0); kv("writes", writes, 0);
+            uint64_t now = rdtsc();
+            puts_("{"); kv("window", window, 0); kv("ms", div64(now - last_print, tsc_per_ms), 0);
+            kv("writes", writes, 0);
+            last_print = now;
             kv("distinct", distinct, 0); kv("own", own, 1); puts_("}\n");
             window++;
             w0 += (uint64_t)tsc_per_ms * 1000;
