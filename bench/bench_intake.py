@@ -85,7 +85,7 @@ def main() -> None:
         rows.append({"what": f"intake, batches of {chunk:,}", "rates": r,
                      "ratio_to_goal": statistics.median(r) / GOAL})
     base = None
-    for n in (0, 1, 4, 8, 16):
+    for n in (0, 1, 2, 4, 8, 16):
         r = bench_pipeline(batch[: a.reports // 2], n, a.repeat)
         med = statistics.median(r)
         base = base or med

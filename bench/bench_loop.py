@@ -71,6 +71,50 @@ def measure(prim, pid: int, lo: int, hi: int, n: int, turns: int, native: bool) 
             "due_per_s": 1e9 / SAMPLE_NS}
 
 
+def cli_steady(mode: str, regions: str = "10,20", window: float = 20.0) -> dict:
+    """The whole of ``udamon record --primitive MODE --regions 10,20`` at its defaults on
+    the same target: steady CPU (utime + stime over ``window`` s after a 3 s warm-up, so
+    start-up is left out), snapshots per second and the peak RSS."""
+    import subprocess
+    import tempfile
+
+    from common import CLK_TCK, UDAMON
+
+    wl, info = start_json_workload([build("access_pattern"), "--size", "64",
+                                    "--duration", "3600"])
+    fd, rec = tempfile.mkstemp(prefix="udamon-bench-", suffix=".jsonl")
+    os.close(fd)
+
+    def ticks(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            x = f.read().rsplit(")", 1)[1].split()
+        return int(x[11]) + int(x[12])
+
+    try:
+        mon = subprocess.Popen([*UDAMON, "record", "--primitive", mode, "-q", "--pid",
+                                str(wl.pid), "--regions", regions, "--duration",
+                                f"{window + 4}s", "-o", rec], stderr=subprocess.PIPE,
+                               text=True)
+        time.sleep(3)
+        c0, t0 = ticks(mon.pid), time.monotonic()
+        time.sleep(window)
+        c1, t1 = ticks(mon.pid), time.monotonic()
+        with open(f"/proc/{mon.pid}/status") as f:
+            hwm = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+        _, err = mon.communicate(timeout=120)
+        with open(rec) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+    finally:
+        wl.terminate()
+        wl.wait(30)
+        os.unlink(rec)
+    snaps = [x for x in lines[1:] if "regions" in x]
+    return {"mode": mode, "regions_opt": regions, "cpu_pct": (c1 - c0) / CLK_TCK / (t1 - t0)
+            * 100, "snapshots_per_s": len(snaps) / (window + 4),
+            "mean_regions": sum(len(x["regions"]) for x in snaps) / max(len(snaps), 1),
+            "peak_rss_mib": hwm, "notes": lines[-1].get("end", {}).get("notes", [])}
+
+
 def fit(rows: list[dict]) -> dict:
     x = np.asarray([r["regions"] for r in rows], dtype=float)
     y = np.asarray([r["cpu_us_per_turn"] for r in rows], dtype=float)
@@ -108,6 +152,11 @@ def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int 
         rows = [r for r in out["rows"] if r["native"] == native]
         if len(rows) >= 2:
             out["fit_c" if native else "fit_python"] = fit(rows)
+    out["cli"] = cli_steady(mode)
+    c = out["cli"]
+    log(f"  udamon record --primitive {mode} --regions {c['regions_opt']}: "
+        f"{c['cpu_pct']:.2f}% of a CPU steady, {c['mean_regions']:.0f} regions, "
+        f"{c['snapshots_per_s']:.1f} snapshots/s, peak RSS {c['peak_rss_mib']:.0f} MiB")
     return out
 
 
@@ -138,6 +187,13 @@ def markdown(res: dict) -> list[str]:
             out.append(f"{name} loop, least squares over the rows: fixed cost "
                        f"{f['fixed_us_per_turn']:.1f} us per turn, "
                        f"{f['us_per_armed_page']:.2f} us per armed page.")
+    c = res.get("cli")
+    if c:
+        out += ["", f"The whole session (`udamon record --primitive {res['mode']} --regions "
+                f"{c['regions_opt']}`, DAMON's default intervals, same target): "
+                f"{c['cpu_pct']:.2f}% of one CPU steady (start-up left out), "
+                f"{c['mean_regions']:.0f} regions on average, {c['snapshots_per_s']:.1f} "
+                f"snapshots/s (10 due), peak RSS {c['peak_rss_mib']:.0f} MiB."]
     return out
 
 

@@ -101,14 +101,14 @@ def thread_split(rec, tid: int, node: int) -> tuple[float, float]:
     local = remote = 0.0
     name = f"thread:{tid}"
     for s in rec.snapshots:
-        if not s.page_nodes or name not in s.probe_hits:
+        if s.page_nodes is None or name not in s.probe_hits:
             continue
         hits = s.probe_hits[name]
-        for i, d in enumerate(s.page_nodes):
+        for i, d in enumerate(s.region_page_nodes()):
             pages = sum(d.values())
             if hits[i] <= 0 or pages <= 0:
                 continue
-            here = d.get(str(node), 0) / pages
+            here = d.get(node, 0) / pages
             local += hits[i] * here
             remote += hits[i] * (1 - here)
     return local, remote
@@ -274,3 +274,77 @@ def test_migrate_moves_remote_memory_home(tmp_path, numa_remote_bin):
               if res["remote_share_before_first_move"] is not None]
     last = [res["remote_share_last"] for res in runs if res["remote_share_last"] is not None]
     assert before and last and last[-1] < max(before), (before, last)
+
+
+def _buffer_remote_shares(rep: dict, info: dict) -> dict[str, float]:
+    """Each buffer's remote share from report numa's per-region local/remote (regions
+    overlapping a buffer weighted by the overlap)."""
+    (tgt,) = rep["targets"]
+    out = {}
+    for b in "ABCD":
+        lo, hi = info[b]
+        loc = rem = 0.0
+        for r in tgt["regions"]:
+            ov = max(0, min(hi, r["end"]) - max(lo, r["start"]))
+            if ov and r["local"] is not None:
+                loc += r["local"] * ov / r["size"]
+                rem += r["remote"] * ov / r["size"]
+        out[b] = rem / (loc + rem) if loc + rem else float("nan")
+    return out
+
+
+def test_adjacent_equally_hot_buffers_local_and_remote_exact(tmp_path):
+    """Four adjacent, equally hot buffers in one mapping, bound to alternating nodes and
+    used from pinned threads so that A and D are all remote and B and C all local
+    (tests/workloads/numa_adjacent.c): per buffer and per target, report numa must give
+    the truth, although the buffers are neighbours of the same hotness."""
+    from udamon.primitives.uffd import rwp_available
+
+    ok, why = rwp_available()
+    if not ok:
+        pytest.skip(f"rwp unavailable: {why}")
+    try:
+        binary = build("numa_adjacent")
+    except BuildError as e:
+        pytest.skip(f"cannot build the workload: {e}")
+    na, nb = int(_c2n[0]), int(_c2n[1])
+    wl = subprocess.Popen(["nice", "-n", "5", binary, "--cpu-a", "0", "--cpu-b", "1",
+                           "--node-a", str(na), "--node-b", str(nb), "--size", "4",
+                           "--duration", "600"], stdout=subprocess.PIPE, text=True)
+    rec_path = tmp_path / "adjacent.jsonl"
+    try:
+        info = json.loads(wl.stdout.readline())
+        pages = (4 << 20) // info["page_size"]
+        truth_nodes = {"A": nb, "B": na, "C": nb, "D": na}
+        assert info["pages"] == {b: {str(n): pages} for b, n in truth_nodes.items()}, info
+        p = run_udamon("record", "--primitive", "rwp", "--pid", str(info["pid"]),
+                       "--breakdown", "numa", "--sample", "20ms", "--aggr", "400ms",
+                       "--duration", os.environ.get("UDAMON_GUEST_RECORD_RWP", "60s"), "-q",
+                       "-o", str(rec_path), timeout=900)
+        assert p.returncode == 0, p.stderr
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        out, _ = wl.communicate(timeout=60)
+    end = json.loads(out.strip().splitlines()[-1])
+    assert wl.returncode == 0 and end["intact"] is True
+    assert end["pages"] == info["pages"]  # nothing moved: the truth held all along
+    if os.path.isdir(RESULTS):
+        shutil.copy(rec_path, RESULTS)
+    p = run_udamon("report", "numa", "-i", str(rec_path), "--format", "json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    (tgt,) = rep["targets"]
+    shares = _buffer_remote_shares(rep, info)
+    print("per buffer remote share:", shares, "target local ratio:", tgt["local_ratio"],
+          "reports:", tgt["reports"])
+    print(run_udamon("report", "numa", "-i", str(rec_path), timeout=300).stdout)
+    for b in "AD":
+        assert shares[b] >= 0.9, shares
+    for b in "BC":
+        assert shares[b] <= 0.1, shares
+    assert abs(tgt["local_ratio"] - 0.5) <= 0.05, tgt["reports"]
+    # per thread: thread 0 (A remote, B local) and thread 1 (C local, D remote) are each
+    # half local; every report of known locality is accounted to one of them
+    for tid in info["tids"]:
+        th = tgt["threads"][str(tid)]
+        assert abs(th["local_ratio"] - 0.5) <= 0.1, th

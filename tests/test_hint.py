@@ -20,8 +20,8 @@ import pytest
 from conftest import buffer_hits, buffers_span, run_udamon, share, start_workload
 
 from udamon.primitives.hint import hint_available
-from udamon.primitives.perf_tracepoint import online_cpus
 from udamon.record.reader import read_record
+from udamon.system.perf_tracepoint import online_cpus
 
 NUMA = "/proc/sys/kernel/numa_balancing"
 _ok, _why = hint_available()
@@ -79,8 +79,8 @@ def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, access_pattern_
     # page locations were sampled: the populated buffers live on this machine's nodes
     from udamon.targets.topology import cpu_to_node
 
-    nodes = {str(n) for n in cpu_to_node().tolist() if n >= 0}
-    located = [n for s in rec.snapshots for n in (s.page_nodes or [])]
+    nodes = {n for n in cpu_to_node().tolist() if n >= 0}
+    located = [n for s in rec.snapshots for n in s.region_page_nodes()]
     assert located and sum(sum(d.values()) for d in located) > 0
     assert all(set(d) <= nodes for d in located)
 
@@ -116,7 +116,7 @@ def test_launch_a_command(tmp_path, access_pattern_bin):
 
 def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, access_pattern_bin,
                                                                    numa_restored):
-    from udamon.primitives.mounts import is_mounted
+    from udamon.system.mounts import is_mounted
 
     tracefs_before = is_mounted("/sys/kernel/tracing")
     wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "8")
@@ -240,7 +240,7 @@ def test_overlapping_sessions_keep_balancing_on_until_the_last_ends(tmp_path, nu
 def test_availability_check_mounts_nothing(monkeypatch):
     """hint_available() runs before the settings guard exists: a mount it made (even
     one undone right after) would outlive a SIGKILL during start-up."""
-    from udamon.primitives import mounts, perf_tracepoint
+    from udamon.system import mounts, perf_tracepoint
 
     calls = []
     for mod in (mounts, perf_tracepoint):

@@ -12,6 +12,7 @@ import udamon
 from udamon import Attrs, IntervalsGoal, Monitor, Probe, parse_conditions
 from udamon.core.session import run_replay
 from udamon.primitives.synthetic import Stream, generate
+from udamon.targets.procmaps import vaddr_provider
 
 MS = 1_000_000
 PAGE = 4096
@@ -198,7 +199,7 @@ def test_follows_a_real_process_memory_map(mapping_process):
     """Regions come from /proc/pid/maps and follow mmap/munmap every update interval."""
     p = mapping_process
     mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
-    t = mon.add_target(p.pid)
+    t = mon.add_target(p.pid, provider=vaddr_provider(p.pid))
     assert t.name == "python3" or t.name.startswith("python")
     before = t.regions.total_size()
     p.stdin.write("\n")
@@ -226,7 +227,7 @@ def test_follows_a_real_process_memory_map(mapping_process):
 def test_missing_process_is_a_clear_error():
     from udamon.errors import TargetGone
     with pytest.raises(TargetGone, match="does not exist"):
-        Monitor().add_target(2**22 + 12345)
+        Monitor().add_target(2**22 + 12345, provider=vaddr_provider(2**22 + 12345))
 
 
 def test_written_pages_count_distinct_pages_and_add_up_when_regions_merge():
@@ -281,7 +282,7 @@ def test_mapped_spans_exclude_the_holes_that_the_three_regions_cover(tmp_path, m
     from udamon.targets.procmaps import read_vmas
     p = mapping_process
     mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
-    t = mon.add_target(p.pid)
+    t = mon.add_target(p.pid, provider=vaddr_provider(p.pid))
     vmas = read_vmas(p.pid)
     mon.start(0)
     (s1,) = mon.advance(100 * MS)
@@ -308,3 +309,71 @@ def test_mapped_spans_exclude_the_holes_that_the_three_regions_cover(tmp_path, m
     w.close("duration")
     rec = read_record(str(path))
     assert [s.mapped for s in rec.snapshots] == [s1.mapped, s1.mapped, s4.mapped]
+
+
+def _counts_after_one_window(reports, nsamp: int, dense_cells: int, monkeypatch) -> tuple:
+    import udamon.core.monitor as m
+
+    monkeypatch.setattr(m, "DENSE_CELLS", dense_cells)
+    mon = Monitor(Attrs(sample_us=1000, aggr_us=1000 * nsamp, min_nr_regions=37,
+                        max_nr_regions=1000), probes=[Probe.parse("w=write")], seed=4)
+    mon.add_target(1, [(0x10000000, 0x10000000 + (64 << 20))])
+    mon.start(0)
+    mon.report_batch(reports)
+    (s,) = mon.advance(nsamp * 1_000_000)
+    return s.start.tolist(), s.nr_accesses.tolist(), s.probe_hits["w"].tolist()
+
+
+def test_counting_without_the_bitmap_gives_the_same_counts(monkeypatch):
+    """The sparse count (distinct region/interval pairs, for many sampling intervals)
+    and the bitmap count agree report for report."""
+    rng = np.random.default_rng(7)
+    for nsamp in (3, 50, 400):
+        n = 20_000
+        reps = udamon.make_reports(
+            time_ns=np.sort(rng.integers(0, nsamp * 1_000_000, n)), pid=1,
+            addr=0x10000000 + rng.integers(0, 64 << 20, n).astype(np.uint64),
+            write=rng.random(n) < 0.3)
+        dense = _counts_after_one_window(reps, nsamp, 1 << 40, monkeypatch)
+        sparse = _counts_after_one_window(reps, nsamp, 0, monkeypatch)
+        assert dense == sparse
+        assert max(dense[1]) <= nsamp and sum(dense[1]) > 0
+
+
+_MANY_INTERVALS = r"""
+import sys
+import numpy as np
+import udamon
+from udamon import Attrs, Monitor, Probe
+# 1 us sampling in a 1 s aggregation: a million sampling intervals, 1000 regions and
+# 10 probes: a bitmap per probe would be 10^9 cells each
+mon = Monitor(Attrs(sample_us=1, aggr_us=1_000_000, min_nr_regions=1000,
+                    max_nr_regions=1000),
+              probes=[Probe.parse(f"p{i}=cpus:{i}") for i in range(10)], seed=1)
+mon.add_target(1, [(0x10000000, 0x10000000 + (4 << 30))])
+mon.start(0)
+rng = np.random.default_rng(0)
+for w in range(3):
+    n = 1_000_000
+    mon.report_batch(udamon.make_reports(
+        time_ns=w * 1_000_000_000 + np.sort(rng.integers(0, 1_000_000_000, n)), pid=1,
+        addr=0x10000000 + rng.integers(0, 4 << 30, n).astype(np.uint64),
+        cpu=rng.integers(0, 10, n)))
+    snaps = mon.advance((w + 1) * 1_000_000_000)
+    assert len(snaps) == 1 and snaps[0].nr_accesses.sum() > 0
+# VmHWM: this process's own peak (ru_maxrss is kept across exec: a child started by
+# vfork from a big pytest process would start at the parent's size)
+print(next(int(ln.split()[1]) for ln in open("/proc/self/status")
+           if ln.startswith("VmHWM:")) // 1024)
+"""
+
+
+def test_memory_follows_the_reports_not_intervals_times_regions():
+    """--sample 1us --aggr 1s with 1000 regions and 10 probes: peak RSS stays under
+    200 MiB (the per-probe intervals x regions bitmap peaked at 1 GiB)."""
+    r = subprocess.run([sys.executable, "-c", _MANY_INTERVALS], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak_mib = int(r.stdout.strip().splitlines()[-1])
+    print(f"peak RSS {peak_mib} MiB")
+    assert peak_mib < 200

@@ -35,7 +35,8 @@ sys.path.insert(0, str(HERE))
 from prepare import default_cache, prepare  # noqa: E402
 
 DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
-                 "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py"]
+                 "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py",
+                 "tests/test_primitive_contract.py"]
 
 
 def default_python() -> str:

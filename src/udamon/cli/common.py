@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from udamon.core.attrs import Attrs, IntervalsGoal
-from udamon.errors import UsageError
+from udamon.errors import InputError, UsageError
 from udamon.probes.filters import FILTER_TYPES, Filter, parse_conditions
 from udamon.probes.probe import Probe
 from udamon.units import (
@@ -49,9 +49,9 @@ FILTER_HELP = (
 def add_monitoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("monitoring attributes (DAMON's; defaults as in the kernel)")
     g.add_argument("--sample", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
-                   default=None, help="sampling interval (default 5ms; 50ms for wp)")
+                   default=None, help="sampling interval (default 5ms)")
     g.add_argument("--aggr", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
-                   default=None, help="aggregation interval (default 100ms; 1s for wp)")
+                   default=None, help="aggregation interval (default 100ms)")
     g.add_argument("--update", metavar="DUR", type=typed(parse_positive_duration_us, "duration"),
                    default=None,
                    help="how often to follow the target's memory map changes (default 1s, "
@@ -79,6 +79,16 @@ def add_filter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe", metavar="NAME=FILTERS", action="append", default=[],
                    help="add a per-region counter of the reports passing FILTERS "
                         "(repeatable), e.g. --probe w1=cpus:1,write")
+    g.add_argument("--probe-weight", metavar="NAME=W", action="append", default=[],
+                   help="make region adjustment follow probe NAME (a --probe or --breakdown "
+                        "probe), as a DAMON probe's weight does: adjacent regions merge only "
+                        "when their W-weighted hits are similar too (W 0..1000; repeatable)")
+    g.add_argument("--regions-follow-origin", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="give the node and numa breakdown probes weight 1, so that equally "
+                        "hot neighbours used from different nodes, or locally and remotely, "
+                        "end up in different regions (default: on with --breakdown node or "
+                        "numa)")
 
 
 def attrs_from_args(a: argparse.Namespace, sample_us: int = 5_000,
@@ -132,6 +142,36 @@ def probes_from_args(a: argparse.Namespace) -> list[Probe]:
     if dup:
         raise UsageError(f"probe names must be unique: {', '.join(sorted(dup))} given twice")
     return out
+
+
+def probe_weights(a: argparse.Namespace) -> dict[str, int]:
+    """--probe-weight NAME=W options as {name: weight}."""
+    out: dict[str, int] = {}
+    for spec in getattr(a, "probe_weight", []):
+        name, sep, w = spec.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            weight = int(w)
+            if not 0 <= weight <= 1000:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"bad --probe-weight {spec!r} (expected NAME=W, W a whole number "
+                             "0..1000)") from None
+        out[name.strip()] = weight
+    return out
+
+
+def weigh_probes(probes: list[Probe], weights: dict[str, int]) -> list[Probe]:
+    """The probes with the --probe-weight weights; a name that is no probe is bad usage."""
+    import dataclasses
+
+    unknown = set(weights) - {p.name for p in probes}
+    if unknown:
+        raise UsageError(f"--probe-weight: no probe named {', '.join(sorted(unknown))} "
+                         f"(probes: {', '.join(p.name for p in probes) or 'none'})")
+    return [dataclasses.replace(p, weight=weights[p.name]) if p.name in weights else p
+            for p in probes]
 
 
 def _seed(text: str) -> int:
@@ -208,9 +248,16 @@ def pid_list(text: str) -> list[int]:
 def open_record(path: str, pid: int | None = None, salvage: bool = False):
     """Read a record for a subcommand: check --pid, warn (one line) when the record is
     incomplete.  Errors are InputError/UsageError, i.e. one line and exit 2."""
+    from udamon.errors import RecordDamaged
     from udamon.record.reader import read_record
 
-    rec = read_record(path, salvage=salvage)
+    try:
+        rec = read_record(path, salvage=salvage)
+    except RecordDamaged as e:  # the library's words for it, with the option that helps
+        hint = ("; --salvage reads what is there" if e.counted else
+                f" ({e.intact} snapshots before it are intact; --salvage reads them)"
+                if e.intact else "")
+        raise InputError(e.message + hint) from None
     if pid is not None and pid not in rec.pids:
         raise UsageError(f"--pid {pid} is not a target of {path} "
                          f"(targets: {', '.join(map(str, rec.pids)) or 'none'})")

@@ -10,9 +10,6 @@ import argparse
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import numpy as np
 
 from udamon.cli.common import (
     add_filter_args,
@@ -22,26 +19,20 @@ from udamon.cli.common import (
     filters_from_args,
     parse_ranges,
     pid_list,
+    probe_weights,
     probes_from_args,
     typed,
+    weigh_probes,
 )
 from udamon.core.attrs import Attrs
-from udamon.core.monitor import Monitor, Snapshot
-from udamon.core.session import SessionResult, StopFlag, run_live
-from udamon.errors import RuntimeFailure, TargetGone, UsageError
+from udamon.core.session import Session, Sink, StopFlag, stderr_log
+from udamon.errors import TargetGone, UsageError
 from udamon.primitives import registry
 from udamon.probes import breakdown as breakdown_mod
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
 
 INPUT_FORMATS = ("csv", "perf-script")
-
-class Sink(Protocol):
-    def begin(self, header: dict, monitor: Monitor) -> None: ...
-    def snapshot(self, snap: Snapshot) -> None: ...
-    def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None: ...
-    def fail(self, error: str) -> None: ...
-
 
 def install_stop() -> StopFlag:
     stop = StopFlag()
@@ -54,29 +45,20 @@ def install_stop() -> StopFlag:
     return stop
 
 
-def add_breakdown(probes: list[Probe], kinds: list[str], **who) -> list[Probe]:
+def add_breakdown(probes: list[Probe], kinds: list[str], a=None, **who) -> list[Probe]:
+    """The --probe probes plus the --breakdown ones, weighted by --probe-weight and
+    --regions-follow-origin (``a``: the parsed options)."""
+    follow = getattr(a, "regions_follow_origin", None)
+    if follow is None:
+        follow = any(k in breakdown_mod.ORIGIN_KINDS for k in kinds)
     try:
-        extra = breakdown_mod.breakdown_probes(kinds, **who)
+        extra = breakdown_mod.breakdown_probes(kinds, follow_origin=follow, **who)
     except ValueError as e:
         raise UsageError(str(e)) from None
     clash = {p.name for p in probes} & {p.name for p in extra}
     if clash:
         raise UsageError(f"--probe names clash with --breakdown probes: {', '.join(sorted(clash))}")
-    return probes + extra
-
-
-def page_node_sampler(seed):
-    from udamon.targets.page_nodes import sample_region_nodes
-
-    rng = np.random.default_rng(seed)
-
-    def annotate(snap: Snapshot) -> None:
-        # an interval without reports has no access to place, and hint's are mostly
-        # quiet: skipping them saves a move_pages() pass per aggregation (~1 ms)
-        if snap.nr_reports:
-            snap.page_nodes = sample_region_nodes(snap.pid, snap.start, snap.end, rng)
-
-    return annotate
+    return weigh_probes(probes + extra, probe_weights(a) if a is not None else {})
 
 
 @dataclass
@@ -108,18 +90,35 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     """The target, primitive, filter and monitoring options of a session."""
     p.epilog = primitives_help(replay) + ("\n\n" + p.epilog if p.epilog else "")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--primitive", default="auto",
-                   choices=registry.names() if replay else
-                   ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)],
-                   help="how accesses are seen (default auto: external with --socket" +
+    _add_source_args(p, replay)
+    _add_target_args(p, replay)
+    _add_output_args(p)
+    _add_hint_args(p)
+    add_filter_args(p)
+    add_monitoring_args(p)
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND ARGS: launch and monitor a command from its start")
+
+
+def _add_source_args(p: argparse.ArgumentParser, replay: bool) -> None:
+    """Where reports come from: --primitive, and replay's / external's inputs."""
+    p.add_argument("--primitive", default="auto", metavar="NAME[,NAME]",
+                   type=typed(_primitive_list(replay), "primitive"),
+                   help="how accesses are seen: " +
+                        ", ".join(registry.names() if replay else
+                                  ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)])
+                        + "; several live ones at once, e.g. hint,wp (at most one of wp, rwp: "
+                        "it drives nr_accesses, the others feed the probes) (default auto: "
+                        "external with --socket" +
                         (" or --input -, replay with --input FILE" if replay else "") +
                         ", else the best live primitive this machine has)")
     if replay:
         p.add_argument("--input", metavar="FILE",
                        help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write "
-                            "(optional columns: node, source, mem; without node, a report's "
-                            "node is its CPU's node on this machine, with a warning when nodes "
-                            "are filtered or broken down), or perf script output with "
+                            "(optional columns: node, source, mem, page_node; without node, "
+                            "a report's node is its CPU's node on this machine or in "
+                            "--cpu-nodes, with a warning when nodes are filtered or broken "
+                            "down and no --cpu-nodes is given), or perf script output with "
                             "--input-format perf-script.  '-' reads reports live from stdin "
                             "(--primitive external; CSV lines or binary records, time_ns on "
                             "CLOCK_MONOTONIC or 0 for 'now'; ends at end of input)")
@@ -129,11 +128,19 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                             "for perf mem samples, the page-faults event recorded with -d "
                             "--sample-cpu, or exceptions:page_fault_user samples; see "
                             "docs/primitives.md)")
+        p.add_argument("--cpu-nodes", metavar="CPUS=NODE[,...]",
+                       help="replay: the recorded machine's CPU-to-node map, for input "
+                            "without a node column (e.g. 0-3=0,4-7=1; join CPU lists with "
+                            "'+': 0-1+4-5=0); default: this machine's map")
     p.add_argument("--socket", metavar="PATH",
                    help="--primitive external: listen on this unix socket for reports from "
                         "other programs (created mode 0600 and removed at the end; only this "
                         "user and root may report; wire format in docs/report-channel.md, "
                         "clients: python -m udamon.reporter, udamon_report.h)")
+
+
+def _add_target_args(p: argparse.ArgumentParser, replay: bool) -> None:
+    """What is monitored and for how long."""
     p.add_argument("--pid", metavar="PID[,PID...]", action="append", default=[],
                    type=typed(pid_list, "pid list"),
                    help="target process(es)" + ("; with --input, which pids of the input to "
@@ -144,16 +151,26 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         (" or, for replay, the ranges the reports touch" if replay else ""))
     p.add_argument("--duration", metavar="DUR", type=typed(duration_arg, "duration"),
                    help="stop after this long (default: until the targets exit or Ctrl-C)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """What each snapshot carries beyond nr_accesses, and progress."""
     p.add_argument("--breakdown", metavar="KIND[,KIND]", action="append", default=[],
                    help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
                         "thread (thread:<tid> per thread present at start; with -- COMMAND "
                         "that is only its first thread: threads created later are not broken "
-                        "down), rw (write, read)")
+                        "down), rw (write, read), numa (local, remote: the accessing CPU's "
+                        "node is / is not the node holding the page; needs page nodes, "
+                        "see --no-page-nodes)")
     p.add_argument("--no-page-nodes", action="store_true",
-                   help="do not sample which NUMA node holds each region's pages (by default "
-                        "2 random pages per region per aggregation that had reports, with "
-                        "move_pages(2) in query mode; 'report numa' uses them)")
+                   help="do not look up which NUMA node holds each reported page (by default "
+                        "every report gets its page's node, from batched move_pages(2) "
+                        "queries, each page once per aggregation; the local/remote filters, "
+                        "--breakdown numa and 'report numa' use it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _add_hint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "hint scanner (NUMA-balancing scan tunables in /sys/kernel/debug/sched/numa_balancing/; "
         "applied where writable, else noted in the record)")
@@ -163,15 +180,27 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     g.add_argument("--hint-scan-size", metavar="MIB", type=typed(_scan_size_mb, "MiB"),
                    help="MiB of a task's memory hinted per scan step (scan_size_mb; "
                         "default 256, 1..1048576)")
-    add_filter_args(p)
-    add_monitoring_args(p)
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="-- COMMAND ARGS: launch and monitor a command from its start")
+
+
+def _primitive_list(replay: bool):
+    allowed = registry.names() if replay else [
+        "auto", *(n for n, e in registry.ENTRIES.items() if e.live)]
+
+    def parse(text: str) -> str:
+        names = [n.strip() for n in text.split(",")]
+        bad = [n for n in names if n not in allowed]
+        if bad or not all(names):
+            raise ValueError(f"invalid choice: {', '.join(bad) or text!r} "
+                             f"(choose from {', '.join(allowed)})")
+        if len(names) > 1 and ("auto" in names or "replay" in names):
+            raise ValueError("auto and replay run alone")
+        return ",".join(names)
+    return parse
 
 
 def machine_cpus() -> list[int]:
     """The CPUs this machine has (present, online or not)."""
-    from udamon.primitives.perf_tracepoint import online_cpus
+    from udamon.system.perf_tracepoint import online_cpus
     from udamon.targets.topology import parse_cpulist
 
     try:
@@ -207,7 +236,7 @@ def check_cpus(filters: list[Filter]) -> None:
 
 
 def _scan_period_ms(text: str) -> int:
-    from udamon.primitives.sysctl_guard import SCAN_PERIOD_MS_RANGE
+    from udamon.system.sysctl_guard import SCAN_PERIOD_MS_RANGE
     from udamon.units import parse_duration_us
 
     us = parse_duration_us(text)
@@ -219,7 +248,7 @@ def _scan_period_ms(text: str) -> int:
 
 
 def _scan_size_mb(text: str) -> int:
-    from udamon.primitives.sysctl_guard import SCAN_SIZE_MB_RANGE
+    from udamon.system.sysctl_guard import SCAN_SIZE_MB_RANGE
 
     lo, hi = SCAN_SIZE_MB_RANGE
     try:
@@ -242,18 +271,42 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     ranges = parse_ranges(a.range)
     pids = [p for group in a.pid for p in group]
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    names = a.primitive.split(",")
+    _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, getattr(a, "input", None))
+    if len(names) > 1:
+        return _resolve_several(a, names, filters, probes, kinds, ranges, pids, command)
+    prim = _choose_primitive(a)
+    _check_source_options(a, prim, command)
+    e = registry.entry(prim)
+    options = _primitive_options(a, prim)
+    if e.live:
+        check_cpus([*filters, *(f for p in probes for f in p.filters)])
+    attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
+    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
+                       {prim: options} if options else {})
+
+
+def _choose_primitive(a: argparse.Namespace) -> str:
+    """--primitive auto: external for --socket / --input -, replay for --input FILE,
+    else the best live primitive this machine has (and the user hears why)."""
+    inp = getattr(a, "input", None)
+    if a.primitive != "auto":
+        return a.primitive
+    if inp == "-" or a.socket:
+        return "external"
+    if inp:
+        return "replay"
+    prim, why = registry.choose_live()
+    if not getattr(a, "quiet", False):
+        print(f"udamon: {why}", file=sys.stderr)
+    return prim
+
+
+def _check_source_options(a: argparse.Namespace, prim: str, command: list[str]) -> None:
+    """--input, --input-format and --socket each belong to one primitive."""
     inp = getattr(a, "input", None)
     fmt = getattr(a, "input_format", "csv")
     live_input = inp == "-"
-    prim = a.primitive
-    if prim == "auto" and (live_input or a.socket):
-        prim = "external"
-    elif prim == "auto" and inp:
-        prim = "replay"
-    elif prim == "auto":
-        prim, why = registry.choose_live()
-        if not getattr(a, "quiet", False):
-            print(f"udamon: {why}", file=sys.stderr)
     if prim == "replay":
         if not inp:
             raise UsageError("--primitive replay needs --input FILE")
@@ -272,128 +325,86 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
                          "programs) and/or --input - (reports on stdin)")
     if a.socket and prim != "external":
         raise UsageError(f"--socket is for --primitive external, not {prim}")
-    e = registry.entry(prim)
+
+
+def _primitive_options(a: argparse.Namespace, prim: str) -> dict:
+    """The primitive's own options: hint's scan tunables, external's channels."""
     options = {k: v for k, v in (("scan_period_ms", a.hint_scan_period),
                                  ("scan_size_mb", a.hint_scan_size)) if v is not None}
     if options and prim != "hint":
         raise UsageError(f"--hint-scan-period/--hint-scan-size are for --primitive hint, "
                          f"not {prim}")
     if prim == "external":
-        options = {"socket_path": a.socket, "stdin": live_input}
-    if e.live:
-        check_cpus([*filters, *(f for p in probes for f in p.filters)])
-    attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
-    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command, options)
+        options = {"socket_path": a.socket, "stdin": getattr(a, "input", None) == "-"}
+    return options
+
+
+def _check_cpu_nodes(text: str | None, names: list[str], inp: str | None) -> None:
+    """--cpu-nodes is the recorded machine's map: for replay only, and well formed."""
+    if text is None:
+        return
+    if names not in (["replay"], ["auto"]) or not inp or inp == "-":
+        raise UsageError("--cpu-nodes maps a replayed input's CPUs to nodes (--input FILE); "
+                         "live reports come from this machine, whose map udamon reads itself")
+    from udamon.targets.topology import parse_cpu_nodes
+
+    try:
+        parse_cpu_nodes(text)
+    except ValueError as e:
+        raise UsageError(f"--cpu-nodes {text}: {e}") from None
+
+
+def _resolve_several(a, names, filters, probes, kinds, ranges, pids, command) -> SessionSpec:
+    """--primitive hint,wp: live primitives only, their own options where given."""
+    if getattr(a, "input", None) or a.socket:
+        raise UsageError("--input and --socket take one primitive (replay or external)")
+    options = {k: v for k, v in (("scan_period_ms", a.hint_scan_period),
+                                 ("scan_size_mb", a.hint_scan_size)) if v is not None}
+    if options and "hint" not in names:
+        raise UsageError("--hint-scan-period/--hint-scan-size are for --primitive hint")
+    check_cpus([*filters, *(f for p in probes for f in p.filters)])
+    lead = registry.entry(next((n for n in names if n in ("wp", "rwp")), names[0]))
+    attrs = attrs_from_args(a, lead.default_sample_us, lead.default_aggr_us)
+    return SessionSpec(",".join(names), attrs, filters, probes, kinds, ranges, pids, command,
+                       {"hint": options} if options else {})
 
 
 def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = True) -> int:
-    from udamon.primitives.perf_tracepoint import online_cpus
-    from udamon.record.writer import build_header
-    from udamon.targets.launch import Launched
-    from udamon.targets.procmaps import read_vmas, thread_ids
-    from udamon.targets.topology import cpu_to_node
-
-    prim_name, attrs, filters, probes = spec.primitive, spec.attrs, spec.filters, spec.probes
-    kinds, ranges, pids, command = spec.kinds, spec.ranges, spec.pids, spec.command
-    if bool(pids) == bool(command):
+    """Run a live session of the command line's ``spec`` into ``sinks``: a ``Session``
+    with the command line's extras (progress bar, signals, a launched command waited for,
+    notes on stderr).  Returns the exit status."""
+    if bool(spec.pids) == bool(spec.command):
         raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
-    entry = registry.entry(prim_name)
-    # privileges first: a user who may not use the primitive at all must hear that,
-    # not that some /proc file of a process they do not own cannot be read
-    primitive = registry.make_live(prim_name, attrs, **spec.options)
-    if command and "thread" in kinds:
+    if spec.command and "thread" in spec.kinds:
         print("udamon: note: --breakdown thread with -- COMMAND covers the command's first "
               "thread only: threads it creates later are not broken down", file=sys.stderr)
-    for pid in pids:
-        try:
-            read_vmas(pid)
-        except TargetGone as e:
-            raise UsageError(str(e)) from None
-    stop = install_stop()
-    launched = Launched(command) if command else None
-    targets = [launched.pid] if launched else pids
-    begun: list[Sink] = []
-    released = launched is None
+    bar = LiveProgress(progress and not a.quiet and sys.stderr.isatty(), a.duration)
+    session = Session(pids=spec.pids, command=spec.command, primitive=spec.primitive,
+                      attrs=spec.attrs, filters=spec.filters, probes=spec.probes,
+                      breakdown=spec.kinds, ranges=spec.ranges, duration_ns=a.duration,
+                      seed=a.seed, page_nodes=not a.no_page_nodes,
+                      regions_follow_origin=getattr(a, "regions_follow_origin", None),
+                      probe_weights=probe_weights(a), options=spec.options,
+                      stop=install_stop(), log=stderr_log, on_tick=bar.update)
     try:
-        if launched and entry.attach_before_exec:
-            primitive.start(targets)
-            launched.release()
-            released = True
-        else:
-            if launched:
-                launched.release()
-                released = True
-            primitive.start(targets)
-        if kinds:
-            cpus = online_cpus()
-            table = cpu_to_node()
-            nodes = {int(table[c]) for c in cpus if c < table.size and table[c] >= 0}
-            tids: set[int] = set()
-            for pid in targets:
-                try:
-                    tids.update(thread_ids(pid))
-                except TargetGone:
-                    pass
-            probes = add_breakdown(probes, kinds, cpus=cpus, nodes=nodes, tids=tids)
-        monitor = Monitor(attrs, filters, probes, seed=a.seed,
-                          count_written_pages=primitive.kind != "controlled")
-        gone = primitive.gone_at_start()
-        for pid in targets:
-            if pid in gone:
-                continue
-            try:
-                monitor.add_target(pid, ranges)
-            except TargetGone:
-                gone.append(pid)
-        if not monitor.targets:
-            raise RuntimeFailure(
-                f"{command[0]} (pid {gone[0]}) exited before monitoring started" if launched else
-                f"process {gone[0]} does not exist" if len(gone) == 1 else
-                f"processes {', '.join(map(str, gone))} exited before monitoring started")
-        gone_notes = [f"process {pid} exited before monitoring started; monitoring the others"
-                      for pid in gone]
-        for n in gone_notes:
-            print(f"udamon: note: {n}", file=sys.stderr)
-        extra = {"command": command} if command else {}
-        start_notes = primitive.stats().notes + gone_notes
-        header = build_header(attrs, prim_name, primitive.coverage, filters, probes,
-                              monitor.targets, clock="monotonic", notes=start_notes,
-                              written_pages=monitor.count_written_pages, **extra)
-        for s in sinks:
-            s.begin(header, monitor)
-            begun.append(s)
-
-        def sink(snap: Snapshot) -> None:
-            for s in sinks:
-                s.snapshot(snap)
-
-        bar = LiveProgress(progress and not a.quiet and sys.stderr.isatty(), a.duration)
-        try:
-            res = run_live(monitor, primitive, sink, duration_ns=a.duration, stop=stop,
-                           on_tick=bar.update,
-                           annotate=None if a.no_page_nodes else page_node_sampler(a.seed))
-        finally:
-            bar.done()
-        st = primitive.stats()
-        notes = [n for n in st.notes if n not in start_notes]
-        for s in sinks:
-            s.end(res, monitor, notes)
-        for w in st.warnings:
-            print(f"udamon: note: {w}", file=sys.stderr)
-    except BaseException as e:
-        primitive.stop()  # idempotent; restores system settings
-        for s in begun:
-            s.fail(str(e) or type(e).__name__)
-        if not released:
-            launched.release()
+        session.run(sinks)
+    except TargetGone as e:
+        if not session.header:  # before monitoring began: the pid given is wrong
+            raise UsageError(str(e)) from None
         raise
+    finally:
+        bar.done()
+    for w in session.warnings:
+        print(f"udamon: note: {w}", file=sys.stderr)
+    launched = session.launched
     if launched and launched.poll() is None:
         if not a.quiet:
-            print(f"udamon: monitoring done; waiting for {command[0]} (pid {launched.pid}) "
-                  "to exit (Ctrl-C passes on to it)", file=sys.stderr)
+            print(f"udamon: monitoring done; waiting for {spec.command[0]} (pid "
+                  f"{launched.pid}) to exit (Ctrl-C passes on to it)", file=sys.stderr)
         launched.wait_forwarding_signals()
     if launched and not a.quiet:
-        print(f"udamon: {command[0]} exited with status {launched.returncode}", file=sys.stderr)
+        print(f"udamon: {spec.command[0]} exited with status {launched.returncode}",
+              file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,7 @@ from udamon.cli import live
 from udamon.cli.common import typed
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.core.session import SessionResult
-from udamon.schemes.numa_migrate import PAGE, Action, MigrateParams, apply, node_hits
+from udamon.schemes.numa_migrate import PAGE, Action, MigrateParams, apply
 from udamon.units import fmt_size, parse_size
 
 DESCRIPTION = """\
@@ -86,40 +86,23 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     s = live.resolve(a, replay=False)
-    if "node" not in s.kinds:
-        s.kinds = [*s.kinds, "node"]
+    s.kinds = [*s.kinds, *(k for k in ("node", "numa") if k not in s.kinds)]
     params = MigrateParams(quota_bytes=a.quota, min_hits=a.min_hits, min_share=a.min_share,
                            dry_run=a.dry_run)
     sinks: list[live.Sink] = [MigrateSink(params, a.format, a.quiet)]
     if a.output:
-        from udamon.cli.record import RecordSink
+        from udamon.record.sink import RecordSink
 
         sinks.append(RecordSink(a.output, a.quiet))
     return live.run_session(a, s, sinks)
 
 
-def remote_share(snap: Snapshot) -> float | None:
-    """Share of the node-probe hits that went to pages on another node (by the sampled
-    page locations); None when nothing is known."""
-    remote, total = remote_hits(snap)
-    return remote / total if total else None
-
-
 def remote_hits(snap: Snapshot) -> tuple[float, float]:
-    """(node-probe hits on pages of another node, node-probe hits on sampled pages)."""
-    if snap.page_nodes is None:
+    """(remote reports, reports whose locality is known) of the snapshot: the exact
+    counts from each report's page node (``Snapshot.numa``), region boundaries aside."""
+    if snap.numa is None:
         return 0.0, 0.0
-    nodes, h = node_hits(snap)
-    remote = total = 0.0
-    for i, pn in enumerate(snap.page_nodes):
-        pages = sum(pn.values())
-        if not pages:
-            continue
-        for k, n in enumerate(nodes):
-            hits = float(h[k, i])
-            total += hits
-            remote += hits * (pages - pn.get(str(n), 0)) / pages
-    return remote, total
+    return float(snap.numa["remote"]), float(snap.numa["remote"] + snap.numa["local"])
 
 
 class MigrateSink:
@@ -193,7 +176,7 @@ class MigrateSink:
             "bytes_moved": sum(a.bytes_moved for a in self.actions),
             "bytes_moved_to_node": moved_to,
             "pages_failed": failed,
-            # by sampled page locations: share of accesses that were remote
+            # by each report's page node: share of the accesses that were remote
             "remote_share_first": float(np.mean(shares[:third])) if shares else None,
             "remote_share_last": float(np.mean(shares[-third:])) if shares else None,
             # pooled over the intervals up to and including the first that moved pages
@@ -222,7 +205,7 @@ class MigrateSink:
             lines.append("  pages that could not move: " + ", ".join(
                 f"{n} ({k})" for k, n in sorted(tot["pages_failed"].items())))
         if tot["remote_share_first"] is not None:
-            lines.append(f"  remote share of accesses (sampled page locations): "
+            lines.append(f"  remote share of accesses (each report's page node): "
                          f"{tot['remote_share_first']:.0%} in the first third of the run, "
                          f"{tot['remote_share_last']:.0%} in the last")
         lines.extend(f"  error: {e}" for e in tot["errors"])

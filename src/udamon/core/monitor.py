@@ -28,20 +28,16 @@ from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
-from udamon.targets.procmaps import mapped_spans, process_name, read_vmas, three_regions
+from udamon.targets.topology import cpu_to_node
 
-# re-reads a target's mappings: (the ranges to monitor, the mapped spans within them)
+# Counting with a regions x sampling-intervals bitmap is fastest while it is small; past
+# this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
+DENSE_CELLS = 1 << 18
+
+# re-reads a target's ranges: (the ranges to monitor, the mapped spans within them); the
+# kernel's vaddr operations own this for DAMON, and udamon.targets.procmaps.vaddr_provider
+# is the same heuristic for a process (the Session passes it in)
 RangeProvider = Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]
-
-
-def _vma_provider(pid: int) -> RangeProvider:
-    """DAMON's vaddr ranges (three regions) plus the spans really mapped inside them:
-    the three regions include unmapped holes, which reports must not call memory."""
-    def provide() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        vmas = read_vmas(pid)
-        ranges = three_regions(vmas)
-        return ranges, mapped_spans(vmas, ranges)
-    return provide
 
 
 @dataclass
@@ -55,6 +51,9 @@ class Target:
     mapped: list[tuple[int, int]] | None = None  # mapped spans inside ranges (VMA targets)
     closed: bool = False  # exited and its last snapshot emitted
     mapped_changed: bool = True  # mapped changed since the last snapshot said it
+    # this interval's reports with page nodes (for the snapshot's page_nodes and numa)
+    window_reports: list[np.ndarray] = field(default_factory=list)
+    window_numa: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "name": self.name,
@@ -77,8 +76,14 @@ class Snapshot:
     probe_hits: dict[str, np.ndarray]
     nr_reports: int = 0  # reports for this target in the interval, before sample filters
     nr_passed: int = 0  # ... of which passed the sample filters and landed in a region
-    # per region {"<node>": sampled pages}, where page locations were sampled (live only)
-    page_nodes: list[dict[str, int]] | None = None
+    # regions x nodes: the distinct reported pages of the interval by the node that
+    # held them (column n: node n; reports with a page_node); None: no page node known
+    page_nodes: np.ndarray | None = None
+    # NUMA locality of the interval's reports that passed the sample filters and landed
+    # in a region, when page nodes are known: {"local": n, "remote": n, "unknown": n,
+    # "threads": {"<tid>": [local, remote, unknown]}}; exact counts, independent of
+    # the region boundaries
+    numa: dict | None = None
     # per region, distinct pages written in the interval (None: not counted)
     written_pages: np.ndarray | None = None
     # the target's mapped spans, when they changed since its previous snapshot (the
@@ -91,29 +96,13 @@ class Snapshot:
     def aggr_us(self) -> int:
         return (self.time_ns - self.start_ns) // 1000
 
-    def to_dict(self) -> dict:
-        names = list(self.probe_hits)
-        hits = [self.probe_hits[n].tolist() for n in names]
-        wp = self.written_pages.tolist() if self.written_pages is not None else None
-        regions = []
-        for i, (s, e, a, g) in enumerate(zip(self.start.tolist(), self.end.tolist(),
-                                              self.nr_accesses.tolist(), self.age.tolist(),
-                                              strict=True)):
-            reg = {"start": s, "end": e, "nr_accesses": a, "age": g,
-                   "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}}
-            if self.page_nodes is not None:
-                reg["nodes"] = self.page_nodes[i]
-            if wp is not None and wp[i]:
-                reg["written_pages"] = wp[i]
-            regions.append(reg)
-        out = {"time_ns": self.time_ns, "pid": self.pid, "sample_us": self.sample_us,
-               "aggr_us": self.aggr_us, "nr_reports": self.nr_reports,
-               "nr_passed": self.nr_passed, "regions": regions}
-        if self.mapped is not None:
-            out["mapped"] = [[int(a), int(b)] for a, b in self.mapped]
-        if self.extra:
-            out.update(self.extra)
-        return out
+    def region_page_nodes(self) -> list[dict[int, int]]:
+        """Per region, {node: pages} of the nodes holding any of its reported pages
+        (empty dicts when no page node is known)."""
+        pn = self.page_nodes
+        if pn is None:
+            return [{} for _ in range(self.start.size)]
+        return [{int(n): int(row[n]) for n in np.flatnonzero(row)} for row in pn]
 
 
 @dataclass
@@ -129,12 +118,23 @@ class Monitor:
     def __init__(self, attrs: Attrs | None = None, filters: Sequence[Filter] = (),
                  probes: Sequence[Probe] = (), *, seed: int | None = None,
                  buffer_capacity: int = DEFAULT_CAPACITY, min_region_sz: int = PAGE,
-                 count_written_pages: bool = True):
+                 count_written_pages: bool = True, sampled: bool = False,
+                 cpu_nodes: np.ndarray | None | str = "local"):
         """``count_written_pages``: also count, per region, the distinct pages that
         passing write reports touched in each aggregation (what a dirty rate needs
         from an observational primitive; a controlled one samples a page per region,
-        so it turns this off)."""
+        so it turns this off).  ``sampled``: each report is one region's sample (a
+        controlled primitive), so it stands for the region's pages in the snapshots'
+        locality counts (``numa``) instead of for one page.  ``cpu_nodes``: the
+        CPU-to-node table that fills reports' unknown nodes ("local": this machine's,
+        for live reports; a table from udamon.targets.topology.parse_cpu_nodes for
+        input recorded on another machine; None: unknown stays unknown)."""
+        if isinstance(cpu_nodes, str):
+            if cpu_nodes != "local":
+                raise ValueError('cpu_nodes must be "local", a table or None')
+            cpu_nodes = cpu_to_node()
         self.count_written_pages = count_written_pages
+        self.sampled = sampled
         self.attrs = (attrs or Attrs()).validate()
         self.filters = tuple(filters)
         self.probes = tuple(probes)
@@ -142,7 +142,7 @@ class Monitor:
         if len(set(names)) != len(names):
             raise ValueError("probe names must be unique")
         self.targets: list[Target] = []
-        self.buffer = ReportBuffer(buffer_capacity)
+        self.buffer = ReportBuffer(buffer_capacity, cpu_nodes)
         self.rng = np.random.default_rng(seed)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None
@@ -156,21 +156,25 @@ class Monitor:
     # -- configuration ---------------------------------------------------------
 
     def add_target(self, pid: int, ranges: Sequence[tuple[int, int]] | None = None,
-                   *, name: str | None = None) -> Target:
-        """Monitor ``pid``.  Without ``ranges`` the ranges come from /proc/<pid>/maps
-        (DAMON's three-region vaddr heuristic) and follow VMA changes."""
+                   *, name: str | None = None, provider: RangeProvider | None = None) -> Target:
+        """Monitor ``pid`` over ``ranges``, or over what ``provider`` says and follow it
+        every update interval (``udamon.targets.procmaps.vaddr_provider(pid)``: DAMON's
+        three-region heuristic over /proc/PID/maps, as the kernel's vaddr operations)."""
         if any(t.pid == pid for t in self.targets):
             raise ValueError(f"pid {pid} is already a target")
-        provider: RangeProvider | None = None
         mapped: list[tuple[int, int]] | None = None
         if ranges is None:
-            provider = _vma_provider(pid)
+            if provider is None:
+                raise ValueError("give the ranges to monitor, or a provider of them "
+                                 "(udamon.targets.procmaps.vaddr_provider(pid) follows the "
+                                 "process's memory maps)")
             ranges, mapped = provider()
             if not ranges:
                 raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
+        else:
+            provider = None
         if name is None:
-            name = process_name(pid)
-            name = "" if name == "?" else name
+            name = getattr(provider, "name", "") or ""
         ranges = sorted((int(s), int(e)) for s, e in ranges)
         for (s0, e0), (s1, _) in zip(ranges[:-1], ranges[1:], strict=False):
             if s1 < e0:
@@ -257,13 +261,28 @@ class Monitor:
         inside = ridx >= 0
         self._outside += int((~inside).sum())
 
+        nr = len(r)
+        dense = nsamp * nr <= DENSE_CELLS
+
         def count(mask: np.ndarray) -> np.ndarray:
-            seen = np.zeros((nsamp, len(r)), dtype=bool)
-            seen[k[mask], ridx[mask]] = True
-            return seen.sum(axis=0)
+            """Per region, the sampling intervals in which a report of ``mask`` landed."""
+            if dense:  # a small intervals x regions bitmap
+                seen = np.zeros((nr, nsamp), dtype=bool)
+                seen[ridx[mask], k[mask]] = True
+                return seen.sum(axis=1)
+            # many sampling intervals (e.g. 1 us in 1 s): distinct (region, interval)
+            # pairs, so memory follows the reports, not intervals x regions
+            key = sorted_unique(ridx[mask] * nsamp + k[mask])
+            return np.bincount(key // nsamp, minlength=nr)
 
         passed = evaluate(self.filters, reports) & inside
         r.nr_accesses += count(passed)
+        if (reports["page_node"] >= 0).any():
+            t.window_reports.append(reports[inside])
+            weight = None
+            if self.sampled:  # a sample stands for its region: weigh it by its pages
+                weight = ((r.end - r.start) // np.uint64(PAGE)).astype(np.int64)[ridx[passed]]
+            t.window_numa.append(_locality(reports[passed], weight))
         if self.count_written_pages:
             w = passed & reports["write"]
             if w.any():
@@ -286,7 +305,10 @@ class Monitor:
         samples rather than wall time); the next one starts there."""
         if self.window_start is None or end_ns <= self.window_start:
             return []
-        return self._close_window(int(end_ns))
+        # the reports of the interval's turns sit on its nominal sampling grid (a turn
+        # cut short by a stop may end before its report's time): take them all
+        nominal = self.window_start + self.attrs.aggr_us * 1000
+        return self._close_window(int(end_ns), take_until=max(int(end_ns), nominal))
 
     def flush(self, now_ns: int) -> list[Snapshot]:
         """End the session: close the running aggregation interval early at ``now_ns``
@@ -299,13 +321,38 @@ class Monitor:
             out.extend(self._close_window(int(now_ns)))
         return out
 
-    def _close_window(self, end_ns: int | None = None) -> list[Snapshot]:
+    def _close_window(self, end_ns: int | None = None,
+                      take_until: int | None = None) -> list[Snapshot]:
+        """One aggregation interval ends: kdamond_fn's steps after the sampling."""
         assert self.window_start is not None
         ws, we = self.window_start, end_ns if end_ns is not None else self.window_end
         assert we is not None
-        reports = self.buffer.take_before(we)
         # a target that exited during this interval still gets it: its last accesses
         live = [t for t in self.targets if not t.closed]
+        counts = self._check_accesses(live, take_until if take_until is not None else we, ws)
+        self._merge_regions(live)
+        sample_us = self.attrs.sample_us  # the interval's, before tuning changes it
+        self._aggrs_since_tune += 1
+        goal = self.attrs.intervals_goal
+        if goal.enabled and self._aggrs_since_tune >= goal.aggrs:
+            self._aggrs_since_tune = 0
+            self._tune_intervals(live)
+        snaps = [self._snapshot(t, ws, we, sample_us, counts.get(t.pid, (0, 0)))
+                 for t in live]
+        self._reset_aggregated(live)
+        self._split_regions([t for t in live if not t.closed])
+        self.window_start = we
+        assert self._last_update_ns is not None
+        if we - self._last_update_ns >= self.attrs.update_us * 1000:
+            self._last_update_ns = we
+            self.update_ranges()
+        return snaps
+
+    def _check_accesses(self, live: list[Target], until_ns: int,
+                        ws: int) -> dict[int, tuple[int, int]]:
+        """kdamond's check_accesses for the interval: count the reports before
+        ``until_ns`` into their target's regions; per pid (reports, passed)."""
+        reports = self.buffer.take_before(until_ns)
         counts: dict[int, tuple[int, int]] = {}
         if reports.size:
             pids = reports["pid"]
@@ -315,53 +362,64 @@ class Monitor:
                 matched |= sel
                 counts[t.pid] = self._count(t, reports[sel], ws)
             self._unmatched += int((~matched).sum())
+        return counts
 
-        # kdamond_merge_regions: threshold from the hottest region, doubled while
-        # there are too many regions.
+    def _merge_regions(self, live: list[Target]) -> None:
+        """kdamond_merge_regions: threshold from the hottest region, doubled while there
+        are too many regions (ages updated first, against the same threshold).  Weighted
+        probes (a DAMON probe's weight) each get a threshold the same way, from the
+        region with the most weighted hits."""
         max_nr = max((int(t.regions.nr_accesses.max(initial=0)) for t in live), default=0)
         thres = max_nr // 10
+        weighted = [(i, p.weight, max((int(t.regions.probe_hits[i].max(initial=0))
+                                       for t in live), default=0) * p.weight // 10)
+                    for i, p in enumerate(self.probes) if p.weight]
         total = sum(t.regions.total_size() for t in live)
         sz_limit = max(total // self.attrs.min_nr_regions, self.min_region_sz)
         for t in live:
             t.regions.update_ages(thres)
         while True:
             for t in live:
-                t.regions.merge(thres, sz_limit)
+                t.regions.merge(thres, sz_limit, weighted)
             nr = sum(len(t.regions) for t in live)
             if nr <= self.attrs.max_nr_regions or thres >= self.attrs.aggr_samples:
                 break
             thres = max(1, thres * 2)
+            weighted = [(i, w, max(1, th * 2)) for i, w, th in weighted]
 
-        sample_us = self.attrs.sample_us
-        self._aggrs_since_tune += 1
-        goal = self.attrs.intervals_goal
-        if goal.enabled and self._aggrs_since_tune >= goal.aggrs:
-            self._aggrs_since_tune = 0
-            self._tune_intervals(live)
+    def _snapshot(self, t: Target, ws: int, we: int, sample_us: int,
+                  counts: tuple[int, int]) -> Snapshot:
+        """The target's regions as the interval leaves them (DAMON's after_aggregation
+        callback sees the same)."""
+        r = t.regions
+        page_nodes = numa = None
+        if t.window_reports:
+            page_nodes = _pages_by_node(r, np.concatenate(t.window_reports))
+            numa = _merge_locality(t.window_numa)
+            t.window_reports, t.window_numa = [], []
+        snap = Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
+                        r.nr_accesses.copy(), r.age.copy(),
+                        {p.name: r.probe_hits[i].copy() for i, p in enumerate(self.probes)},
+                        counts[0], counts[1], page_nodes=page_nodes,
+                        written_pages=(r.written_pages.copy()
+                                       if self.count_written_pages else None),
+                        mapped=(list(t.mapped) if t.mapped is not None
+                                and t.mapped_changed else None), numa=numa)
+        t.mapped_changed = False
+        return snap
 
-        snaps = []
+    def _reset_aggregated(self, live: list[Target]) -> None:
+        """kdamond_reset_aggregated; an exited target whose last reports are all counted
+        is closed (a primitive that delivers late, another process's pipeline, may still
+        have some for a later interval in the buffer)."""
         for t in live:
-            r = t.regions
-            n_rep, n_pass = counts.get(t.pid, (0, 0))
-            snaps.append(Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
-                                  r.nr_accesses.copy(), r.age.copy(),
-                                  {p.name: r.probe_hits[i].copy()
-                                   for i, p in enumerate(self.probes)},
-                                  n_rep, n_pass,
-                                  written_pages=(r.written_pages.copy()
-                                                 if self.count_written_pages else None),
-                                  mapped=(list(t.mapped) if t.mapped is not None
-                                          and t.mapped_changed else None)))
-            t.mapped_changed = False
-            r.reset_aggregated()
-            # an exited target's last interval is the one holding its last reports: a
-            # primitive that delivers late (another process's pipeline) may still have
-            # some for a later interval in the buffer
+            t.regions.reset_aggregated()
             if t.exited and not self.buffer.holds_pid(t.pid):
                 t.closed = True
-        live = [t for t in live if not t.closed]
 
-        # kdamond_split_regions
+    def _split_regions(self, live: list[Target]) -> None:
+        """kdamond_split_regions: 2 pieces each, 3 when the count did not change and
+        there is room, while at most half of max_nr_regions."""
         nr = sum(len(t.regions) for t in live)
         if nr <= self.attrs.max_nr_regions // 2:
             subs = 3 if (nr == self._last_nr_regions
@@ -369,13 +427,6 @@ class Monitor:
             for t in live:
                 t.regions.split(subs, self.rng, self.min_region_sz)
             self._last_nr_regions = nr
-
-        self.window_start = we
-        assert self._last_update_ns is not None
-        if we - self._last_update_ns >= self.attrs.update_us * 1000:
-            self._last_update_ns = we
-            self.update_ranges()
-        return snaps
 
     def update_ranges(self) -> None:
         """Follow VMA changes (damon_va_update); a target that is gone is marked exited."""
@@ -400,25 +451,94 @@ class Monitor:
     def _tune_intervals(self, live: list[Target]) -> None:
         """kdamond_tune_intervals: feedback loop toward ``access_bp`` of the maximum
         possible access events, scaling the sampling interval."""
-        goal = self.attrs.intervals_goal
-        max_events = 0
-        events = 0
-        for t in live:
-            sz = t.regions.sizes().astype(np.int64)
-            max_events += int(sz.sum()) * self.attrs.aggr_samples
-            events += int((sz * t.regions.nr_accesses).sum())
-        target = max_events * goal.access_bp // 10_000 or 1
-        score = events * 10_000 // target
-        adaptation = _feed_loop_next_input(100_000_000, score) // 10_000
-        if adaptation <= 10_000:
-            adaptation = 5_000 + adaptation // 2
-        new = self.attrs.sample_us * adaptation // 10_000
-        new = max(goal.min_sample_us, min(goal.max_sample_us, new))
-        self.attrs = self.attrs.with_sample_us(max(new, 1))
+        sizes = [t.regions.sizes().astype(np.int64) for t in live]
+        accs = [t.regions.nr_accesses for t in live]
+        new = tuned_sample_us(self.attrs.sample_us, self.attrs.aggr_samples,
+                              np.concatenate(sizes) if sizes else np.zeros(0, np.int64),
+                              np.concatenate(accs) if accs else np.zeros(0, np.int64),
+                              self.attrs.intervals_goal)
+        if new is not None:
+            self.attrs = self.attrs.with_sample_us(max(new, 1))
+
+
+def tuned_sample_us(sample_us: int, aggr_samples: int, sizes: np.ndarray,
+                    nr_accesses: np.ndarray, goal) -> int | None:
+    """The next sampling interval (None: unchanged) of mm/damon/core.c's
+    kdamond_tune_intervals, with damon_get_intervals_score and
+    damon_get_intervals_adaptation_bp, in the kernel's integer arithmetic."""
+    sz = [int(x) for x in sizes]
+    max_events = sum(sz) * aggr_samples
+    events = sum(a * int(n) for a, n in zip(sz, nr_accesses, strict=True))
+    target = max_events * goal.access_bp // 10_000 or 1
+    score = events * 10_000 // target  # mult_frac(access_events, 10000, target)
+    adaptation = _feed_loop_next_input(100_000_000, score) // 10_000
+    if adaptation <= 10_000:
+        adaptation = 5_000 + adaptation // 2
+    if adaptation == 10_000:
+        return None  # the kernel leaves the attributes as they are
+    new = min(goal.max_sample_us, sample_us * adaptation // 10_000)
+    return max(goal.min_sample_us, new)
+
+
+MAX_LOCALITY_THREADS = 256  # per snapshot; the rest are summed under "other"
+
+
+def _locality(reports: np.ndarray, weight: np.ndarray | None = None) -> dict:
+    """Local / remote / unknown counts of reports (each counting ``weight``, default 1),
+    in all and per thread."""
+    cn, pn = reports["node"], reports["page_node"]
+    known = (cn >= 0) & (pn >= 0)
+    kind = np.where(known, np.where(cn == pn, 0, 1), 2)  # 0 local, 1 remote, 2 unknown
+    tot = [int(x) for x in np.bincount(kind, weights=weight, minlength=3).round()]
+    tids = reports["tid"]
+    threads: dict[str, list[int]] = {}
+    if tids.size:
+        ut = sorted_unique(tids)
+        idx = np.searchsorted(ut, tids)
+        m = np.bincount(idx * 3 + kind, weights=weight,
+                        minlength=ut.size * 3).round().astype(np.int64).reshape(ut.size, 3)
+        order = np.argsort(-m.sum(axis=1), kind="stable")
+        for j, i in enumerate(order.tolist()):
+            tid = int(ut[i])
+            key = ("other" if j >= MAX_LOCALITY_THREADS else
+                   str(tid) if tid >= 0 else "unknown")  # unknown: no thread known
+            prev = threads.get(key, [0, 0, 0])
+            threads[key] = [a + b for a, b in zip(prev, m[i].tolist(), strict=True)]
+    return {"local": tot[0], "remote": tot[1], "unknown": tot[2], "threads": threads}
+
+
+def _merge_locality(parts: list[dict]) -> dict:
+    out = {"local": 0, "remote": 0, "unknown": 0, "threads": {}}
+    for p in parts:
+        for k in ("local", "remote", "unknown"):
+            out[k] += p[k]
+        for tid, v in p["threads"].items():
+            prev = out["threads"].get(tid, [0, 0, 0])
+            out["threads"][tid] = [a + b for a, b in zip(prev, v, strict=True)]
+    return out
+
+
+def _pages_by_node(r: Regions, reports: np.ndarray) -> np.ndarray:
+    """Regions of ``r`` x nodes: the distinct reported pages by the node that held them."""
+    known = (reports["page_node"] >= 0) & (reports["page_node"] < 1024)  # MAX_NUMNODES
+    if not known.any():
+        return np.zeros((len(r), 0), dtype=np.int64)
+    # distinct (page, node) pairs: the page number with the node in the low 10 bits
+    key = sorted_unique(((reports["addr"][known] // np.uint64(PAGE)) << np.uint64(10))
+                        | reports["page_node"][known].astype(np.uint64))
+    node = (key & np.uint64(1023)).astype(np.int64)
+    ridx = r.index_of((key >> np.uint64(10)) * np.uint64(PAGE))
+    ok = ridx >= 0
+    top = int(node.max()) + 1
+    return np.bincount(ridx[ok] * top + node[ok],
+                       minlength=len(r) * top).reshape(len(r), top).astype(np.int64)
+
+
+ULONG_MAX = (1 << 64) - 1
 
 
 def _feed_loop_next_input(last_input: int, score: int) -> int:
-    """damon_feed_loop_next_input from mm/damon/core.c."""
+    """damon_feed_loop_next_input from mm/damon/core.c (unsigned long arithmetic)."""
     goal = 10_000
     min_input = 10_000
     if score == goal:
@@ -427,7 +547,12 @@ def _feed_loop_next_input(last_input: int, score: int) -> int:
         return min_input
     over = score > goal
     diff = score - goal if over else goal - score
-    compensation = last_input * diff // goal
+    if last_input < ULONG_MAX // diff:
+        compensation = last_input * diff // goal
+    else:
+        compensation = last_input // goal * diff
     if over:
         return max(last_input - compensation, min_input)
-    return last_input + compensation
+    if last_input < ULONG_MAX - compensation:
+        return last_input + compensation
+    return ULONG_MAX

@@ -118,51 +118,79 @@ class Regions:
         )
         self.age = np.where(changed, 0, self.age + 1)
 
-    def merge(self, thres: int, sz_limit: int) -> None:
+    def merge(self, thres: int, sz_limit: int,
+              weighted: list[tuple[int, int, int]] | None = None) -> None:
         """damon_merge_regions_of: merge adjacent regions whose nr_accesses differ
         by at most ``thres`` while the merged size stays within ``sz_limit``.
         Counters of a merged region are size-weighted averages, except written
         pages, which add up.  As in the kernel, regions are merged left to right,
         each into the merged region before it, with integer division at every step;
-        only the regions that do merge are combined one by one."""
+        only the regions that do merge are combined one by one.
+
+        ``weighted``: (probe index, weight, threshold) of the probes that steer region
+        adjustment (DAMON's probe ``weight``): two regions then also need every such
+        probe's weighted hits within its threshold of each other."""
         n = len(self)
         if n < 2:
             return
         start = self.start.tolist()
         end = self.end.tolist()
         acc = self.nr_accesses.tolist()
+        wrows = [(w, th, (self.probe_hits[p] * w).tolist()) for p, w, th in (weighted or ())]
         firsts = [0]  # index of the first region of each merged region
         cur_acc, cur_sz, cur_end = acc[0], end[0] - start[0], end[0]
+        cur_w = [row[0] for _, _, row in wrows]
         for i in range(1, n):
             sz = end[i] - start[i]
-            if cur_end == start[i] and abs(cur_acc - acc[i]) <= thres and cur_sz + sz <= sz_limit:
-                cur_acc = (cur_acc * cur_sz + acc[i] * sz) // (cur_sz + sz)
-                cur_sz += sz
+            if (cur_end == start[i] and abs(cur_acc - acc[i]) <= thres
+                    and cur_sz + sz <= sz_limit
+                    and all(abs(c - row[i]) <= th
+                            for c, (_, th, row) in zip(cur_w, wrows, strict=True))):
+                tot = cur_sz + sz
+                cur_acc = (cur_acc * cur_sz + acc[i] * sz) // tot
+                cur_w = [(c * cur_sz + row[i] * sz) // tot
+                         for c, (_, _, row) in zip(cur_w, wrows, strict=True)]
+                cur_sz = tot
                 cur_end = end[i]
             else:
                 firsts.append(i)
                 cur_acc, cur_sz, cur_end = acc[i], sz, end[i]
+                cur_w = [row[i] for _, _, row in wrows]
         if len(firsts) == n:
             return  # nothing merged
         f = np.asarray(firsts, dtype=np.int64)
         last = np.append(f[1:], n) - 1  # last region of each merged region
-        # counters averaged by size, one row each: nr_accesses, age, last, probe hits
-        avg = np.vstack((self.nr_accesses, self.age, self.last_nr_accesses, self.probe_hits))
-        out = avg[:, f].copy()
-        sizes = (self.end - self.start).astype(np.int64)
-        for g in np.flatnonzero(last > f).tolist():
-            x = avg[:, f[g]].copy()
-            tot = int(sizes[f[g]])
-            for j in range(int(f[g]) + 1, int(last[g]) + 1):
-                sz = int(sizes[j])
-                x = (x * tot + avg[:, j] * sz) // (tot + sz)
-                tot += sz
-            out[:, g] = x
+        # counters averaged by size, one column each: nr_accesses, age, last, probe hits.
+        # A merged region whose parts all have the same counters keeps them (the size-
+        # weighted average of equal values); the others are combined step by step in
+        # Python integers (exact, and cheaper than numpy for a few rows)
+        avg = np.vstack((self.nr_accesses, self.age, self.last_nr_accesses,
+                         self.probe_hits)).T
+        lo = np.minimum.reduceat(avg, f, axis=0)
+        hi = np.maximum.reduceat(avg, f, axis=0)
+        rows = lo.tolist()
+        mixed = np.flatnonzero((lo != hi).any(axis=1)).tolist()
+        if mixed:
+            cols = avg.tolist()
+            sizes = [b - a for a, b in zip(start, end, strict=True)]
+            lasts = last.tolist()
+            for g in mixed:
+                a, b = firsts[g], lasts[g]
+                x = cols[a]
+                tot = sizes[a]
+                for j in range(a + 1, b + 1):
+                    sz = sizes[j]
+                    x = [(u * tot + v * sz) // (tot + sz)
+                         for u, v in zip(x, cols[j], strict=True)]
+                    tot += sz
+                rows[g] = x
+        out = np.asarray(rows, dtype=np.int64).reshape(f.size, avg.shape[1]).T
         self.written_pages = np.add.reduceat(self.written_pages, f)
         self.start = self.start[f]
         self.end = self.end[last]
-        self.nr_accesses, self.age, self.last_nr_accesses = out[0], out[1], out[2]
-        self.probe_hits = out[3:].reshape(self.nr_probes, f.size)
+        self.nr_accesses, self.age, self.last_nr_accesses = (out[0].copy(), out[1].copy(),
+                                                             out[2].copy())
+        self.probe_hits = np.ascontiguousarray(out[3:]).reshape(self.nr_probes, f.size)
 
     def split(self, nr_subs: int, rng: np.random.Generator, min_sz: int = PAGE) -> None:
         """damon_split_regions_of: split each region into up to ``nr_subs`` (2 or 3)

@@ -24,6 +24,10 @@ REPORT_DTYPE = np.dtype(
         # where the data was served from, when the source knows (precise sampling's
         # data_src): index into MEM_LEVELS; 0 = unknown
         ("mem", np.uint8),
+        # NUMA node of the accessed page (live sessions look it up with move_pages;
+        # replay input may carry it); -1 when unknown.  With ``node`` it says whether
+        # the access was local or remote.
+        ("page_node", np.int32),
     ]
 )
 
@@ -60,11 +64,12 @@ def source_id(name: str) -> int:
 
 
 def empty(n: int = 0) -> np.ndarray:
-    """A zeroed report array of length ``n`` with unknown tid/cpu/node."""
+    """A zeroed report array of length ``n`` with unknown tid/cpu/node/page_node."""
     a = np.zeros(n, dtype=REPORT_DTYPE)
     a["tid"] = -1
     a["cpu"] = -1
     a["node"] = -1
+    a["page_node"] = -1
     return a
 
 
@@ -80,6 +85,7 @@ def make(
     write=False,
     source: str | int = "api",
     mem=0,
+    page_node=-1,
 ) -> np.ndarray:
     """Build a report array from scalars or equal-length sequences (broadcast)."""
     cols = np.broadcast_arrays(
@@ -92,10 +98,11 @@ def make(
         np.asarray(size, dtype=np.uint64),
         np.asarray(write, dtype=np.bool_),
         np.asarray(mem, dtype=np.uint8),
+        np.asarray(page_node, dtype=np.int32),
     )
     n = cols[0].size
     out = np.empty(n, dtype=REPORT_DTYPE)
-    for name, col in zip((*REPORT_DTYPE.names[:8], "mem"), cols, strict=True):
+    for name, col in zip((*REPORT_DTYPE.names[:8], "mem", "page_node"), cols, strict=True):
         out[name] = col.reshape(-1)
     out["source"] = source if isinstance(source, int) else source_id(source)
     return out

@@ -174,6 +174,7 @@ def decode(data: bytes | bytearray | memoryview) -> Decoded:
     for name in ("time_ns", "pid", "tid", "cpu", "node", "addr", "size", "mem"):
         r[name] = w[name]
     r["write"] = w["write"] != 0
+    r["page_node"] = -1  # the session looks it up (wire version 1 does not carry it)
     src = w["source"]
     r["source"] = np.where(src == 0, EXTERNAL, src)  # 0 (a zeroed struct): external
     out.reports = r

@@ -18,6 +18,7 @@ and are reported the same way.
 from __future__ import annotations
 
 import os
+import select
 import time
 
 import numpy as np
@@ -25,8 +26,8 @@ import numpy as np
 from udamon.errors import RuntimeFailure
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives.base import Primitive, PrimitiveStats
-from udamon.primitives.perf_tracepoint import FaultTracer, page_fault_tracepoint_available
-from udamon.primitives.sysctl_guard import (
+from udamon.system.perf_tracepoint import FaultTracer, page_fault_tracepoint_available
+from udamon.system.sysctl_guard import (
     SettingsGuard,
     apply_numa_balancing,
     apply_tracefs,
@@ -96,6 +97,8 @@ class HintPrimitive(Primitive):
         self._faults: dict[int, int] = {}  # pid -> faults seen
         self._t0 = 0.0
         self._stopped = False
+        self._pidfds: dict[int, int] | None = None
+        self._pidpoll: select.poll | None = None
 
     def start(self, pids: list[int]) -> None:
         ok, why = hint_available()
@@ -164,13 +167,30 @@ class HintPrimitive(Primitive):
         return self._tracer.wait(timeout_s)
 
     def exited(self) -> list[int]:
+        """Targets that exited since the last call: a pidfd (readable once the whole
+        process has exited) per target, polled without blocking; /proc where pidfds
+        are not available."""
+        if self._pidfds is None:
+            self._pidfds = {}
+            for pid in self._pids:
+                try:
+                    self._pidfds[pid] = os.pidfd_open(pid)
+                except OSError:
+                    self._pidfds[pid] = -1
+            self._pidpoll = select.poll()
+            for fd in self._pidfds.values():
+                if fd >= 0:
+                    self._pidpoll.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in self._pidpoll.poll(0)} if self._pidpoll else set()
         out = []
-        for pid in self._pids:
+        for pid, fd in self._pidfds.items():
             if pid in self._exited:
                 continue
-            if not is_alive(pid):
+            if (fd in ready) if fd >= 0 else not is_alive(pid):
                 self._exited.add(pid)
                 out.append(pid)
+                if fd >= 0:
+                    self._pidpoll.unregister(fd)
         return out
 
     def stats(self) -> PrimitiveStats:
@@ -193,6 +213,10 @@ class HintPrimitive(Primitive):
         if self._stopped:
             return
         self._stopped = True
+        for fd in (self._pidfds or {}).values():
+            if fd >= 0:
+                os.close(fd)
+        self._pidfds, self._pidpoll = {}, None
         try:
             if self._tracer is not None:
                 self._note_unobserved()  # counts what poll() delivered: what the record has

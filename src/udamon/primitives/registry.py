@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from udamon.core.attrs import Attrs
 from udamon.errors import RuntimeFailure, UsageError
 from udamon.primitives.base import Primitive
+
+if TYPE_CHECKING:  # the core is above the primitives: only its type, not its code
+    from udamon.core.attrs import Attrs
 
 
 @dataclass(frozen=True)
@@ -86,22 +89,18 @@ ENTRIES: dict[str, Entry] = {
     "rwp": Entry("rwp", "userfaultfd async read-write protection injected into the target: "
                  "DAMON's controlled sampling of reads and writes (one page per region per "
                  "sampling interval), attributed to CPU/thread (root, x86_64, Linux 7.3+ "
-                 "with CONFIG_USERFAULTFD_RWP; default intervals 50ms/1s)", True,
+                 "with CONFIG_USERFAULTFD_RWP; DAMON's default intervals 5ms/100ms)", True,
                  lambda: _uffd_available("rwp"), lambda attrs: _make_uffd("rwp", attrs),
-                 attach_before_exec=False, default_sample_us=50_000,
-                 default_aggr_us=1_000_000),
+                 attach_before_exec=False),
     "hint": Entry("hint", "NUMA-balancing hinting faults: reads and writes, any CPU, "
                   "attributed to CPU/node/thread (root; changes kernel.numa_balancing "
                   "for the session)", True, _hint_available, _make_hint),
     "wp": Entry("wp", "userfaultfd async write-protect injected into the target: controlled "
                 "write sampling (one page per region per sampling interval), attributed to "
-                "CPU/thread (root, x86_64; default intervals 50ms/1s, see "
+                "CPU/thread (root, x86_64; DAMON's default intervals 5ms/100ms, see "
                 "docs/primitives.md)", True, lambda: _uffd_available("wp"),
                 lambda attrs: _make_uffd("wp", attrs),
-                attach_before_exec=False,
-                # every armed page the target writes costs a TLB-flush IPI and a fault:
-                # 5 ms sampling slowed a write-heavy target by ~23%, 50 ms by ~3%
-                default_sample_us=50_000, default_aggr_us=1_000_000),
+                attach_before_exec=False),
     "pmu": Entry("pmu", "precise memory sampling (Intel PEBS, AMD IBS op, Arm SPE) through "
                  "perf_event_open: address, CPU, thread, load/store, memory level (root or "
                  "CAP_PERFMON; hardware that has it)", True, _pmu_available, _make_pmu),

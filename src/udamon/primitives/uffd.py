@@ -196,6 +196,7 @@ class UffdPrimitive(Primitive):
         self.attribute = attribute
         self.faults_per_window = faults_per_window
         self._targets: dict[int, _Target] = {}
+        self._told_gone: set[int] = set()  # gone targets exited() has reported
         self._tracer = None
         self._guard = None
         self._notes: list[str] = []
@@ -239,8 +240,8 @@ class UffdPrimitive(Primitive):
             raise
 
     def _start_tracer(self) -> None:
-        from udamon.primitives.perf_tracepoint import FaultTracer
-        from udamon.primitives.sysctl_guard import (
+        from udamon.system.perf_tracepoint import FaultTracer
+        from udamon.system.sysctl_guard import (
             SettingsGuard,
             apply_tracefs,
             tracefs_needs_mount,
@@ -254,7 +255,7 @@ class UffdPrimitive(Primitive):
             self._guard = SettingsGuard(handle_signals=False)
             self._notes.extend(apply_tracefs(self._guard))
         try:
-            from udamon.primitives.perf_tracepoint import online_cpus
+            from udamon.system.perf_tracepoint import online_cpus
 
             pages = ring_pages(self.faults_per_window, len(online_cpus()))
             self._tracer = FaultTracer(live, pages_per_buffer=pages).open()
@@ -616,11 +617,13 @@ class UffdPrimitive(Primitive):
     # ------------------------------------------------------------ the rest
 
     def exited(self) -> list[int]:
+        """Targets gone (exited, exec'd, lost) since the last call, each once."""
         out = []
         for pid, t in self._targets.items():
             if not t.gone and not self._alive(t):
                 self._mark_gone(t)
-            if t.gone:
+            if t.gone and pid not in self._told_gone:
+                self._told_gone.add(pid)
                 out.append(pid)
         return out
 

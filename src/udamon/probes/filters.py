@@ -34,6 +34,9 @@ FILTER_TYPES: dict[str, tuple[bool, str]] = {
     "write": (False, "a write"),
     "read": (False, "a read"),
     "addr": (True, "to an address in [START, END), e.g. addr:0x7f0000000000-0x7f0000100000"),
+    "local": (False, "local: made by a CPU of the node that holds the page (both known)"),
+    "remote": (False, "remote: made by a CPU of another node than the page's (both known)"),
+    "page_nodes": (True, "to a page held by one of these NUMA nodes, e.g. page_nodes:1"),
     "source": (True, f"seen by one of these sources ({'/'.join(SOURCES)}), e.g. source:hint"),
     "mem": (True, f"served from one of these levels ({'/'.join(MEM_LEVELS)}; local = "
                   "cache+ram, remote = remote-ram+remote-cache; known for pmu and perf mem "
@@ -43,11 +46,17 @@ FILTER_TYPES: dict[str, tuple[bool, str]] = {
 # shorthands of the mem filter: the two sides of the NUMA question
 MEM_ALIASES = {"local": ("cache", "ram"), "remote": ("remote-ram", "remote-cache")}
 
-_LIST_TYPES = ("cpus", "nodes", "threads", "pids")
+_LIST_TYPES = ("cpus", "nodes", "threads", "pids", "page_nodes")
 # what the ids of each list type are, for errors; reports hold them as int32 (the
 # replay input's limit too), so a larger id can never match and is a mistake
-ID_NAMES = {"cpus": "CPU", "nodes": "node", "threads": "thread id", "pids": "process id"}
+ID_NAMES = {"cpus": "CPU", "nodes": "node", "threads": "thread id", "pids": "process id",
+            "page_nodes": "node"}
 MAX_ID = (1 << 31) - 1
+
+
+# the report column each list type tests
+_COLUMN = {"cpus": "cpu", "nodes": "node", "threads": "tid", "pids": "pid",
+           "page_nodes": "page_node", "source": "source", "mem": "mem"}
 
 
 def _parse_id_list(text: str) -> list[int]:
@@ -115,12 +124,16 @@ class Filter:
             return reports["write"].astype(bool, copy=False)
         if t == "read":
             return ~reports["write"].astype(bool, copy=False)
+        if t in ("local", "remote"):
+            cpu_node, page_node = reports["node"], reports["page_node"]
+            known = (cpu_node >= 0) & (page_node >= 0)  # unknown never matches
+            same = cpu_node == page_node
+            return known & (same if t == "local" else ~same)
         if t == "addr":
             lo, hi = self._range
             a = reports["addr"]
             return (a >= np.uint64(lo)) & (a < np.uint64(hi))
-        col = {"cpus": "cpu", "nodes": "node", "threads": "tid", "pids": "pid",
-               "source": "source", "mem": "mem"}[t]
+        col = _COLUMN[t]
         return np.isin(reports[col], np.asarray(self._ids, dtype=np.int64))
 
     def test_one(self, report) -> bool:
@@ -130,10 +143,12 @@ class Filter:
             return bool(report["write"])
         if t == "read":
             return not bool(report["write"])
+        if t in ("local", "remote"):
+            cn, pn = int(report["node"]), int(report["page_node"])
+            return cn >= 0 and pn >= 0 and ((cn == pn) == (t == "local"))
         if t == "addr":
             return self._range[0] <= int(report["addr"]) < self._range[1]
-        col = {"cpus": "cpu", "nodes": "node", "threads": "tid", "pids": "pid",
-               "source": "source", "mem": "mem"}[t]
+        col = _COLUMN[t]
         return int(report[col]) in self._ids
 
     # -- (de)serialisation -------------------------------------------------

@@ -12,14 +12,22 @@ _NAME = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 
 @dataclass(frozen=True)
 class Probe:
+    """``weight`` (0: none) makes region adjustment follow the probe, as a DAMON probe's
+    ``weight`` does since Linux 7.3: adjacent regions merge only when their weighted
+    hits of every weighted probe are similar too (see docs/filters.md)."""
+
     name: str
     filters: tuple[Filter, ...] = field(default=())
+    weight: int = 0
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise ValueError(
                 f"bad probe name {self.name!r} (1-64 of letters, digits and _ . : + -)"
             )
+        if not isinstance(self.weight, int) or not 0 <= self.weight <= 1000:
+            raise ValueError(f"bad weight {self.weight!r} for probe {self.name!r} "
+                             "(a whole number 0..1000)")
         object.__setattr__(self, "filters", tuple(self.filters))
 
     @classmethod
@@ -31,7 +39,10 @@ class Probe:
         return cls(name.strip(), tuple(parse_conditions(conds)))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "filters": [f.to_dict() for f in self.filters]}
+        out = {"name": self.name, "filters": [f.to_dict() for f in self.filters]}
+        if self.weight:
+            out["weight"] = self.weight
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Probe:
@@ -40,4 +51,7 @@ class Probe:
         filters = d.get("filters", [])
         if not isinstance(filters, list):
             raise ValueError("probe 'filters' must be a list")
-        return cls(str(d["name"]), tuple(Filter.from_dict(f) for f in filters))
+        weight = d.get("weight", 0)
+        if not isinstance(weight, int) or isinstance(weight, bool):
+            raise ValueError("probe 'weight' must be a whole number")
+        return cls(str(d["name"]), tuple(Filter.from_dict(f) for f in filters), weight)

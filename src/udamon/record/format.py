@@ -10,7 +10,6 @@ FORMAT_VERSION = 1
 
 HEADER_KEYS = ("format", "version", "attrs", "primitive", "filters", "probes", "targets")
 SNAPSHOT_KEYS = ("time_ns", "pid", "sample_us", "regions")
-REGION_KEYS = ("start", "end", "nr_accesses", "age", "probes")
 # what an estimator adds to its snapshots (udamon dirty-rate, udamon ksm-advise), kept
 # by the reader as it is (Snapshot.extra) for its report to read
 ESTIMATE_KEYS = ("dirty", "ksm")

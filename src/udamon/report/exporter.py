@@ -55,9 +55,9 @@ class MetricsSink:
         self.node_share = Gauge("udamon_node_access_ratio", "Share of the target's accesses "
                                 "made by the CPUs of a node, since the session started",
                                 ["pid", "node"], registry=r)
-        self.local_ratio = Gauge("udamon_local_access_ratio", "Share of node-attributed "
-                                 "accesses that hit pages on the accessing CPU's node "
-                                 "(sampled page locations), since the session started",
+        self.local_ratio = Gauge("udamon_local_access_ratio", "Share of the reports of "
+                                 "known locality that hit a page on the accessing CPU's "
+                                 "node (each report's page node), since the session started",
                                  lp, registry=r)
         self.reports = Gauge("udamon_reports", "Reports for the target in the last "
                              "aggregation interval", lp, registry=r)
@@ -135,19 +135,25 @@ class MetricsSink:
         total = sum(tot.values())
         for n, b in tot.items():
             self.node_share.labels(pid, str(n)).set(b / total if total else 0.0)
-        if snap.page_nodes is not None and self._nodes:
+        if snap.numa is not None:  # exact: counts of reports with a page node
+            acc = self._local.setdefault(pid, [0.0, 0.0])
+            acc[0] += snap.numa["local"]
+            acc[1] += snap.numa["local"] + snap.numa["remote"]
+            if acc[1]:
+                self.local_ratio.labels(pid).set(acc[0] / acc[1])
+        elif snap.page_nodes is not None and self._nodes:  # older way: sampled pages
             acc = self._local.setdefault(pid, [0.0, 0.0])
             local = located = 0.0
             for n, name in self._nodes.items():
                 hits = snap.probe_hits[name]
                 for i in np.flatnonzero(hits):
                     where = snap.page_nodes[i]
-                    pages = sum(where.values())
+                    pages = int(where.sum())
                     if not pages:
                         continue
                     w = float(size[i]) * float(hits[i])
                     located += w
-                    local += w * where.get(str(n), 0) / pages
+                    local += w * (int(where[n]) if n < where.size else 0) / pages
             acc[0] += local
             acc[1] += located
             if acc[1]:

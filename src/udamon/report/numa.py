@@ -1,13 +1,19 @@
 """``report numa``: accesses by the CPUs of each node versus where the pages are.
 
-Accesses per node come from the ``node:<n>`` probes.  Page locations come from
-the snapshot lines' per-region key ``"nodes": {"<node>": sampled_page_count}``
-(``Snapshot.page_nodes``); a region without it, or with no pages counted, has
-an unknown location and is left out of the local/remote split.
-In a snapshot, the local share of a region's accesses by node m is the
-fraction of its sampled pages on m; remote is the rest.  Everything is
-accumulated onto the last snapshot's regions and weighted by bytes: a
-region's accesses are its size times its access rate (hits / sampling
+Records made with ``--breakdown numa`` (live sessions look up the node of every
+reported page) have per-report locality: the ``local`` and ``remote`` probes
+count, per region, the sampling intervals with a local / remote access, and
+each snapshot's ``numa`` key counts the reports themselves, per target and per
+thread -- so a target's and a thread's local ratio are exact counts of
+reports, independent of region boundaries.
+
+Older records (page locations sampled per region: the snapshot key
+``"nodes": {"<node>": pages}``, no local/remote probes) are estimated as
+before: in a snapshot, the local share of a region's accesses by node m is the
+fraction of its sampled pages on m.
+
+Region values are accumulated onto the last snapshot's regions and weighted by
+bytes: a region's accesses are its size times its access rate (hits / sampling
 intervals per aggregation), averaged over the snapshots ("hot bytes").
 """
 
@@ -37,20 +43,12 @@ PageNodes = dict[int, np.ndarray]  # node -> sampled page count per region
 
 
 def page_nodes_of(snap: Snapshot) -> PageNodes | None:
-    """``Snapshot.page_nodes`` (per region {"<node>": sampled pages}) as node ->
-    per-region counts; None when the snapshot has no page locations."""
-    per = getattr(snap, "page_nodes", None)
-    if not per:
+    """``Snapshot.page_nodes`` (regions x nodes pages) as node -> per-region counts
+    of the nodes that hold any; None when the snapshot has no page locations."""
+    per = snap.page_nodes
+    if per is None or not per.any():
         return None
-    nodes = sorted({int(k) for d in per for k in d if int(k) >= 0})
-    if not nodes:
-        return None
-    out = {n: np.zeros(len(per)) for n in nodes}
-    for i, d in enumerate(per):
-        for k, c in d.items():
-            if int(k) >= 0:
-                out[int(k)][i] = float(c)
-    return out
+    return {int(n): per[:, n].astype(float) for n in np.flatnonzero(per.any(axis=0))}
 
 
 def load_page_nodes(rec: Record) -> list[PageNodes | None]:
@@ -80,6 +78,9 @@ class NumaRegion:
 class TargetNuma:
     pid: int
     regions: list[NumaRegion]
+    # exact counts of reports (Snapshot.numa summed): local, remote, unknown; per thread
+    reports: dict[str, int] | None = None
+    threads: dict[str, list[int]] | None = None
 
     def by_node(self) -> dict[int, float]:
         out: dict[int, float] = {}
@@ -96,12 +97,71 @@ class NumaResult:
     targets: list[TargetNuma]
 
 
+def _tally(snaps: list[Snapshot]) -> tuple[dict[str, int] | None, dict[str, list[int]] | None]:
+    parts = [s.numa for s in snaps if s.numa is not None]
+    if not parts:
+        return None, None
+    tot = {k: sum(p[k] for p in parts) for k in ("local", "remote", "unknown")}
+    threads: dict[str, list[int]] = {}
+    for p in parts:
+        for tid, v in p["threads"].items():
+            prev = threads.get(tid, [0, 0, 0])
+            threads[tid] = [a + b for a, b in zip(prev, v, strict=True)]
+    return tot, threads
+
+
+def _compute_probed(rec: Record, pids: list[int], probes: dict[int, str]) -> NumaResult:
+    """Per-report locality: the local/remote probes per region, the numa tallies."""
+    out = []
+    for p in pids:
+        snaps = rec.snapshots_of(p)
+        last = snaps[-1]
+        start, end = last.start, last.end
+        size = (end - start).astype(np.float64)
+        scale = size / len(snaps)
+
+        def rate(s: Snapshot, name: str) -> np.ndarray:
+            return s.probe_hits[name] / aggr_samples(s)
+
+        local = onto_regions(snaps, start, end, lambda s: rate(s, "local")) * scale
+        remote = onto_regions(snaps, start, end, lambda s: rate(s, "remote")) * scale
+        by_node = {n: onto_regions(snaps, start, end, lambda s, name=name: rate(s, name))
+                   * scale for n, name in probes.items()}
+        pn = [page_nodes_of(s) for s in snaps]
+        all_nodes = sorted({n for d in pn if d for n in d})
+        known_mask = [(sum(d.values()) > 0).astype(np.float64) if d else
+                      np.zeros(s.start.size) for s, d in zip(snaps, pn, strict=True)]
+        where = {id(s): (d, k) for s, d, k in zip(snaps, pn, known_mask, strict=True)}
+        seen = onto_regions(snaps, start, end, lambda s, w=where: w[id(s)][1])
+        pages: dict[int, np.ndarray] = {}
+        for n in all_nodes:
+            def frac(s: Snapshot, n=n, w=where) -> np.ndarray:
+                d, _ = w[id(s)]
+                if not d:
+                    return np.zeros(s.start.size)
+                tot = sum(d.values())
+                return np.where(tot > 0, d.get(n, 0) / np.where(tot > 0, tot, 1), 0.0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                pages[n] = np.where(seen > 0, onto_regions(snaps, start, end, frac)
+                                    / np.where(seen > 0, seen, 1), 0.0)
+        regions = [NumaRegion(int(start[i]), int(end[i]),
+                              {n: float(v[i]) for n, v in by_node.items()},
+                              {n: float(v[i]) for n, v in pages.items() if v[i] > 0},
+                              float(local[i]), float(local[i] + remote[i]))
+                   for i in range(size.size)]
+        tot, threads = _tally(snaps)
+        out.append(TargetNuma(p, regions, tot, threads))
+    return NumaResult(list(probes), True, out)
+
+
 def compute(rec: Record, pid: int | None) -> NumaResult:
     probes = breakdown(rec, "node")
-    if not probes:
-        raise UsageError(f"{rec.path} has no node:<n> probes: record with --breakdown node "
-                         "(or probes named node:<n>, e.g. --probe node:0=nodes:0)")
     pids = pick_pids(rec, pid)
+    if {"local", "remote"} <= set(rec.probe_names):
+        return _compute_probed(rec, pids, probes)
+    if not probes:
+        raise UsageError(f"{rec.path} has no local/remote or node:<n> probes: record with "
+                         "--breakdown numa (local/remote per report) or --breakdown node")
     page_nodes = load_page_nodes(rec)
     where: dict[int, PageNodes | None] = {id(s): pn for s, pn in zip(rec.snapshots, page_nodes,
                                                                       strict=True)}
@@ -166,11 +226,21 @@ def to_json(rec: Record, res: NumaResult) -> dict:
     def target(t: TargetNuma) -> dict:
         local = sum(r.local for r in t.regions)
         known = sum(r.known for r in t.regions)
+        ratio = (local / known if known else None) if res.has_pages else None
+        extra: dict = {}
+        if t.reports is not None:
+            lr = t.reports["local"] + t.reports["remote"]
+            ratio = t.reports["local"] / lr if lr else None  # exact: counts of reports
+            extra = {"reports": t.reports, "threads": {
+                tid: {"local": v[0], "remote": v[1], "unknown": v[2],
+                      "local_ratio": v[0] / (v[0] + v[1]) if v[0] + v[1] else None}
+                for tid, v in sorted((t.threads or {}).items(),
+                                     key=lambda kv: -sum(kv[1]))}}
         return {
             "pid": t.pid, "by_node": {str(n): v for n, v in t.by_node().items()},
             "local": local if res.has_pages else None,
             "remote": known - local if res.has_pages else None,
-            "local_ratio": (local / known if known else None) if res.has_pages else None,
+            "local_ratio": ratio, **extra,
             "regions": [{"start": r.start, "end": r.end, "size": r.end - r.start,
                          "by_node": {str(n): v for n, v in r.by_node.items()},
                          "pages": {str(n): v for n, v in r.pages.items()} if res.has_pages
@@ -194,8 +264,11 @@ def _shares(d: dict[int, float]) -> str:
 
 def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
     lines = [record_line(rec)]
-    lines.append(f"NUMA: accesses by the CPUs of each node (probes "
-                 f"{', '.join(f'node:{n}' for n in res.nodes)}), in hot bytes")
+    if res.nodes:
+        lines.append(f"NUMA: accesses by the CPUs of each node (probes "
+                     f"{', '.join(f'node:{n}' for n in res.nodes)}), in hot bytes")
+    else:
+        lines.append("NUMA: local and remote accesses (probes local, remote), in hot bytes")
     lines += notes(rec)
     if not res.has_pages:
         lines.append("page locations: not in this record, so there is no local/remote split "
@@ -205,14 +278,30 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
         bn = t.by_node()
         lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}: accesses by node: "
                      f"{_shares(bn)}")
+        if t.reports is not None:
+            rp = t.reports
+            lr = rp["local"] + rp["remote"]
+            nan = float("nan")
+            lines.append(f"  reports: local {fmt_pct(rp['local'] / lr if lr else nan)}, "
+                         f"remote {fmt_pct(rp['remote'] / lr if lr else nan)} of "
+                         f"{lr:,} of known locality ({rp['unknown']:,} unknown; exact counts)")
+            thr = sorted((t.threads or {}).items(), key=lambda kv: -sum(kv[1]))[:top]
+            if thr:
+                table = [["thread", "local", "remote", "local %"]]
+                for tid, v in thr:
+                    table.append([tid, f"{v[0]:,}", f"{v[1]:,}",
+                                  fmt_pct(v[0] / (v[0] + v[1]) if v[0] + v[1] else nan)])
+                lines.append("  by thread:")
+                lines += render_table(table, left=1, indent="    ")
         if res.has_pages:
             local = sum(r.local for r in t.regions)
             known = sum(r.known for r in t.regions)
-            total = sum(bn.values())
+            total = sum(bn.values()) or known
             lines.append(f"  local {fmt_pct(local / known if known else float('nan'))}, "
                          f"remote {fmt_pct((known - local) / known if known else float('nan'))}"
                          f" of the accesses to pages of known location "
-                         f"({fmt_pct(known / total if total else float('nan'))} of all)")
+                         f"({fmt_pct(known / total if total else float('nan'))} of all), "
+                         "in hot bytes")
             hot = sorted((r for r in t.regions if r.remote > 0),
                          key=lambda r: (-r.remote, r.start))[:top]
             if hot:

@@ -4,7 +4,9 @@ A DAMOS-like scheme over one aggregation snapshot.  Its access pattern is
 "hot and mostly accessed from one node": a region qualifies when its node
 probes (``node:<n>``, from ``--breakdown node``) saw at least ``min_hits``
 sampling intervals with an access and one node made at least ``min_share``
-of them.  The action is ``move_pages(2)`` of the region's pages that are not
+of them, and -- where the ``remote`` probe exists (``--breakdown numa``: each
+report's CPU node against its page's node) -- some of its accesses were remote.
+The action is ``move_pages(2)`` of the region's pages that are not
 on that node yet.  A quota caps the bytes *moved* per aggregation interval
 (as DAMOS's ``sz`` quota does); regions are taken hottest first, and the
 last one is cut to what is left of the quota.  In dry-run mode the pages are
@@ -96,12 +98,15 @@ def candidates(snap: Snapshot, params: MigrateParams) -> list[Candidate]:
     dom = h.argmax(axis=0)
     share = h[dom, np.arange(h.shape[1])] / np.maximum(total, 1)
     ok = (total >= params.min_hits) & (share >= params.min_share)
+    remote = snap.probe_hits.get("remote")
+    if remote is not None:
+        ok &= np.asarray(remote) > 0  # nothing remote: nothing to gain by moving
     out = []
     for i in np.flatnonzero(ok).tolist():
         to = nodes[int(dom[i])]
         pn = snap.page_nodes[i] if snap.page_nodes is not None else None
-        if pn and set(pn) == {str(to)}:
-            continue  # every sampled page is already there
+        if pn is not None and pn.any() and set(np.flatnonzero(pn).tolist()) == {to}:
+            continue  # every reported page is already there
         out.append(Candidate(int(snap.start[i]), int(snap.end[i]), to,
                              int(total[i]), float(share[i])))
     out.sort(key=lambda c: (-c.hits, -c.share, c.start))

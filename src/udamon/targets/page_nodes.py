@@ -2,8 +2,8 @@
 
 With ``nodes == NULL`` move_pages moves nothing and fills ``status`` with the
 node of each page, or a negative errno (-ENOENT: not present, -EFAULT: not
-mapped).  Used to sample a few pages per region each aggregation, so that
-NUMA reports can compare who accesses a region with where it lives.
+mapped).  Live sessions look up the node of every reported page this way
+(``PageNodeLookup``), so that each report says whether it was local or remote.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from udamon.arrays import sorted_unique
 
 _NR_MOVE_PAGES = {"x86_64": 279, "aarch64": 239, "riscv64": 239}
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -40,32 +44,86 @@ def query_nodes(pid: int, addrs: np.ndarray) -> np.ndarray:
     return status
 
 
-def sample_region_nodes(pid: int, starts: np.ndarray, ends: np.ndarray,
-                        rng: np.random.Generator, per_region: int = 2,
-                        page: int = 4096) -> list[dict[str, int]] | None:
-    """For each region, ``{"<node>": pages}`` over ``per_region`` random pages;
-    pages that are not present are left out.  None when the query is not possible."""
-    n = starts.size
-    if n == 0:
-        return []
-    sz = (ends - starts).astype(np.float64)
-    off = (rng.random((per_region, n)) * sz).astype(np.uint64)
-    addrs = ((starts + off) & ~np.uint64(page - 1)).reshape(-1)
+@dataclass
+class LookupStats:
+    calls: int = 0  # move_pages queries
+    pages: int = 0  # pages asked about
+    reports: int = 0  # reports given a page node (or found to have none)
+    cpu_s: float = 0.0  # thread CPU time spent in lookups
+
+    def note(self) -> str:
+        per = self.cpu_s / self.reports * 1e6 if self.reports else 0.0
+        return (f"page nodes: {self.reports} reports placed with {self.calls} move_pages "
+                f"queries of {self.pages} distinct pages ({self.cpu_s * 1e3:.1f} ms of CPU, "
+                f"{per:.2f} us per report)")
+
+
+def memory_nodes() -> list[int]:
+    """The NUMA nodes that have memory (/sys/devices/system/node/has_memory)."""
+    from udamon.targets.topology import parse_cpulist
+
     try:
-        status = query_nodes(pid, addrs).reshape(per_region, n)
-    except OSError:
-        return None
-    # pages per (region, node) in one bincount
-    ok = status >= 0
-    if not ok.any():
-        return [{} for _ in range(n)]
-    top = int(status.max()) + 1
-    region = np.broadcast_to(np.arange(n), status.shape)
-    counts = np.bincount((region[ok] * top + status[ok]).ravel(),
-                         minlength=n * top).reshape(n, top)
-    nz_r, nz_n = np.nonzero(counts)
-    vals = counts[nz_r, nz_n].tolist()
-    out: list[dict[str, int]] = [{} for _ in range(n)]
-    for r, node, c in zip(nz_r.tolist(), nz_n.tolist(), vals, strict=True):
-        out[r][str(node)] = c
-    return out
+        with open("/sys/devices/system/node/has_memory") as f:
+            return parse_cpulist(f.read())
+    except (OSError, ValueError):
+        return []
+
+
+@dataclass
+class PageNodeLookup:
+    """The node of each reported page (``page_node``), from batched move_pages queries.
+
+    Within one aggregation interval a page is asked about once (a cache of the pages
+    seen); ``new_interval()`` forgets them, because the kernel's NUMA balancing or
+    ``udamon migrate`` may move pages between intervals.  Pages that are not present
+    (or not mapped) keep ``page_node`` -1.  On a machine whose memory is all on one
+    node, every page is there: no query is made."""
+
+    stats: LookupStats = field(default_factory=LookupStats)
+    only_node: int | None = field(default_factory=lambda: (lambda n: n[0] if len(n) == 1
+                                                           else None)(memory_nodes()))
+    _cache: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    _broken: set[int] = field(default_factory=set)  # pids that cannot be queried
+
+    def new_interval(self) -> None:
+        self._cache.clear()
+
+    def annotate(self, reports: np.ndarray, page: int = 4096) -> None:
+        """Fill ``reports["page_node"]`` where it is unknown (in place)."""
+        if reports.size == 0:
+            return
+        t0 = time.thread_time()
+        todo = reports["page_node"] < 0
+        if self.only_node is not None:  # one node holds all memory: nothing to ask
+            reports["page_node"][todo] = self.only_node
+            self.stats.reports += int(np.count_nonzero(todo))
+            self.stats.cpu_s += time.thread_time() - t0
+            return
+        pids = reports["pid"][todo]
+        for pid in sorted_unique(pids).tolist():
+            if pid in self._broken:
+                continue
+            sel = np.flatnonzero(todo & (reports["pid"] == pid))
+            pages = reports["addr"][sel] & ~np.uint64(page - 1)
+            known_p, known_n = self._cache.get(pid, (np.zeros(0, np.uint64),
+                                                     np.zeros(0, np.int32)))
+            uniq = sorted_unique(pages)
+            new = uniq[~np.isin(uniq, known_p, assume_unique=True)] if known_p.size else uniq
+            if new.size:
+                try:
+                    nodes = query_nodes(pid, new)
+                except OSError:
+                    self._broken.add(pid)  # gone, or not ours to query: unknown from now on
+                    continue
+                self.stats.calls += 1
+                self.stats.pages += int(new.size)
+                allp = np.concatenate((known_p, new))
+                alln = np.concatenate((known_n, nodes))
+                order = np.argsort(allp, kind="stable")
+                known_p, known_n = allp[order], alln[order]
+                self._cache[pid] = (known_p, known_n)
+            i = np.searchsorted(known_p, pages)
+            node = known_n[np.minimum(i, known_n.size - 1)]
+            reports["page_node"][sel] = np.where(node >= 0, node, -1)
+            self.stats.reports += int(sel.size)
+        self.stats.cpu_s += time.thread_time() - t0

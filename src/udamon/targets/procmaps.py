@@ -3,13 +3,15 @@ vaddr heuristic that turns them into three monitoring ranges."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from udamon.errors import RuntimeFailure, TargetGone
 
 
-@dataclass(frozen=True)
-class Vma:
+class Vma(NamedTuple):
+    """One line of /proc/PID/maps (a NamedTuple: parsing a few hundred of them once a
+    second is on the monitoring loop's path)."""
+
     start: int
     end: int
     perms: str
@@ -38,11 +40,11 @@ def parse_maps(text: str) -> list[Vma]:
     return out
 
 
-def read_vmas(pid: int) -> list[Vma]:
-    """The process's VMAs; raises TargetGone when it has exited."""
+def read_maps_text(pid: int) -> str:
+    """/proc/PID/maps as text; raises TargetGone when the process has exited."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
         raise TargetGone(f"process {pid} does not exist (or has exited)") from None
     except PermissionError:
@@ -50,7 +52,11 @@ def read_vmas(pid: int) -> list[Vma]:
                              "(run as root or as the process's owner)") from None
     except ProcessLookupError:
         raise TargetGone(f"process {pid} has exited") from None
-    vmas = parse_maps(text)
+
+
+def read_vmas(pid: int) -> list[Vma]:
+    """The process's VMAs; raises TargetGone when it has exited."""
+    vmas = parse_maps(read_maps_text(pid))
     if not vmas and not is_alive(pid):
         raise TargetGone(f"process {pid} has exited")
     return vmas
@@ -148,3 +154,26 @@ def thread_ids(pid: int) -> list[int]:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError:
         raise TargetGone(f"process {pid} does not exist (or has exited)") from None
+
+
+def vaddr_provider(pid: int):
+    """The ranges of a process as DAMON's vaddr operations pick them (three regions over
+    /proc/PID/maps) plus the spans really mapped inside them -- the three regions
+    include unmapped holes, which reports must not call memory.  A callable for
+    ``Monitor.add_target(provider=...)``; its ``name`` is the process's.  The maps are
+    parsed again only when they changed (they are read once a second)."""
+    last: list = [None, None]
+
+    def provide() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        text = read_maps_text(pid)
+        if text != last[0]:
+            vmas = parse_maps(text)
+            if not vmas:
+                read_vmas(pid)  # says whether the process is gone
+            ranges = three_regions(vmas)
+            last[:] = [text, (ranges, mapped_spans(vmas, ranges))]
+        return last[1]
+
+    name = process_name(pid)
+    provide.name = "" if name == "?" else name  # type: ignore[attr-defined]
+    return provide
