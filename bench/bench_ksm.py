@@ -68,7 +68,7 @@ def covered(w: Workload, cands: list[dict]) -> list[str]:
 
 
 def truth(log) -> dict:
-    from udamon.primitives.sysctl_guard import SettingsGuard
+    from udamon.system.sysctl_guard import SettingsGuard
 
     w = Workload("--mergeable", "--seed", "7")
     guard = SettingsGuard(handle_signals=False)

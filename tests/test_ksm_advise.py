@@ -140,7 +140,7 @@ def _wait_merged(w: Workload, timeout: float = 90.0) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def ksm_truth(ksm_dup, ksm_alone):
     """Which regions the real KSM merges and keeps merged, with all four offered."""
-    from udamon.primitives.sysctl_guard import SettingsGuard
+    from udamon.system.sysctl_guard import SettingsGuard
 
     w = Workload(ksm_dup, "--mergeable", "--seed", "7")
     guard = SettingsGuard(handle_signals=False)

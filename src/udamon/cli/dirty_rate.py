@@ -1,10 +1,9 @@
 """``udamon dirty-rate``: how fast each VM (or process) dirties memory, live; which to migrate.
 
-The estimator is udamon.primitives.dirty_sample (the wp sampler's attach and
-registration, a random sample of resident pages protected per window, or every
-page with --exact); the numbers, intervals, ranking and pre-copy estimates are
-udamon.report.dirty_rate.  ``-o FILE`` keeps the windows as a record, which
-``udamon report dirty -i FILE`` reads again (record-format.md, "dirty").
+Options become a ``DirtyRateSpec`` for udamon.report.dirty_live (targets and
+their parts, the estimator of udamon.primitives.dirty_sample window after
+window, rates and intervals by udamon.report.dirty_rate).  ``-o FILE`` keeps the
+windows as a record, which ``udamon report dirty -i FILE`` reads again.
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ import argparse
 import json
 import re
 import sys
-import time
 
 from udamon.cli.common import duration_arg, pid_list, typed
-from udamon.errors import RuntimeFailure, TargetGone, UsageError
+from udamon.errors import UsageError
 from udamon.report import precopy
 from udamon.units import parse_range, parse_size
 
@@ -97,7 +95,22 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pid", type=typed(pid_list, "pid list"), action="append", required=True,
                    metavar="PID[,PID...]", help="target processes (repeatable)")
-    g = p.add_argument_group("estimate")
+    _estimate_args(p.add_argument_group("estimate"))
+    m = p.add_argument_group("pre-copy live migration (QEMU's model)")
+    m.add_argument("--bandwidth", metavar="RATE", type=typed(parse_rate, "rate"),
+                   help="migration bandwidth, e.g. 10Gbit/s or 1GiB/s")
+    m.add_argument("--downtime", metavar="DUR", type=typed(duration_arg, "duration"),
+                   default=precopy.DEFAULT_DOWNTIME_NS,
+                   help="downtime limit (default 300ms, QEMU's)")
+    o = p.add_argument_group("output")
+    o.add_argument("--format", choices=["text", "json"], default="text")
+    o.add_argument("-o", "--output", metavar="FILE",
+                   help="also write the windows as a record (udamon report dirty -i FILE)")
+    o.add_argument("-q", "--quiet", action="store_true", help="no line per window on stderr")
+    p.set_defaults(func=run)
+
+
+def _estimate_args(g) -> None:
     g.add_argument("--window", metavar="DUR", type=typed(duration_arg, "duration"),
                    default=1_000_000_000,
                    help="measuring window (default 1s, QEMU's shortest useful calc-time)")
@@ -124,18 +137,6 @@ def add_parser(sub) -> None:
     g.add_argument("--no-vmm", action="store_true",
                    help="do not look for a VMM's guest RAM: the whole process counts")
     g.add_argument("--seed", type=int, default=None, help="seed of the page sampling")
-    m = p.add_argument_group("pre-copy live migration (QEMU's model)")
-    m.add_argument("--bandwidth", metavar="RATE", type=typed(parse_rate, "rate"),
-                   help="migration bandwidth, e.g. 10Gbit/s or 1GiB/s")
-    m.add_argument("--downtime", metavar="DUR", type=typed(duration_arg, "duration"),
-                   default=precopy.DEFAULT_DOWNTIME_NS,
-                   help="downtime limit (default 300ms, QEMU's)")
-    o = p.add_argument_group("output")
-    o.add_argument("--format", choices=["text", "json"], default="text")
-    o.add_argument("-o", "--output", metavar="FILE",
-                   help="also write the windows as a record (udamon report dirty -i FILE)")
-    o.add_argument("-q", "--quiet", action="store_true", help="no line per window on stderr")
-    p.set_defaults(func=run)
 
 
 def parse_ranges(texts: list[str], pids: list[int]) -> dict[int, list[tuple[int, int]]]:
@@ -169,112 +170,28 @@ def parse_ranges(texts: list[str], pids: list[int]) -> dict[int, list[tuple[int,
 
 def run(a: argparse.Namespace) -> int:
     from udamon.cli.live import install_stop
-    from udamon.primitives.dirty_sample import DirtySampler, PartSpec
     from udamon.report import dirty_rate
-    from udamon.report.dirty_record import DirtyRecordWriter
-    from udamon.targets.procmaps import process_name, read_vmas
-    from udamon.targets.vmm import detect
+    from udamon.report.dirty_live import DirtyRateSpec, measure
 
     pids = sorted({p for group in a.pid for p in group})
-    if a.window > a.duration:
-        raise UsageError("--window must not be longer than --duration")
-    ranges = parse_ranges(a.range, pids)
-    for pid in pids:
-        try:
-            read_vmas(pid)
-        except TargetGone as e:
-            raise UsageError(str(e)) from None
-    parts: dict[int, list[PartSpec]] = {}
-    targets: list[dict] = []
-    for pid in pids:
-        vmm = None
-        if pid in ranges:
-            spec = [PartSpec("range", tuple(ranges[pid])), PartSpec("rest")]
-            rate_part = "range"
-        else:
-            info = None if a.no_vmm else detect(pid)
-            if info is not None and info.ram:
-                spec = [PartSpec("guest-ram", info.ram), PartSpec("vmm")]
-                rate_part = "guest-ram"
-                vmm = info.to_dict()
-            else:
-                spec = [PartSpec("memory")]
-                rate_part = "memory"
-                if info is not None:
-                    print(f"udamon: note: pid {pid} looks like {info.kind} but no guest RAM "
-                          "mapping was found: measuring the whole process (--range says where "
-                          "guest RAM is)", file=sys.stderr)
-        parts[pid] = spec
-        targets.append({"pid": pid, "name": process_name(pid), "rate_part": rate_part,
-                        "vmm": vmm, "ranges": [[s, e] for s, e in ranges.get(pid, [])]})
-    sampler = DirtySampler(parts, window_ns=a.window, exact=a.exact, per_gib=a.sample_pages,
-                           max_sample=a.max_sample_pages, seed=a.seed)
+    spec = DirtyRateSpec(pids, a.window, a.duration, a.precision, a.confidence, a.exact,
+                         a.sample_pages, a.max_sample_pages, parse_ranges(a.range, pids),
+                         a.no_vmm, a.seed, a.bandwidth, a.downtime, a.output)
     stop = install_stop()
-    writer = DirtyRecordWriter(a.output, targets, a) if a.output else None
-    windows: dict[int, list] = {pid: [] for pid in pids}
-    reason = "duration"
-    sampler.start()
-    try:
-        if writer is not None:
-            writer.begin(sampler.notes())
-        t0 = time.monotonic_ns()
-        while True:
-            if stop.is_set():
-                reason = stop.why
-                break
-            if time.monotonic_ns() - t0 + a.window > a.duration + a.window // 10:
-                break
-            got = sampler.window(stop.fileno())
-            for tw in got:
-                windows[tw.pid].append(tw)
-                if writer is not None:
-                    writer.window(tw)
-            live = [p for p in pids if p not in sampler.exited()]
-            if not live:
-                reason = "targets-exited"
-                break
-            res = _compute(a, targets, windows, dirty_rate)
-            if not a.quiet and got:
-                _progress(res, len(max(windows.values(), key=len)))
-            if a.precision and res.targets and all(t.converged for t in res.targets
-                                                   if t.pid in live):
-                reason = "converged"
-                break
-    except BaseException as e:
-        sampler.stop()
-        if writer is not None:
-            writer.fail(str(e) or type(e).__name__)
-        raise
-    notes = sampler.notes()
-    sampler.stop()
-    gone = [p for p in pids if p in sampler.exited()]
-    for p in gone:
+    run = measure(spec, stop, None if a.quiet else _progress)
+    for p in run.exited:
         print(f"udamon: note: process {p} exited during the measurement", file=sys.stderr)
-    res = _compute(a, targets, windows, dirty_rate)
-    if writer is not None:
-        writer.end("duration" if reason == "converged" else reason, notes, reason)
-    if not res.targets:
-        raise RuntimeFailure("no window completed: nothing to report")
     if a.format == "json":
-        doc = dirty_rate.to_json(res, a.output)
-        doc["end"] = reason
-        doc["notes"] = notes
+        doc = dirty_rate.to_json(run.result, a.output)
+        doc["end"] = run.reason
+        doc["notes"] = run.notes
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        head = [f"udamon dirty-rate: {len(pids)} target(s), ended: {reason}"]
-        head += [f"note: {n}" for n in notes]
-        sys.stdout.write(dirty_rate.to_text(res, head))
+        head = [f"udamon dirty-rate: {len(pids)} target(s), ended: {run.reason}"]
+        head += [f"note: {n}" for n in run.notes]
+        sys.stdout.write(dirty_rate.to_text(run.result, head))
     return 0
-
-
-def _compute(a, targets: list[dict], windows: dict[int, list], dirty_rate):
-    series = [dirty_rate.TargetSeries(t["pid"], t["name"], t["rate_part"], windows[t["pid"]],
-                                      t["vmm"]) for t in targets]
-    return dirty_rate.compute(series, window_ns=a.window, confidence=a.confidence,
-                              precision=a.precision or dirty_rate.DEFAULT_PRECISION,
-                              exact=a.exact, bandwidth_bps=a.bandwidth,
-                              downtime_ns=a.downtime)
 
 
 def _progress(res, n: int) -> None:

@@ -11,8 +11,6 @@ exposure.
 
 from __future__ import annotations
 
-import argparse
-
 from udamon.core.attrs import Attrs
 from udamon.errors import InputError
 from udamon.primitives.dirty_sample import PartWindow, TargetWindow
@@ -40,19 +38,20 @@ class _T:
 
 
 class DirtyRecordWriter:
-    def __init__(self, path: str, targets: list[dict], a: argparse.Namespace) -> None:
+    def __init__(self, path: str, targets: list[dict], spec) -> None:
+        """``spec``: the measurement's DirtyRateSpec (udamon.report.dirty_live)."""
         self.w = RecordWriter(path)
         self.targets = targets
-        self.a = a
+        self.a = spec
         self.last_ns: dict[int, int] = {}
 
     def begin(self, notes: list[str]) -> None:
         a = self.a
-        win_us = max(a.window // 1000, 1)
+        win_us = max(a.window_ns // 1000, 1)
         attrs = Attrs(sample_us=win_us, aggr_us=win_us, update_us=win_us, min_nr_regions=3,
                       max_nr_regions=max(3, 1000))
         est = {"kind": KIND, "mode": "exact" if a.exact else "sample",
-               "window_ns": a.window, "sample_pages_per_gib": a.sample_pages,
+               "window_ns": a.window_ns, "sample_pages_per_gib": a.sample_pages,
                "max_sample_pages": a.max_sample_pages, "confidence": a.confidence,
                "precision": a.precision, "definition": DEFINITION}
         self.w.write_header(build_header(attrs, "wp", "controlled", [], [],
@@ -60,7 +59,7 @@ class DirtyRecordWriter:
                                          notes=notes, estimator=est))
 
     def window(self, tw: TargetWindow) -> None:
-        us = max(self.a.window // 1000, 1)
+        us = max(self.a.window_ns // 1000, 1)
         end = max(tw.end_ns, self.last_ns.get(tw.pid, 0) + 1, us * 1000)
         self.last_ns[tw.pid] = end
         self.w.write_snapshot({

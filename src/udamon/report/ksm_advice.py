@@ -334,6 +334,35 @@ def to_text(adv: Advice, header: list[str] | None = None, top: int = 20) -> str:
     return "\n".join(lines) + "\n"
 
 
+def apply_text(ap: dict) -> str:
+    """What --apply did (or, dry, would do), and predicted against actual."""
+    lines = ["", "--apply" + (" --dry-run: would call, in each target:" if ap["dry_run"]
+                              else ":")]
+    for t in ap["targets"]:
+        for c in t["calls"]:
+            res = ""
+            if "result" in c:
+                res = " -> ok" if c["result"] == 0 else f" -> error {-c['result']}"
+            size = fmt_size(c["end"] - c["start"])
+            lines.append(f"  pid {t['pid']}: madvise({c['start']:#x}, {size}, {c['advice']})"
+                         f"{res}")
+        if not ap["dry_run"]:
+            pred, act = t["predicted_saving"], t["actual_saving"]
+            ratio = f" ({act / pred:.0%} of predicted)" if pred else ""
+            after = t["ksm_stat_after"]
+            lines.append(f"  pid {t['pid']}: predicted saving {fmt_size(pred)}, actual "
+                         f"{fmt_size(act)}{ratio} (ksm_merging_pages "
+                         f"{after.get('ksm_merging_pages', '?')}, ksm_zero_pages "
+                         f"{after.get('ksm_zero_pages', '?')})")
+    if not ap["dry_run"]:
+        if ap.get("note"):
+            lines.append(f"note: {ap['note']}")
+        else:
+            lines.append(f"waited {fmt_duration_ns(ap['waited_ns'])} for KSM"
+                         + ("; KSM's settings restored" if ap["ksm_run"] else ""))
+    return "\n".join(lines) + "\n"
+
+
 # -- a record of udamon ksm-advise -------------------------------------------------
 
 
