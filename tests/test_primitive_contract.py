@@ -3,7 +3,8 @@
 Each one is made through the registry (as a session makes it), started on the pinned
 workload and driven the way the core loop drives its kind: a controlled primitive
 runs sampling windows over pages of the workload's buffers, an observational one is
-waited on and polled.  Then the target exits and the primitive must say so, its
+waited on and polled, a regions one (the kernel's DAMON) is waited on and hands over
+aggregations of its target.  Then the target exits and the primitive must say so, its
 stats must be well formed, and ``stop()`` must be safe twice.  A primitive this
 machine lacks is skipped with the registry's own reason.
 """
@@ -46,6 +47,16 @@ def _drive(prim, info: dict, rounds: int) -> np.ndarray:
             reports, nxt = prim.sample_window(w)
             assert 0 <= nxt <= w.turns
             got.append(reports)
+    elif prim.kind == "regions":
+        aggs = []
+        for _ in range(rounds * 5):
+            prim.wait(0.05)
+            aggs += prim.aggregations()
+            got.append(prim.poll(time.monotonic_ns()))
+        for a in aggs:  # whole aggregations of its target, as the monitor takes them
+            assert a.pid == pid and a.end_ns > a.start_ns and len(a.start) > 0
+            assert (a.start < a.end).all() and (a.end[:-1] <= a.start[1:]).all()
+            assert (a.nr_accesses >= 0).all() and (a.age >= 0).all()
     else:
         for _ in range(rounds * 5):
             prim.wait(0.02)
@@ -63,7 +74,7 @@ def test_every_available_primitive_keeps_the_contract(name, access_pattern_bin, 
         pytest.skip(f"{name} is not available here: {why}")
     attrs = Attrs(sample_us=e.default_sample_us, aggr_us=e.default_aggr_us)
     prim = registry.make_live(name, attrs, **_options(name, tmp_path))
-    assert prim.name == name and prim.kind in ("observational", "controlled")
+    assert prim.name == name and prim.kind in ("observational", "controlled", "regions")
     assert prim.coverage in ("controlled", "complete", "unknown")
     wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "4")
     try:

@@ -72,6 +72,7 @@ class SessionSpec:
     pids: list[int]
     command: list[str]
     options: dict = field(default_factory=dict)  # the primitive's own (hint's scan tunables)
+    physical: bool = False  # --paddr: the physical address space (kernel primitive)
 
 
 def primitives_help(replay: bool) -> str:
@@ -94,6 +95,7 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     _add_target_args(p, replay)
     _add_output_args(p)
     _add_hint_args(p)
+    _add_kernel_args(p)
     add_filter_args(p)
     add_monitoring_args(p)
     p.add_argument("command", nargs=argparse.REMAINDER,
@@ -161,7 +163,10 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
                         "that is only its first thread: threads created later are not broken "
                         "down), rw (write, read), numa (local, remote: the accessing CPU's "
                         "node is / is not the node holding the page; needs page nodes, "
-                        "see --no-page-nodes)")
+                        "see --no-page-nodes), auto (cpu, rw, node with two nodes or more, "
+                        "thread, each while its probes stay within 64: the default of a live "
+                        "'udamon record', so that a record answers report sharing, numa and "
+                        "dirty later), none")
     p.add_argument("--no-page-nodes", action="store_true",
                    help="do not look up which NUMA node holds each reported page (by default "
                         "every report gets its page's node, from batched move_pages(2) "
@@ -180,6 +185,18 @@ def _add_hint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hint-scan-size", metavar="MIB", type=typed(_scan_size_mb, "MiB"),
                    help="MiB of a task's memory hinted per scan step (scan_size_mb; "
                         "default 256, 1..1048576)")
+
+
+def _add_kernel_args(p: argparse.ArgumentParser) -> None:
+    k = p.add_argument_group("kernel DAMON (--primitive kernel; docs/kernel-damon.md)")
+    k.add_argument("--paddr", action="store_true",
+                   help="monitor the physical address space (DAMON paddr) instead of a "
+                        "process: over the --range physical ranges, or all System RAM")
+    k.add_argument("--kernel-reader", choices=("auto", "tracepoint", "tried-regions"),
+                   default="auto",
+                   help="how the kernel's aggregations are read: its damon:damon_aggregated "
+                        "tracepoints (exact; auto's choice where they can be read) or its "
+                        "stat scheme's tried_regions (misses aggregations while it reads)")
 
 
 def _primitive_list(replay: bool):
@@ -282,8 +299,26 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     if e.live:
         check_cpus([*filters, *(f for p in probes for f in p.filters)])
     attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
+    physical = bool(getattr(a, "paddr", False))
+    if physical:
+        ranges = _physical_ranges(ranges, pids, command)
     return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
-                       {prim: options} if options else {})
+                       {prim: options} if options else {}, physical=physical)
+
+
+def _physical_ranges(ranges, pids, command) -> list[tuple[int, int]]:
+    """--paddr: the --range ranges are physical; without them, all System RAM."""
+    if pids or command:
+        raise UsageError("--paddr monitors the physical address space: give no --pid and no "
+                         "command")
+    if ranges is not None:
+        return ranges
+    from udamon.system.kernel_sysfs import system_ram
+
+    ram = system_ram()
+    if not ram:
+        raise UsageError("/proc/iomem lists no System RAM: give --range START-END")
+    return ram
 
 
 def _choose_primitive(a: argparse.Namespace) -> str:
@@ -336,6 +371,11 @@ def _primitive_options(a: argparse.Namespace, prim: str) -> dict:
                          f"not {prim}")
     if prim == "external":
         options = {"socket_path": a.socket, "stdin": getattr(a, "input", None) == "-"}
+    paddr, reader = getattr(a, "paddr", False), getattr(a, "kernel_reader", "auto")
+    if prim == "kernel":
+        options = {"reader": reader}
+    elif paddr or reader != "auto":
+        raise UsageError(f"--paddr and --kernel-reader are for --primitive kernel, not {prim}")
     return options
 
 
@@ -373,8 +413,9 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
     """Run a live session of the command line's ``spec`` into ``sinks``: a ``Session``
     with the command line's extras (progress bar, signals, a launched command waited for,
     notes on stderr).  Returns the exit status."""
-    if bool(spec.pids) == bool(spec.command):
-        raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
+    if not spec.physical and bool(spec.pids) == bool(spec.command):
+        raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)"
+                         + (" (or --paddr)" if spec.primitive == "kernel" else ""))
     if spec.command and "thread" in spec.kinds:
         print("udamon: note: --breakdown thread with -- COMMAND covers the command's first "
               "thread only: threads it creates later are not broken down", file=sys.stderr)
@@ -385,6 +426,7 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                       seed=a.seed, page_nodes=not a.no_page_nodes,
                       regions_follow_origin=getattr(a, "regions_follow_origin", None),
                       probe_weights=probe_weights(a), options=spec.options,
+                      physical=spec.physical,
                       stop=install_stop(), log=stderr_log, on_tick=bar.update)
     try:
         session.run(sinks)

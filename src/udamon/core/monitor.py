@@ -22,10 +22,12 @@ import numpy as np
 
 from udamon.arrays import sorted_unique
 from udamon.core.attrs import Attrs
+from udamon.core.names import join_names, region_mappings
 from udamon.core.regions import PAGE, Regions
 from udamon.errors import TargetGone
 from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
+from udamon.primitives.base import SuppliedRegions
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
 from udamon.targets.topology import cpu_to_node
@@ -84,6 +86,11 @@ class Snapshot:
     # "threads": {"<tid>": [local, remote, unknown]}}; exact counts, independent of
     # the region boundaries
     numa: dict | None = None
+    # the target's mappings as (start, end, name) spans in address order, and its
+    # threads' names {tid: comm}, as udamon.core.names.NameTracker knew them when the
+    # snapshot was taken (live targets; None: not known, e.g. replayed input)
+    names: list[tuple[int, int, str]] | None = None
+    threads: dict[int, str] | None = None
     # per region, distinct pages written in the interval (None: not counted)
     written_pages: np.ndarray | None = None
     # the target's mapped spans, when they changed since its previous snapshot (the
@@ -95,6 +102,19 @@ class Snapshot:
     @property
     def aggr_us(self) -> int:
         return (self.time_ns - self.start_ns) // 1000
+
+    def region_mappings(self) -> list[list[str]] | None:
+        """Per region, the names of the mappings it overlaps, most bytes first ([] for a
+        hole between mappings); None when the snapshot has no names."""
+        if self.names is None:
+            return None
+        return region_mappings(self.names, self.start, self.end)
+
+    def region_names(self, short: bool = False) -> list[str] | None:
+        """Per region, one name: ``a``, ``a+b`` or ``a (+N)`` (udamon.core.names.join_names;
+        ``short``: long paths as ``.../basename``); None when the snapshot has no names."""
+        per = self.region_mappings()
+        return None if per is None else [join_names(x, short) for x in per]
 
     def region_page_nodes(self) -> list[dict[int, int]]:
         """Per region, {node: pages} of the nodes holding any of its reported pages
@@ -143,6 +163,9 @@ class Monitor:
             raise ValueError("probe names must be unique")
         self.targets: list[Target] = []
         self.buffer = ReportBuffer(buffer_capacity, cpu_nodes)
+        # called with the reports each aggregation counts (page nodes filled): a sink
+        # that keeps the report stream (udamon record --keep-reports) sets it
+        self.report_tap: Callable[[np.ndarray], None] | None = None
         self.rng = np.random.default_rng(seed)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None
@@ -249,12 +272,19 @@ class Monitor:
 
     # -- one aggregation -------------------------------------------------------
 
-    def _count(self, t: Target, reports: np.ndarray, ws: int) -> tuple[int, int]:
+    def _count(self, t: Target, reports: np.ndarray, ws: int,
+               we: int | None = None) -> tuple[int, int]:
+        """Count the interval's reports into the target's regions.  ``we``: the end of a
+        supplier's interval, whose wall time (however long it took) holds exactly
+        aggr_samples of the supplier's sampling intervals."""
         r = t.regions
         nsamp = self.attrs.aggr_samples
         if reports.size == 0:
             return 0, 0
-        k = (reports["time_ns"] - ws) // (self.attrs.sample_us * 1000)
+        if we is None:
+            k = (reports["time_ns"] - ws) // (self.attrs.sample_us * 1000)
+        else:
+            k = (reports["time_ns"] - ws) * nsamp // max(we - ws, 1)
         self._late += int((k < 0).sum())
         k = np.clip(k, 0, nsamp - 1)
         ridx = r.index_of(reports["addr"])
@@ -353,6 +383,8 @@ class Monitor:
         """kdamond's check_accesses for the interval: count the reports before
         ``until_ns`` into their target's regions; per pid (reports, passed)."""
         reports = self.buffer.take_before(until_ns)
+        if self.report_tap is not None and reports.size:
+            self.report_tap(reports)
         counts: dict[int, tuple[int, int]] = {}
         if reports.size:
             pids = reports["pid"]
@@ -427,6 +459,53 @@ class Monitor:
             for t in live:
                 t.regions.split(subs, self.rng, self.min_region_sz)
             self._last_nr_regions = nr
+
+    def supply(self, batch: Sequence[SuppliedRegions]) -> list[Snapshot]:
+        """A regions primitive (the kernel's DAMON) ended one aggregation: each target's
+        supplied regions become its regions, with the supplier's nr_accesses, age and
+        probe hits (its split, merge and age rules made them: udamon applies none of its
+        own).  Reports buffered for a target before the aggregation's end count as hits
+        of udamon's own probes over those regions (and in nr_reports / nr_passed), so
+        another primitive can supply the origin (CPU, thread, write) of the accesses the
+        supplier counts.  Returns one snapshot per target of the batch still monitored."""
+        if not batch:
+            return []
+        end_ns = max(int(b.end_ns) for b in batch)
+        if self.window_start is None:
+            self.start(min(int(b.start_ns) for b in batch))
+        supplied: list[tuple[Target, SuppliedRegions]] = []
+        for b in batch:
+            try:
+                t = self.target(b.pid)
+            except KeyError:
+                continue
+            if not t.closed:
+                t.regions = Regions(b.start, b.end, len(self.probes))
+                supplied.append((t, b))
+        reports = self.buffer.take_before(end_ns)
+        if self.report_tap is not None and reports.size:
+            self.report_tap(reports)
+        out: list[Snapshot] = []
+        matched = np.zeros(reports.size, dtype=bool)
+        for t, b in supplied:
+            sel = reports["pid"] == t.pid
+            matched |= sel
+            counts = self._count(t, reports[sel], int(b.start_ns), int(b.end_ns))
+            r = t.regions
+            r.nr_accesses = np.asarray(b.nr_accesses, dtype=np.int64).copy()
+            r.age = np.asarray(b.age, dtype=np.int64).copy()
+            snap = self._snapshot(t, int(b.start_ns), int(b.end_ns), int(b.sample_us), counts)
+            snap.probe_hits.update({k: np.asarray(v, dtype=np.int64).copy()
+                                    for k, v in b.probe_hits.items()})
+            out.append(snap)
+        self._unmatched += int((~matched).sum())
+        self._reset_aggregated([t for t, _ in supplied])
+        self.window_start = end_ns
+        assert self._last_update_ns is not None
+        if end_ns - self._last_update_ns >= self.attrs.update_us * 1000:
+            self._last_update_ns = end_ns
+            self.update_ranges()  # the mapped spans (the supplier follows the mappings)
+        return out
 
     def update_ranges(self) -> None:
         """Follow VMA changes (damon_va_update); a target that is gone is marked exited."""
