@@ -22,6 +22,7 @@ from udamon.units import fmt_duration_ns, fmt_size
 SORT_KEYS = ("address", "size", "nr_accesses", "age")
 # start, end, size, nr_acc, rate and age, as the table prints them
 BASE_COLUMNS_WIDTH = 66
+MAPPING_COLUMN_WIDTH = 22  # what a short mapping name usually takes
 
 
 @dataclass
@@ -170,7 +171,9 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
                      "nr_accesses 0 was not observed, which is not the same as not accessed")
     t0 = rec.snapshots[0].start_ns if rec.snapshots else 0
     names, hidden = pick_columns(rec.probe_names, opts.columns, opts.wide,
-                                 opts.width - BASE_COLUMNS_WIDTH)
+                                 opts.width - BASE_COLUMNS_WIDTH
+                                 - (MAPPING_COLUMN_WIDTH if named else 0),
+                                 label=lambda n: probe_label(n, threads))
     if hidden and not opts.columns:
         lines.append(f"columns: {len(names)} of {len(rec.probe_names)} probes fit in "
                      f"{opts.width}; --columns 'thread:*' picks, --wide shows all")

@@ -431,3 +431,41 @@ def mappings_of(rec: Record, pid: int, start, end, *, whole_record: bool = False
 
 NO_NAMES_NOTE = ("mapping names: not in this record (only live targets' /proc/PID/maps "
                  "say which mapping a region is in)")
+
+
+# Which probe columns a table shows first when not all fit: the user's own probes, then
+# the breakdowns' read/write, locality, nodes, CPUs and threads (the many), each in
+# record order.
+_COLUMN_PRIORITY = (("write", "read"), ("local", "remote"), ("node:",), ("cpu:",),
+                    ("thread:",))
+
+
+def pick_columns(names: Sequence[str], patterns: Sequence[str] | None, wide: bool,
+                 room: int, label=str) -> tuple[list[str], int]:
+    """The probe columns to show (in ``names``' order) and how many are left out:
+    ``patterns`` (names or fnmatch globs such as ``thread:*``) picks them; ``wide``
+    shows all; otherwise as many as fit in ``room`` characters (a column as wide as its
+    ``label``), by _COLUMN_PRIORITY."""
+    import fnmatch
+
+    if patterns:
+        shown = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        return shown, len(names) - len(shown)
+    if wide:
+        return list(names), 0
+
+    def rank(n: str) -> int:
+        for i, group in enumerate(_COLUMN_PRIORITY):
+            if any(n == g or (g.endswith(":") and n.startswith(g)) for g in group):
+                return i + 1
+        return 0
+
+    chosen: set[str] = set()
+    used = 0
+    for n in sorted(names, key=rank):  # stable: record order within a rank
+        w = max(len(label(n)), 5) + 2
+        if used + w > room:
+            break
+        chosen.add(n)
+        used += w
+    return [n for n in names if n in chosen], len(names) - len(chosen)
