@@ -175,6 +175,8 @@ def test_advisor_candidates_are_the_regions_ksm_keeps_merged(ksm_dup, ksm_truth)
         for run, (w, p, (out, err)) in enumerate(zip(ws, procs, outs, strict=True)):
             assert p.returncode == 0, err
             (t,) = json.loads(out)["targets"]
+            print(f"run {run}: candidates cover {sorted(regions_covered(w, t['candidates']))}"
+                  f", KSM keeps {sorted(ksm_truth['kept'])}")
             assert regions_covered(w, t["candidates"]) == ksm_truth["kept"], \
                 (run, t["candidates"], ksm_truth)
             # ranked by predicted saving, page-level, the contract's keys
@@ -208,6 +210,8 @@ def test_apply_predicted_saving_matches_ksm(ksm_dup, ksm_alone):
         (ap,) = doc["apply"]["targets"]
         assert all(c["result"] == 0 for c in ap["calls"]), ap["calls"]
         pred, act = ap["predicted_saving"], ap["actual_saving"]
+        print(f"predicted saving {pred / 2**20:.1f} MiB, actual (ksm_stat) {act / 2**20:.1f} MiB"
+              f", ratio {act / max(pred, 1):.3f}")
         assert pred > 0 and abs(act - pred) <= 0.25 * pred, (pred, act)
         # only the candidates were offered: the hot region stays unmerged
         share = w.merged_share()
