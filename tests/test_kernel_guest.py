@@ -533,11 +533,12 @@ def test_damo_record_of_a_kernel_session_reads_into_udamon_reports(workload):
             rc, _, err = _cli("report", kind, "-i", out)
             assert rc == 0, (kind, err)
         from udamon.record.reader import read_record
+        from udamon.record.snapshot_json import snapshot_to_json
 
         rec = read_record(out)
         assert rec.header["input_format"] == "damo-json_compressed"
         assert rec.pids == [workload["pid"]] and len(rec.snapshots) == 6
-        sc = _scores(workload, [s.to_dict() for s in rec.snapshots[2:]])
+        sc = _scores(workload, [snapshot_to_json(s) for s in rec.snapshots[2:]])
         print("damo record", {b: round(v, 2) for b, v in sc.items()})
         hot = min(sc["R"], sc["W"], sc["S"])
         assert hot > 0 and sc["I"] <= 0.05 * hot, sc
