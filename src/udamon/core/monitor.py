@@ -26,7 +26,7 @@ from udamon.core.names import join_names, region_mappings
 from udamon.core.regions import PAGE, Regions
 from udamon.errors import TargetGone
 from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
-from udamon.intake.reports import make
+from udamon.intake.reports import empty, make
 from udamon.primitives.base import SuppliedRegions
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
@@ -473,24 +473,27 @@ class Monitor:
         end_ns = max(int(b.end_ns) for b in batch)
         if self.window_start is None:
             self.start(min(int(b.start_ns) for b in batch))
-        supplied: list[tuple[Target, SuppliedRegions]] = []
-        for b in batch:
+        # in the supplier's order: two aggregations of one target in a batch are two
+        # snapshots, each over its own regions with the reports of its own interval
+        pool = empty(0)
+        out: list[Snapshot] = []
+        done: list[Target] = []
+        for b in sorted(batch, key=lambda b: int(b.end_ns)):
+            got = self.buffer.take_before(int(b.end_ns))
+            if got.size:
+                if self.report_tap is not None:
+                    self.report_tap(got)
+                pool = np.concatenate([pool, got]) if pool.size else got
             try:
                 t = self.target(b.pid)
             except KeyError:
                 continue
-            if not t.closed:
-                t.regions = Regions(b.start, b.end, len(self.probes))
-                supplied.append((t, b))
-        reports = self.buffer.take_before(end_ns)
-        if self.report_tap is not None and reports.size:
-            self.report_tap(reports)
-        out: list[Snapshot] = []
-        matched = np.zeros(reports.size, dtype=bool)
-        for t, b in supplied:
-            sel = reports["pid"] == t.pid
-            matched |= sel
-            counts = self._count(t, reports[sel], int(b.start_ns), int(b.end_ns))
+            if t.closed:
+                continue
+            t.regions = Regions(b.start, b.end, len(self.probes))
+            sel = (pool["pid"] == t.pid) & (pool["time_ns"] < int(b.end_ns))
+            counts = self._count(t, pool[sel], int(b.start_ns), int(b.end_ns))
+            pool = pool[~sel]
             r = t.regions
             r.nr_accesses = np.asarray(b.nr_accesses, dtype=np.int64).copy()
             r.age = np.asarray(b.age, dtype=np.int64).copy()
@@ -498,8 +501,9 @@ class Monitor:
             snap.probe_hits.update({k: np.asarray(v, dtype=np.int64).copy()
                                     for k, v in b.probe_hits.items()})
             out.append(snap)
-        self._unmatched += int((~matched).sum())
-        self._reset_aggregated([t for t, _ in supplied])
+            done.append(t)
+        self._unmatched += int(pool.size)  # reports of no target the supplier covered
+        self._reset_aggregated(done)
         self.window_start = end_ns
         assert self._last_update_ns is not None
         if end_ns - self._last_update_ns >= self.attrs.update_us * 1000:
