@@ -27,9 +27,11 @@ def build_parser():
 
     from udamon.cli import (
         demo,
+        dirty_rate,
         export,
         exporter,
         import_cmd,
+        ksm_advise,
         migrate,
         monitor,
         place,
@@ -44,8 +46,8 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"udamon {__version__}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for mod in (record, report, monitor, migrate, place, exporter, export, import_cmd, synth,
-                demo):
+    for mod in (record, report, monitor, migrate, place, dirty_rate, ksm_advise, exporter,
+                export, import_cmd, synth, demo):
         mod.add_parser(sub)
     return p
 

@@ -96,6 +96,8 @@ class Snapshot:
     # the target's mapped spans, when they changed since its previous snapshot (the
     # reader carries them forward); None: unchanged or not known
     mapped: list[tuple[int, int]] | None = None
+    # keys of an estimator's snapshot kept as they are (record/format.py ESTIMATE_KEYS)
+    extra: dict | None = None
 
     @property
     def aggr_us(self) -> int:

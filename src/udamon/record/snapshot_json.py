@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from udamon.core.monitor import Snapshot
-from udamon.record.format import SNAPSHOT_KEYS
+from udamon.record.format import ESTIMATE_KEYS, SNAPSHOT_KEYS
 
 
 class BadLine(Exception):
@@ -95,6 +95,8 @@ def snapshot_to_json(snap: Snapshot, written: NamesWritten | None = None) -> dic
         out["names"] = [[int(a), int(b), str(n)] for a, b, n in names]
     if threads:
         out["threads"] = {str(k): str(v) for k, v in sorted(threads.items())}
+    if snap.extra:
+        out.update(snap.extra)
     return out
 
 
@@ -181,6 +183,10 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
     numa = parse_numa(obj["numa"], where) if "numa" in obj else None
     names = parse_names(obj["names"], where) if "names" in obj else None
     threads = parse_threads(obj["threads"], where) if "threads" in obj else None
+    extra = {k: obj[k] for k in ESTIMATE_KEYS if k in obj}
+    for k, v in extra.items():
+        if not isinstance(v, dict):
+            raise BadLine(f"{where}: {k!r} must be an object")
     page_nodes = None
     if located:
         top = max((int(k) for _, d in located for k in d), default=-1) + 1
@@ -192,7 +198,7 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
                     _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
                     written_pages=wpages, mapped=mapped, numa=numa, names=names,
-                    threads=threads)
+                    threads=threads, extra=extra or None)
 
 
 MAX_NAME = 4096  # PATH_MAX: a mapping's name is a path at most

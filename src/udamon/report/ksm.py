@@ -162,7 +162,9 @@ def to_json(rec: Record, res: KsmResult) -> dict:
             "candidates": [{"start": c.start, "end": c.end, "size": c.end - c.start,
                             "mappings": m,
                             "unwritten_ns": c.unwritten_ns, "never_written": c.never_written,
-                            "read_bytes": None if c.read_bytes < 0 else c.read_bytes}
+                            "read_bytes": None if c.read_bytes < 0 else c.read_bytes,
+                            # content is not in a region record: udamon ksm-advise sees it
+                            "predicted_saving": None}
                            for c, m in zip(t.candidates, _mappings(rec, t), strict=True)],
         } for t in res.targets],
     }
@@ -200,4 +202,6 @@ def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
             lines.append(f"  ... {len(t.candidates) - top} more (--top N)")
     lines.append("\n'(never)': no write in the whole record; the time is then since the range "
                  "was first seen")
+    lines.append("this record has no page contents: what would really merge (and the saving) "
+                 "is what 'udamon ksm-advise' tells")
     return "\n".join(lines) + "\n"
