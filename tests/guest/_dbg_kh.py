@@ -21,3 +21,17 @@ for prim in ("kernel,hint", "hint"):
     print("snapshots", len(snaps), "nr_reports", [s.get("nr_reports") for s in snaps][:40])
     print("end", json.dumps(lines[-1])[:1500], flush=True)
 p.terminate(); p.wait()
+lines = [json.loads(x) for x in open("/tmp/kh-kernel_hint.jsonl")]
+snaps = [x for x in lines[1:] if "regions" in x]
+for b in "RWSI":
+    lo, hi = info[b]
+    tot = {}
+    for s in snaps:
+        for g in s["regions"]:
+            ov = max(0, min(g["end"], hi) - max(g["start"], lo))
+            if ov >= 0.9 * (g["end"] - g["start"]):
+                for k, v in g["probes"].items():
+                    tot[k] = tot.get(k, 0) + v
+    print("buffer", b, tot)
+s = snaps[len(snaps) // 2]
+print([(hex(g["start"]), (g["end"] - g["start"]) >> 20, g["nr_accesses"], g["probes"]) for g in s["regions"]])
