@@ -235,3 +235,66 @@ def test_a_turn_cut_short_by_a_stop_still_counts():
     res = run_live(mon, StoppedMidTurn(stop), snaps.append, stop=stop)
     assert res.reason == "interrupted"
     assert [int(x) for x in snaps[0].nr_accesses] == [2, 0, 0, 0]
+
+
+# -- a regions primitive (the kernel's DAMON) with an observer beside it ----------------
+
+
+class Supplying(Primitive):
+    """The kernel's side: one aggregation every 100 ms over two regions, ready to read
+    the moment it ends (the kernel's tracepoint is that fast)."""
+
+    name = "fake-kernel"
+    kind = "regions"
+
+    def __init__(self, clock: Clock):
+        self.clock, self.t0, self.n = clock, clock.t, 0
+
+    def wait(self, timeout_s: float) -> bool:
+        self.clock.t += int(min(timeout_s, 0.01) * 1e9)
+        return False
+
+    def aggregations(self):
+        from udamon.primitives.base import SuppliedRegions
+
+        out = []
+        while self.t0 + (self.n + 1) * 100 * MS <= self.clock.t:
+            t1 = self.t0 + (self.n + 1) * 100 * MS
+            out.append(SuppliedRegions(7, t1 - 100 * MS, t1, 5000,
+                                       np.asarray([BASE, BASE + 32 * PAGE], dtype=np.uint64),
+                                       np.asarray([BASE + 32 * PAGE, BASE + 64 * PAGE],
+                                                  dtype=np.uint64),
+                                       np.asarray([20, 0]), np.asarray([self.n, self.n])))
+            self.n += 1
+        return out
+
+    def poll(self, now_ns: int) -> np.ndarray:
+        return empty()
+
+    def exited(self) -> list[int]:
+        return []
+
+
+class LateObserving(Observing):
+    """hint's side: a fault is read 60 ms after it happened (the loop reads rings once
+    a turn), so an aggregation supplied at once would miss its interval's last ones."""
+
+    def poll(self, now_ns: int) -> np.ndarray:
+        return super().poll(now_ns - 60 * MS)
+
+
+def test_supplied_aggregations_wait_for_the_observers_reports_of_their_interval():
+    clock = Clock()
+    # one access in region 0 in each aggregation, 90 ms into it: read 60 ms later
+    script = [(k * 100 * MS + 90 * MS, 0) for k in range(5)]
+    kernel, hint = Supplying(clock), LateObserving(clock, script)
+    m = Monitor(Attrs(sample_us=5000, aggr_us=100_000, min_nr_regions=3, max_nr_regions=10),
+                probes=[udamon.Probe.parse("c0=cpus:0")], seed=1)
+    m.add_target(7, [(BASE, BASE + 64 * PAGE)])
+    snaps = []
+    res = run_live(m, [kernel, hint], snaps.append, duration_ns=520 * MS, clock=clock)
+    # the held ones come out at the end (one more may end while the last reports come)
+    assert res.reason == "duration" and len(snaps) in (5, 6)
+    assert all(s.nr_accesses.tolist() == [20, 0] for s in snaps)  # the kernel's counts
+    assert [s.probe_hits["c0"].tolist() for s in snaps[:5]] == [[1, 0]] * 5  # each its own
+    assert m.stats.late == 0

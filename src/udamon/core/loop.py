@@ -308,6 +308,25 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
             res.end.update(st.end)
 
 
+# how long an aggregation of a regions primitive waits for the observers' reports of
+# its interval (their rings are read at every turn of the loop, 0.1 s apart)
+SUPPLY_HOLD_NS = 150_000_000
+
+
+def _drain(driver: Primitive, held: list, hold: int, clock: Callable[[], int],
+           take: Callable[[int], None]) -> None:
+    """At the end: wait (at most ``hold``) until the observers' reports of every held
+    aggregation can have been read, taking them meanwhile."""
+    held += driver.aggregations()
+    if not held or not hold:
+        return
+    until = max(int(b.end_ns) for b in held) + hold
+    deadline = clock() + hold
+    while (now := clock()) < min(until, deadline):
+        driver.wait(min(0.05, (min(until, deadline) - now) / 1e9))
+        take(clock())
+
+
 def _iter_supplied(monitor: Monitor, prims: list[Primitive], *, duration_ns: int | None,
                    stop: StopFlag | None, clock: Callable[[], int],
                    on_tick: Callable[[int], None] | None,
@@ -317,8 +336,12 @@ def _iter_supplied(monitor: Monitor, prims: list[Primitive], *, duration_ns: int
     """A regions primitive (the kernel's DAMON) drives: every aggregation it ends becomes
     the monitor's regions and one snapshot per target (``Monitor.supply``); reports of
     observational primitives in the same list are taken meanwhile and count as probe
-    hits over those regions.  The aggregation running when the session ends is the
-    supplier's and unfinished: it is not yielded."""
+    hits over those regions.  With observers, an aggregation is supplied only once
+    SUPPLY_HOLD_NS (plus their report delay) have passed since its end, so that their
+    reports of its interval have been read (a fault read a moment after the kernel's
+    aggregation ended counted into the next one: 16 % of hint's in the guest).  The
+    aggregation running when the session ends is the supplier's and unfinished: it is
+    not yielded; finished ones still held are."""
     drivers = [p for p in prims if p.kind == "regions"]
     if len(drivers) > 1 or any(p.kind == "controlled" for p in prims):
         raise ValueError("a regions primitive drives a session alone (observers may join)")
@@ -335,6 +358,18 @@ def _iter_supplied(monitor: Monitor, prims: list[Primitive], *, duration_ns: int
                 page_nodes.annotate(reports)
             monitor.report_batch(reports)
 
+    hold = (SUPPLY_HOLD_NS + max((0, *(int(p.report_delay_ns) for p in observers)))
+            if observers else 0)
+    held: list = []
+
+    def ready(now: int, everything: bool = False) -> list:
+        nonlocal held
+        held += driver.aggregations()
+        due = [everything or int(b.end_ns) + hold <= now for b in held]
+        out = [b for b, d in zip(held, due, strict=True) if d]
+        held = [b for b, d in zip(held, due, strict=True) if not d]
+        return out
+
     try:
         t0 = clock()
         monitor.start(t0)
@@ -342,7 +377,12 @@ def _iter_supplied(monitor: Monitor, prims: list[Primitive], *, duration_ns: int
             driver.wait(0.1)
             now = clock()
             take(now)
-            snaps = monitor.supply(driver.aggregations())
+            done = (stop.is_set() or (duration_ns is not None and now - t0 >= duration_ns)
+                    or bool(monitor.targets and all(t.exited for t in monitor.targets))
+                    or driver.exhausted())
+            if done:  # the observers' last reports of the finished aggregations
+                _drain(driver, held, hold, clock, take)
+            snaps = monitor.supply(ready(clock(), everything=done))
             for s in snaps:
                 if annotate is not None:
                     annotate(s)
