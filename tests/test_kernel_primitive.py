@@ -220,6 +220,20 @@ def test_paddr_fvaddr_regions_and_intervals_goal(fake):
     assert fake.read("kdamonds/nr_kdamonds") == "0"
 
 
+def test_fvaddr_names_its_process(fake):
+    """fvaddr monitors fixed ranges of a process: the kernel needs its pid as for vaddr
+    (without it 'on' is EINVAL, as the guest found)."""
+    spec = KdamondSpec("fvaddr", Attrs(5000, 100000, 1000000, 10, 1000),
+                       [(1234, [(0x200000, 0x400000)])])
+    k = _kd(fake, spec)
+    k.start()
+    c = "kdamonds/0/contexts/0"
+    assert fake.read(f"{c}/operations") == "fvaddr"
+    assert fake.read(f"{c}/targets/0/pid_target") == "1234"
+    assert fake.read(f"{c}/targets/0/regions/0/start") == str(0x200000)
+    k.guard.restore()
+
+
 @pytest.mark.parametrize("kw, spec_probes, msg", [
     ({"max_probes": 2}, ["a", "b", "c"], "takes at most 2 probes, 3 given"),
     ({"probes": False}, ["a"], "has no probes (monitoring_attrs/probes/nr_probes is missing"),

@@ -188,7 +188,7 @@ class KernelProbe:
 
 @dataclass
 class KdamondSpec:
-    ops: str  # "vaddr" or "paddr"
+    ops: str  # "vaddr", "fvaddr" (a process's fixed ranges) or "paddr"
     attrs: Attrs
     # per target: the pid (vaddr) or None (paddr), and its initial regions ([] for vaddr:
     # the kernel derives them from the mappings, and re-derives them every update_us)
@@ -328,7 +328,7 @@ class Kdamond:
         self._w(self.ctx("targets", "nr_targets"), len(s.targets))
         for i, (pid, regions) in enumerate(s.targets):
             t = ("targets", str(i))
-            if s.ops == "vaddr":
+            if s.ops in ("vaddr", "fvaddr"):  # fvaddr: the process's fixed ranges
                 assert pid is not None
                 self._w(self.ctx(*t, "pid_target"), pid)
             self._w(self.ctx(*t, "regions", "nr_regions"), len(regions))
