@@ -12,6 +12,8 @@ _DUR = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
 def parse_duration_ns(text: str) -> int:
     """'5ms' -> 5_000_000.  A unit is required: durations mean different things in
     different places (DAMON speaks microseconds, people speak seconds)."""
+    if str(text).strip().startswith("-"):
+        raise ValueError(f"bad duration {text!r}: a duration cannot be negative")
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zµ]+)\s*", str(text))
     if not m or m.group(2) not in _DUR:
         raise ValueError(f"bad duration {text!r} (expected a number and a unit: "

@@ -93,6 +93,9 @@ def primitives_help(replay: bool) -> str:
         if e.live or replay:
             lines.append(f"  {e.name:<8} {e.help}")
     lines.append("\nSystem-wide changes: with --primitive hint, " + SYSTEM_CHANGES + ".")
+    from udamon.cli.guide import GUIDE_HELP
+
+    lines.append("\n" + GUIDE_HELP)
     return "\n".join(lines)
 
 
@@ -202,6 +205,19 @@ def check_cpus(filters: list[Filter]) -> None:
                          f"(its CPUs: {_cpulist(sorted(have))})")
 
 
+def check_pids(pids: list[int]) -> None:
+    """Live targets must be user processes: a kernel thread has no user memory, and
+    each primitive would fail on it in its own way (a ptrace refusal, "does not
+    exist"); say what it is, before anything starts."""
+    from udamon.targets.procmaps import kernel_thread_name
+
+    for pid in pids:
+        name = kernel_thread_name(pid)
+        if name is not None:
+            raise UsageError(f"process {pid} ({name}) is a kernel thread: it has no user "
+                             "memory to monitor")
+
+
 def _scan_period_ms(text: str) -> int:
     from udamon.primitives.sysctl_guard import SCAN_PERIOD_MS_RANGE
     from udamon.units import parse_duration_us
@@ -241,6 +257,8 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     inp = getattr(a, "input", None)
     fmt = getattr(a, "input_format", "csv")
     live_input = inp == "-"
+    if not inp or live_input:  # live targets (replay pids are the input's)
+        check_pids(pids)
     prim = a.primitive
     if prim == "auto" and (live_input or a.socket):
         prim = "external"
@@ -340,7 +358,9 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
             if pid in gone:
                 continue
             try:
-                monitor.add_target(pid, ranges)
+                # a launched command's name is what it exec'd (read before the exec
+                # finished, /proc/PID/comm can still say udamon's)
+                monitor.add_target(pid, ranges, name=launched.comm if launched else None)
             except TargetGone:
                 gone.append(pid)
         if not monitor.targets:

@@ -28,7 +28,9 @@ def build_parser():
     from udamon.cli import demo, export, exporter, migrate, monitor, record, report, synth
     from udamon.cli.common import Parser
 
-    p = Parser(prog="udamon", description=DESCRIPTION,
+    from udamon.cli.guide import GUIDE_HELP
+
+    p = Parser(prog="udamon", description=DESCRIPTION, epilog=GUIDE_HELP,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"udamon {__version__}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser)

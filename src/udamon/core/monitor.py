@@ -30,6 +30,7 @@ from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
 from udamon.targets.procmaps import (
     mapped_spans,
+    mergeable_spans,
     parse_maps,
     process_name,
     read_maps_text,
@@ -41,8 +42,10 @@ from udamon.targets.procmaps import (
 # this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
 DENSE_CELLS = 1 << 18
 
-# re-reads a target's mappings: (the ranges to monitor, the mapped spans within them)
-RangeProvider = Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]
+Spans = list[tuple[int, int]]
+# re-reads a target's mappings: (the ranges to monitor, the mapped spans within them,
+# the mergeable spans: private anonymous memory, what KSM could merge)
+RangeProvider = Callable[[], tuple[Spans, Spans, Spans]]
 
 
 def _vma_provider(pid: int) -> RangeProvider:
@@ -51,14 +54,15 @@ def _vma_provider(pid: int) -> RangeProvider:
     Parsed again only when the maps changed (read once a second for a whole session)."""
     last: list = [None, None]
 
-    def provide() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def provide() -> tuple[Spans, Spans, Spans]:
         text = read_maps_text(pid)
         if text != last[0]:
             vmas = parse_maps(text)
             if not vmas:
                 read_vmas(pid)  # says whether the process is gone
             ranges = three_regions(vmas)
-            last[:] = [text, (ranges, mapped_spans(vmas, ranges))]
+            last[:] = [text, (ranges, mapped_spans(vmas, ranges),
+                              mergeable_spans(vmas, ranges))]
         return last[1]
     return provide
 
@@ -72,8 +76,9 @@ class Target:
     exited: bool = False  # the process is gone (its last aggregation is still emitted)
     ranges: list[tuple[int, int]] = field(default_factory=list)
     mapped: list[tuple[int, int]] | None = None  # mapped spans inside ranges (VMA targets)
+    mergeable: list[tuple[int, int]] | None = None  # ... of which private anonymous
     closed: bool = False  # exited and its last snapshot emitted
-    mapped_changed: bool = True  # mapped changed since the last snapshot said it
+    mapped_changed: bool = True  # mapped or mergeable changed since a snapshot said it
     # this interval's reports with page nodes (for the snapshot's page_nodes and numa)
     window_reports: list[np.ndarray] = field(default_factory=list)
     window_numa: list[dict] = field(default_factory=list)
@@ -112,6 +117,9 @@ class Snapshot:
     # the target's mapped spans, when they changed since its previous snapshot (the
     # reader carries them forward); None: unchanged or not known
     mapped: list[tuple[int, int]] | None = None
+    # the parts of mapped that are private anonymous memory, what KSM could merge
+    # (written, and carried forward, like mapped)
+    mergeable: list[tuple[int, int]] | None = None
 
     @property
     def aggr_us(self) -> int:
@@ -137,6 +145,8 @@ class Snapshot:
                "nr_passed": self.nr_passed, "regions": regions}
         if self.mapped is not None:
             out["mapped"] = [[int(a), int(b)] for a, b in self.mapped]
+        if self.mergeable is not None:
+            out["mergeable"] = [[int(a), int(b)] for a, b in self.mergeable]
         if self.numa is not None:
             out["numa"] = self.numa
         return out
@@ -189,9 +199,10 @@ class Monitor:
             raise ValueError(f"pid {pid} is already a target")
         provider: RangeProvider | None = None
         mapped: list[tuple[int, int]] | None = None
+        mergeable: list[tuple[int, int]] | None = None
         if ranges is None:
             provider = _vma_provider(pid)
-            ranges, mapped = provider()
+            ranges, mapped, mergeable = provider()
             if not ranges:
                 raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
         if name is None:
@@ -203,7 +214,8 @@ class Monitor:
                 raise ValueError(f"ranges overlap: {s0:#x}-{e0:#x} and {s1:#x}")
         regions = Regions.evenly_split(ranges, self.attrs.min_nr_regions, len(self.probes),
                                        self.min_region_sz)
-        t = Target(pid, regions, provider, name or "", ranges=list(ranges), mapped=mapped)
+        t = Target(pid, regions, provider, name or "", ranges=list(ranges), mapped=mapped,
+                   mergeable=mergeable)
         self.targets.append(t)
         return t
 
@@ -399,7 +411,9 @@ class Monitor:
                                   written_pages=(r.written_pages.copy()
                                                  if self.count_written_pages else None),
                                   mapped=(list(t.mapped) if t.mapped is not None
-                                          and t.mapped_changed else None), numa=numa))
+                                          and t.mapped_changed else None), numa=numa,
+                                  mergeable=(list(t.mergeable) if t.mergeable is not None
+                                             and t.mapped_changed else None)))
             t.mapped_changed = False
             r.reset_aggregated()
             # an exited target's last interval is the one holding its last reports: a
@@ -431,15 +445,15 @@ class Monitor:
             if t.exited or t.provider is None:
                 continue
             try:
-                ranges, mapped = t.provider()
+                ranges, mapped, mergeable = t.provider()
             except TargetGone:
                 t.exited = True
                 continue
             if not ranges:
                 t.exited = True
                 continue
-            if mapped != t.mapped:
-                t.mapped = mapped
+            if mapped != t.mapped or mergeable != t.mergeable:
+                t.mapped, t.mergeable = mapped, mergeable
                 t.mapped_changed = True
             if ranges != t.ranges:
                 t.ranges = ranges

@@ -37,7 +37,7 @@ import numpy as np
 from udamon.errors import InputError, UsageError
 from udamon.intake import wire
 from udamon.intake.reports import empty
-from udamon.primitives.replay import parse_header, parse_rows
+from udamon.primitives.replay import is_comment, parse_header, parse_rows
 
 # A producer's share of one read: bounds the time one call spends on one producer.
 DEFAULT_BUDGET = 8 << 20
@@ -325,7 +325,7 @@ class ChannelServer:
         linenos: list[int] = []
         for line in lines:
             p.lineno += 1
-            if not line.strip():
+            if is_comment(line):
                 continue
             if p.cols is None:
                 try:

@@ -1,8 +1,9 @@
 """The replay primitive: a recorded stream of access reports from a CSV file.
 
 Input contract (DESIGN.md): a header ``time_ns,pid,tid,cpu,addr,size,write``
-(column order free; optional extra columns ``node``, ``source`` and ``mem``), one report
-per line, sorted by time.  Integers are decimal; ``addr`` may be 0x-hex.
+(column order free; optional extra columns ``node``, ``source``, ``mem`` and
+``page_node``), one report per line, sorted by time.  Integers are decimal; ``addr``
+may be 0x-hex.  Blank lines and lines starting with ``#`` (comments) are skipped.
 """
 
 from __future__ import annotations
@@ -78,11 +79,17 @@ def _not_gzip(path: str, msg: str) -> str:
     return msg
 
 
+def is_comment(line: str) -> bool:
+    """A line that holds no report: blank, or a comment starting with '#'."""
+    text = line.strip()
+    return not text or text.startswith("#")
+
+
 def columns(path: str) -> list[str]:
     """The header's column names ([] when unreadable: read_csv says why, with the line)."""
     try:
         with _open_text(path) as f:
-            first = f.readline()
+            first = next((line for line in f if not is_comment(line)), "")
     except (InputError, UnicodeDecodeError, EOFError, OSError, ValueError, zlib.error):
         return []
     return [c.strip().strip('"') for c in first.strip().split(",")]
@@ -149,19 +156,23 @@ def read_csv(path: str, chunk: int = CHUNK,
     """
     f = _open_text(path)
     with f:
+        lineno = 0
         try:
-            first = f.readline()
+            while True:  # comments and blank lines may come before the header
+                first = f.readline()
+                lineno += 1
+                if not first or not is_comment(first):
+                    break
         except (UnicodeDecodeError, EOFError, OSError, zlib.error) as e:
             raise _unreadable(path, e) from None
         if not first.strip():
             raise InputError(f"{path}: empty file (expected a header "
                              f"'{','.join(REQUIRED)}')")
         try:
-            cols = parse_header(first, f"{path}:1")
+            cols = parse_header(first, f"{path}:{lineno}")
         except InputError as e:
             raise InputError(_not_gzip(path, str(e))) from None
         ncol = len(cols)
-        lineno = 1
         last_time: int | None = None
         while True:
             try:
@@ -173,11 +184,12 @@ def read_csv(path: str, chunk: int = CHUNK,
             linenos = []
             rows = []
             for i, line in enumerate(lines, lineno + 1):
-                if line.strip():
+                if not is_comment(line):
                     rows.append(line)
                     linenos.append(i)
             lineno += len(lines)
-            if not lines[-1].endswith("\n") and lines[-1].count(",") != ncol - 1:
+            if (not lines[-1].endswith("\n") and not is_comment(lines[-1])
+                    and lines[-1].count(",") != ncol - 1):
                 raise InputError(f"{path}:{linenos[-1]}: the last line is cut off")
             if not rows:
                 continue
@@ -206,7 +218,12 @@ def parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
     dt = np.dtype([(c, "U16" if c == "source" else
                     (np.uint64 if c in ("addr", "size") else np.int64)) for c in cols])
     try:
-        table = np.loadtxt(rows, delimiter=",", dtype=dt, ndmin=1)
+        # comments=None: a '#' inside a row is an error of that row (comment lines are
+        # dropped before), never a silently shorter table
+        table = np.loadtxt(rows, delimiter=",", dtype=dt, ndmin=1, comments=None,
+                           quotechar=None)
+        if table.size != len(rows):
+            raise ValueError("rows")
         for name in cols:
             if name != "source":
                 lo, hi = _LIMITS[name]

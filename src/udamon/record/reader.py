@@ -216,29 +216,37 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
             if wpages is None:  # counted, though the header did not say so
                 wpages = np.zeros(n, dtype=np.int64)
             wpages[i] = _int(r["written_pages"], "written_pages", rw)
-    mapped = None
-    if "mapped" in obj:
-        spans = obj["mapped"]
-        if not isinstance(spans, list) or not all(
-                isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) for v in x)
-                and 0 <= x[0] < x[1] for x in spans):
-            raise _Bad(f"{where}: mapped must be a list of [start, end] pairs")
-        mapped = [(int(a), int(b)) for a, b in spans]
+    mapped = _spans(obj, "mapped", where)
+    mergeable = _spans(obj, "mergeable", where)
     numa = _parse_numa(obj["numa"], where) if "numa" in obj else None
     return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
                     _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
-                    written_pages=wpages, mapped=mapped, numa=numa)
+                    written_pages=wpages, mapped=mapped, numa=numa, mergeable=mergeable)
+
+
+def _spans(obj: dict, key: str, where: str) -> list[tuple[int, int]] | None:
+    """``mapped`` / ``mergeable``: a list of [start, end] address pairs, when present."""
+    if key not in obj:
+        return None
+    spans = obj[key]
+    if not isinstance(spans, list) or not all(
+            isinstance(x, list) and len(x) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+            and 0 <= x[0] < x[1] < 1 << 64 for x in spans):
+        raise _Bad(f"{where}: {key} must be a list of [start, end] pairs")
+    return [(int(a), int(b)) for a, b in spans]
 
 
 def _parse_numa(numa, where: str) -> dict:
-    """A snapshot's locality counts: local/remote/unknown, and per thread."""
+    """A snapshot's locality counts: local/remote/unknown, and per thread ("-1": reports
+    whose thread is unknown, e.g. wp's writes made by the kernel for the target)."""
     if not isinstance(numa, dict):
         raise _Bad(f"{where}: numa must be an object")
     out = {k: _int(numa.get(k, 0), f"numa {k}", where) for k in ("local", "remote", "unknown")}
     threads = numa.get("threads", {})
     if not isinstance(threads, dict) or not all(
-            (k.isdigit() or k == "other") and isinstance(v, list) and len(v) == 3
+            (k.isdigit() or k in ("other", "-1")) and isinstance(v, list) and len(v) == 3
             and all(isinstance(x, int) and x >= 0 for x in v) for k, v in threads.items()):
         raise _Bad(f"{where}: numa threads must map thread ids to [local, remote, unknown]")
     out["threads"] = threads
@@ -282,6 +290,7 @@ def read_record(path: str, *, salvage: bool = False) -> Record:
     """Read and validate a whole record.  Raises InputError with FILE:LINE."""
     rec: Record | None = None
     mapped_of: dict[int, list[tuple[int, int]]] = {}
+    mergeable_of: dict[int, list[tuple[int, int]]] = {}
     last_of: dict[int, int] = {}
     targets: set[int] = set()
     try:
@@ -312,11 +321,15 @@ def read_record(path: str, *, salvage: bool = False) -> Record:
                                    bool(rec.header.get("written_pages", False)),
                                    rec.attrs.aggr_samples)
             _check_order(snap, rec, targets, last_of, where)
-            # "mapped" is written when it changes: carry it forward per target
+            # "mapped" / "mergeable" are written when they change: carried forward
             if snap.mapped is not None:
                 mapped_of[snap.pid] = snap.mapped
             else:
                 snap.mapped = mapped_of.get(snap.pid)
+            if snap.mergeable is not None:
+                mergeable_of[snap.pid] = snap.mergeable
+            else:
+                snap.mergeable = mergeable_of.get(snap.pid)
             rec.snapshots.append(snap)
     except _Bad as e:
         if salvage and rec is not None:
