@@ -132,7 +132,7 @@ def udamon_run(duration: float, primitive: str = "hint") -> dict:
 
 
 def kernel_run(duration: float, ops: str = "paddr") -> dict:
-    from udamon.primitives.kernel_damon import (
+    from udamon.system.kernel_damon import (
         KernelAttrs,
         KernelDamon,
         classify_pages,

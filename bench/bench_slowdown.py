@@ -92,12 +92,12 @@ def one_run(workload: str, cond: str, duration: float, size_mib: int = 64
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if cond == "kdamond":
-            from udamon.primitives.kernel_damon import KernelDamon
+            from udamon.system.kernel_damon import KernelDamon
 
             kd = KernelDamon()
             kd.start(system_ram_ranges())
         elif cond == "kdamond-vaddr":
-            from udamon.primitives.kernel_damon import KernelDamon
+            from udamon.system.kernel_damon import KernelDamon
 
             kd = KernelDamon(ops="vaddr")
             kd.start([], pid=p.pid)
@@ -139,7 +139,7 @@ def probe_condition(cond: str) -> tuple[bool, str]:
     if cond == "none":
         return True, ""
     if cond in ("kdamond", "kdamond-vaddr"):
-        from udamon.primitives.kernel_damon import kernel_damon_available
+        from udamon.system.kernel_damon import kernel_damon_available
 
         return kernel_damon_available(ops="vaddr" if cond == "kdamond-vaddr" else "paddr")
     try:

@@ -153,24 +153,22 @@ def run_wp_overhead(args: list[str], log) -> dict:
 # inside the monitoring loop (run_live): start-up (imports, attach) is measured apart,
 # as the process's whole CPU time, so the table shows what costs at steady state.
 PROFILER = """
-import cProfile, resource, runpy, sys, time
-import udamon.core.session as session
-out = sys.argv[1]
-sys.argv = ["udamon", *sys.argv[2:]]
+import cProfile, resource, sys, time
+import udamon
+out, prim, pid, seconds, rec = sys.argv[1:6]
+session = udamon.Session(pids=[int(pid)], primitive=prim,
+                         duration_ns=int(float(seconds) * 1e9))
+session.start()  # attaching and start-up stay outside the profile
+sink = udamon.RecordSink(rec, quiet=True)
+sink.begin(session.header, session.monitor)
 pr = cProfile.Profile(time.process_time)
-orig = session.run_live
-def run_live(*a, **k):
-    pr.enable()
-    try:
-        return orig(*a, **k)
-    finally:
-        pr.disable()
-session.run_live = run_live
+pr.enable()
 try:
-    runpy.run_module("udamon", run_name="__main__")
-except SystemExit:
-    pass
+    for snap in session:
+        sink.snapshot(snap)
 finally:
+    pr.disable()
+    sink.end(session.result, session.monitor, session.notes)
     pr.dump_stats(out)
     ru = resource.getrusage(resource.RUSAGE_SELF)
     with open(out + ".cpu", "w") as f:
@@ -179,8 +177,9 @@ finally:
 
 
 def run_profile(seconds: float, log, primitives=("hint", "wp")) -> dict:
-    """CPU-time profile of 'udamon record --primitive P' on the pinned workload, for the
-    steady-state monitoring loop."""
+    """CPU-time profile of a ``udamon.Session`` with primitive P recording the pinned
+    workload (what 'udamon record --primitive P' runs), the steady-state monitoring
+    loop only: the session is started before the profiler is."""
     import pstats
 
     runs = {}
@@ -190,9 +189,8 @@ def run_profile(seconds: float, log, primitives=("hint", "wp")) -> dict:
         tmp = tempfile.mkdtemp(prefix="udamon-prof-")
         prof, rec = os.path.join(tmp, "prof.out"), os.path.join(tmp, "rec.jsonl")
         try:
-            r = subprocess.run([sys.executable, "-c", PROFILER, prof, "record", "--primitive",
-                                prim, "-q", "--pid", str(wl.pid), "--duration", f"{seconds}s",
-                                "-o", rec], capture_output=True, text=True,
+            r = subprocess.run([sys.executable, "-c", PROFILER, prof, prim, str(wl.pid),
+                                str(seconds), rec], capture_output=True, text=True,
                                timeout=seconds + 120)
         finally:
             wl.terminate()

@@ -233,6 +233,39 @@ def test_nodes_from_a_node_column_do_not_warn(tmp_path):
     assert "warning" not in p.stderr
 
 
+def test_cpu_nodes_maps_another_machines_cpus(tmp_path):
+    """--cpu-nodes: the recorded machine's map decides, whatever this machine has; no
+    warning then.  CPU 3 is on node 1 there, CPU 0 on node 0."""
+    src = csv(tmp_path, "1000,1,1,0,4096,8,0\n2000,1,1,3,8192,8,0\n"
+                        "12000000,1,1,3,8192,8,0\n200000000,1,1,0,12288,8,0\n")
+    out = tmp_path / "x.jsonl"
+    p = run_udamon("record", "--input", str(src), "-q", "-o", str(out), "--breakdown",
+                   "node", "--cpu-nodes", "0-1=0,2+3=1", check=True)
+    assert "warning" not in p.stderr
+    from udamon import read_record
+
+    snap = read_record(str(out)).snapshots[0]
+    by_node = {k: int(snap.probe_hits[k].sum()) for k in ("node:0", "node:1")}
+    assert by_node == {"node:0": 1, "node:1": 2}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--cpu-nodes", "0-3"], "--cpu-nodes 0-3: bad CPU-to-node item '0-3' (expected CPUS=NODE"),
+    (["--cpu-nodes", "0=0,0=1"], "--cpu-nodes 0=0,0=1: CPU 0 is mapped to nodes 0 and 1"),
+])
+def test_bad_cpu_nodes(tmp_path, args, msg):
+    src = csv(tmp_path, OK_ROWS)
+    p = run_udamon("record", "--input", str(src), "-o", str(tmp_path / "x.jsonl"), *args)
+    (line,) = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and line.startswith(f"udamon: error: {msg}")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cpu_nodes_is_for_replay_only(tmp_path):
+    p = run_udamon("record", "--pid", "1", "--cpu-nodes", "0=0", "-o", str(tmp_path / "x"))
+    assert p.returncode == 2 and "--cpu-nodes maps a replayed input's CPUs" in p.stderr
+
+
 def test_reports_outside_the_range_are_counted_in_a_warning(tmp_path):
     src = csv(tmp_path, OK_ROWS)
     p = run_udamon("record", "--input", str(src), "-q", "-o", str(tmp_path / "x.jsonl"),

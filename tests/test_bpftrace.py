@@ -54,7 +54,7 @@ pytestmark = [pytest.mark.skipif(not _ok, reason=_why),
 
 
 def test_bpftrace_page_faults_feed_a_live_session(tmp_path, access_pattern_bin):
-    from udamon.primitives.sysctl_guard import SettingsGuard, apply_numa_balancing, apply_tracefs
+    from udamon.system.sysctl_guard import SettingsGuard, apply_numa_balancing, apply_tracefs
 
     prog = documented_one_liner() + " interval:s:7 { exit(); }"
     numa_before = Path(NUMA).read_text().strip()

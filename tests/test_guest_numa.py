@@ -319,7 +319,7 @@ def test_adjacent_equally_hot_buffers_local_and_remote_exact(tmp_path):
         assert info["pages"] == {b: {str(n): pages} for b, n in truth_nodes.items()}, info
         p = run_udamon("record", "--primitive", "rwp", "--pid", str(info["pid"]),
                        "--breakdown", "numa", "--sample", "20ms", "--aggr", "400ms",
-                       "--duration", os.environ.get("UDAMON_GUEST_RECORD_RWP", "30s"), "-q",
+                       "--duration", os.environ.get("UDAMON_GUEST_RECORD_RWP", "60s"), "-q",
                        "-o", str(rec_path), timeout=900)
         assert p.returncode == 0, p.stderr
     finally:

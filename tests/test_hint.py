@@ -20,8 +20,8 @@ import pytest
 from conftest import buffer_hits, buffers_span, run_udamon, share, start_workload
 
 from udamon.primitives.hint import hint_available
-from udamon.primitives.perf_tracepoint import online_cpus
 from udamon.record.reader import read_record
+from udamon.system.perf_tracepoint import online_cpus
 
 NUMA = "/proc/sys/kernel/numa_balancing"
 _ok, _why = hint_available()
@@ -116,7 +116,7 @@ def test_launch_a_command(tmp_path, access_pattern_bin):
 
 def test_sigkill_of_udamon_restores_settings_and_spares_the_target(tmp_path, access_pattern_bin,
                                                                    numa_restored):
-    from udamon.primitives.mounts import is_mounted
+    from udamon.system.mounts import is_mounted
 
     tracefs_before = is_mounted("/sys/kernel/tracing")
     wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "8")
@@ -240,7 +240,7 @@ def test_overlapping_sessions_keep_balancing_on_until_the_last_ends(tmp_path, nu
 def test_availability_check_mounts_nothing(monkeypatch):
     """hint_available() runs before the settings guard exists: a mount it made (even
     one undone right after) would outlive a SIGKILL during start-up."""
-    from udamon.primitives import mounts, perf_tracepoint
+    from udamon.system import mounts, perf_tracepoint
 
     calls = []
     for mod in (mounts, perf_tracepoint):

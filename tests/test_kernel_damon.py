@@ -1,4 +1,4 @@
-"""The kernel DAMON sysfs driver (src/udamon/primitives/kernel_damon.py).
+"""The kernel DAMON sysfs driver (src/udamon/system/kernel_damon.py).
 
 Live tests need root and a DAMON sysfs interface with paddr and no kdamond
 running that udamon did not start; they skip with the reason otherwise.  The
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from udamon.errors import RuntimeFailure
-from udamon.primitives.kernel_damon import (
+from udamon.system.kernel_damon import (
     ADMIN,
     KernelAttrs,
     KernelDamon,

@@ -12,6 +12,7 @@ import udamon
 from udamon import Attrs, IntervalsGoal, Monitor, Probe, parse_conditions
 from udamon.core.session import run_replay
 from udamon.primitives.synthetic import Stream, generate
+from udamon.targets.procmaps import vaddr_provider
 
 MS = 1_000_000
 PAGE = 4096
@@ -198,7 +199,7 @@ def test_follows_a_real_process_memory_map(mapping_process):
     """Regions come from /proc/pid/maps and follow mmap/munmap every update interval."""
     p = mapping_process
     mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
-    t = mon.add_target(p.pid)
+    t = mon.add_target(p.pid, provider=vaddr_provider(p.pid))
     assert t.name == "python3" or t.name.startswith("python")
     before = t.regions.total_size()
     p.stdin.write("\n")
@@ -226,7 +227,7 @@ def test_follows_a_real_process_memory_map(mapping_process):
 def test_missing_process_is_a_clear_error():
     from udamon.errors import TargetGone
     with pytest.raises(TargetGone, match="does not exist"):
-        Monitor().add_target(2**22 + 12345)
+        Monitor().add_target(2**22 + 12345, provider=vaddr_provider(2**22 + 12345))
 
 
 def test_written_pages_count_distinct_pages_and_add_up_when_regions_merge():
@@ -281,7 +282,7 @@ def test_mapped_spans_exclude_the_holes_that_the_three_regions_cover(tmp_path, m
     from udamon.targets.procmaps import read_vmas
     p = mapping_process
     mon = Monitor(Attrs(aggr_us=100_000, update_us=100_000), seed=1)
-    t = mon.add_target(p.pid)
+    t = mon.add_target(p.pid, provider=vaddr_provider(p.pid))
     vmas = read_vmas(p.pid)
     mon.start(0)
     (s1,) = mon.advance(100 * MS)

@@ -151,3 +151,25 @@ def test_probe_weight_options_are_checked(tmp_path):
                "--probe-weight", "w=3", "-o", str(tmp_path / "o.jsonl"), check=True)
     header = json.loads(open(tmp_path / "o.jsonl").readline())
     assert header["probes"][0]["weight"] == 3
+
+
+def test_reports_of_unknown_threads_are_tallied_and_the_record_reads_back(tmp_path):
+    """Reports without a thread (tid -1: kernel accesses under wp/rwp) are counted under
+    "unknown" and the record reader accepts what the writer wrote."""
+    reps = _reports(0.3)
+    reps["tid"][::3] = -1
+    csv = tmp_path / "r.csv"
+    _csv(csv, reps)
+    rec = tmp_path / "r.jsonl"
+    run_udamon("record", "--input", str(csv), "-q", "--breakdown", "numa", "-o", str(rec),
+               check=True)
+    from udamon.record.reader import read_record
+
+    r = read_record(str(rec))
+    threads = {}
+    for s in r.snapshots:
+        for k, v in s.numa["threads"].items():
+            threads[k] = [a + b for a, b in zip(threads.get(k, [0, 0, 0]), v, strict=True)]
+    assert sum(threads["unknown"]) == int((reps["tid"] == -1).sum())
+    p = run_udamon("report", "numa", "-i", str(rec), "--format", "json", check=True)
+    assert "unknown" in json.loads(p.stdout)["targets"][0]["threads"]

@@ -457,7 +457,7 @@ def _child(state_dir: Path, value: str, watchdog: bool) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {src!r})
-        from udamon.primitives.sysctl_guard import SettingsGuard
+        from udamon.system.sysctl_guard import SettingsGuard
         g = SettingsGuard(state_dir={str(state_dir)!r}, watchdog={watchdog})
         g.set({STAT_INTERVAL!r}, {value!r})
         real = os.replace
@@ -475,7 +475,7 @@ def _child(state_dir: Path, value: str, watchdog: bool) -> subprocess.Popen:
 @pytest.mark.skipif(not ROOT, reason="changing a sysctl needs root")
 @pytest.mark.parametrize("watchdog", [True, False])
 def test_no_tmp_state_file_is_left_by_a_sigkill_mid_write(tmp_path, watchdog):
-    from udamon.primitives.sysctl_guard import restore_stale
+    from udamon.system.sysctl_guard import restore_stale
 
     with open(STAT_INTERVAL) as f:
         orig = f.read().strip()

@@ -181,7 +181,7 @@ def test_perf_page_faults_and_tracepoint_match_hint_and_the_truth(tmp_path, acce
     primitive, `perf record -e page-faults -c 1 -d --sample-cpu -p PID` and `perf record
     -e exceptions:page_fault_user -p PID`.  All three must attribute the reader's
     buffer to CPU 0 and the writer's to CPU 1 (the pinning)."""
-    from udamon.primitives.sysctl_guard import SettingsGuard, apply_tracefs
+    from udamon.system.sysctl_guard import SettingsGuard, apply_tracefs
 
     numa_before = Path(NUMA).read_text().strip()
     wl, info = start_workload(access_pattern_bin, "--duration", "40", "--size", "16")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from udamon.errors import RuntimeFailure
-from udamon.primitives.perf_tracepoint import (
+from udamon.system.perf_tracepoint import (
     FAULT_DTYPE,
     PERF_RECORD_LOST,
     PERF_RECORD_SAMPLE,
@@ -26,7 +26,7 @@ from udamon.primitives.perf_tracepoint import (
     online_cpus,
     page_fault_tracepoint_available,
 )
-from udamon.primitives.sysctl_guard import NUMA_BALANCING, SettingsGuard
+from udamon.system.sysctl_guard import NUMA_BALANCING, SettingsGuard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads.build import BuildError, build  # noqa: E402
@@ -237,7 +237,7 @@ def test_close_idempotent():
 
 def _tracer_with_layout() -> FaultTracer:
     t = FaultTracer([100])
-    from udamon.primitives import perf_tracepoint as pt
+    from udamon.system import perf_tracepoint as pt
 
     fs = pt._Tracefs()
     try:

@@ -28,7 +28,7 @@ from udamon.intake.reports import MEM_IDS, SOURCE_IDS
 from udamon.primitives import perf_mem as pm
 from udamon.primitives import pmu
 from udamon.primitives.arm_spe import SpeDecoder
-from udamon.primitives.perf_ring import (
+from udamon.system.perf_ring import (
     PERF_RECORD_AUX,
     PERF_RECORD_LOST,
     PERF_RECORD_SAMPLE,

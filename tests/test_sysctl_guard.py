@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from udamon.errors import RuntimeFailure
-from udamon.primitives import sysctl_guard as sg
-from udamon.primitives.mounts import is_mounted
-from udamon.primitives.sysctl_guard import (
+from udamon.system import sysctl_guard as sg
+from udamon.system.mounts import is_mounted
+from udamon.system.sysctl_guard import (
     NUMA_BALANCING,
     SettingsGuard,
     apply_numa_balancing,
@@ -161,7 +161,7 @@ def test_apply_numa_balancing(numa_original, tmp_path):
 CHILD = textwrap.dedent(
     """
     import signal, sys, time
-    from udamon.primitives.sysctl_guard import SettingsGuard
+    from udamon.system.sysctl_guard import SettingsGuard
     state_dir, path, value, watchdog = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     # as in a terminal, even when the test runs in the background (SIGINT ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)

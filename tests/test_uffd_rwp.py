@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from udamon.intake.reports import SOURCE_IDS
-from udamon.primitives.perf_tracepoint import online_cpus
 from udamon.primitives.uffd import RwpPrimitive, rwp_available
+from udamon.system.perf_tracepoint import online_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_uffd_wp import (  # noqa: E402

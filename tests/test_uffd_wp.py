@@ -21,9 +21,9 @@ import pytest
 
 from udamon.errors import RuntimeFailure
 from udamon.intake.reports import REPORT_DTYPE, SOURCE_IDS
-from udamon.primitives.perf_tracepoint import FaultTracer, online_cpus
 from udamon.primitives.uffd import WpPrimitive, wp_available
 from udamon.primitives.uffd_abi import UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+from udamon.system.perf_tracepoint import FaultTracer, online_cpus
 from udamon.targets import inject
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -31,6 +31,16 @@ _LAZY = {
     "evaluate": ("udamon.probes.filters", "evaluate"),
     "parse_conditions": ("udamon.probes.filters", "parse_conditions"),
     "Probe": ("udamon.probes.probe", "Probe"),
+    "Session": ("udamon.core.session", "Session"),
+    "SessionResult": ("udamon.core.loop", "SessionResult"),
+    "StopFlag": ("udamon.core.loop", "StopFlag"),
+    "RecordSink": ("udamon.record.sink", "RecordSink"),
+    "read_record": ("udamon.record.reader", "read_record"),
+    "UdamonError": ("udamon.errors", "UdamonError"),
+    "UsageError": ("udamon.errors", "UsageError"),
+    "InputError": ("udamon.errors", "InputError"),
+    "RuntimeFailure": ("udamon.errors", "RuntimeFailure"),
+    "TargetGone": ("udamon.errors", "TargetGone"),
 }
 
 __all__ = sorted(_LAZY)

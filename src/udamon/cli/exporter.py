@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from udamon.cli.record import RecordSink
+    from udamon.record.sink import RecordSink
     from udamon.report.exporter import MetricsSink
 
     if not 0 <= a.port <= 65535:

@@ -10,7 +10,6 @@ import argparse
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from udamon.cli.common import (
     add_filter_args,
@@ -26,23 +25,14 @@ from udamon.cli.common import (
     weigh_probes,
 )
 from udamon.core.attrs import Attrs
-from udamon.core.monitor import Monitor, Snapshot
-from udamon.core.session import SessionResult, StopFlag, run_live
-from udamon.errors import RuntimeFailure, TargetGone, UsageError
+from udamon.core.session import Session, Sink, StopFlag, stderr_log
+from udamon.errors import TargetGone, UsageError
 from udamon.primitives import registry
 from udamon.probes import breakdown as breakdown_mod
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
-from udamon.targets.page_nodes import PageNodeLookup
 
 INPUT_FORMATS = ("csv", "perf-script")
-
-class Sink(Protocol):
-    def begin(self, header: dict, monitor: Monitor) -> None: ...
-    def snapshot(self, snap: Snapshot) -> None: ...
-    def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None: ...
-    def fail(self, error: str) -> None: ...
-
 
 def install_stop() -> StopFlag:
     stop = StopFlag()
@@ -103,19 +93,23 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     """The target, primitive, filter and monitoring options of a session."""
     p.epilog = primitives_help(replay) + ("\n\n" + p.epilog if p.epilog else "")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--primitive", default="auto",
-                   choices=registry.names() if replay else
-                   ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)],
-                   help="how accesses are seen (default auto: external with --socket" +
+    p.add_argument("--primitive", default="auto", metavar="NAME[,NAME]",
+                   type=typed(_primitive_list(replay), "primitive"),
+                   help="how accesses are seen: " +
+                        ", ".join(registry.names() if replay else
+                                  ["auto", *(n for n, e in registry.ENTRIES.items() if e.live)])
+                        + "; several live ones at once, e.g. hint,wp (at most one of wp, rwp: "
+                        "it drives nr_accesses, the others feed the probes) (default auto: "
+                        "external with --socket" +
                         (" or --input -, replay with --input FILE" if replay else "") +
                         ", else the best live primitive this machine has)")
     if replay:
         p.add_argument("--input", metavar="FILE",
                        help="replay input: CSV with header time_ns,pid,tid,cpu,addr,size,write "
                             "(optional columns: node, source, mem, page_node; without node, "
-                            "a report's "
-                            "node is its CPU's node on this machine, with a warning when nodes "
-                            "are filtered or broken down), or perf script output with "
+                            "a report's node is its CPU's node on this machine or in "
+                            "--cpu-nodes, with a warning when nodes are filtered or broken "
+                            "down and no --cpu-nodes is given), or perf script output with "
                             "--input-format perf-script.  '-' reads reports live from stdin "
                             "(--primitive external; CSV lines or binary records, time_ns on "
                             "CLOCK_MONOTONIC or 0 for 'now'; ends at end of input)")
@@ -125,6 +119,10 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                             "for perf mem samples, the page-faults event recorded with -d "
                             "--sample-cpu, or exceptions:page_fault_user samples; see "
                             "docs/primitives.md)")
+        p.add_argument("--cpu-nodes", metavar="CPUS=NODE[,...]",
+                       help="replay: the recorded machine's CPU-to-node map, for input "
+                            "without a node column (e.g. 0-3=0,4-7=1; join CPU lists with "
+                            "'+': 0-1+4-5=0); default: this machine's map")
     p.add_argument("--socket", metavar="PATH",
                    help="--primitive external: listen on this unix socket for reports from "
                         "other programs (created mode 0600 and removed at the end; only this "
@@ -168,9 +166,25 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                    help="-- COMMAND ARGS: launch and monitor a command from its start")
 
 
+def _primitive_list(replay: bool):
+    allowed = registry.names() if replay else [
+        "auto", *(n for n, e in registry.ENTRIES.items() if e.live)]
+
+    def parse(text: str) -> str:
+        names = [n.strip() for n in text.split(",")]
+        bad = [n for n in names if n not in allowed]
+        if bad or not all(names):
+            raise ValueError(f"invalid choice: {', '.join(bad) or text!r} "
+                             f"(choose from {', '.join(allowed)})")
+        if len(names) > 1 and ("auto" in names or "replay" in names):
+            raise ValueError("auto and replay run alone")
+        return ",".join(names)
+    return parse
+
+
 def machine_cpus() -> list[int]:
     """The CPUs this machine has (present, online or not)."""
-    from udamon.primitives.perf_tracepoint import online_cpus
+    from udamon.system.perf_tracepoint import online_cpus
     from udamon.targets.topology import parse_cpulist
 
     try:
@@ -219,7 +233,7 @@ def check_pids(pids: list[int]) -> None:
 
 
 def _scan_period_ms(text: str) -> int:
-    from udamon.primitives.sysctl_guard import SCAN_PERIOD_MS_RANGE
+    from udamon.system.sysctl_guard import SCAN_PERIOD_MS_RANGE
     from udamon.units import parse_duration_us
 
     us = parse_duration_us(text)
@@ -231,7 +245,7 @@ def _scan_period_ms(text: str) -> int:
 
 
 def _scan_size_mb(text: str) -> int:
-    from udamon.primitives.sysctl_guard import SCAN_SIZE_MB_RANGE
+    from udamon.system.sysctl_guard import SCAN_SIZE_MB_RANGE
 
     lo, hi = SCAN_SIZE_MB_RANGE
     try:
@@ -260,6 +274,10 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     if not inp or live_input:  # live targets (replay pids are the input's)
         check_pids(pids)
     prim = a.primitive
+    names = prim.split(",")
+    _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, inp)
+    if len(names) > 1:
+        return _resolve_several(a, names, filters, probes, kinds, ranges, pids, command)
     if prim == "auto" and (live_input or a.socket):
         prim = "external"
     elif prim == "auto" and inp:
@@ -297,123 +315,76 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     if e.live:
         check_cpus([*filters, *(f for p in probes for f in p.filters)])
     attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
-    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command, options)
+    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
+                       {prim: options} if options else {})
+
+
+def _check_cpu_nodes(text: str | None, names: list[str], inp: str | None) -> None:
+    """--cpu-nodes is the recorded machine's map: for replay only, and well formed."""
+    if text is None:
+        return
+    if names not in (["replay"], ["auto"]) or not inp or inp == "-":
+        raise UsageError("--cpu-nodes maps a replayed input's CPUs to nodes (--input FILE); "
+                         "live reports come from this machine, whose map udamon reads itself")
+    from udamon.targets.topology import parse_cpu_nodes
+
+    try:
+        parse_cpu_nodes(text)
+    except ValueError as e:
+        raise UsageError(f"--cpu-nodes {text}: {e}") from None
+
+
+def _resolve_several(a, names, filters, probes, kinds, ranges, pids, command) -> SessionSpec:
+    """--primitive hint,wp: live primitives only, their own options where given."""
+    if getattr(a, "input", None) or a.socket:
+        raise UsageError("--input and --socket take one primitive (replay or external)")
+    options = {k: v for k, v in (("scan_period_ms", a.hint_scan_period),
+                                 ("scan_size_mb", a.hint_scan_size)) if v is not None}
+    if options and "hint" not in names:
+        raise UsageError("--hint-scan-period/--hint-scan-size are for --primitive hint")
+    check_cpus([*filters, *(f for p in probes for f in p.filters)])
+    lead = registry.entry(next((n for n in names if n in ("wp", "rwp")), names[0]))
+    attrs = attrs_from_args(a, lead.default_sample_us, lead.default_aggr_us)
+    return SessionSpec(",".join(names), attrs, filters, probes, kinds, ranges, pids, command,
+                       {"hint": options} if options else {})
 
 
 def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = True) -> int:
-    from udamon.primitives.perf_tracepoint import online_cpus
-    from udamon.record.writer import build_header
-    from udamon.targets.launch import Launched
-    from udamon.targets.procmaps import read_vmas, thread_ids
-    from udamon.targets.topology import cpu_to_node
-
-    prim_name, attrs, filters, probes = spec.primitive, spec.attrs, spec.filters, spec.probes
-    kinds, ranges, pids, command = spec.kinds, spec.ranges, spec.pids, spec.command
-    if bool(pids) == bool(command):
+    """Run a live session of the command line's ``spec`` into ``sinks``: a ``Session``
+    with the command line's extras (progress bar, signals, a launched command waited for,
+    notes on stderr).  Returns the exit status."""
+    if bool(spec.pids) == bool(spec.command):
         raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
-    entry = registry.entry(prim_name)
-    # privileges first: a user who may not use the primitive at all must hear that,
-    # not that some /proc file of a process they do not own cannot be read
-    primitive = registry.make_live(prim_name, attrs, **spec.options)
-    if command and "thread" in kinds:
+    if spec.command and "thread" in spec.kinds:
         print("udamon: note: --breakdown thread with -- COMMAND covers the command's first "
               "thread only: threads it creates later are not broken down", file=sys.stderr)
-    for pid in pids:
-        try:
-            read_vmas(pid)
-        except TargetGone as e:
-            raise UsageError(str(e)) from None
-    stop = install_stop()
-    launched = Launched(command) if command else None
-    targets = [launched.pid] if launched else pids
-    begun: list[Sink] = []
-    released = launched is None
+    bar = LiveProgress(progress and not a.quiet and sys.stderr.isatty(), a.duration)
+    session = Session(pids=spec.pids, command=spec.command, primitive=spec.primitive,
+                      attrs=spec.attrs, filters=spec.filters, probes=spec.probes,
+                      breakdown=spec.kinds, ranges=spec.ranges, duration_ns=a.duration,
+                      seed=a.seed, page_nodes=not a.no_page_nodes,
+                      regions_follow_origin=getattr(a, "regions_follow_origin", None),
+                      probe_weights=probe_weights(a), options=spec.options,
+                      stop=install_stop(), log=stderr_log, on_tick=bar.update)
     try:
-        if launched and entry.attach_before_exec:
-            primitive.start(targets)
-            launched.release()
-            released = True
-        else:
-            if launched:
-                launched.release()
-                released = True
-            primitive.start(targets)
-        if kinds:
-            cpus = online_cpus()
-            table = cpu_to_node()
-            nodes = {int(table[c]) for c in cpus if c < table.size and table[c] >= 0}
-            tids: set[int] = set()
-            for pid in targets:
-                try:
-                    tids.update(thread_ids(pid))
-                except TargetGone:
-                    pass
-            probes = add_breakdown(probes, kinds, a, cpus=cpus, nodes=nodes, tids=tids)
-        else:
-            probes = add_breakdown(probes, [], a)
-        monitor = Monitor(attrs, filters, probes, seed=a.seed,
-                          count_written_pages=primitive.kind != "controlled")
-        gone = primitive.gone_at_start()
-        for pid in targets:
-            if pid in gone:
-                continue
-            try:
-                # a launched command's name is what it exec'd (read before the exec
-                # finished, /proc/PID/comm can still say udamon's)
-                monitor.add_target(pid, ranges, name=launched.comm if launched else None)
-            except TargetGone:
-                gone.append(pid)
-        if not monitor.targets:
-            raise RuntimeFailure(
-                f"{command[0]} (pid {gone[0]}) exited before monitoring started" if launched else
-                f"process {gone[0]} does not exist" if len(gone) == 1 else
-                f"processes {', '.join(map(str, gone))} exited before monitoring started")
-        gone_notes = [f"process {pid} exited before monitoring started; monitoring the others"
-                      for pid in gone]
-        for n in gone_notes:
-            print(f"udamon: note: {n}", file=sys.stderr)
-        extra = {"command": command} if command else {}
-        start_notes = primitive.stats().notes + gone_notes
-        header = build_header(attrs, prim_name, primitive.coverage, filters, probes,
-                              monitor.targets, clock="monotonic", notes=start_notes,
-                              written_pages=monitor.count_written_pages, **extra)
-        for s in sinks:
-            s.begin(header, monitor)
-            begun.append(s)
-
-        def sink(snap: Snapshot) -> None:
-            for s in sinks:
-                s.snapshot(snap)
-
-        bar = LiveProgress(progress and not a.quiet and sys.stderr.isatty(), a.duration)
-        try:
-            lookup = None if a.no_page_nodes else PageNodeLookup()
-            res = run_live(monitor, primitive, sink, duration_ns=a.duration, stop=stop,
-                           on_tick=bar.update, page_nodes=lookup)
-        finally:
-            bar.done()
-        st = primitive.stats()
-        notes = [n for n in st.notes if n not in start_notes]
-        if lookup is not None and lookup.stats.reports:
-            notes.append(lookup.stats.note())
-        for s in sinks:
-            s.end(res, monitor, notes)
-        for w in st.warnings:
-            print(f"udamon: note: {w}", file=sys.stderr)
-    except BaseException as e:
-        primitive.stop()  # idempotent; restores system settings
-        for s in begun:
-            s.fail(str(e) or type(e).__name__)
-        if not released:
-            launched.release()
+        session.run(sinks)
+    except TargetGone as e:
+        if not session.header:  # before monitoring began: the pid given is wrong
+            raise UsageError(str(e)) from None
         raise
+    finally:
+        bar.done()
+    for w in session.warnings:
+        print(f"udamon: note: {w}", file=sys.stderr)
+    launched = session.launched
     if launched and launched.poll() is None:
         if not a.quiet:
-            print(f"udamon: monitoring done; waiting for {command[0]} (pid {launched.pid}) "
-                  "to exit (Ctrl-C passes on to it)", file=sys.stderr)
+            print(f"udamon: monitoring done; waiting for {spec.command[0]} (pid "
+                  f"{launched.pid}) to exit (Ctrl-C passes on to it)", file=sys.stderr)
         launched.wait_forwarding_signals()
     if launched and not a.quiet:
-        print(f"udamon: {command[0]} exited with status {launched.returncode}", file=sys.stderr)
+        print(f"udamon: {spec.command[0]} exited with status {launched.returncode}",
+              file=sys.stderr)
     return 0
 
 

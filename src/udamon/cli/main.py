@@ -27,7 +27,6 @@ def build_parser():
 
     from udamon.cli import demo, export, exporter, migrate, monitor, record, report, synth
     from udamon.cli.common import Parser
-
     from udamon.cli.guide import GUIDE_HELP
 
     p = Parser(prog="udamon", description=DESCRIPTION, epilog=GUIDE_HELP,

@@ -93,7 +93,7 @@ def run(a: argparse.Namespace) -> int:
         return 0
     sinks: list[live.Sink] = [MigrateSink(params, a.format, a.quiet)]
     if a.output:
-        from udamon.cli.record import RecordSink
+        from udamon.record.sink import RecordSink
 
         sinks.append(RecordSink(a.output, a.quiet))
     return live.run_session(a, s, sinks)
@@ -130,13 +130,6 @@ def _single_node(a: argparse.Namespace, params: MigrateParams, spec: live.Sessio
         verb = "would move" if params.dry_run else "moves"
         print(f"udamon migrate: nothing {verb}: {why}", file=sys.stderr)
     return True
-
-
-def remote_share(snap: Snapshot) -> float | None:
-    """Share of the interval's reports (that passed the sample filters) that were remote:
-    the accessing CPU on another node than the page; None when nothing is known."""
-    remote, total = remote_hits(snap)
-    return remote / total if total else None
 
 
 def remote_hits(snap: Snapshot) -> tuple[float, float]:

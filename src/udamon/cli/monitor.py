@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from udamon.cli.record import RecordSink
+    from udamon.record.sink import RecordSink
     from udamon.report.live_view import LiveView
 
     if a.top <= 0:

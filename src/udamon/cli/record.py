@@ -9,13 +9,13 @@ import sys
 from udamon.cli import live
 from udamon.cli.common import (
     FILTER_HELP,
+    probe_weights,
 )
 from udamon.core.monitor import Monitor
-from udamon.core.session import SessionResult, run_replay
+from udamon.core.session import Session
 from udamon.errors import UsageError
-from udamon.primitives.perf_script import PerfScriptStats, read_perf_script
-from udamon.primitives.replay import CHUNK, ReplayPrimitive, columns, read_csv, summarize
-from udamon.record.writer import RecordWriter, build_header
+from udamon.primitives.replay import columns
+from udamon.record.sink import RecordSink
 
 DESCRIPTION = """\
 Monitor data accesses and write a record file (JSON Lines; gzip when FILE ends in .gz).
@@ -64,70 +64,38 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     s = live.resolve(a, replay=True)
     if s.primitive == "replay":
-        return _record_replay(a, s.attrs, s.filters, s.probes, s.kinds, s.ranges, s.pids)
+        return _record_replay(a, s)
     return live.run_session(a, s, [RecordSink(a.output, a.quiet)])
 
 
-def _record_replay(a, attrs, filters, probes, breakdown, ranges, pids) -> int:
+def _record_replay(a: argparse.Namespace, s: live.SessionSpec) -> int:
     if not os.path.exists(a.input):
         raise UsageError(f"--input {a.input}: no such file")
     _check_not_input(a.input, a.output)
-    perf = a.input_format == "perf-script"
-    stats = PerfScriptStats() if perf else None
-
-    def reader(path, chunk=CHUNK, linenos=None, stats=None):
-        if perf:
-            return read_perf_script(path, chunk, linenos, stats)
-        return read_csv(path, chunk, linenos)
-
-    summary = (summarize(a.input, reader=reader) if ranges is None or not pids or breakdown
-               else None)
-    per_pid = summary.ranges if summary else {}
-    targets = pids or sorted(per_pid)
-    if summary and breakdown:
-        probes = live.add_breakdown(probes, breakdown, a, cpus=summary.cpus,
-                                    nodes=summary.nodes,
-                                    tids=set().union(*[summary.tids.get(p, set())
-                                                       for p in targets]))
-    else:
-        probes = live.add_breakdown(probes, [], a)
-    if not targets:
-        raise UsageError(f"{a.input}: holds no reports, nothing to monitor")
-    _warn_derived_nodes(a.input, filters, probes, breakdown, perf)
-    monitor = Monitor(attrs, filters, probes, seed=a.seed)
-    for pid in targets:
-        r = ranges if ranges is not None else per_pid.get(pid)
-        if not r:
-            raise UsageError(f"pid {pid} has no reports in {a.input}; pids there: "
-                             f"{', '.join(map(str, sorted(per_pid))) or 'none'}")
-        monitor.add_target(pid, r, name=f"replay:{pid}")
-    prim = ReplayPrimitive(a.input, reader=lambda p, c, ln: reader(p, c, ln, stats))
-    if perf:  # faults and precise samples see some accesses, not all of them
-        prim.coverage = "unknown"
-    writer = RecordWriter(a.output)
-    extra = {"input_format": "perf-script"} if perf else {}
-    writer.write_header(build_header(attrs, "replay", prim.coverage, filters, probes,
-                                     monitor.targets, input=os.path.abspath(a.input),
-                                     written_pages=monitor.count_written_pages, **extra))
-    stop = live.install_stop()
+    session = Session(primitive="replay", input=a.input, input_format=a.input_format,
+                      pids=s.pids, attrs=s.attrs, filters=s.filters, probes=s.probes,
+                      breakdown=s.kinds, ranges=s.ranges, seed=a.seed,
+                      regions_follow_origin=a.regions_follow_origin,
+                      probe_weights=probe_weights(a), cpu_nodes=a.cpu_nodes,
+                      stop=live.install_stop())
+    session.start()
+    assert session.monitor is not None
+    if a.cpu_nodes is None:
+        _warn_derived_nodes(a.input, session.monitor.filters, session.monitor.probes,
+                            s.kinds, a.input_format == "perf-script")
     progress = _Progress(not a.quiet and sys.stderr.isatty())
+    session.progress = progress.update
     try:
-        res = run_replay(monitor, prim.chunks(), writer.write_snapshot, stop,
-                         progress.update, where=prim.where)
-    except BaseException:
+        session.run([RecordSink(a.output, a.quiet)])
+    finally:
         progress.done()
-        st = monitor.stats
-        writer.close("error", dropped_reports=st.dropped, lost_samples=0)
-        raise
-    progress.done()
-    rc = finish(writer, monitor, res, a.quiet, notes=stats.notes() if stats else None)
-    _warn_outside(monitor, ranges is not None)
-    return rc
+    _warn_outside(session.monitor, s.ranges is not None)
+    return 0
 
 
 def _warn_derived_nodes(path: str, filters, probes, breakdown, perf: bool = False) -> None:
     """Without a node column, a report's node is looked up from its CPU in this
-    machine's topology (the intake does it), which may not be the recorded machine's."""
+    machine's topology unless --cpu-nodes gives the recorded machine's."""
     uses = any(f.type == "nodes" for f in [*filters, *(f for p in probes for f in p.filters)])
     if (uses or "node" in breakdown) and (perf or "node" not in columns(path)):
         from udamon.targets.topology import cpu_to_node
@@ -135,7 +103,8 @@ def _warn_derived_nodes(path: str, filters, probes, breakdown, perf: bool = Fals
         n = len({int(x) for x in cpu_to_node() if x >= 0}) or 1
         print(f"udamon: warning: {path} has no 'node' column: nodes are derived from each "
               f"report's CPU with this machine's CPU-to-node map ({n} node"
-              f"{'s' if n != 1 else ''}); add a node column for another machine's input",
+              f"{'s' if n != 1 else ''}); for another machine's input add a node column or "
+              "give its map with --cpu-nodes",
               file=sys.stderr)
 
 
@@ -159,28 +128,6 @@ def _check_not_input(inp: str, out: str) -> None:
     if same:
         raise UsageError(f"-o {out} is the --input file; writing the record would destroy "
                          "the input (choose another output file)")
-
-
-def finish(writer: RecordWriter, monitor: Monitor, res: SessionResult, quiet: bool,
-           notes: list[str] | None = None) -> int:
-    st = monitor.stats
-    extra = {"reports": st.accepted, "unmatched_reports": st.unmatched,
-             "outside_reports": st.outside, "late_reports": st.late}
-    extra.update(res.end)
-    if notes:
-        extra["notes"] = notes
-    if res.error:
-        extra["error"] = res.error
-    writer.close(res.reason, dropped_reports=st.dropped, lost_samples=res.lost_samples, **extra)
-    if not quiet:
-        msg = (f"udamon: wrote {writer.snapshots} snapshots to {writer.path} "
-               f"({res.reason}; {st.accepted} reports")
-        if st.dropped:
-            msg += f", {st.dropped} DROPPED (buffer full)"
-        if res.lost_samples:
-            msg += f", {res.lost_samples} lost before udamon read them"
-        print(msg + ")", file=sys.stderr)
-    return 0
 
 
 class _Progress:
@@ -207,28 +154,3 @@ class _Progress:
         if self._p is not None:
             self._p.stop()
             self._p = None
-
-
-class RecordSink:
-    """Writes the record file of a live session."""
-
-    def __init__(self, path: str, quiet: bool):
-        self.path = path
-        self.quiet = quiet
-        self.writer: RecordWriter | None = None
-
-    def begin(self, header: dict, monitor: Monitor) -> None:
-        self.writer = RecordWriter(self.path)
-        self.writer.write_header(header)
-
-    def snapshot(self, snap) -> None:
-        assert self.writer is not None
-        self.writer.write_snapshot(snap)
-
-    def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None:
-        assert self.writer is not None
-        finish(self.writer, monitor, res, self.quiet, notes=notes)
-
-    def fail(self, error: str) -> None:
-        if self.writer is not None and not self.writer.closed:
-            self.writer.close("error", error=error)

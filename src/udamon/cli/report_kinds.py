@@ -7,8 +7,6 @@ kind's ``formats``, so that argparse refuses the others before any option that
 only one format has confuses it), ``--pid``, ``--top``, ``--salvage``.  ``--output``
 and ``--color`` are added here by the kinds that use them.  ``run`` writes
 text or JSON to stdout and images to ``--output``.
-
-``python -m udamon.cli.report_kinds KIND -i FILE ...`` runs a kind standalone.
 """
 
 from __future__ import annotations

@@ -28,43 +28,24 @@ from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
-from udamon.targets.procmaps import (
-    mapped_spans,
-    mergeable_spans,
-    parse_maps,
-    process_name,
-    read_maps_text,
-    read_vmas,
-    three_regions,
-)
+from udamon.targets.topology import cpu_to_node
 
 # Counting with a regions x sampling-intervals bitmap is fastest while it is small; past
 # this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
 DENSE_CELLS = 1 << 18
 
+# re-reads a target's ranges: (the ranges to monitor, the mapped spans within them[, the
+# mergeable spans: private anonymous memory, what KSM could merge]); the
+# kernel's vaddr operations own this for DAMON, and udamon.targets.procmaps.vaddr_provider
+# is the same heuristic for a process (the Session passes it in)
 Spans = list[tuple[int, int]]
-# re-reads a target's mappings: (the ranges to monitor, the mapped spans within them,
-# the mergeable spans: private anonymous memory, what KSM could merge)
-RangeProvider = Callable[[], tuple[Spans, Spans, Spans]]
+RangeProvider = Callable[[], tuple[Spans, Spans] | tuple[Spans, Spans, Spans]]
 
 
-def _vma_provider(pid: int) -> RangeProvider:
-    """DAMON's vaddr ranges (three regions) plus the spans really mapped inside them:
-    the three regions include unmapped holes, which reports must not call memory.
-    Parsed again only when the maps changed (read once a second for a whole session)."""
-    last: list = [None, None]
-
-    def provide() -> tuple[Spans, Spans, Spans]:
-        text = read_maps_text(pid)
-        if text != last[0]:
-            vmas = parse_maps(text)
-            if not vmas:
-                read_vmas(pid)  # says whether the process is gone
-            ranges = three_regions(vmas)
-            last[:] = [text, (ranges, mapped_spans(vmas, ranges),
-                              mergeable_spans(vmas, ranges))]
-        return last[1]
-    return provide
+def _provided(provider: RangeProvider) -> tuple[Spans, Spans, Spans | None]:
+    """A provider's (ranges, mapped, mergeable); mergeable is None when it says nothing."""
+    got = provider()
+    return got[0], got[1], (got[2] if len(got) > 2 else None)
 
 
 @dataclass
@@ -165,12 +146,23 @@ class Monitor:
     def __init__(self, attrs: Attrs | None = None, filters: Sequence[Filter] = (),
                  probes: Sequence[Probe] = (), *, seed: int | None = None,
                  buffer_capacity: int = DEFAULT_CAPACITY, min_region_sz: int = PAGE,
-                 count_written_pages: bool = True):
+                 count_written_pages: bool = True, sampled: bool = False,
+                 cpu_nodes: np.ndarray | None | str = "local"):
         """``count_written_pages``: also count, per region, the distinct pages that
         passing write reports touched in each aggregation (what a dirty rate needs
         from an observational primitive; a controlled one samples a page per region,
-        so it turns this off)."""
+        so it turns this off).  ``sampled``: each report is one region's sample (a
+        controlled primitive), so it stands for the region's pages in the snapshots'
+        locality counts (``numa``) instead of for one page.  ``cpu_nodes``: the
+        CPU-to-node table that fills reports' unknown nodes ("local": this machine's,
+        for live reports; a table from udamon.targets.topology.parse_cpu_nodes for
+        input recorded on another machine; None: unknown stays unknown)."""
+        if isinstance(cpu_nodes, str):
+            if cpu_nodes != "local":
+                raise ValueError('cpu_nodes must be "local", a table or None')
+            cpu_nodes = cpu_to_node()
         self.count_written_pages = count_written_pages
+        self.sampled = sampled
         self.attrs = (attrs or Attrs()).validate()
         self.filters = tuple(filters)
         self.probes = tuple(probes)
@@ -178,7 +170,7 @@ class Monitor:
         if len(set(names)) != len(names):
             raise ValueError("probe names must be unique")
         self.targets: list[Target] = []
-        self.buffer = ReportBuffer(buffer_capacity)
+        self.buffer = ReportBuffer(buffer_capacity, cpu_nodes)
         self.rng = np.random.default_rng(seed)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None
@@ -192,22 +184,26 @@ class Monitor:
     # -- configuration ---------------------------------------------------------
 
     def add_target(self, pid: int, ranges: Sequence[tuple[int, int]] | None = None,
-                   *, name: str | None = None) -> Target:
-        """Monitor ``pid``.  Without ``ranges`` the ranges come from /proc/<pid>/maps
-        (DAMON's three-region vaddr heuristic) and follow VMA changes."""
+                   *, name: str | None = None, provider: RangeProvider | None = None) -> Target:
+        """Monitor ``pid`` over ``ranges``, or over what ``provider`` says and follow it
+        every update interval (``udamon.targets.procmaps.vaddr_provider(pid)``: DAMON's
+        three-region heuristic over /proc/PID/maps, as the kernel's vaddr operations)."""
         if any(t.pid == pid for t in self.targets):
             raise ValueError(f"pid {pid} is already a target")
-        provider: RangeProvider | None = None
         mapped: list[tuple[int, int]] | None = None
         mergeable: list[tuple[int, int]] | None = None
         if ranges is None:
-            provider = _vma_provider(pid)
-            ranges, mapped, mergeable = provider()
+            if provider is None:
+                raise ValueError("give the ranges to monitor, or a provider of them "
+                                 "(udamon.targets.procmaps.vaddr_provider(pid) follows the "
+                                 "process's memory maps)")
+            ranges, mapped, mergeable = _provided(provider)
             if not ranges:
                 raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
+        else:
+            provider = None
         if name is None:
-            name = process_name(pid)
-            name = "" if name == "?" else name
+            name = getattr(provider, "name", "") or ""
         ranges = sorted((int(s), int(e)) for s, e in ranges)
         for (s0, e0), (s1, _) in zip(ranges[:-1], ranges[1:], strict=False):
             if s1 < e0:
@@ -313,7 +309,10 @@ class Monitor:
         r.nr_accesses += count(passed)
         if (reports["page_node"] >= 0).any():
             t.window_reports.append(reports[inside])
-            t.window_numa.append(_locality(reports[passed]))
+            weight = None
+            if self.sampled:  # a sample stands for its region: weigh it by its pages
+                weight = ((r.end - r.start) // np.uint64(PAGE)).astype(np.int64)[ridx[passed]]
+            t.window_numa.append(_locality(reports[passed], weight))
         if self.count_written_pages:
             w = passed & reports["write"]
             if w.any():
@@ -336,7 +335,10 @@ class Monitor:
         samples rather than wall time); the next one starts there."""
         if self.window_start is None or end_ns <= self.window_start:
             return []
-        return self._close_window(int(end_ns))
+        # the reports of the interval's turns sit on its nominal sampling grid (a turn
+        # cut short by a stop may end before its report's time): take them all
+        nominal = self.window_start + self.attrs.aggr_us * 1000
+        return self._close_window(int(end_ns), take_until=max(int(end_ns), nominal))
 
     def flush(self, now_ns: int) -> list[Snapshot]:
         """End the session: close the running aggregation interval early at ``now_ns``
@@ -349,11 +351,12 @@ class Monitor:
             out.extend(self._close_window(int(now_ns)))
         return out
 
-    def _close_window(self, end_ns: int | None = None) -> list[Snapshot]:
+    def _close_window(self, end_ns: int | None = None,
+                      take_until: int | None = None) -> list[Snapshot]:
         assert self.window_start is not None
         ws, we = self.window_start, end_ns if end_ns is not None else self.window_end
         assert we is not None
-        reports = self.buffer.take_before(we)
+        reports = self.buffer.take_before(take_until if take_until is not None else we)
         # a target that exited during this interval still gets it: its last accesses
         live = [t for t in self.targets if not t.closed]
         counts: dict[int, tuple[int, int]] = {}
@@ -445,7 +448,7 @@ class Monitor:
             if t.exited or t.provider is None:
                 continue
             try:
-                ranges, mapped, mergeable = t.provider()
+                ranges, mapped, mergeable = _provided(t.provider)
             except TargetGone:
                 t.exited = True
                 continue
@@ -462,41 +465,57 @@ class Monitor:
     def _tune_intervals(self, live: list[Target]) -> None:
         """kdamond_tune_intervals: feedback loop toward ``access_bp`` of the maximum
         possible access events, scaling the sampling interval."""
-        goal = self.attrs.intervals_goal
-        max_events = 0
-        events = 0
-        for t in live:
-            sz = t.regions.sizes().astype(np.int64)
-            max_events += int(sz.sum()) * self.attrs.aggr_samples
-            events += int((sz * t.regions.nr_accesses).sum())
-        target = max_events * goal.access_bp // 10_000 or 1
-        score = events * 10_000 // target
-        adaptation = _feed_loop_next_input(100_000_000, score) // 10_000
-        if adaptation <= 10_000:
-            adaptation = 5_000 + adaptation // 2
-        new = self.attrs.sample_us * adaptation // 10_000
-        new = max(goal.min_sample_us, min(goal.max_sample_us, new))
-        self.attrs = self.attrs.with_sample_us(max(new, 1))
+        sizes = [t.regions.sizes().astype(np.int64) for t in live]
+        accs = [t.regions.nr_accesses for t in live]
+        new = tuned_sample_us(self.attrs.sample_us, self.attrs.aggr_samples,
+                              np.concatenate(sizes) if sizes else np.zeros(0, np.int64),
+                              np.concatenate(accs) if accs else np.zeros(0, np.int64),
+                              self.attrs.intervals_goal)
+        if new is not None:
+            self.attrs = self.attrs.with_sample_us(max(new, 1))
+
+
+def tuned_sample_us(sample_us: int, aggr_samples: int, sizes: np.ndarray,
+                    nr_accesses: np.ndarray, goal) -> int | None:
+    """The next sampling interval (None: unchanged) of mm/damon/core.c's
+    kdamond_tune_intervals, with damon_get_intervals_score and
+    damon_get_intervals_adaptation_bp, in the kernel's integer arithmetic."""
+    sz = [int(x) for x in sizes]
+    max_events = sum(sz) * aggr_samples
+    events = sum(a * int(n) for a, n in zip(sz, nr_accesses, strict=True))
+    target = max_events * goal.access_bp // 10_000 or 1
+    score = events * 10_000 // target  # mult_frac(access_events, 10000, target)
+    adaptation = _feed_loop_next_input(100_000_000, score) // 10_000
+    if adaptation <= 10_000:
+        adaptation = 5_000 + adaptation // 2
+    if adaptation == 10_000:
+        return None  # the kernel leaves the attributes as they are
+    new = min(goal.max_sample_us, sample_us * adaptation // 10_000)
+    return max(goal.min_sample_us, new)
 
 
 MAX_LOCALITY_THREADS = 256  # per snapshot; the rest are summed under "other"
 
 
-def _locality(reports: np.ndarray) -> dict:
-    """Local / remote / unknown counts of reports, in all and per thread."""
+def _locality(reports: np.ndarray, weight: np.ndarray | None = None) -> dict:
+    """Local / remote / unknown counts of reports (each counting ``weight``, default 1),
+    in all and per thread."""
     cn, pn = reports["node"], reports["page_node"]
     known = (cn >= 0) & (pn >= 0)
     kind = np.where(known, np.where(cn == pn, 0, 1), 2)  # 0 local, 1 remote, 2 unknown
-    tot = np.bincount(kind, minlength=3).tolist()
+    tot = [int(x) for x in np.bincount(kind, weights=weight, minlength=3).round()]
     tids = reports["tid"]
     threads: dict[str, list[int]] = {}
     if tids.size:
         ut = sorted_unique(tids)
         idx = np.searchsorted(ut, tids)
-        m = np.bincount(idx * 3 + kind, minlength=ut.size * 3).reshape(ut.size, 3)
+        m = np.bincount(idx * 3 + kind, weights=weight,
+                        minlength=ut.size * 3).round().astype(np.int64).reshape(ut.size, 3)
         order = np.argsort(-m.sum(axis=1), kind="stable")
         for j, i in enumerate(order.tolist()):
-            key = str(int(ut[i])) if j < MAX_LOCALITY_THREADS else "other"
+            tid = int(ut[i])
+            key = ("other" if j >= MAX_LOCALITY_THREADS else
+                   str(tid) if tid >= 0 else "unknown")  # unknown: no thread known
             prev = threads.get(key, [0, 0, 0])
             threads[key] = [a + b for a, b in zip(prev, m[i].tolist(), strict=True)]
     return {"local": tot[0], "remote": tot[1], "unknown": tot[2], "threads": threads}
@@ -533,8 +552,11 @@ def _pages_by_node(r: Regions, reports: np.ndarray) -> list[dict[str, int]]:
     return out
 
 
+ULONG_MAX = (1 << 64) - 1
+
+
 def _feed_loop_next_input(last_input: int, score: int) -> int:
-    """damon_feed_loop_next_input from mm/damon/core.c."""
+    """damon_feed_loop_next_input from mm/damon/core.c (unsigned long arithmetic)."""
     goal = 10_000
     min_input = 10_000
     if score == goal:
@@ -543,7 +565,12 @@ def _feed_loop_next_input(last_input: int, score: int) -> int:
         return min_input
     over = score > goal
     diff = score - goal if over else goal - score
-    compensation = last_input * diff // goal
+    if last_input < ULONG_MAX // diff:
+        compensation = last_input * diff // goal
+    else:
+        compensation = last_input // goal * diff
     if over:
         return max(last_input - compensation, min_input)
-    return last_input + compensation
+    if last_input < ULONG_MAX - compensation:
+        return last_input + compensation
+    return ULONG_MAX

@@ -1,302 +1,449 @@
-"""Drives a primitive, the monitor and a snapshot sink until the session ends.
+"""``udamon.Session``: a whole monitoring session, live or replayed, as a library object.
 
-Two loops: ``run_replay`` is data-driven (time comes from the reports, as fast
-as the input can be read); ``run_live`` follows the monotonic clock, one turn
-per sampling interval.  Both end with a reason for the record's end line and
-call ``primitive.stop()`` on every path.
+A session is targets (pids or a command it launches), one or several primitives,
+sample filters, probes (and ``breakdown`` kinds that add probes), the monitor, and
+whatever consumes the snapshots.  The CLI only turns its options into these
+arguments; Python users get the same thing::
+
+    import udamon
+    with udamon.Session(pids=[1234], primitive="hint", breakdown=["cpu", "rw"],
+                        duration_ns=10_000_000_000) as s:
+        for snap in s:
+            print(snap.pid, snap.nr_accesses.sum())
+    print(s.result.reason)
+
+or ``Session(...).run([sink, ...])`` with sinks that have ``begin(header,
+monitor)``, ``snapshot(snap)``, ``end(result, monitor, notes)`` and
+``fail(error)`` (udamon.record.writer.RecordSink writes a record file).
+
+Several primitives in one session (``primitive="hint,wp"``): at most one
+controlled primitive (wp, rwp), which drives the sampling turns, and any number
+of observational ones, whose reports are taken between the turns.  Every report
+names its source; when a controlled primitive shares the session, the sample
+filters get ``source:<it>`` first, so that ``nr_accesses`` keeps its DAMON meaning
+(one sampled page per region per interval) while the others feed the probes
+(give a ``source`` filter yourself to choose otherwise).
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Protocol
 
-import numpy as np
-
+from udamon.core.attrs import Attrs
+from udamon.core.loop import (  # noqa: F401 - the session's API
+    SessionResult,
+    StopFlag,
+    iter_live,
+    iter_replay,
+    run_live,
+    run_replay,
+)
 from udamon.core.monitor import Monitor, Snapshot
-from udamon.errors import InputError
-from udamon.primitives.base import Primitive, Window
-from udamon.targets.page_nodes import PageNodeLookup
-
-SnapshotSink = Callable[[Snapshot], None]
-
-
-@dataclass
-class SessionResult:
-    reason: str
-    snapshots: int = 0
-    lost_samples: int = 0
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    end: dict = field(default_factory=dict)  # the primitive's own end-line keys
+from udamon.errors import RuntimeFailure, TargetGone, UsageError
+from udamon.primitives import registry
+from udamon.primitives.base import Primitive
+from udamon.probes import breakdown as breakdown_mod
+from udamon.probes.filters import Filter, parse_conditions
+from udamon.probes.probe import Probe
 
 
-class StopFlag:
-    """Set from a signal handler or another thread to end a session cleanly.
+class Sink(Protocol):
+    """What consumes a session's snapshots (record file, live view, exporter, scheme)."""
 
-    ``fileno()`` is an eventfd that becomes readable when the flag is set, so a
-    primitive sleeping in poll() (the controlled sampling loop) wakes at once."""
+    def begin(self, header: dict, monitor: Monitor) -> None: ...
+    def snapshot(self, snap: Snapshot) -> None: ...
+    def end(self, res: SessionResult, monitor: Monitor, notes: list[str]) -> None: ...
+    def fail(self, error: str) -> None: ...
 
-    def __init__(self) -> None:
-        self._ev = threading.Event()
-        self.why = "interrupted"
-        self._fd = -1
 
-    def fileno(self) -> int:
-        if self._fd < 0:
-            self._fd = os.eventfd(1 if self._ev.is_set() else 0,
-                                  os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        return self._fd
+def describe(attrs: Attrs, primitive: str, coverage: str, filters: Sequence[Filter],
+             probes: Sequence[Probe], targets: Sequence, **extra) -> dict:
+    """What a session says of itself: the record's header without the format's name and
+    version (the record writer adds those), and what live sinks show."""
+    import datetime
 
-    def set(self, why: str = "interrupted") -> None:
-        self.why = why
-        self._ev.set()
-        if self._fd >= 0:
+    from udamon import __version__
+
+    h = {"attrs": attrs.to_dict(), "primitive": primitive, "coverage": coverage,
+         "filters": [f.to_dict() for f in filters], "probes": [p.to_dict() for p in probes],
+         "targets": [t.to_dict() for t in targets], "udamon_version": __version__,
+         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    h.update(extra)
+    return h
+
+
+def split_primitives(spec: str | Sequence[str]) -> list[str]:
+    """``"hint,wp"`` or ``["hint", "wp"]`` -> ``["hint", "wp"]`` (order kept, no repeats)."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for n in (x.strip() for x in names):
+        if not n:
+            raise UsageError(f"empty primitive name in {spec!r}")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+class Session:
+    """One monitoring session; see the module docstring.  Errors are typed as the rest
+    of udamon's (UsageError for bad arguments, RuntimeFailure when the machine cannot do
+    it, InputError for bad replay input); their text names no command-line option."""
+
+    def __init__(self, *, pids: Sequence[int] = (), command: Sequence[str] | None = None,
+                 primitive: str | Sequence[str] = "auto", input: str | None = None,
+                 input_format: str = "csv", attrs: Attrs | None = None,
+                 filters: Sequence[Filter] = (), probes: Sequence[Probe] = (),
+                 breakdown: Sequence[str] = (), ranges: Sequence[tuple[int, int]] | None = None,
+                 duration_ns: int | None = None, seed: int | None = None,
+                 page_nodes: bool = True, regions_follow_origin: bool | None = None,
+                 probe_weights: dict[str, int] | None = None,
+                 cpu_nodes: str | None = None,
+                 options: dict[str, dict] | None = None, stop: StopFlag | None = None,
+                 log: Callable[[str], None] | None = None,
+                 on_tick: Callable[[int], None] | None = None) -> None:
+        """``attrs``: None for each primitive's defaults (DAMON's).  ``options``: per
+        primitive name, its own options (hint's ``scan_period_ms``, external's
+        ``socket_path``...).  ``log``: where one-line notes for the user go (the CLI
+        prints them on stderr; default: nowhere).  ``input``: a replay file (CSV, or perf
+        script output with ``input_format="perf-script"``).  ``cpu_nodes``: replay only,
+        the recorded machine's CPU-to-node map (``"0-3=0,4-7=1"``) for reports whose
+        input gives no node; default: this machine's."""
+        self.pids = [int(p) for p in pids]
+        self.command = list(command or [])
+        self.input = input
+        self.input_format = input_format
+        self.names = split_primitives(primitive)
+        self.attrs_given = attrs
+        self.filters = list(filters)
+        self.user_probes = list(probes)
+        self.kinds = list(breakdown)
+        self.ranges = [tuple(r) for r in ranges] if ranges is not None else None
+        self.duration_ns = duration_ns
+        self.seed = seed
+        self.use_page_nodes = page_nodes
+        self.follow_origin = regions_follow_origin
+        self.probe_weights = dict(probe_weights or {})
+        self.cpu_nodes = cpu_nodes
+        self.options = {k: dict(v) for k, v in (options or {}).items()}
+        self.stop_flag = stop or StopFlag()
+        self.log = log or (lambda msg: None)
+        self.on_tick = on_tick
+        self.primitives: list[Primitive] = []
+        self.monitor: Monitor | None = None
+        self.header: dict = {}
+        self.result = SessionResult("duration")
+        self.notes: list[str] = []  # end notes (the record's end line)
+        self.warnings: list[str] = []  # what the user must hear at the end
+        self.launched = None
+        self.replay_reader = None  # replay: the ReplayPrimitive
+        self.attrs: Attrs | None = None
+        self._started = False
+        self._closed = False
+        self._released = True
+        self._start_notes: list[str] = []
+        self._lookup = None
+        self._perf_stats = None
+        self._resolve()
+
+    # -- what the session is -------------------------------------------------------
+
+    @property
+    def replay(self) -> bool:
+        return self.names == ["replay"]
+
+    def _resolve(self) -> None:
+        if self.names == ["auto"]:
+            if self.input not in (None, "-"):
+                self.names = ["replay"]
+            elif self.input == "-" or self.options.get("external", {}).get("socket_path"):
+                self.names = ["external"]
+            else:
+                name, why = registry.choose_live()
+                self.names = [name]
+                self.log(why)
+        if "auto" in self.names:
+            raise UsageError("'auto' picks one primitive: name them all when giving several")
+        for n in self.names:
+            registry.entry(n)  # unknown names are bad usage
+        if "replay" in self.names and len(self.names) > 1:
+            raise UsageError("replay reads a recorded input and runs alone")
+        if self.replay:
+            if not self.input:
+                raise UsageError("the replay primitive needs an input file")
+            if self.command:
+                raise UsageError("replay reads recorded reports; it cannot launch a command")
+        else:
+            for n in self.names:
+                if not registry.entry(n).live:
+                    raise UsageError(f"primitive {n!r} does not monitor live processes")
+            if bool(self.pids) == bool(self.command):
+                raise UsageError("give the target: pids or a command to launch (one of them)")
+        kinds = {registry.entry(n).name for n in self.names}
+        controlled = [n for n in self.names if n in ("wp", "rwp")]
+        if len(controlled) > 1:
+            raise UsageError(f"{' and '.join(controlled)} cannot share a session: both protect "
+                             "pages with the target's userfaultfd (one controlled primitive "
+                             "per session)")
+        del kinds
+        first = registry.entry(controlled[0] if controlled else self.names[0])
+        self.attrs = (self.attrs_given or Attrs(sample_us=first.default_sample_us,
+                                                aggr_us=first.default_aggr_us)).validate()
+        if controlled and len(self.names) > 1 and not any(
+                f.type == "source" for f in self.filters):
+            # nr_accesses keeps DAMON's meaning: the controlled primitive's samples
+            self.filters = [*parse_conditions(f"source:{controlled[0]}"), *self.filters]
+            self.log(f"nr_accesses counts {controlled[0]}'s samples (sample filter "
+                     f"source:{controlled[0]}); "
+                     f"{', '.join(n for n in self.names if n != controlled[0])} feed the probes")
+
+    # -- start / stop --------------------------------------------------------------
+
+    def start(self) -> Session:
+        """Attach (or open the input), build the probes, the monitor and the header."""
+        if self._started:
+            return self
+        self._started = True
+        try:
+            if self.replay:
+                self._start_replay()
+            else:
+                self._start_live()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _probes(self, cpus=(), nodes=(), tids=()) -> list[Probe]:
+        follow = self.follow_origin
+        if follow is None:
+            follow = any(k in breakdown_mod.ORIGIN_KINDS for k in self.kinds)
+        try:
+            extra = (breakdown_mod.breakdown_probes(self.kinds, cpus=cpus, nodes=nodes,
+                                                    tids=tids, follow_origin=follow)
+                     if self.kinds else [])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        probes = self.user_probes + extra
+        names = [p.name for p in probes]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise UsageError(f"probe names clash with breakdown probes: {', '.join(clash)}")
+        unknown = set(self.probe_weights) - set(names)
+        if unknown:
+            raise UsageError(f"no probe named {', '.join(sorted(unknown))} to weigh "
+                             f"(probes: {', '.join(names) or 'none'})")
+        return [replace(p, weight=self.probe_weights[p.name]) if p.name in self.probe_weights
+                else p for p in probes]
+
+    def _start_live(self) -> None:
+        from udamon.system.perf_tracepoint import online_cpus
+        from udamon.targets.launch import Launched
+        from udamon.targets.page_nodes import PageNodeLookup
+        from udamon.targets.procmaps import read_vmas, thread_ids, vaddr_provider
+        from udamon.targets.topology import cpu_to_node
+
+        assert self.attrs is not None
+        attrs = self.attrs
+        # privileges first: a user who may not use a primitive at all must hear that,
+        # not that some /proc file of a process they do not own cannot be read
+        for n in self.names:
+            self.primitives.append(registry.make_live(n, attrs, **self.options.get(n, {})))
+        for pid in self.pids:
+            read_vmas(pid)  # TargetGone: no such process
+        self.launched = Launched(self.command) if self.command else None
+        self._released = self.launched is None
+        targets = [self.launched.pid] if self.launched else list(self.pids)
+        entries = [registry.entry(n) for n in self.names]
+        early = [p for p, e in zip(self.primitives, entries, strict=True) if e.attach_before_exec]
+        late = [p for p in self.primitives if p not in early]
+        for p in early:  # tracers follow the exec
+            p.start(targets)
+        if self.launched:
+            self.launched.release()
+            self._released = True
+        for p in late:  # needs the program's own mappings
+            p.start(targets)
+        cpus: list[int] = []
+        nodes: set[int] = set()
+        tids: set[int] = set()
+        if self.kinds:
+            cpus = online_cpus()
+            table = cpu_to_node()
+            nodes = {int(table[c]) for c in cpus if c < table.size and table[c] >= 0}
+            for pid in targets:
+                try:
+                    tids.update(thread_ids(pid))
+                except TargetGone:
+                    pass
+        probes = self._probes(cpus, nodes, tids)
+        controlled = any(p.kind == "controlled" for p in self.primitives)
+        self.monitor = Monitor(attrs, self.filters, probes, seed=self.seed,
+                               count_written_pages=not controlled, sampled=controlled)
+        gone = sorted({pid for p in self.primitives for pid in p.gone_at_start()})
+        for pid in targets:
+            if pid in gone:
+                continue
             try:
-                os.eventfd_write(self._fd, 1)
-            except OSError:
-                pass
+                provider = None if self.ranges is not None else vaddr_provider(pid)
+                # a launched command's name is what it exec'd (read before the exec
+                # finished, /proc/PID/comm can still say udamon's)
+                name = self.launched.comm if self.launched is not None else None
+                self.monitor.add_target(pid, self.ranges, provider=provider, name=name)
+            except TargetGone:
+                gone.append(pid)
+        if not self.monitor.targets:
+            raise RuntimeFailure(
+                f"{self.command[0]} (pid {gone[0]}) exited before monitoring started"
+                if self.launched else f"process {gone[0]} does not exist" if len(gone) == 1
+                else f"processes {', '.join(map(str, gone))} exited before monitoring started")
+        gone_notes = [f"process {pid} exited before monitoring started; monitoring the others"
+                      for pid in gone]
+        for n in gone_notes:
+            self.log(n)
+        self._start_notes = [n for p in self.primitives for n in p.stats().notes] + gone_notes
+        extra: dict = {"command": self.command} if self.command else {}
+        if len(self.primitives) > 1:
+            extra["primitives"] = [{"name": p.name, "kind": p.kind, "coverage": p.coverage}
+                                   for p in self.primitives]
+        drive = next((p for p in self.primitives if p.kind == "controlled"), self.primitives[0])
+        self.header = describe(attrs, ",".join(self.names), drive.coverage, self.filters,
+                               probes, self.monitor.targets, clock="monotonic",
+                               notes=self._start_notes,
+                               written_pages=self.monitor.count_written_pages, **extra)
+        self._lookup = PageNodeLookup() if self.use_page_nodes else None
+
+    def _start_replay(self) -> None:
+        from udamon.primitives.perf_script import PerfScriptStats, read_perf_script
+        from udamon.primitives.replay import CHUNK, ReplayPrimitive, read_csv, summarize
+
+        assert self.attrs is not None and self.input is not None
+        if not os.path.exists(self.input):
+            raise UsageError(f"{self.input}: no such file")
+        perf = self.input_format == "perf-script"
+        stats = PerfScriptStats() if perf else None
+        self._perf_stats = stats
+
+        def reader(path, chunk=CHUNK, linenos=None, stats=None):
+            if perf:
+                return read_perf_script(path, chunk, linenos, stats)
+            return read_csv(path, chunk, linenos)
+
+        table = None
+        if self.cpu_nodes is not None:
+            from udamon.targets.topology import parse_cpu_nodes
+            try:
+                table = parse_cpu_nodes(self.cpu_nodes)
+            except ValueError as e:
+                raise UsageError(f"CPU-to-node map {self.cpu_nodes!r}: {e}") from None
+        summary = (summarize(self.input, reader=reader, cpu_nodes=table)
+                   if self.ranges is None or not self.pids or self.kinds else None)
+        per_pid = summary.ranges if summary else {}
+        targets = self.pids or sorted(per_pid)
+        if summary and self.kinds:
+            probes = self._probes(summary.cpus, summary.nodes,
+                                  set().union(*[summary.tids.get(p, set()) for p in targets]))
+        else:
+            probes = self._probes()
+        if not targets:
+            raise UsageError(f"{self.input}: holds no reports, nothing to monitor")
+        self.monitor = Monitor(self.attrs, self.filters, probes, seed=self.seed,
+                               cpu_nodes="local" if table is None else table)
+        for pid in targets:
+            r = self.ranges if self.ranges is not None else per_pid.get(pid)
+            if not r:
+                raise UsageError(f"pid {pid} has no reports in {self.input}; pids there: "
+                                 f"{', '.join(map(str, sorted(per_pid))) or 'none'}")
+            self.monitor.add_target(pid, r, name=f"replay:{pid}")
+        prim = ReplayPrimitive(self.input, reader=lambda p, c, ln: reader(p, c, ln, stats))
+        if perf:  # faults and precise samples see some accesses, not all of them
+            prim.coverage = "unknown"
+        self.replay_reader = prim
+        extra = {"input_format": "perf-script"} if perf else {}
+        self.header = describe(self.attrs, "replay", prim.coverage, self.filters, probes,
+                               self.monitor.targets, input=os.path.abspath(self.input),
+                               written_pages=self.monitor.count_written_pages, **extra)
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+        """Stop every primitive (restoring system settings); idempotent.  A launched
+        command keeps running: ``launched`` is its handle."""
+        if self._closed:
+            return
+        self._closed = True
+        for p in self.primitives:
+            try:
+                p.stop()
+            except Exception:  # pragma: no cover - teardown must go on
+                pass
+        if self.launched is not None and not self._released:
+            self.launched.release()
+            self._released = True
 
-    def is_set(self) -> bool:
-        return self._ev.is_set()
+    def __enter__(self) -> Session:
+        return self.start()
 
-    def wait(self, timeout: float) -> bool:
-        return self._ev.wait(timeout)
+    def __exit__(self, *exc) -> None:
+        self.close()
 
+    # -- running -------------------------------------------------------------------
 
-# A time jump that would close more empty aggregation intervals than this is taken
-# for a unit mistake (microseconds, seconds, a garbage value): closing them one by one
-# would run for hours and write a record of nothing.
-MAX_EMPTY_AGGRS = 1_000_000
-
-
-def run_replay(monitor: Monitor, chunks, sink: SnapshotSink,
-               stop: StopFlag | None = None,
-               progress: Callable[[int], None] | None = None,
-               where: Callable[[int], str] | None = None) -> SessionResult:
-    """Feed report chunks (sorted by time) and close aggregations as time passes.
-    The aggregation holding the last report is closed too, so every report counts.
-
-    Intervals are closed one at a time, each snapshot handed to ``sink`` at once and
-    ``stop`` checked in between, so a long catch-up can be interrupted.  ``where(i)``
-    names report ``i`` of the current chunk in errors (e.g. ``FILE:LINE``).  A time
-    jump over more than MAX_EMPTY_AGGRS aggregation intervals raises InputError after
-    the reports before it were counted."""
-    res = SessionResult("input-exhausted")
-    last_t: int | None = None
-    for chunk in chunks:
-        if stop is not None and stop.is_set():
-            res.reason = stop.why
-            break
-        if chunk.size == 0:
-            continue
-        if monitor.window_start is None:
-            monitor.start(int(chunk["time_ns"][0]))
-        jump = _find_jump(monitor, chunk, last_t)
-        if jump is not None:
-            # count what comes before the jump, then refuse (the caller closes the record)
-            if jump:
-                monitor.report_batch(chunk[:jump])
-                last_t = int(chunk["time_ns"][jump - 1])
-                _advance(monitor, last_t, sink, stop, res)
-            prev = last_t if last_t is not None else monitor.window_start
-            _refuse_jump(monitor, int(prev), int(chunk["time_ns"][jump]),
-                         where(jump) if where is not None else None)
-        monitor.report_batch(chunk)
-        last_t = int(chunk["time_ns"][-1])
-        if not _advance(monitor, last_t, sink, stop, res):
-            break
-        if progress is not None:
-            progress(int(chunk.size))
-    if last_t is not None and res.reason == "input-exhausted":
-        end = monitor.window_end
-        if end is not None and end <= last_t:  # pragma: no cover - advance closed it
-            end = last_t + 1
-        _advance(monitor, end if end is not None else last_t + 1, sink, stop, res)
-    return res
-
-
-def _advance(monitor: Monitor, now_ns: int, sink: SnapshotSink, stop: StopFlag | None,
-             res: SessionResult) -> bool:
-    """Close the intervals ending by ``now_ns`` one by one; False when ``stop`` was set."""
-    while (we := monitor.window_end) is not None and we <= now_ns:
-        if stop is not None and stop.is_set():
-            res.reason = stop.why
-            return False
-        for s in monitor.advance(we):
-            sink(s)
-            res.snapshots += 1
-    return True
-
-
-def _find_jump(monitor: Monitor, chunk, last_t: int | None) -> int | None:
-    """Index of the first report whose time jumps over too many aggregation intervals."""
-    limit = float(MAX_EMPTY_AGGRS) * monitor.attrs.aggr_us * 1000
-    t = chunk["time_ns"].astype(np.float64)  # float: int64 differences can overflow
-    prev = float(last_t if last_t is not None else monitor.window_start)
-    big = np.flatnonzero(np.diff(t, prepend=prev) > limit)
-    return int(big[0]) if big.size else None
-
-
-def _refuse_jump(monitor: Monitor, prev: int, t: int, where: str | None):
-    n = (t - prev) // (monitor.attrs.aggr_us * 1000)
-    raise InputError(f"{where + ': ' if where else ''}time jumps from {prev} to {t} ns: "
-                     f"{n} aggregation intervals without a report (more than "
-                     f"{MAX_EMPTY_AGGRS:,}); time_ns must be in nanoseconds")
-
-
-def run_live(monitor: Monitor, primitive: Primitive, sink: SnapshotSink, *,
-             duration_ns: int | None = None, stop: StopFlag | None = None,
-             clock: Callable[[], int] = time.monotonic_ns,
-             on_tick: Callable[[int], None] | None = None,
-             annotate: Callable[[Snapshot], None] | None = None,
-             page_nodes: PageNodeLookup | None = None) -> SessionResult:
-    """Real-time loop.  A controlled primitive turns once per sampling interval (arm,
-    wait, poll); an observational one sleeps until the end of each aggregation
-    interval or until it has data waiting.  The caller has started the primitive;
-    this calls ``primitive.stop()`` before returning (any path).  ``page_nodes``
-    fills each report's ``page_node`` (the node holding the accessed page) before the
-    monitor counts it."""
-    stop = stop or StopFlag()
-    res = SessionResult("duration")
-
-    def feed(reports: np.ndarray) -> None:
-        if page_nodes is not None:
-            page_nodes.annotate(reports)
-        monitor.report_batch(reports)
-
-    try:
-        t0 = clock()
-        monitor.start(t0)
-        next_tick = t0
-        controlled = primitive.kind == "controlled"
-        ran = 0
-        delay = 0 if controlled else max(0, int(primitive.report_delay_ns))
-        exit_seen: dict[int, int] = {}  # pid -> when its exit was seen (with a delay)
-        while True:
-            if controlled:
-                # the sampling turns of one aggregation interval, as kdamond_fn runs them:
-                # one random page per region per sampling interval, armed and checked
-                ran = _sample_window(monitor, primitive, stop, clock, feed)
-                if stop.is_set():
-                    res.reason = stop.why
-            else:
-                # observational: reports carry their time, so wake at the end of each
-                # aggregation (plus the primitive's report delay), or earlier when the
-                # primitive has data waiting
-                next_tick = (monitor.window_end or clock()) + delay
-                while not stop.is_set() and not primitive.exhausted():
-                    remaining = (next_tick - clock()) / 1e9
-                    if remaining <= 0:
-                        break
-                    if primitive.wait(min(remaining, 0.1)):
-                        feed(primitive.poll(clock()))
-                if stop.is_set():
-                    res.reason = stop.why
-            now = clock()
-            if not controlled:
-                feed(primitive.poll(now))
-            exits = primitive.exited()
-            if delay:
-                # reports of a target that exited can still be on their way: it ends
-                # (its interval closes as its last) once the report delay has passed
-                for pid in exits:
-                    exit_seen.setdefault(pid, now)
-                exits = []
-            _mark_exited(monitor, exits)
-            # a controlled interval is its turns: closed when they are done, also when a
-            # stop or the targets' exit cut them short
-            snaps = ((monitor.close(now) if ran else []) if controlled
-                     else monitor.advance(now - delay))
-            for s in snaps:
-                if annotate is not None:
-                    annotate(s)
-                sink(s)
-                res.snapshots += 1
-            if snaps and page_nodes is not None:
-                page_nodes.new_interval()  # pages may move between intervals
-            if exit_seen:
-                due = [pid for pid, seen in exit_seen.items() if now - delay >= seen]
-                _mark_exited(monitor, due)
-                for pid in due:
-                    del exit_seen[pid]
-            if on_tick is not None:
-                on_tick(now - t0)
-            if res.reason != "duration":
-                break
-            if duration_ns is not None and now - t0 >= duration_ns:
-                break
-            if monitor.targets and all(t.exited for t in monitor.targets):
-                res.reason = "targets-exited"
-                break
-            if primitive.exhausted():
-                res.reason = "input-exhausted"
-                break
-        # the running interval holds the exited targets' last accesses, or the ones
-        # since the last full interval before an interrupt: close it early (a controlled
-        # session has closed its last interval already)
-        if not controlled:
-            now = clock()
-            feed(primitive.poll(now))
-            ws, sample_ns = monitor.window_start, monitor.attrs.sample_us * 1000
-            if len(monitor.buffer) and ws is not None and now - ws < sample_ns:
-                # flush() closes no interval shorter than a sampling interval: an input
-                # that ended right after an interval began still has its reports counted
-                time.sleep((ws + sample_ns - now) / 1e9)
-                now = clock()
-            for s in monitor.flush(now):
-                if annotate is not None:
-                    annotate(s)
-                sink(s)
-                res.snapshots += 1
-    finally:
-        primitive.stop()
-        stop.close()
-        st = primitive.stats()
-        res.lost_samples = st.lost_samples
-        res.notes = list(st.notes)
-        res.end = dict(st.end)
-    return res
-
-
-def _sample_window(monitor: Monitor, primitive: Primitive, stop: StopFlag,
-                   clock: Callable[[], int],
-                   feed: Callable[[np.ndarray], None] | None = None) -> int:
-    """Run the current aggregation interval's sampling turns on a controlled primitive
-    and feed what it saw to the monitor.  A window that ends early because a target
-    exited or exec'd is resumed for the others; a stop ends it.  The turns start now
-    (the interval's start on the clock may have passed while the previous one was
-    closed) and run back to back; the caller closes the interval when they are done.
-    Returns the number of turns run."""
-    monitor.begin_window(clock())
-    ws = monitor.window_start
-    assert ws is not None
-    n = monitor.attrs.aggr_samples
-    sample_ns = monitor.attrs.sample_us * 1000
-    first = 0
-    plans = {t.pid: monitor.sampling_plan(t.pid, n) for t in monitor.targets if not t.exited}
-    while first < n and plans and not stop.is_set():
-        reports, first = primitive.sample_window(Window(ws, sample_ns, plans, first, n),
-                                                 stop.fileno())
-        (feed or monitor.report_batch)(reports)
-        gone = set(primitive.exited())
-        for pid in gone & set(plans):
-            monitor.target(pid).exited = True
-            del plans[pid]
-    return first
-
-
-def _mark_exited(monitor: Monitor, pids) -> None:
-    for pid in pids:
+    def __iter__(self) -> Iterator[Snapshot]:
+        """The snapshots, one per target per aggregation interval, as they close;
+        ``result`` and ``notes`` say how the session ended once the loop is done."""
+        self.start()
+        assert self.monitor is not None
+        if self.replay:
+            assert self.replay_reader is not None
+            yield from iter_replay(self.monitor, self.replay_reader.chunks(), self.stop_flag,
+                                   self._count_progress, where=self.replay_reader.where,
+                                   result=self.result)
+            if self._perf_stats is not None:
+                self.notes = self._perf_stats.notes()
+            return
         try:
-            monitor.target(pid).exited = True
-        except KeyError:
-            pass
+            yield from iter_live(self.monitor, self.primitives, duration_ns=self.duration_ns,
+                                 stop=self.stop_flag, on_tick=self.on_tick,
+                                 page_nodes=self._lookup, result=self.result)
+        finally:
+            self._closed = True  # iter_live stopped every primitive
+            self.notes = [n for n in self.result.notes if n not in self._start_notes]
+            if self._lookup is not None and self._lookup.stats.reports:
+                self.notes.append(self._lookup.stats.note())
+            self.warnings = [w for p in self.primitives for w in p.stats().warnings]
+
+    progress: Callable[[int], None] | None = None  # replay: reports read so far
+
+    def _count_progress(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress(n)
+
+    def run(self, sinks: Sequence[Sink]) -> SessionResult:
+        """Start, hand every snapshot to the sinks, end them; ``fail`` them on error."""
+        begun: list[Sink] = []
+        try:
+            self.start()
+            assert self.monitor is not None
+            for s in sinks:
+                s.begin(self.header, self.monitor)
+                begun.append(s)
+            for snap in self:
+                for s in sinks:
+                    s.snapshot(snap)
+            for s in sinks:
+                s.end(self.result, self.monitor, self.notes)
+        except BaseException as e:
+            self.close()
+            for s in begun:
+                s.fail(str(e) or type(e).__name__)
+            raise
+        finally:
+            self.close()
+        return self.result
+
+
+def stderr_log(msg: str) -> None:
+    """The CLI's ``log``: one note line on stderr."""
+    print(f"udamon: note: {msg}", file=sys.stderr)

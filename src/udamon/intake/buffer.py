@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from udamon.intake.reports import REPORT_DTYPE, make
+from udamon.intake.reports import REPORT_DTYPE
 from udamon.targets.topology import nodes_of
 
 DEFAULT_CAPACITY = 1 << 22  # ~4M reports, 160 MiB at most
 
 
 class ReportBuffer:
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, cpu_nodes: np.ndarray | None = None):
+        """``cpu_nodes``: the CPU-to-node table that fills a report's unknown node from
+        its CPU (whoever builds the buffer knows which machine the reports come from:
+        this one for live reports, the recorded one for replayed input); None leaves
+        unknown nodes unknown."""
         if capacity <= 0:
             raise ValueError("buffer capacity must be positive")
         self.capacity = capacity
+        self.cpu_nodes = cpu_nodes
         self._chunks: list[np.ndarray] = []
         self._len = 0
         self.dropped = 0
@@ -43,16 +48,14 @@ class ReportBuffer:
         if n == 0:
             return 0
         chunk = reports.copy()
-        need = (chunk["node"] < 0) & (chunk["cpu"] >= 0)
-        if need.any():
-            chunk["node"][need] = nodes_of(chunk["cpu"][need])
+        if self.cpu_nodes is not None:
+            need = (chunk["node"] < 0) & (chunk["cpu"] >= 0)
+            if need.any():
+                chunk["node"][need] = nodes_of(chunk["cpu"][need], self.cpu_nodes)
         self._chunks.append(chunk)
         self._len += n
         self.accepted += n
         return n
-
-    def add_one(self, **fields) -> bool:
-        return self.add(make(**fields)) == 1
 
     def take_before(self, end_ns: int) -> np.ndarray:
         """Remove and return every report with ``time_ns < end_ns``.

@@ -36,8 +36,8 @@ import numpy as np
 
 from udamon.errors import InputError, UsageError
 from udamon.intake import wire
+from udamon.intake.csv_format import is_comment, parse_header, parse_rows
 from udamon.intake.reports import empty
-from udamon.primitives.replay import is_comment, parse_header, parse_rows
 
 # A producer's share of one read: bounds the time one call spends on one producer.
 DEFAULT_BUDGET = 8 << 20

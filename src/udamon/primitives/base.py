@@ -17,7 +17,6 @@ page per region per turn, as DAMON's kdamond does) or ``wait``/``poll``
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,7 +61,7 @@ class PrimitiveStats:
     end: dict = field(default_factory=dict)
 
 
-class Primitive(ABC):
+class Primitive:
     name: str = "?"
     kind: Kind = "observational"
     coverage: Coverage = "unknown"
@@ -97,9 +96,13 @@ class Primitive(ABC):
 
         return (np.concatenate(parts) if parts else empty()), window.turns
 
-    @abstractmethod
     def poll(self, now_ns: int) -> np.ndarray:
-        """Return the reports (REPORT_DTYPE) collected since the last poll."""
+        """Observational kind (and a controlled one's single turn after ``arm``): the
+        reports (REPORT_DTYPE) collected since the last poll.  A data-driven primitive
+        (replay) is read through its chunks instead and keeps this default."""
+        from udamon.intake.reports import empty
+
+        return empty()
 
     def wait(self, timeout_s: float) -> bool:
         """Observational kind: block until reports may be waiting (True) or the timeout

@@ -26,8 +26,8 @@ import numpy as np
 from udamon.errors import RuntimeFailure
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives.base import Primitive, PrimitiveStats
-from udamon.primitives.perf_tracepoint import FaultTracer, page_fault_tracepoint_available
-from udamon.primitives.sysctl_guard import (
+from udamon.system.perf_tracepoint import FaultTracer, page_fault_tracepoint_available
+from udamon.system.sysctl_guard import (
     SettingsGuard,
     apply_numa_balancing,
     apply_tracefs,

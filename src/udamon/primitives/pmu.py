@@ -29,7 +29,7 @@ How events are opened:
 Not exercised live: this project's machines have no hardware PMU (``perf stat -e
 cycles`` says "not supported"), so the event setup runs only against the kernel
 ABI as documented; the ring-buffer parsing (shared with the tracepoint reader,
-udamon.primitives.perf_ring), the data_src decoding and the SPE packet decoder
+udamon.system.perf_ring), the data_src decoding and the SPE packet decoder
 are tested on constructed bytes for PEBS, IBS and SPE layouts (tests/test_pmu.py).
 """
 
@@ -50,7 +50,7 @@ from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives import perf_mem
 from udamon.primitives.arm_spe import SpeDecoder
 from udamon.primitives.base import Primitive, PrimitiveStats
-from udamon.primitives.perf_ring import (
+from udamon.system.perf_ring import (
     ATTR_DISABLED,
     ATTR_EXCLUDE_HV,
     ATTR_EXCLUDE_KERNEL,

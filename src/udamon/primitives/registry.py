@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from udamon.core.attrs import Attrs
 from udamon.errors import RuntimeFailure, UsageError
 from udamon.primitives.base import Primitive
+
+if TYPE_CHECKING:  # the core is above the primitives: only its type, not its code
+    from udamon.core.attrs import Attrs
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Input contract (DESIGN.md): a header ``time_ns,pid,tid,cpu,addr,size,write``
 (column order free; optional extra columns ``node``, ``source``, ``mem`` and
-``page_node``), one report per line, sorted by time.  Integers are decimal; ``addr``
-may be 0x-hex.  Blank lines and lines starting with ``#`` (comments) are skipped.
+``page_node``; udamon.intake.csv_format parses them), one report per line, sorted by
+time.  Integers are decimal; ``addr`` may be 0x-hex.  Blank lines and lines starting
+with ``#`` (comments) are skipped.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from udamon.errors import InputError
-from udamon.intake.reports import MEM_LEVELS, SOURCE_IDS, empty
+from udamon.intake.csv_format import (  # noqa: F401 - the CSV format, also for callers
+    ADDR_END,
+    OPTIONAL,
+    REQUIRED,
+    is_comment,
+    parse_header,
+    parse_rows,
+)
 from udamon.primitives.base import Primitive
 from udamon.targets.topology import nodes_of
 
-REQUIRED = ("time_ns", "pid", "tid", "cpu", "addr", "size", "write")
-OPTIONAL = ("node", "source", "mem", "page_node")
 CHUNK = 65_536
 
 
@@ -79,12 +85,6 @@ def _not_gzip(path: str, msg: str) -> str:
     return msg
 
 
-def is_comment(line: str) -> bool:
-    """A line that holds no report: blank, or a comment starting with '#'."""
-    text = line.strip()
-    return not text or text.startswith("#")
-
-
 def columns(path: str) -> list[str]:
     """The header's column names ([] when unreadable: read_csv says why, with the line)."""
     try:
@@ -93,56 +93,6 @@ def columns(path: str) -> list[str]:
     except (InputError, UnicodeDecodeError, EOFError, OSError, ValueError, zlib.error):
         return []
     return [c.strip().strip('"') for c in first.strip().split(",")]
-
-
-def _conv(name: str, text: str, where: str) -> int:
-    """Convert and check one field; used to name the exact bad line."""
-    text = text.strip()
-    try:
-        v = int(text, 0) if name == "addr" else int(text)
-    except ValueError:
-        raise InputError(f"{where}: field {name!r}: {text!r} is not an integer") from None
-    lo, hi = _LIMITS[name]
-    if not lo <= v <= hi:
-        raise InputError(f"{where}: field {name!r}: {text!r} is out of range "
-                         f"({_LIMIT_TEXT[name]})")
-    return v
-
-
-# An access must end below the last page under 2^64: monitored ranges are whole pages
-# and a region's end (exclusive) must itself be below 2^64.
-ADDR_END = (1 << 64) - 4096
-_LIMITS = {"time_ns": (-(1 << 63), (1 << 63) - 1), "pid": (0, (1 << 31) - 1),
-           "tid": (-1, (1 << 31) - 1), "cpu": (-1, (1 << 31) - 1), "node": (-1, (1 << 31) - 1),
-           "page_node": (-1, (1 << 31) - 1),
-           "addr": (0, ADDR_END - 1), "size": (1, ADDR_END), "write": (0, 1),
-           "mem": (0, len(MEM_LEVELS) - 1)}
-_LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
-               "tid": "-1 (unknown) or a thread id", "cpu": "-1 (unknown) or a CPU number",
-               "node": "-1 (unknown) or a node number",
-               "page_node": "-1 (unknown) or the node number of the accessed page",
-               "addr": f"0 to {ADDR_END - 1:#x}: the last page below 2^64 is left out",
-               "size": f"1 to {ADDR_END:#x}", "write": "0 or 1",
-               "mem": "a memory level 0 to 5: " + ", ".join(
-                   f"{i} {n}" for i, n in enumerate(MEM_LEVELS))}
-
-
-def parse_header(line: str, where: str) -> list[str]:
-    """The column names of a header line; InputError naming ``where`` when bad."""
-    cols = [c.strip().strip('"') for c in line.strip().split(",")]
-    missing = [c for c in REQUIRED if c not in cols]
-    unknown = [c for c in cols if c not in REQUIRED + OPTIONAL]
-    if missing or unknown or len(set(cols)) != len(cols):
-        what = []
-        if missing:
-            what.append("missing " + ", ".join(missing))
-        if unknown:
-            what.append("unknown " + ", ".join(unknown))
-        if len(set(cols)) != len(cols):
-            what.append("duplicate columns")
-        raise InputError(f"{where}: bad header ({'; '.join(what)}); expected "
-                         f"'{','.join(REQUIRED)}' (optional: {', '.join(OPTIONAL)})")
-    return cols
 
 
 def read_csv(path: str, chunk: int = CHUNK,
@@ -212,63 +162,6 @@ def _backwards(path: str, line: int, t: int, prev: int):
                      "replay input must be sorted by time")
 
 
-def parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
-               ncol: int) -> np.ndarray:
-    """CSV lines (without the header) -> REPORT_DTYPE; InputError naming ``path:LINE``."""
-    dt = np.dtype([(c, "U16" if c == "source" else
-                    (np.uint64 if c in ("addr", "size") else np.int64)) for c in cols])
-    try:
-        # comments=None: a '#' inside a row is an error of that row (comment lines are
-        # dropped before), never a silently shorter table
-        table = np.loadtxt(rows, delimiter=",", dtype=dt, ndmin=1, comments=None,
-                           quotechar=None)
-        if table.size != len(rows):
-            raise ValueError("rows")
-        for name in cols:
-            if name != "source":
-                lo, hi = _LIMITS[name]
-                if ((table[name] < lo) | (table[name] > hi)).any():
-                    raise ValueError(name)
-    except ValueError:
-        table = _parse_slow(path, rows, linenos, cols, ncol, dt)
-    over = np.flatnonzero(table["size"] > np.uint64(ADDR_END) - table["addr"])
-    if over.size:
-        i = int(over[0])
-        raise InputError(f"{path}:{linenos[i]}: addr {int(table['addr'][i]):#x} + size "
-                         f"{int(table['size'][i])} ends above {ADDR_END:#x} (accesses must "
-                         "end below the last page under 2^64)")
-    out = empty(len(rows))
-    for name in cols:
-        if name == "source":
-            col = np.char.strip(table[name])
-            ids = np.full(col.shape, 255, dtype=np.int64)
-            for sname, sid in SOURCE_IDS.items():
-                ids[col == sname] = sid
-            if (ids == 255).any():
-                i = int(np.flatnonzero(ids == 255)[0])
-                raise InputError(f"{path}:{linenos[i]}: unknown source {str(col[i])!r} "
-                                 f"(known: {', '.join(SOURCE_IDS)})")
-            out["source"] = ids
-        else:
-            out[name] = table[name]
-    if "source" not in cols:
-        out["source"] = SOURCE_IDS["replay"]
-    return out
-
-
-def _parse_slow(path: str, rows: list[str], linenos: list[int], cols: list[str], ncol: int,
-                dt: np.dtype) -> np.ndarray:
-    """Field-by-field conversion: accepts 0x-hex addresses and names the first bad line."""
-    table = np.empty(len(rows), dtype=dt)
-    for i, (row, ln) in enumerate(zip(rows, linenos, strict=True)):
-        fields = row.strip().split(",")
-        if len(fields) != ncol:
-            raise InputError(f"{path}:{ln}: expected {ncol} fields, got {len(fields)}")
-        table[i] = tuple(f.strip() if name == "source" else _conv(name, f, f"{path}:{ln}")
-                         for name, f in zip(cols, fields, strict=True))
-    return table
-
-
 @dataclass
 class InputSummary:
     """What a pre-pass over a replay input learns: ranges per pid (the spans of
@@ -282,8 +175,11 @@ class InputSummary:
     reports: int = 0
 
 
-def summarize(path: str, page: int = 4096, reader=None) -> InputSummary:
-    """``reader(path)`` yields the input's report chunks (default: read_csv)."""
+def summarize(path: str, page: int = 4096, reader=None,
+              cpu_nodes: np.ndarray | None = None) -> InputSummary:
+    """``reader(path)`` yields the input's report chunks (default: read_csv);
+    ``cpu_nodes``: the CPU-to-node table for reports without a node (default: this
+    machine's, as the Monitor's buffer fills them)."""
     summary = InputSummary()
     pages: dict[int, np.ndarray] = {}
     for chunk in (reader or read_csv)(path):
@@ -291,7 +187,7 @@ def summarize(path: str, page: int = 4096, reader=None) -> InputSummary:
         summary.cpus.update(int(c) for c in np.unique(chunk["cpu"]) if c >= 0)
         nodes = chunk["node"]
         known = chunk["cpu"] >= 0
-        derived = nodes_of(chunk["cpu"][known & (nodes < 0)])
+        derived = nodes_of(chunk["cpu"][known & (nodes < 0)], cpu_nodes)
         summary.nodes.update(int(n) for n in np.unique(np.concatenate(
             [nodes[nodes >= 0], derived])) if n >= 0)
         for pid in np.unique(chunk["pid"]).tolist():
@@ -334,6 +230,3 @@ class ReplayPrimitive(Primitive):
 
     def chunks(self) -> Iterator[np.ndarray]:
         return self._it
-
-    def poll(self, now_ns: int) -> np.ndarray:  # replay is data-driven; see Session
-        return next(self._it, empty(0))

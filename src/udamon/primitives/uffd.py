@@ -226,8 +226,8 @@ class UffdPrimitive(Primitive):
             raise
 
     def _start_tracer(self) -> None:
-        from udamon.primitives.perf_tracepoint import FaultTracer
-        from udamon.primitives.sysctl_guard import (
+        from udamon.system.perf_tracepoint import FaultTracer
+        from udamon.system.sysctl_guard import (
             SettingsGuard,
             apply_tracefs,
             tracefs_needs_mount,
@@ -241,7 +241,7 @@ class UffdPrimitive(Primitive):
             self._guard = SettingsGuard(handle_signals=False)
             self._notes.extend(apply_tracefs(self._guard))
         try:
-            from udamon.primitives.perf_tracepoint import online_cpus
+            from udamon.system.perf_tracepoint import online_cpus
 
             pages = ring_pages(self.faults_per_window, len(online_cpus()))
             self._tracer = FaultTracer(live, pages_per_buffer=pages).open()

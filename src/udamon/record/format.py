@@ -10,7 +10,6 @@ FORMAT_VERSION = 1
 
 HEADER_KEYS = ("format", "version", "attrs", "primitive", "filters", "probes", "targets")
 SNAPSHOT_KEYS = ("time_ns", "pid", "sample_us", "regions")
-REGION_KEYS = ("start", "end", "nr_accesses", "age", "probes")
 END_KEYS = ("reason", "dropped_reports", "lost_samples")
 
 # Reasons a record ends with.

@@ -239,14 +239,16 @@ def _spans(obj: dict, key: str, where: str) -> list[tuple[int, int]] | None:
 
 
 def _parse_numa(numa, where: str) -> dict:
-    """A snapshot's locality counts: local/remote/unknown, and per thread ("-1": reports
-    whose thread is unknown, e.g. wp's writes made by the kernel for the target)."""
+    """A snapshot's locality counts: local/remote/unknown, and per thread ("unknown",
+    or "-1" in older records: reports whose thread is unknown, e.g. wp's writes made by
+    the kernel for the target)."""
     if not isinstance(numa, dict):
         raise _Bad(f"{where}: numa must be an object")
     out = {k: _int(numa.get(k, 0), f"numa {k}", where) for k in ("local", "remote", "unknown")}
     threads = numa.get("threads", {})
     if not isinstance(threads, dict) or not all(
-            (k.isdigit() or k in ("other", "-1")) and isinstance(v, list) and len(v) == 3
+            (k.isdigit() or k in ("other", "unknown", "-1")) and isinstance(v, list)
+            and len(v) == 3
             and all(isinstance(x, int) and x >= 0 for x in v) for k, v in threads.items()):
         raise _Bad(f"{where}: numa threads must map thread ids to [local, remote, unknown]")
     out["threads"] = threads

@@ -6,7 +6,6 @@ was killed is still readable up to the last complete aggregation.
 
 from __future__ import annotations
 
-import datetime
 import gzip
 import json
 import os
@@ -14,9 +13,9 @@ import zlib
 from collections.abc import Sequence
 from typing import IO
 
-from udamon import __version__
 from udamon.core.attrs import Attrs
 from udamon.core.monitor import Snapshot, Target
+from udamon.core.session import describe
 from udamon.errors import RuntimeFailure, UsageError
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
@@ -25,20 +24,10 @@ from udamon.record.format import END_REASONS, FORMAT_NAME, FORMAT_VERSION
 
 def build_header(attrs: Attrs, primitive: str, coverage: str, filters: Sequence[Filter],
                  probes: Sequence[Probe], targets: Sequence[Target], **extra) -> dict:
-    h = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "attrs": attrs.to_dict(),
-        "primitive": primitive,
-        "coverage": coverage,
-        "filters": [f.to_dict() for f in filters],
-        "probes": [p.to_dict() for p in probes],
-        "targets": [t.to_dict() for t in targets],
-        "udamon_version": __version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    h.update(extra)
-    return h
+    """A record's header line: the record format's name and version plus what the
+    session says of itself (udamon.core.session.describe)."""
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+            **describe(attrs, primitive, coverage, filters, probes, targets, **extra)}
 
 
 class RecordWriter:
@@ -75,8 +64,10 @@ class RecordWriter:
             raise RuntimeFailure(f"writing {self.path} failed: {e.strerror}") from None
 
     def write_header(self, header: dict) -> None:
+        """The header line; the record format's name and version go first (a session's
+        own description, udamon.core.session.describe, has neither)."""
         assert not self._header_written
-        self._line(header)
+        self._line({"format": FORMAT_NAME, "version": FORMAT_VERSION, **header})
         self._header_written = True
 
     def write_snapshot(self, snap: Snapshot | dict) -> None:

@@ -455,12 +455,6 @@ def pidfd_open(pid: int, flags: int = 0) -> int:
         raise RuntimeFailure(f"pidfd_open({pid}) failed: {e.strerror}") from None
 
 
-def inject_call(pid: int, nr: int, *args: int) -> int:
-    """Run one syscall in ``pid`` and return its raw result (negative errno on error)."""
-    with Injector(pid) as inj:
-        return inj.call(nr, *args)
-
-
 def inject_userfaultfd(pid: int, flags: int = O_CLOEXEC | O_NONBLOCK) -> int:
     """Create a userfaultfd inside ``pid`` and return our own fd for it.
 

@@ -228,3 +228,28 @@ def thread_ids(pid: int) -> list[int]:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError:
         raise TargetGone(f"process {pid} does not exist (or has exited)") from None
+
+
+def vaddr_provider(pid: int):
+    """The ranges of a process as DAMON's vaddr operations pick them (three regions over
+    /proc/PID/maps) plus the spans really mapped inside them -- the three regions
+    include unmapped holes, which reports must not call memory -- and the mergeable
+    spans among them (``mergeable_spans``: what KSM could merge).  A callable for
+    ``Monitor.add_target(provider=...)``; its ``name`` is the process's.  The maps are
+    parsed again only when they changed (they are read once a second)."""
+    last: list = [None, None]
+
+    def provide() -> tuple[list[tuple[int, int]], ...]:
+        text = read_maps_text(pid)
+        if text != last[0]:
+            vmas = parse_maps(text)
+            if not vmas:
+                read_vmas(pid)  # says whether the process is gone
+            ranges = three_regions(vmas)
+            last[:] = [text, (ranges, mapped_spans(vmas, ranges),
+                              mergeable_spans(vmas, ranges))]
+        return last[1]
+
+    name = process_name(pid)
+    provide.name = "" if name == "?" else name  # type: ignore[attr-defined]
+    return provide

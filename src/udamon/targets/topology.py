@@ -1,4 +1,5 @@
-"""CPU to NUMA node map of this machine, read from sysfs once."""
+"""CPU to NUMA node maps: this machine's (read from sysfs once) or one given for
+input recorded elsewhere ("0-3=0,4-7=1")."""
 
 from __future__ import annotations
 
@@ -60,9 +61,34 @@ def cpu_to_node() -> np.ndarray:
     return table
 
 
-def nodes_of(cpus: np.ndarray) -> np.ndarray:
-    """Vectorised CPU -> node; -1 for unknown or out-of-range CPUs."""
-    table = cpu_to_node()
+def parse_cpu_nodes(text: str) -> np.ndarray:
+    """Parse a CPU-to-node map ``CPUS=NODE[,CPUS=NODE...]`` with CPUS in the kernel's
+    list format joined by ``+`` (``0-3=0,4-7=1``, ``0-1+4-5=0``) into a table like
+    cpu_to_node()'s; CPUs it does not name map to -1 (unknown)."""
+    pairs: list[tuple[int, int]] = []
+    for item in text.split(","):
+        cpus, eq, node = item.strip().partition("=")
+        if not eq or not node.strip().isdigit():
+            raise ValueError(f"bad CPU-to-node item {item.strip()!r} (expected CPUS=NODE, "
+                             "e.g. 0-3=0)")
+        listed = parse_cpulist(cpus.replace("+", ","))
+        if not listed:
+            raise ValueError(f"bad CPU-to-node item {item.strip()!r}: no CPUs")
+        pairs.extend((c, int(node)) for c in listed)
+    seen: dict[int, int] = {}
+    for c, n in pairs:
+        if seen.setdefault(c, n) != n:
+            raise ValueError(f"CPU {c} is mapped to nodes {seen[c]} and {n}")
+    table = np.full(max(seen) + 1, -1, dtype=np.int32)
+    for c, n in seen.items():
+        table[c] = n
+    return table
+
+
+def nodes_of(cpus: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
+    """Vectorised CPU -> node with ``table`` (default: this machine's map); -1 for
+    unknown or out-of-range CPUs."""
+    table = cpu_to_node() if table is None else table
     cpus = np.asarray(cpus, dtype=np.int64)
     ok = (cpus >= 0) & (cpus < table.size)
     out = np.full(cpus.shape, -1, dtype=np.int32)

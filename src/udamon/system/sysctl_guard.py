@@ -7,7 +7,7 @@ originals
 * on SIGTERM (a handler restores, then raises ``SystemExit``) and SIGINT
   (``KeyboardInterrupt`` unwinds through the context manager),
 * when udamon itself dies, SIGKILL included: a watchdog child
-  (:mod:`udamon.primitives.sysctl_watchdog`) holds the read end of a pipe
+  (:mod:`udamon.system.sysctl_watchdog`) holds the read end of a pipe
   whose write end only udamon holds; EOF means udamon is gone and the
   watchdog restores what the state file lists,
 * and if even the watchdog died, the next udamon calls :func:`restore_stale`,
@@ -39,8 +39,8 @@ import threading
 from pathlib import Path
 
 from udamon.errors import RuntimeFailure
-from udamon.primitives import mounts
-from udamon.primitives import sysctl_watchdog as wd
+from udamon.system import mounts
+from udamon.system import sysctl_watchdog as wd
 
 DEFAULT_STATE_DIR = "/run/udamon"
 NUMA_BALANCING = "/proc/sys/kernel/numa_balancing"

@@ -53,8 +53,8 @@ import numpy as np
 
 from udamon.arrays import sorted_unique
 from udamon.errors import RuntimeFailure
-from udamon.primitives.mounts import is_mounted, mount, umount
-from udamon.primitives.perf_ring import (
+from udamon.system.mounts import is_mounted, mount, umount
+from udamon.system.perf_ring import (
     ATTR_DISABLED,
     ATTR_INHERIT,
     ATTR_USE_CLOCKID,
@@ -76,10 +76,10 @@ from udamon.primitives.perf_ring import (
     sample_dtype,
     syscall_known,
 )
-from udamon.primitives.perf_ring import Ring as _Ring
-from udamon.primitives.perf_ring import event_id as _event_id
-from udamon.primitives.perf_ring import ioctl as _ioctl
-from udamon.primitives.perf_ring import perf_event_open as _perf_event_open
+from udamon.system.perf_ring import Ring as _Ring
+from udamon.system.perf_ring import event_id as _event_id
+from udamon.system.perf_ring import ioctl as _ioctl
+from udamon.system.perf_ring import perf_event_open as _perf_event_open
 from udamon.targets.topology import parse_cpulist
 
 __all__ = ["FAULT_DTYPE", "PERF_RECORD_LOST", "PERF_RECORD_SAMPLE", "FaultTracer",

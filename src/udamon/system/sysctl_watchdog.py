@@ -1,6 +1,6 @@
 """Watchdog that restores system settings when the udamon process dies.
 
-Started by :class:`udamon.primitives.sysctl_guard.SettingsGuard` as
+Started by :class:`udamon.system.sysctl_guard.SettingsGuard` as
 ``python -I sysctl_watchdog.py --state FILE --parent PID`` with its stdin the
 read end of a pipe whose write end only the parent holds.  It prints
 ``ready`` once it is armed, then blocks on stdin:
