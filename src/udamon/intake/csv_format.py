@@ -20,6 +20,8 @@ def _conv(name: str, text: str, where: str) -> int:
     """Convert and check one field; used to name the exact bad line."""
     text = text.strip()
     try:
+        if not text.isascii():  # int() takes other scripts' digits ('٣' is 3)
+            raise ValueError
         v = int(text, 0) if name == "addr" else int(text)
     except ValueError:
         raise InputError(f"{where}: field {name!r}: {text!r} is not an integer") from None
@@ -78,6 +80,12 @@ def parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
     dt = np.dtype([(c, "U16" if c == "source" else
                     (np.uint64 if c in ("addr", "size") else np.int64)) for c in cols])
     try:
+        # numpy's loadtxt reads a lone non-ASCII character in an integer field as its
+        # code point ('\U0010f1ee' -> 1110462) and crashes (SIGSEGV, numpy 2.4) when
+        # such a field comes before an empty last one: every field udamon reads is
+        # ASCII, so other text goes to the field-by-field path, which names the line
+        if not all(r.isascii() for r in rows):
+            raise ValueError("not ASCII")
         # comments=None: a '#' inside a row is an error of that row (comment lines are
         # dropped before, is_comment), never a silently shorter table
         table = np.loadtxt(rows, delimiter=",", dtype=dt, ndmin=1, comments=None,

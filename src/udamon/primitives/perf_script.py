@@ -188,6 +188,12 @@ def _parse_line(path: str, lineno: int, line: str, st: PerfScriptStats):
             st.weight_n[mem] += 1
     if addr + size > ADDR_END or pid < 0:
         raise InputError(f"{path}:{lineno}: address {addr:#x} or pid {pid} out of range")
+    if not (pid < 1 << 31 and -1 <= tid < 1 << 31 and cpu < 1 << 31):
+        raise InputError(f"{path}:{lineno}: pid {pid}, tid {tid} or cpu {cpu} out of range "
+                         "(32-bit ids)")
+    if t >= 1 << 63:
+        raise InputError(f"{path}:{lineno}: time {m.group('sec')}.{m.group('frac')} s does "
+                         "not fit a 64-bit nanosecond clock")
     return t, pid, tid, cpu, addr, size, write, source, mem
 
 
