@@ -35,12 +35,16 @@ def _conv(name: str, text: str, where: str) -> int:
 # An access must end below the last page under 2^64: monitored ranges are whole pages
 # and a region's end (exclusive) must itself be below 2^64.
 ADDR_END = (1 << 64) - 4096
-_LIMITS = {"time_ns": (-(1 << 63), (1 << 63) - 1), "pid": (0, (1 << 31) - 1),
+# times within +-2^62 ns (146 years): the ends of the aggregation intervals around them
+# stay in the record's signed 64-bit clock
+TIME_LIMIT = 1 << 62
+_LIMITS = {"time_ns": (-TIME_LIMIT, TIME_LIMIT), "pid": (0, (1 << 31) - 1),
            "tid": (-1, (1 << 31) - 1), "cpu": (-1, (1 << 31) - 1), "node": (-1, (1 << 31) - 1),
            "page_node": (-1, (1 << 31) - 1),
            "addr": (0, ADDR_END - 1), "size": (1, ADDR_END), "write": (0, 1),
            "mem": (0, len(MEM_LEVELS) - 1)}
-_LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
+_LIMIT_TEXT = {"time_ns": "within +-2^62 ns, so that interval ends fit a 64-bit clock",
+               "pid": "a process id >= 0",
                "tid": "-1 (unknown) or a thread id", "cpu": "-1 (unknown) or a CPU number",
                "node": "-1 (unknown) or a node number",
                "page_node": "-1 (unknown) or the node number of the accessed page",

@@ -191,9 +191,9 @@ def _parse_line(path: str, lineno: int, line: str, st: PerfScriptStats):
     if not (pid < 1 << 31 and -1 <= tid < 1 << 31 and cpu < 1 << 31):
         raise InputError(f"{path}:{lineno}: pid {pid}, tid {tid} or cpu {cpu} out of range "
                          "(32-bit ids)")
-    if t >= 1 << 63:
-        raise InputError(f"{path}:{lineno}: time {m.group('sec')}.{m.group('frac')} s does "
-                         "not fit a 64-bit nanosecond clock")
+    if t > 1 << 62:  # (interval ends after it must fit the record's 64-bit clock)
+        raise InputError(f"{path}:{lineno}: time {m.group('sec')}.{m.group('frac')} s is "
+                         "beyond 2^62 ns")
     return t, pid, tid, cpu, addr, size, write, source, mem
 
 

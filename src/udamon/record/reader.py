@@ -112,9 +112,12 @@ def _need(d: dict, keys, where: str) -> None:
         raise _Bad(f"{where}: missing {', '.join(repr(k) for k in missing)}")
 
 
-def _int(v, what: str, where: str, lo: int = 0) -> int:
+def _int(v, what: str, where: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    """An integer field within [lo, hi] (counts are held as signed 64-bit numbers)."""
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
         raise _Bad(f"{where}: {what} must be an integer >= {lo}, got {v!r}")
+    if v > hi:
+        raise _Bad(f"{where}: {what} {v} is too large (at most {hi})")
     return v
 
 
@@ -181,8 +184,8 @@ def _parse_snapshot(obj: dict, where: str, probe_names: list[str],
         if not isinstance(r, dict):
             raise _Bad(f"{rw}: must be an object")
         _need(r, ("start", "end", "nr_accesses", "age"), rw)
-        s = _int(r["start"], "start", rw)
-        e = _int(r["end"], "end", rw)
+        s = _int(r["start"], "start", rw, hi=(1 << 64) - 1)
+        e = _int(r["end"], "end", rw, hi=(1 << 64) - 1)
         if e <= s or e >= 1 << 64:
             raise _Bad(f"{rw}: end {e:#x} must be above start {s:#x} and below 2^64")
         if s < prev_end:
