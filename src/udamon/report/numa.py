@@ -340,8 +340,8 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
     elif res.per_region:
         lines.append("NUMA: local and remote accesses (probes local, remote), in hot bytes")
     else:
-        lines.append("NUMA: local and remote reports (exact counts of the reports, each "
-                     "with its page's node) and where the reported pages are")
+        lines.append("NUMA: local and remote accesses (each report with its page's node) "
+                     "and where the reported pages are")
     lines += notes(rec)
     if not res.per_region:
         return _counts_text(rec, res, lines, top)
@@ -354,18 +354,13 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
         lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}: accesses by node: "
                      f"{_shares(bn)}")
         if t.reports is not None:
-            rp = t.reports
-            lr = rp["local"] + rp["remote"]
-            nan = float("nan")
-            lines.append(f"  reports: local {fmt_pct(rp['local'] / lr if lr else nan)}, "
-                         f"remote {fmt_pct(rp['remote'] / lr if lr else nan)} of "
-                         f"{lr:,} of known locality ({rp['unknown']:,} unknown; exact counts)")
+            lines.append(_reports_line(t.reports, rec))
             thr = sorted((t.threads or {}).items(), key=lambda kv: -sum(kv[1]))[:top]
             if thr:
                 table = [["thread", "local", "remote", "local %"]]
                 for tid, v in thr:
                     table.append([tid, f"{v[0]:,}", f"{v[1]:,}",
-                                  fmt_pct(v[0] / (v[0] + v[1]) if v[0] + v[1] else nan)])
+                                  fmt_pct(v[0] / (v[0] + v[1]) if v[0] + v[1] else float("nan"))])
                 lines.append("  by thread:")
                 lines += render_table(table, left=1, indent="    ")
         if res.has_pages:
@@ -405,12 +400,16 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _reports_line(rp: dict[str, int]) -> str:
+def _reports_line(rp: dict[str, int], rec: Record) -> str:
+    """The target's locality counts; a controlled record's count sampled regions' pages
+    (docs/record-format.md), an estimate, not reports."""
     lr = rp["local"] + rp["remote"]
     nan = float("nan")
-    return (f"  reports: local {fmt_pct(rp['local'] / lr if lr else nan)}, "
+    what, unit = (("pages", "estimated from the sampled regions' pages")
+                  if rec.coverage == "controlled" else ("reports", "exact counts"))
+    return (f"  {what}: local {fmt_pct(rp['local'] / lr if lr else nan)}, "
             f"remote {fmt_pct(rp['remote'] / lr if lr else nan)} of "
-            f"{lr:,} of known locality ({rp['unknown']:,} unknown; exact counts)")
+            f"{lr:,} of known locality ({rp['unknown']:,} unknown; {unit})")
 
 
 def _counts_text(rec: Record, res: NumaResult, lines: list[str], top: int) -> str:
@@ -419,7 +418,7 @@ def _counts_text(rec: Record, res: NumaResult, lines: list[str], top: int) -> st
     for t in res.targets:
         lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}")
         if t.reports is not None:
-            lines.append(_reports_line(t.reports))
+            lines.append(_reports_line(t.reports, rec))
             thr = sorted((t.threads or {}).items(), key=lambda kv: -sum(kv[1]))[:top]
             if thr:
                 table = [["thread", "local", "remote", "local %"]]
