@@ -278,8 +278,15 @@ def test_a_process_whose_main_thread_exited_is_monitored(tmp_path, prim):
         pytest.skip(f"{prim} unavailable: {why}")
     wl, info = _start(_campaign(), "zombie", "--duration", "30", "--size", "16")
     try:
-        with open(f"/proc/{info['pid']}/stat") as f:
-            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie leader
+        # the start line comes just before the main thread's pthread_exit()
+        deadline, state = time.monotonic() + 10, ""
+        while time.monotonic() < deadline:
+            with open(f"/proc/{info['pid']}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state == "Z":  # a zombie leader
+                break
+            time.sleep(0.01)
+        assert state == "Z", state
         lo, hi = info["buf"]
         out = tmp_path / "z.jsonl"
         p = run_udamon("record", "--primitive", prim, "--pid", str(info["pid"]),
