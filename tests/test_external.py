@@ -389,6 +389,7 @@ def test_sigkill_of_the_session_spares_the_producer(tmp_path, demo_bin):
                             stdout=subprocess.PIPE, text=True)
     sess = _session(sock, out, "--duration", "60s", pid=demo.pid)
     json.loads(demo.stdout.readline())
+    _wait_socket(sock, sess)  # killed before it listens, it would spare nothing
     time.sleep(0.5)
     sess.kill()
     sess.wait()

@@ -127,11 +127,24 @@ def test_freeze_of_a_stopped_process_leaves_it_stopped():
 
 
 @needs_root
+def _wait_vfork_child(pid: int, timeout: float = 10) -> None:
+    """Until the main thread has a child (it is then blocked in vfork() until the
+    child exits): a fixed sleep was not enough on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    path = f"/proc/{pid}/task/{pid}/children"
+    while True:
+        with open(path) as f:
+            if f.read().strip():
+                return
+        assert time.monotonic() < deadline, "the workload never vforked"
+        time.sleep(0.01)
+
+
 def test_freeze_times_out_on_a_vfork_parent_and_releases_everyone(torture):
     p = subprocess.Popen([torture, "vfork", "1500"], stdout=subprocess.PIPE, text=True)
     try:
         start = json.loads(p.stdout.readline())
-        time.sleep(0.3)  # the main thread is in vfork() now
+        _wait_vfork_child(start["pid"])  # the main thread is in vfork() now
         t0 = time.monotonic()
         with pytest.raises(FreezeFailed, match="did not stop"), Freezer(start["pid"], 0.1):
             pass

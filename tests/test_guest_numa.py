@@ -101,14 +101,14 @@ def thread_split(rec, tid: int, node: int) -> tuple[float, float]:
     local = remote = 0.0
     name = f"thread:{tid}"
     for s in rec.snapshots:
-        if not s.page_nodes or name not in s.probe_hits:
+        if s.page_nodes is None or name not in s.probe_hits:
             continue
         hits = s.probe_hits[name]
-        for i, d in enumerate(s.page_nodes):
+        for i, d in enumerate(s.region_page_nodes()):
             pages = sum(d.values())
             if hits[i] <= 0 or pages <= 0:
                 continue
-            here = d.get(str(node), 0) / pages
+            here = d.get(node, 0) / pages
             local += hits[i] * here
             remote += hits[i] * (1 - here)
     return local, remote

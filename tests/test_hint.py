@@ -79,8 +79,8 @@ def test_reads_and_writes_attributed_to_cpu_and_thread(tmp_path, access_pattern_
     # page locations were sampled: the populated buffers live on this machine's nodes
     from udamon.targets.topology import cpu_to_node
 
-    nodes = {str(n) for n in cpu_to_node().tolist() if n >= 0}
-    located = [n for s in rec.snapshots for n in (s.page_nodes or [])]
+    nodes = {n for n in cpu_to_node().tolist() if n >= 0}
+    located = [n for s in rec.snapshots for n in s.region_page_nodes()]
     assert located and sum(sum(d.values()) for d in located) > 0
     assert all(set(d) <= nodes for d in located)
 

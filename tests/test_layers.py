@@ -82,3 +82,16 @@ def test_packages_import_only_what_is_below_them():
     assert not unknown, f"packages not in the layer order: {unknown}"
     upward = sorted((p, q) for p, deps in g.items() for q in deps if rank[q] > rank[p])
     assert not upward, f"imports of a higher layer: {upward}"
+
+
+def test_cli_holds_no_orchestration():
+    """cli/ turns arguments into library calls: a function there longer than ~40 lines
+    is doing a library's work (the issue-14 bar)."""
+    long = []
+    for path in sorted((SRC / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > 45:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long

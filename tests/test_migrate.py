@@ -47,7 +47,7 @@ def test_candidates_pick_hot_one_sided_regions_hottest_first():
               (0x5000, 0x6000, {0: 1, 1: 0}),    # too cold for min_hits=2
               (0x6000, 0x9000, {0: 2, 1: 18}),   # hottest, 90% node 1
               (0x9000, 0xa000, {0: 4, 1: 2})],   # 67% node 0
-             page_nodes=[{"1": 2}, {"0": 1, "1": 1}, {"1": 2}, {"0": 2}, {"0": 2}])
+             page_nodes=np.array([[0, 2], [1, 1], [0, 2], [2, 0], [2, 0]]))
     c = candidates(s, MigrateParams(min_hits=2, min_share=0.6))
     # the last region is accessed from node 0 and all its sampled pages are there: skipped
     assert [(x.start, x.to_node) for x in c] == [(0x6000, 1), (0x1000, 0)]

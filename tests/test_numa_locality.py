@@ -83,12 +83,12 @@ def test_snapshots_count_local_and_remote_reports_exactly():
         assert got == ([0, n, 0] if TRUTH_REMOTE[name] else [n, 0, 0])
     # the regions' pages: every reported page of a buffer is on its page node
     for s in snaps:
-        for i, d in enumerate(s.page_nodes):
+        for i, d in enumerate(s.region_page_nodes()):
             mid = (int(s.start[i]) + int(s.end[i])) // 2
             buf = "ABCD"[min((mid - BASE) // BUF, 3)]
             if int(s.start[i]) >= BASE + "ABCD".index(buf) * BUF and int(s.end[i]) <= (
                     BASE + ("ABCD".index(buf) + 1) * BUF):
-                assert set(d) <= {str(LAYOUT[buf][2])}
+                assert set(d) <= {LAYOUT[buf][2]}
 
 
 def _per_buffer_remote(numa_json: dict) -> dict[str, float]:

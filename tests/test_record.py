@@ -124,6 +124,59 @@ def test_salvage_reads_up_to_the_damage(tmp_path):
     assert len(rec.snapshots) == 2 and "r.jsonl:4" in rec.damage
 
 
+def test_streaming_reader_reads_one_snapshot_at_a_time(tmp_path):
+    """RecordReader: the header before any snapshot, snapshots as the file is read
+    (a line appended after the reader started is still seen: nothing was read
+    ahead), the end once the stream is over; damage mid-stream after the intact
+    snapshots have been yielded."""
+    from udamon.errors import RecordDamaged
+    from udamon.record.reader import iter_record
+
+    path = tmp_path / "r.jsonl"
+    written = write_sample(path, snaps=4, end=False)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]))  # header + 2 snapshots
+    with iter_record(str(path)) as r:
+        assert r.probe_names == ["w", "c1"] and r.end is None
+        it = iter(r)
+        first = next(it)
+        assert first.time_ns == written[0].time_ns and r.snapshots_read == 1
+        with open(path, "a") as f:  # the writer goes on while the reader reads
+            f.writelines(lines[3:])
+            f.write('{"end":{"reason":"duration","dropped_reports":0,"lost_samples":0,'
+                    '"snapshots":4}}\n')
+        rest = list(it)
+        assert [s.time_ns for s in rest] == [s.time_ns for s in written[1:]]
+        assert r.end["reason"] == "duration" and r.damage is None
+    damage(path, lambda ls: ls[:3] + ["{bad\n"] + ls[4:])
+    got = []
+    with pytest.raises(RecordDamaged) as e, iter_record(str(path)) as r:
+        got.extend(r)
+    assert len(got) == 2 and e.value.intact == 2 and "r.jsonl:4" in str(e.value)
+    with iter_record(str(path), salvage=True) as r:
+        assert len(list(r)) == 2 and "r.jsonl:4" in r.damage
+
+
+def test_page_nodes_round_trip_as_a_matrix(tmp_path):
+    """Snapshot.page_nodes (regions x nodes pages) is written as each region's
+    "nodes" object and read back as the same matrix."""
+    snap = write_sample(tmp_path / "a.jsonl", snaps=1)[0]
+    n = snap.start.size
+    snap.page_nodes = np.zeros((n, 3), dtype=np.int64)
+    snap.page_nodes[0, 2] = 5
+    snap.page_nodes[n - 1, 0] = 1
+    path = tmp_path / "b.jsonl"
+    w = RecordWriter(str(path))
+    w.write_header(json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0]))
+    w.write_snapshot(snap)
+    w.close("duration")
+    line = json.loads(path.read_text().splitlines()[1])
+    assert line["regions"][0]["nodes"] == {"2": 5} and line["regions"][1]["nodes"] == {}
+    back = read_record(str(path)).snapshots[0]
+    assert back.page_nodes.shape == (n, 3) and (back.page_nodes == snap.page_nodes).all()
+    assert back.region_page_nodes()[0] == {2: 5}
+
+
 def test_lost_snapshot_lines_are_noticed(tmp_path):
     """Every remaining line is valid; only the end line's count tells that one is gone."""
     import subprocess
@@ -136,7 +189,7 @@ def test_lost_snapshot_lines_are_noticed(tmp_path):
     with pytest.raises(InputError) as e:
         read_record(str(path))
     text = str(e.value)
-    assert "says 3 snapshots but 2 were found" in text and "--salvage" in text
+    assert "says 3 snapshots but 2 were found" in text and "salvaging read" in text
     assert "\n" not in text
     rec = read_record(str(path), salvage=True)
     assert len(rec.snapshots) == 2 and "says 3 snapshots" in rec.damage

@@ -23,6 +23,20 @@ class InputError(UdamonError):
     exit_code = 2
 
 
+class RecordDamaged(InputError):
+    """A record with a damaged or missing line; ``intact``: the snapshots before the
+    damage, which a salvaging read returns (the CLI's --salvage)."""
+
+    def __init__(self, message: str, intact: int, *, counted: bool = False):
+        hint = ("; a salvaging read takes what is there" if counted else
+                f" ({intact} snapshots before it are intact; a salvaging read takes them)"
+                if intact else "")
+        super().__init__(message + hint)
+        self.message = message
+        self.intact = intact
+        self.counted = counted
+
+
 class RuntimeFailure(UdamonError):
     """The environment failed us at run time: a kernel feature, permission, I/O (exit 1)."""
 

@@ -35,7 +35,13 @@ sys.path.insert(0, str(HERE))
 from prepare import default_cache, prepare  # noqa: E402
 
 DEFAULT_TESTS = ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
-                 "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py"]
+                 "tests/test_uffd_loop.py", "tests/test_uffd_rwp.py",
+                 "tests/test_primitive_contract.py", "tests/test_kernel_guest.py"]
+DEFAULT_SMP = "2"  # QEMU 7.2: one socket of two cores, one shared L3
+# A second boot for the tests that need two LLC domains: two sockets of one CPU each,
+# each its own L3 and (as in the default boot) its own NUMA node
+LLC_SMP = "2,sockets=2"
+LLC_TESTS = ["tests/test_guest_place.py"]
 
 
 def default_python() -> str:
@@ -68,7 +74,8 @@ done
 """
 
 
-def qemu_command(cache: Path, results: Path, mem_per_node_mb: int) -> list[str]:
+def qemu_command(cache: Path, results: Path, mem_per_node_mb: int,
+                 smp: str = DEFAULT_SMP) -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("run: qemu-system-x86_64 not found (apt-get install qemu-system-x86, "
@@ -81,7 +88,7 @@ def qemu_command(cache: Path, results: Path, mem_per_node_mb: int) -> list[str]:
         # __schedule, about 1 run in 8).  UDAMON_GUEST_TCG_THREAD=multi goes back.
         qemu, "-accel", f"tcg,thread={os.environ.get('UDAMON_GUEST_TCG_THREAD', 'single')}",
         "-cpu", os.environ.get("UDAMON_GUEST_CPU", "Haswell-noTSX"),
-        "-smp", "2", "-m", f"{2 * m}M",
+        "-smp", smp, "-m", f"{2 * m}M",
         "-object", f"memory-backend-ram,id=m0,size={m}M",
         "-object", f"memory-backend-ram,id=m1,size={m}M",
         "-numa", "node,nodeid=0,cpus=0,memdev=m0",
@@ -126,7 +133,8 @@ class Tail:
 
 def run_guest(pytest_args: list[str], *, cache: Path, results: Path, python: str,
               timeout: float = 900, mem_per_node_mb: int = 512, stream: bool = True,
-              install: bool = False, shell: str | None = None) -> dict:
+              install: bool = False, shell: str | None = None,
+              smp: str = DEFAULT_SMP) -> dict:
     """Boot the guest, run pytest in it; return the summary (also in results/summary.json)."""
     t0 = time.monotonic()
     prepare(cache, install=install)
@@ -135,7 +143,7 @@ def run_guest(pytest_args: list[str], *, cache: Path, results: Path, python: str
     for name in ("status", "guest.log", "junit.xml", "boot_s", "console.log"):
         (results / name).unlink(missing_ok=True)
     (results / "guest.sh").write_text(guest_script(python, pytest_args, shell))
-    cmd = qemu_command(cache, results, mem_per_node_mb)
+    cmd = qemu_command(cache, results, mem_per_node_mb, smp)
     (results / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
     t1 = time.monotonic()
     qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -196,6 +204,10 @@ def main() -> int:
                     help="Python to run pytest with in the guest (default %(default)s)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds (default %(default)s)")
     ap.add_argument("--mem-per-node", type=int, default=512, help="MiB (default %(default)s)")
+    ap.add_argument("--smp", default=DEFAULT_SMP,
+                    help=f"QEMU -smp (default %(default)s: one socket of two cores sharing one "
+                         f"L3; {LLC_SMP!r}: two sockets, an L3 each, as {' '.join(LLC_TESTS)} "
+                         "needs); CPU i is on node i either way")
     ap.add_argument("--install", action="store_true",
                     help="as root, apt-get install qemu-system-x86 when it is missing")
     ap.add_argument("--quiet", "-q", action="store_true", help="do not stream the guest's output")
@@ -206,7 +218,7 @@ def main() -> int:
     results = a.results or Path(tempfile.mkdtemp(prefix="udamon-guest-results-"))
     s = run_guest(a.pytest_args or DEFAULT_TESTS, cache=a.cache, results=results,
                   python=a.python, timeout=a.timeout, mem_per_node_mb=a.mem_per_node,
-                  stream=not a.quiet, install=a.install, shell=a.shell)
+                  stream=not a.quiet, install=a.install, shell=a.shell, smp=a.smp)
     if s["why"]:
         print(f"run: {s['why']}; console (last lines):", file=sys.stderr)
         con = results / "console.log"

@@ -23,6 +23,13 @@
  * pattern; W and S hold the writer's last complete pass) and exits 0 when
  * intact, 3 when corrupted, 2 on bad usage, 1 on a system error.
  * --pause-us N makes each thread sleep N µs between passes (default 0).
+ * --flush-tlb makes each thread flush its CPU's TLB after every pass (it touches
+ * 64 spare pages of its own and drops them with MADV_DONTNEED, which the kernel
+ * turns into a full flush of this mm on every CPU that runs it): under QEMU's TCG
+ * a translation stays cached until the guest flushes, so a thread alone on its
+ * CPU would never set a page's accessed bit again once the kernel's DAMON cleared
+ * it; a real CPU's TLB is far too small to hold these buffers.  It does not touch
+ * R, W, S or I.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -45,6 +52,9 @@ static size_t buf_size;
 static uint64_t *R, *W, *S, *I;
 static int reader_cpu = 0, writer_cpu = 1;
 static long pause_us = 0;
+static int flush_tlb = 0;
+static char *spare; /* 2 x SPARE_PAGES pages: the reader's, then the writer's */
+#define SPARE_PAGES 64
 static atomic_int stop_flag;
 static atomic_int reader_tid = -1, writer_tid = -1;
 static uint64_t passes_r, passes_w;
@@ -62,6 +72,17 @@ static void pin(int cpu)
 		fprintf(stderr, "access_pattern: sched_setaffinity(cpu %d): %s\n", cpu, strerror(errno));
 		exit(1);
 	}
+}
+
+static void maybe_flush(int who)
+{
+	if (!flush_tlb)
+		return;
+	long pg = sysconf(_SC_PAGESIZE);
+	char *mine = spare + (size_t)who * SPARE_PAGES * pg;
+	for (int i = 0; i < SPARE_PAGES; i++)
+		((volatile char *)mine)[(size_t)i * pg] = 1;
+	madvise(mine, (size_t)SPARE_PAGES * pg, MADV_DONTNEED);
 }
 
 static void maybe_pause(void)
@@ -85,6 +106,7 @@ static void *reader(void *arg)
 		for (size_t i = 0; i < words; i += step)
 			sum += ((volatile uint64_t *)S)[i];
 		passes_r++;
+		maybe_flush(0);
 		maybe_pause();
 	}
 	return (void *)(uintptr_t)sum;
@@ -103,6 +125,7 @@ static void *writer(void *arg)
 		for (size_t i = 0; i < words; i += step)
 			((volatile uint64_t *)S)[i] = write_val(pass, i) ^ 2;
 		passes_w = pass;
+		maybe_flush(1);
 		maybe_pause();
 	}
 	return NULL;
@@ -148,7 +171,7 @@ static void sleep_until(double deadline)
 static void usage(void)
 {
 	fprintf(stderr, "usage: access_pattern [--duration S] [--size MiB] [--reader-cpu N] "
-			"[--writer-cpu N] [--spawn-late] [--pause-us N] [--thp]\n");
+			"[--writer-cpu N] [--spawn-late] [--pause-us N] [--thp] [--flush-tlb]\n");
 	exit(2);
 }
 
@@ -161,6 +184,7 @@ int main(int argc, char **argv)
 		const char *a = argv[i];
 		if (!strcmp(a, "--spawn-late")) { spawn_late = 1; continue; }
 		if (!strcmp(a, "--thp")) { thp = 1; continue; }
+		if (!strcmp(a, "--flush-tlb")) { flush_tlb = 1; continue; }
 		if (i + 1 >= argc)
 			usage();
 		const char *v = argv[++i];
@@ -187,6 +211,14 @@ int main(int argc, char **argv)
 
 	double t0 = now_s();
 	R = alloc_buf(thp); W = alloc_buf(thp); S = alloc_buf(thp); I = alloc_buf(thp);
+	if (flush_tlb) {
+		spare = mmap(NULL, 2 * SPARE_PAGES * (size_t)sysconf(_SC_PAGESIZE),
+			     PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (spare == MAP_FAILED) {
+			fprintf(stderr, "access_pattern: mmap: %s\n", strerror(errno));
+			return 1;
+		}
+	}
 	size_t words = buf_size / sizeof(uint64_t);
 	for (size_t i = 0; i < words; i++) {
 		R[i] = init_val(1, i);

@@ -7,7 +7,7 @@ import re
 import sys
 
 from udamon.core.attrs import Attrs, IntervalsGoal
-from udamon.errors import UsageError
+from udamon.errors import InputError, UsageError
 from udamon.probes.filters import FILTER_TYPES, Filter, parse_conditions
 from udamon.probes.probe import Probe
 from udamon.units import (
@@ -260,9 +260,16 @@ def pid_list(text: str) -> list[int]:
 def open_record(path: str, pid: int | None = None, salvage: bool = False):
     """Read a record for a subcommand: check --pid, warn (one line) when the record is
     incomplete.  Errors are InputError/UsageError, i.e. one line and exit 2."""
+    from udamon.errors import RecordDamaged
     from udamon.record.reader import read_record
 
-    rec = read_record(path, salvage=salvage)
+    try:
+        rec = read_record(path, salvage=salvage)
+    except RecordDamaged as e:  # the library's words for it, with the option that helps
+        hint = ("; --salvage reads what is there" if e.counted else
+                f" ({e.intact} snapshots before it are intact; --salvage reads them)"
+                if e.intact else "")
+        raise InputError(e.message + hint) from None
     if pid is not None and pid not in rec.pids:
         raise UsageError(f"--pid {pid} is not a target of {path} "
                          f"(targets: {', '.join(map(str, rec.pids)) or 'none'})")

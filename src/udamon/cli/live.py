@@ -72,6 +72,7 @@ class SessionSpec:
     pids: list[int]
     command: list[str]
     options: dict = field(default_factory=dict)  # the primitive's own (hint's scan tunables)
+    physical: bool = False  # --paddr: the physical address space (kernel primitive)
 
 
 def primitives_help(replay: bool) -> str:
@@ -93,6 +94,19 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     """The target, primitive, filter and monitoring options of a session."""
     p.epilog = primitives_help(replay) + ("\n\n" + p.epilog if p.epilog else "")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_source_args(p, replay)
+    _add_target_args(p, replay)
+    _add_output_args(p)
+    _add_hint_args(p)
+    _add_kernel_args(p)
+    add_filter_args(p)
+    add_monitoring_args(p)
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND ARGS: launch and monitor a command from its start")
+
+
+def _add_source_args(p: argparse.ArgumentParser, replay: bool) -> None:
+    """Where reports come from: --primitive, and replay's / external's inputs."""
     p.add_argument("--primitive", default="auto", metavar="NAME[,NAME]",
                    type=typed(_primitive_list(replay), "primitive"),
                    help="how accesses are seen: " +
@@ -128,6 +142,10 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         "other programs (created mode 0600 and removed at the end; only this "
                         "user and root may report; wire format in docs/report-channel.md, "
                         "clients: python -m udamon.reporter, udamon_report.h)")
+
+
+def _add_target_args(p: argparse.ArgumentParser, replay: bool) -> None:
+    """What is monitored and for how long."""
     p.add_argument("--pid", metavar="PID[,PID...]", action="append", default=[],
                    type=typed(pid_list, "pid list"),
                    help="target process(es)" + ("; with --input, which pids of the input to "
@@ -138,6 +156,10 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         (" or, for replay, the ranges the reports touch" if replay else ""))
     p.add_argument("--duration", metavar="DUR", type=typed(duration_arg, "duration"),
                    help="stop after this long (default: until the targets exit or Ctrl-C)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """What each snapshot carries beyond nr_accesses, and progress."""
     p.add_argument("--breakdown", metavar="KIND[,KIND]", action="append", default=[],
                    help="add automatic probes: cpu (cpu:<n> per CPU), node (node:<n>), "
                         "thread (thread:<tid> per thread present at start; with -- COMMAND "
@@ -151,6 +173,9 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
                         "queries, each page once per aggregation; the local/remote filters, "
                         "--breakdown numa and 'report numa' use it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _add_hint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "hint scanner (NUMA-balancing scan tunables in /sys/kernel/debug/sched/numa_balancing/; "
         "applied where writable, else noted in the record)")
@@ -160,10 +185,18 @@ def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
     g.add_argument("--hint-scan-size", metavar="MIB", type=typed(_scan_size_mb, "MiB"),
                    help="MiB of a task's memory hinted per scan step (scan_size_mb; "
                         "default 256, 1..1048576)")
-    add_filter_args(p)
-    add_monitoring_args(p)
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="-- COMMAND ARGS: launch and monitor a command from its start")
+
+
+def _add_kernel_args(p: argparse.ArgumentParser) -> None:
+    k = p.add_argument_group("kernel DAMON (--primitive kernel; docs/kernel-damon.md)")
+    k.add_argument("--paddr", action="store_true",
+                   help="monitor the physical address space (DAMON paddr) instead of a "
+                        "process: over the --range physical ranges, or all System RAM")
+    k.add_argument("--kernel-reader", choices=("auto", "tracepoint", "tried-regions"),
+                   default="auto",
+                   help="how the kernel's aggregations are read: its damon:damon_aggregated "
+                        "tracepoints (exact; auto's choice where they can be read) or its "
+                        "stat scheme's tried_regions (misses aggregations while it reads)")
 
 
 def _primitive_list(replay: bool):
@@ -268,24 +301,62 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     ranges = parse_ranges(a.range)
     pids = [p for group in a.pid for p in group]
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if getattr(a, "input", None) in (None, "-"):  # live targets (replay pids are the input's)
+        check_pids(pids)
+    names = a.primitive.split(",")
+    _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, getattr(a, "input", None))
+    if len(names) > 1:
+        return _resolve_several(a, names, filters, probes, kinds, ranges, pids, command)
+    prim = _choose_primitive(a)
+    _check_source_options(a, prim, command)
+    e = registry.entry(prim)
+    options = _primitive_options(a, prim)
+    if e.live:
+        check_cpus([*filters, *(f for p in probes for f in p.filters)])
+    attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
+    physical = bool(getattr(a, "paddr", False))
+    if physical:
+        ranges = _physical_ranges(ranges, pids, command)
+    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
+                       {prim: options} if options else {}, physical=physical)
+
+
+def _physical_ranges(ranges, pids, command) -> list[tuple[int, int]]:
+    """--paddr: the --range ranges are physical; without them, all System RAM."""
+    if pids or command:
+        raise UsageError("--paddr monitors the physical address space: give no --pid and no "
+                         "command")
+    if ranges is not None:
+        return ranges
+    from udamon.system.kernel_sysfs import system_ram
+
+    ram = system_ram()
+    if not ram:
+        raise UsageError("/proc/iomem lists no System RAM: give --range START-END")
+    return ram
+
+
+def _choose_primitive(a: argparse.Namespace) -> str:
+    """--primitive auto: external for --socket / --input -, replay for --input FILE,
+    else the best live primitive this machine has (and the user hears why)."""
+    inp = getattr(a, "input", None)
+    if a.primitive != "auto":
+        return a.primitive
+    if inp == "-" or a.socket:
+        return "external"
+    if inp:
+        return "replay"
+    prim, why = registry.choose_live()
+    if not getattr(a, "quiet", False):
+        print(f"udamon: {why}", file=sys.stderr)
+    return prim
+
+
+def _check_source_options(a: argparse.Namespace, prim: str, command: list[str]) -> None:
+    """--input, --input-format and --socket each belong to one primitive."""
     inp = getattr(a, "input", None)
     fmt = getattr(a, "input_format", "csv")
     live_input = inp == "-"
-    if not inp or live_input:  # live targets (replay pids are the input's)
-        check_pids(pids)
-    prim = a.primitive
-    names = prim.split(",")
-    _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, inp)
-    if len(names) > 1:
-        return _resolve_several(a, names, filters, probes, kinds, ranges, pids, command)
-    if prim == "auto" and (live_input or a.socket):
-        prim = "external"
-    elif prim == "auto" and inp:
-        prim = "replay"
-    elif prim == "auto":
-        prim, why = registry.choose_live()
-        if not getattr(a, "quiet", False):
-            print(f"udamon: {why}", file=sys.stderr)
     if prim == "replay":
         if not inp:
             raise UsageError("--primitive replay needs --input FILE")
@@ -304,19 +375,23 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
                          "programs) and/or --input - (reports on stdin)")
     if a.socket and prim != "external":
         raise UsageError(f"--socket is for --primitive external, not {prim}")
-    e = registry.entry(prim)
+
+
+def _primitive_options(a: argparse.Namespace, prim: str) -> dict:
+    """The primitive's own options: hint's scan tunables, external's channels."""
     options = {k: v for k, v in (("scan_period_ms", a.hint_scan_period),
                                  ("scan_size_mb", a.hint_scan_size)) if v is not None}
     if options and prim != "hint":
         raise UsageError(f"--hint-scan-period/--hint-scan-size are for --primitive hint, "
                          f"not {prim}")
     if prim == "external":
-        options = {"socket_path": a.socket, "stdin": live_input}
-    if e.live:
-        check_cpus([*filters, *(f for p in probes for f in p.filters)])
-    attrs = attrs_from_args(a, e.default_sample_us, e.default_aggr_us)
-    return SessionSpec(prim, attrs, filters, probes, kinds, ranges, pids, command,
-                       {prim: options} if options else {})
+        options = {"socket_path": a.socket, "stdin": getattr(a, "input", None) == "-"}
+    paddr, reader = getattr(a, "paddr", False), getattr(a, "kernel_reader", "auto")
+    if prim == "kernel":
+        options = {"reader": reader}
+    elif paddr or reader != "auto":
+        raise UsageError(f"--paddr and --kernel-reader are for --primitive kernel, not {prim}")
+    return options
 
 
 def _check_cpu_nodes(text: str | None, names: list[str], inp: str | None) -> None:
@@ -353,8 +428,9 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
     """Run a live session of the command line's ``spec`` into ``sinks``: a ``Session``
     with the command line's extras (progress bar, signals, a launched command waited for,
     notes on stderr).  Returns the exit status."""
-    if bool(spec.pids) == bool(spec.command):
-        raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)")
+    if not spec.physical and bool(spec.pids) == bool(spec.command):
+        raise UsageError("give the target: --pid PID or -- COMMAND ARGS (one of them)"
+                         + (" (or --paddr)" if spec.primitive == "kernel" else ""))
     if spec.command and "thread" in spec.kinds:
         print("udamon: note: --breakdown thread with -- COMMAND covers the command's first "
               "thread only: threads it creates later are not broken down", file=sys.stderr)
@@ -365,6 +441,7 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                       seed=a.seed, page_nodes=not a.no_page_nodes,
                       regions_follow_origin=getattr(a, "regions_follow_origin", None),
                       probe_weights=probe_weights(a), options=spec.options,
+                      physical=spec.physical,
                       stop=install_stop(), log=stderr_log, on_tick=bar.update)
     try:
         session.run(sinks)

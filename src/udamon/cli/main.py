@@ -25,7 +25,18 @@ Start with 'udamon demo'.  Exit codes: 0 ok, 1 runtime failure, 2 bad usage or i
 def build_parser():
     import argparse
 
-    from udamon.cli import demo, export, exporter, migrate, monitor, record, report, synth
+    from udamon.cli import (
+        demo,
+        export,
+        exporter,
+        import_cmd,
+        migrate,
+        monitor,
+        place,
+        record,
+        report,
+        synth,
+    )
     from udamon.cli.common import Parser
     from udamon.cli.guide import GUIDE_HELP
 
@@ -34,7 +45,8 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"udamon {__version__}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for mod in (record, report, monitor, migrate, exporter, export, synth, demo):
+    for mod in (record, report, monitor, migrate, place, exporter, export, import_cmd, synth,
+                demo):
         mod.add_parser(sub)
     return p
 

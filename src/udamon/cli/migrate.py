@@ -13,6 +13,7 @@ from udamon.cli import live
 from udamon.cli.common import typed
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.core.session import SessionResult
+from udamon.errors import UsageError
 from udamon.schemes.numa_migrate import PAGE, Action, MigrateParams, apply
 from udamon.units import fmt_size, parse_size
 
@@ -86,6 +87,9 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     s = live.resolve(a, replay=False)
+    if "kernel" in s.primitive.split(","):
+        raise UsageError("udamon migrate needs the node of every access, which the kernel's "
+                         "DAMON cannot tell (use --primitive hint)")
     s.kinds = [*s.kinds, *(k for k in ("node", "numa") if k not in s.kinds)]
     params = MigrateParams(quota_bytes=a.quota, min_hits=a.min_hits, min_share=a.min_share,
                            dry_run=a.dry_run)

@@ -74,7 +74,9 @@ def add_parser(sub) -> None:
     kinds.required = True
     for name, (help_text, formats, add_args, run) in KINDS.items():
         k = kinds.add_parser(name, help=help_text, description=help_text)
-        k.add_argument("-i", "--input", metavar="FILE", required=True, help="record file")
+        k.add_argument("-i", "--input", metavar="FILE", required=True,
+                       help="record file (udamon's, or a record file of damo 3.4: "
+                            "json_compressed, json, perf_script, perf_data)")
         k.add_argument("--format", choices=formats, default="text",
                        help="output format (default text)")
         k.add_argument("--pid", type=int, help="only this target")

@@ -6,7 +6,9 @@ monotonic clock like kdamond_fn: with a controlled primitive, the sampling turns
 of each aggregation interval, then closing the interval; with observational
 primitives only, sleeping until each interval ends.  Several primitives can run
 in one session: at most one controlled one (it drives the turns), any number of
-observational ones, whose reports are taken between the turns.  Both loops end
+observational ones, whose reports are taken between the turns.  A primitive that runs
+a DAMON of its own (the kernel's; kind ``regions``) drives instead: each aggregation
+it hands over becomes the monitor's regions.  Both loops end
 with a reason for the record's end line and stop every primitive on every path.
 ``udamon.Session`` assembles a session around them.
 """
@@ -186,6 +188,11 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
     fills each report's ``page_node`` before the monitor counts it; ``result`` (when
     given) is filled in as the loop runs and ends."""
     prims = list(primitives) if isinstance(primitives, list) else [primitives]
+    if any(p.kind == "regions" for p in prims):
+        yield from _iter_supplied(monitor, prims, duration_ns=duration_ns, stop=stop,
+                                  clock=clock, on_tick=on_tick, annotate=annotate,
+                                  page_nodes=page_nodes, result=result)
+        return
     controlled = [p for p in prims if p.kind == "controlled"]
     if len(controlled) > 1:
         raise ValueError("a session can hold one controlled primitive at most")
@@ -287,6 +294,76 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
                     annotate(s)
                 res.snapshots += 1
                 yield s
+    finally:
+        for p in prims:
+            p.stop()
+        stop.close()
+        res.lost_samples = 0
+        res.notes = []
+        res.end = {}
+        for p in prims:
+            st = p.stats()
+            res.lost_samples += st.lost_samples
+            res.notes.extend(st.notes)
+            res.end.update(st.end)
+
+
+def _iter_supplied(monitor: Monitor, prims: list[Primitive], *, duration_ns: int | None,
+                   stop: StopFlag | None, clock: Callable[[], int],
+                   on_tick: Callable[[int], None] | None,
+                   annotate: Callable[[Snapshot], None] | None,
+                   page_nodes: PageNodeLookup | None,
+                   result: SessionResult | None) -> Iterator[Snapshot]:
+    """A regions primitive (the kernel's DAMON) drives: every aggregation it ends becomes
+    the monitor's regions and one snapshot per target (``Monitor.supply``); reports of
+    observational primitives in the same list are taken meanwhile and count as probe
+    hits over those regions.  The aggregation running when the session ends is the
+    supplier's and unfinished: it is not yielded."""
+    drivers = [p for p in prims if p.kind == "regions"]
+    if len(drivers) > 1 or any(p.kind == "controlled" for p in prims):
+        raise ValueError("a regions primitive drives a session alone (observers may join)")
+    driver = drivers[0]
+    observers = [p for p in prims if p is not driver]
+    stop = stop or StopFlag()
+    res = result if result is not None else SessionResult("duration")
+    res.reason = "duration"
+
+    def take(now: int) -> None:
+        for p in observers:
+            reports = p.poll(now)
+            if page_nodes is not None:
+                page_nodes.annotate(reports)
+            monitor.report_batch(reports)
+
+    try:
+        t0 = clock()
+        monitor.start(t0)
+        while True:
+            driver.wait(0.1)
+            now = clock()
+            take(now)
+            snaps = monitor.supply(driver.aggregations())
+            for s in snaps:
+                if annotate is not None:
+                    annotate(s)
+                res.snapshots += 1
+                yield s
+            if snaps and page_nodes is not None:
+                page_nodes.new_interval()
+            _mark_exited(monitor, sorted({pid for p in prims for pid in p.exited()}))
+            if on_tick is not None:
+                on_tick(now - t0)
+            if stop.is_set():
+                res.reason = stop.why
+                break
+            if duration_ns is not None and now - t0 >= duration_ns:
+                break
+            if monitor.targets and all(t.exited for t in monitor.targets):
+                res.reason = "targets-exited"
+                break
+            if driver.exhausted():
+                res.reason = "input-exhausted"
+                break
     finally:
         for p in prims:
             p.stop()

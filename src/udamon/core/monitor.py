@@ -26,6 +26,7 @@ from udamon.core.regions import PAGE, Regions
 from udamon.errors import TargetGone
 from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import make
+from udamon.primitives.base import SuppliedRegions
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
 from udamon.targets.topology import cpu_to_node
@@ -85,9 +86,9 @@ class Snapshot:
     probe_hits: dict[str, np.ndarray]
     nr_reports: int = 0  # reports for this target in the interval, before sample filters
     nr_passed: int = 0  # ... of which passed the sample filters and landed in a region
-    # per region {"<node>": pages}: the distinct reported pages of the interval by the
-    # node that held them (reports with a page_node); None: no page node known
-    page_nodes: list[dict[str, int]] | None = None
+    # regions x nodes: the distinct reported pages of the interval by the node that
+    # held them (column n: node n; reports with a page_node); None: no page node known
+    page_nodes: np.ndarray | None = None
     # NUMA locality of the interval's reports that passed the sample filters and landed
     # in a region, when page nodes are known: {"local": n, "remote": n, "unknown": n,
     # "threads": {"<tid>": [local, remote, unknown]}}; exact counts, independent of
@@ -106,31 +107,13 @@ class Snapshot:
     def aggr_us(self) -> int:
         return (self.time_ns - self.start_ns) // 1000
 
-    def to_dict(self) -> dict:
-        names = list(self.probe_hits)
-        hits = [self.probe_hits[n].tolist() for n in names]
-        wp = self.written_pages.tolist() if self.written_pages is not None else None
-        regions = []
-        for i, (s, e, a, g) in enumerate(zip(self.start.tolist(), self.end.tolist(),
-                                              self.nr_accesses.tolist(), self.age.tolist(),
-                                              strict=True)):
-            reg = {"start": s, "end": e, "nr_accesses": a, "age": g,
-                   "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}}
-            if self.page_nodes is not None:
-                reg["nodes"] = self.page_nodes[i]
-            if wp is not None and wp[i]:
-                reg["written_pages"] = wp[i]
-            regions.append(reg)
-        out = {"time_ns": self.time_ns, "pid": self.pid, "sample_us": self.sample_us,
-               "aggr_us": self.aggr_us, "nr_reports": self.nr_reports,
-               "nr_passed": self.nr_passed, "regions": regions}
-        if self.mapped is not None:
-            out["mapped"] = [[int(a), int(b)] for a, b in self.mapped]
-        if self.mergeable is not None:
-            out["mergeable"] = [[int(a), int(b)] for a, b in self.mergeable]
-        if self.numa is not None:
-            out["numa"] = self.numa
-        return out
+    def region_page_nodes(self) -> list[dict[int, int]]:
+        """Per region, {node: pages} of the nodes holding any of its reported pages
+        (empty dicts when no page node is known)."""
+        pn = self.page_nodes
+        if pn is None:
+            return [{} for _ in range(self.start.size)]
+        return [{int(n): int(row[n]) for n in np.flatnonzero(row)} for row in pn]
 
 
 @dataclass
@@ -279,12 +262,19 @@ class Monitor:
 
     # -- one aggregation -------------------------------------------------------
 
-    def _count(self, t: Target, reports: np.ndarray, ws: int) -> tuple[int, int]:
+    def _count(self, t: Target, reports: np.ndarray, ws: int,
+               we: int | None = None) -> tuple[int, int]:
+        """Count the interval's reports into the target's regions.  ``we``: the end of a
+        supplier's interval, whose wall time (however long it took) holds exactly
+        aggr_samples of the supplier's sampling intervals."""
         r = t.regions
         nsamp = self.attrs.aggr_samples
         if reports.size == 0:
             return 0, 0
-        k = (reports["time_ns"] - ws) // (self.attrs.sample_us * 1000)
+        if we is None:
+            k = (reports["time_ns"] - ws) // (self.attrs.sample_us * 1000)
+        else:
+            k = (reports["time_ns"] - ws) * nsamp // max(we - ws, 1)
         self._late += int((k < 0).sum())
         k = np.clip(k, 0, nsamp - 1)
         ridx = r.index_of(reports["addr"])
@@ -353,12 +343,36 @@ class Monitor:
 
     def _close_window(self, end_ns: int | None = None,
                       take_until: int | None = None) -> list[Snapshot]:
+        """One aggregation interval ends: kdamond_fn's steps after the sampling."""
         assert self.window_start is not None
         ws, we = self.window_start, end_ns if end_ns is not None else self.window_end
         assert we is not None
-        reports = self.buffer.take_before(take_until if take_until is not None else we)
         # a target that exited during this interval still gets it: its last accesses
         live = [t for t in self.targets if not t.closed]
+        counts = self._check_accesses(live, take_until if take_until is not None else we, ws)
+        self._merge_regions(live)
+        sample_us = self.attrs.sample_us  # the interval's, before tuning changes it
+        self._aggrs_since_tune += 1
+        goal = self.attrs.intervals_goal
+        if goal.enabled and self._aggrs_since_tune >= goal.aggrs:
+            self._aggrs_since_tune = 0
+            self._tune_intervals(live)
+        snaps = [self._snapshot(t, ws, we, sample_us, counts.get(t.pid, (0, 0)))
+                 for t in live]
+        self._reset_aggregated(live)
+        self._split_regions([t for t in live if not t.closed])
+        self.window_start = we
+        assert self._last_update_ns is not None
+        if we - self._last_update_ns >= self.attrs.update_us * 1000:
+            self._last_update_ns = we
+            self.update_ranges()
+        return snaps
+
+    def _check_accesses(self, live: list[Target], until_ns: int,
+                        ws: int) -> dict[int, tuple[int, int]]:
+        """kdamond's check_accesses for the interval: count the reports before
+        ``until_ns`` into their target's regions; per pid (reports, passed)."""
+        reports = self.buffer.take_before(until_ns)
         counts: dict[int, tuple[int, int]] = {}
         if reports.size:
             pids = reports["pid"]
@@ -368,10 +382,13 @@ class Monitor:
                 matched |= sel
                 counts[t.pid] = self._count(t, reports[sel], ws)
             self._unmatched += int((~matched).sum())
+        return counts
 
-        # kdamond_merge_regions: threshold from the hottest region, doubled while
-        # there are too many regions.  Weighted probes (a DAMON probe's weight) each get
-        # a threshold the same way, from the region with the most weighted hits.
+    def _merge_regions(self, live: list[Target]) -> None:
+        """kdamond_merge_regions: threshold from the hottest region, doubled while there
+        are too many regions (ages updated first, against the same threshold).  Weighted
+        probes (a DAMON probe's weight) each get a threshold the same way, from the
+        region with the most weighted hits."""
         max_nr = max((int(t.regions.nr_accesses.max(initial=0)) for t in live), default=0)
         thres = max_nr // 10
         weighted = [(i, p.weight, max((int(t.regions.probe_hits[i].max(initial=0))
@@ -390,43 +407,41 @@ class Monitor:
             thres = max(1, thres * 2)
             weighted = [(i, w, max(1, th * 2)) for i, w, th in weighted]
 
-        sample_us = self.attrs.sample_us
-        self._aggrs_since_tune += 1
-        goal = self.attrs.intervals_goal
-        if goal.enabled and self._aggrs_since_tune >= goal.aggrs:
-            self._aggrs_since_tune = 0
-            self._tune_intervals(live)
+    def _snapshot(self, t: Target, ws: int, we: int, sample_us: int,
+                  counts: tuple[int, int]) -> Snapshot:
+        """The target's regions as the interval leaves them (DAMON's after_aggregation
+        callback sees the same)."""
+        r = t.regions
+        page_nodes = numa = None
+        if t.window_reports:
+            page_nodes = _pages_by_node(r, np.concatenate(t.window_reports))
+            numa = _merge_locality(t.window_numa)
+            t.window_reports, t.window_numa = [], []
+        snap = Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
+                        r.nr_accesses.copy(), r.age.copy(),
+                        {p.name: r.probe_hits[i].copy() for i, p in enumerate(self.probes)},
+                        counts[0], counts[1], page_nodes=page_nodes,
+                        written_pages=(r.written_pages.copy()
+                                       if self.count_written_pages else None),
+                        mapped=(list(t.mapped) if t.mapped is not None
+                                and t.mapped_changed else None), numa=numa,
+                        mergeable=(list(t.mergeable) if t.mergeable is not None
+                                   and t.mapped_changed else None))
+        t.mapped_changed = False
+        return snap
 
-        snaps = []
+    def _reset_aggregated(self, live: list[Target]) -> None:
+        """kdamond_reset_aggregated; an exited target whose last reports are all counted
+        is closed (a primitive that delivers late, another process's pipeline, may still
+        have some for a later interval in the buffer)."""
         for t in live:
-            r = t.regions
-            n_rep, n_pass = counts.get(t.pid, (0, 0))
-            page_nodes = numa = None
-            if t.window_reports:
-                page_nodes = _pages_by_node(r, np.concatenate(t.window_reports))
-                numa = _merge_locality(t.window_numa)
-                t.window_reports, t.window_numa = [], []
-            snaps.append(Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
-                                  r.nr_accesses.copy(), r.age.copy(),
-                                  {p.name: r.probe_hits[i].copy()
-                                   for i, p in enumerate(self.probes)},
-                                  n_rep, n_pass, page_nodes=page_nodes,
-                                  written_pages=(r.written_pages.copy()
-                                                 if self.count_written_pages else None),
-                                  mapped=(list(t.mapped) if t.mapped is not None
-                                          and t.mapped_changed else None), numa=numa,
-                                  mergeable=(list(t.mergeable) if t.mergeable is not None
-                                             and t.mapped_changed else None)))
-            t.mapped_changed = False
-            r.reset_aggregated()
-            # an exited target's last interval is the one holding its last reports: a
-            # primitive that delivers late (another process's pipeline) may still have
-            # some for a later interval in the buffer
+            t.regions.reset_aggregated()
             if t.exited and not self.buffer.holds_pid(t.pid):
                 t.closed = True
-        live = [t for t in live if not t.closed]
 
-        # kdamond_split_regions
+    def _split_regions(self, live: list[Target]) -> None:
+        """kdamond_split_regions: 2 pieces each, 3 when the count did not change and
+        there is room, while at most half of max_nr_regions."""
         nr = sum(len(t.regions) for t in live)
         if nr <= self.attrs.max_nr_regions // 2:
             subs = 3 if (nr == self._last_nr_regions
@@ -435,12 +450,50 @@ class Monitor:
                 t.regions.split(subs, self.rng, self.min_region_sz)
             self._last_nr_regions = nr
 
-        self.window_start = we
+    def supply(self, batch: Sequence[SuppliedRegions]) -> list[Snapshot]:
+        """A regions primitive (the kernel's DAMON) ended one aggregation: each target's
+        supplied regions become its regions, with the supplier's nr_accesses, age and
+        probe hits (its split, merge and age rules made them: udamon applies none of its
+        own).  Reports buffered for a target before the aggregation's end count as hits
+        of udamon's own probes over those regions (and in nr_reports / nr_passed), so
+        another primitive can supply the origin (CPU, thread, write) of the accesses the
+        supplier counts.  Returns one snapshot per target of the batch still monitored."""
+        if not batch:
+            return []
+        end_ns = max(int(b.end_ns) for b in batch)
+        if self.window_start is None:
+            self.start(min(int(b.start_ns) for b in batch))
+        supplied: list[tuple[Target, SuppliedRegions]] = []
+        for b in batch:
+            try:
+                t = self.target(b.pid)
+            except KeyError:
+                continue
+            if not t.closed:
+                t.regions = Regions(b.start, b.end, len(self.probes))
+                supplied.append((t, b))
+        reports = self.buffer.take_before(end_ns)
+        out: list[Snapshot] = []
+        matched = np.zeros(reports.size, dtype=bool)
+        for t, b in supplied:
+            sel = reports["pid"] == t.pid
+            matched |= sel
+            counts = self._count(t, reports[sel], int(b.start_ns), int(b.end_ns))
+            r = t.regions
+            r.nr_accesses = np.asarray(b.nr_accesses, dtype=np.int64).copy()
+            r.age = np.asarray(b.age, dtype=np.int64).copy()
+            snap = self._snapshot(t, int(b.start_ns), int(b.end_ns), int(b.sample_us), counts)
+            snap.probe_hits.update({k: np.asarray(v, dtype=np.int64).copy()
+                                    for k, v in b.probe_hits.items()})
+            out.append(snap)
+        self._unmatched += int((~matched).sum())
+        self._reset_aggregated([t for t, _ in supplied])
+        self.window_start = end_ns
         assert self._last_update_ns is not None
-        if we - self._last_update_ns >= self.attrs.update_us * 1000:
-            self._last_update_ns = we
-            self.update_ranges()
-        return snaps
+        if end_ns - self._last_update_ns >= self.attrs.update_us * 1000:
+            self._last_update_ns = end_ns
+            self.update_ranges()  # the mapped spans (the supplier follows the mappings)
+        return out
 
     def update_ranges(self) -> None:
         """Follow VMA changes (damon_va_update); a target that is gone is marked exited."""
@@ -532,12 +585,11 @@ def _merge_locality(parts: list[dict]) -> dict:
     return out
 
 
-def _pages_by_node(r: Regions, reports: np.ndarray) -> list[dict[str, int]]:
-    """Per region of ``r``, the distinct reported pages by the node that held them."""
+def _pages_by_node(r: Regions, reports: np.ndarray) -> np.ndarray:
+    """Regions of ``r`` x nodes: the distinct reported pages by the node that held them."""
     known = (reports["page_node"] >= 0) & (reports["page_node"] < 1024)  # MAX_NUMNODES
-    out: list[dict[str, int]] = [{} for _ in range(len(r))]
     if not known.any():
-        return out
+        return np.zeros((len(r), 0), dtype=np.int64)
     # distinct (page, node) pairs: the page number with the node in the low 10 bits
     key = sorted_unique(((reports["addr"][known] // np.uint64(PAGE)) << np.uint64(10))
                         | reports["page_node"][known].astype(np.uint64))
@@ -545,11 +597,8 @@ def _pages_by_node(r: Regions, reports: np.ndarray) -> list[dict[str, int]]:
     ridx = r.index_of((key >> np.uint64(10)) * np.uint64(PAGE))
     ok = ridx >= 0
     top = int(node.max()) + 1
-    counts = np.bincount(ridx[ok] * top + node[ok], minlength=len(r) * top).reshape(len(r), top)
-    rr, nn = np.nonzero(counts)
-    for i, n, c in zip(rr.tolist(), nn.tolist(), counts[rr, nn].tolist(), strict=True):
-        out[i][str(n)] = c
-    return out
+    return np.bincount(ridx[ok] * top + node[ok],
+                       minlength=len(r) * top).reshape(len(r), top).astype(np.int64)
 
 
 ULONG_MAX = (1 << 64) - 1

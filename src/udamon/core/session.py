@@ -23,6 +23,13 @@ names its source; when a controlled primitive shares the session, the sample
 filters get ``source:<it>`` first, so that ``nr_accesses`` keeps its DAMON meaning
 (one sampled page per region per interval) while the others feed the probes
 (give a ``source`` filter yourself to choose otherwise).
+
+The kernel's own DAMON (``primitive="kernel"``, kind ``regions``) runs a whole
+monitor of its own: its regions, ``nr_accesses`` and ages become the session's,
+the probes it can evaluate (``anon``, ``memcg``) are its own, and ``physical=True``
+monitors the physical address space over ``ranges`` (one target, id 0).  It runs
+alone for now (with hint or rwp it would supply the regions they report over;
+docs/kernel-damon.md).
 """
 
 from __future__ import annotations
@@ -101,7 +108,7 @@ class Session:
                  duration_ns: int | None = None, seed: int | None = None,
                  page_nodes: bool = True, regions_follow_origin: bool | None = None,
                  probe_weights: dict[str, int] | None = None,
-                 cpu_nodes: str | None = None,
+                 cpu_nodes: str | None = None, physical: bool = False,
                  options: dict[str, dict] | None = None, stop: StopFlag | None = None,
                  log: Callable[[str], None] | None = None,
                  on_tick: Callable[[int], None] | None = None) -> None:
@@ -111,7 +118,8 @@ class Session:
         prints them on stderr; default: nowhere).  ``input``: a replay file (CSV, or perf
         script output with ``input_format="perf-script"``).  ``cpu_nodes``: replay only,
         the recorded machine's CPU-to-node map (``"0-3=0,4-7=1"``) for reports whose
-        input gives no node; default: this machine's."""
+        input gives no node; default: this machine's.  ``physical``: the kernel
+        primitive monitors the physical address space over ``ranges`` (no pids)."""
         self.pids = [int(p) for p in pids]
         self.command = list(command or [])
         self.input = input
@@ -128,6 +136,7 @@ class Session:
         self.follow_origin = regions_follow_origin
         self.probe_weights = dict(probe_weights or {})
         self.cpu_nodes = cpu_nodes
+        self.physical = physical
         self.options = {k: dict(v) for k, v in (options or {}).items()}
         self.stop_flag = stop or StopFlag()
         self.log = log or (lambda msg: None)
@@ -169,6 +178,7 @@ class Session:
             raise UsageError("'auto' picks one primitive: name them all when giving several")
         for n in self.names:
             registry.entry(n)  # unknown names are bad usage
+        self._check_own_monitor()
         if "replay" in self.names and len(self.names) > 1:
             raise UsageError("replay reads a recorded input and runs alone")
         if self.replay:
@@ -180,7 +190,11 @@ class Session:
             for n in self.names:
                 if not registry.entry(n).live:
                     raise UsageError(f"primitive {n!r} does not monitor live processes")
-            if bool(self.pids) == bool(self.command):
+            if self.physical:
+                if self.pids or self.command or not self.ranges:
+                    raise UsageError("the physical address space is monitored over physical "
+                                     "ranges, without pids or a command")
+            elif bool(self.pids) == bool(self.command):
                 raise UsageError("give the target: pids or a command to launch (one of them)")
         kinds = {registry.entry(n).name for n in self.names}
         controlled = [n for n in self.names if n in ("wp", "rwp")]
@@ -199,6 +213,42 @@ class Session:
             self.log(f"nr_accesses counts {controlled[0]}'s samples (sample filter "
                      f"source:{controlled[0]}); "
                      f"{', '.join(n for n in self.names if n != controlled[0])} feed the probes")
+
+    def _check_own_monitor(self) -> None:
+        """A primitive with a monitor of its own (the kernel's DAMON) runs alone here, and
+        has none of what only reports carry (sample filters, origin breakdowns)."""
+        from udamon.probes.filters import KERNEL_ONLY_TYPES
+
+        own = [n for n in self.names if registry.entry(n).own_monitor]
+        if self.physical and self.names != own[:1]:
+            raise UsageError("only the kernel primitive monitors the physical address space")
+        if not own:
+            for f in [*self.filters, *(f for p in self.user_probes for f in p.filters)]:
+                if f.type in KERNEL_ONLY_TYPES:
+                    raise UsageError(f"filter type {f.type!r} is evaluated by the kernel's "
+                                     f"DAMON only (kernel primitive probes); reports from "
+                                     f"{', '.join(self.names)} do not say what backs a page")
+            return
+        if len(self.names) > 1:
+            others = ", ".join(n for n in self.names if n != own[0])
+            raise UsageError(f"the {own[0]} primitive runs alone for now (with {others} it "
+                             "would supply the regions they report over; not built yet)")
+        if self.filters:
+            raise UsageError(f"the {own[0]} primitive has no sample filters (the kernel's "
+                             "per-CPU, thread and read/write sample filters are not "
+                             "upstream): sample filters cannot be used with it")
+        if self.kinds:
+            raise UsageError(f"breakdown {','.join(self.kinds)}: the {own[0]} primitive cannot "
+                             "tell which CPU, node or thread made an access, nor read from "
+                             "write; use a primitive that reports them (hint, rwp)")
+        for p in self.user_probes:
+            bad = [f.type for f in p.filters if f.type not in KERNEL_ONLY_TYPES]
+            if bad:
+                raise UsageError(
+                    f"probe {p.name!r}: the kernel's DAMON cannot tell {bad[0]!r} (its probe "
+                    f"filters are {', '.join(KERNEL_ONLY_TYPES)}; per-CPU, thread, read and "
+                    "write sample filters are not upstream): use a primitive that reports "
+                    "who and how (hint, rwp, wp) for that probe")
 
     # -- start / stop --------------------------------------------------------------
 
@@ -251,12 +301,20 @@ class Session:
         # privileges first: a user who may not use a primitive at all must hear that,
         # not that some /proc file of a process they do not own cannot be read
         for n in self.names:
-            self.primitives.append(registry.make_live(n, attrs, **self.options.get(n, {})))
+            opts = dict(self.options.get(n, {}))
+            if registry.entry(n).own_monitor:  # it sets up its monitor's ranges itself
+                opts.update(ranges=self.ranges, paddr=self.physical)
+            self.primitives.append(registry.make_live(n, attrs, **opts))
+        # what a primitive counts itself (the kernel's probes) is not the monitor's
+        claimed = {name for p, n in zip(self.primitives, self.names, strict=True)
+                   if registry.entry(n).own_monitor for name in p.claim_probes(self._probes())}
         for pid in self.pids:
             read_vmas(pid)  # TargetGone: no such process
         self.launched = Launched(self.command) if self.command else None
         self._released = self.launched is None
         targets = [self.launched.pid] if self.launched else list(self.pids)
+        if self.physical:
+            targets = [0]  # the physical address space
         entries = [registry.entry(n) for n in self.names]
         early = [p for p, e in zip(self.primitives, entries, strict=True) if e.attach_before_exec]
         late = [p for p in self.primitives if p not in early]
@@ -281,13 +339,18 @@ class Session:
                     pass
         probes = self._probes(cpus, nodes, tids)
         controlled = any(p.kind == "controlled" for p in self.primitives)
-        self.monitor = Monitor(attrs, self.filters, probes, seed=self.seed,
-                               count_written_pages=not controlled, sampled=controlled)
+        observed = all(p.kind == "observational" for p in self.primitives)
+        self.monitor = Monitor(attrs, self.filters,
+                               [p for p in probes if p.name not in claimed], seed=self.seed,
+                               count_written_pages=observed, sampled=controlled)
         gone = sorted({pid for p in self.primitives for pid in p.gone_at_start()})
         for pid in targets:
             if pid in gone:
                 continue
             try:
+                if self.physical:
+                    self.monitor.add_target(pid, self.ranges, name="paddr")
+                    continue
                 provider = None if self.ranges is not None else vaddr_provider(pid)
                 # a launched command's name is what it exec'd (read before the exec
                 # finished, /proc/PID/comm can still say udamon's)
@@ -306,10 +369,13 @@ class Session:
             self.log(n)
         self._start_notes = [n for p in self.primitives for n in p.stats().notes] + gone_notes
         extra: dict = {"command": self.command} if self.command else {}
+        for p in self.primitives:
+            extra.update(p.stats().header)
         if len(self.primitives) > 1:
             extra["primitives"] = [{"name": p.name, "kind": p.kind, "coverage": p.coverage}
                                    for p in self.primitives]
-        drive = next((p for p in self.primitives if p.kind == "controlled"), self.primitives[0])
+        drive = next((p for p in self.primitives if p.kind != "observational"),
+                     self.primitives[0])
         self.header = describe(attrs, ",".join(self.names), drive.coverage, self.filters,
                                probes, self.monitor.targets, clock="monotonic",
                                notes=self._start_notes,

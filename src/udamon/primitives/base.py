@@ -1,6 +1,6 @@
 """The interface every primitive implements.
 
-Two kinds plug in behind it (DESIGN.md, "Semantics that must match DAMON"):
+Three kinds plug in behind it (DESIGN.md, "Semantics that must match DAMON"):
 
 * **observational** primitives (hint, pmu, replay, external reporters) see
   accesses wherever they happen; the core counts a region as accessed in a
@@ -8,11 +8,19 @@ Two kinds plug in behind it (DESIGN.md, "Semantics that must match DAMON"):
 * **controlled** primitives (wp, rwp) are told, each sampling interval, which
   one page per region to watch (``arm``); they report only accesses to those
   pages, and the core counts a region only when its armed page was hit.
+* **regions** primitives (kernel: the kernel's own DAMON) run a whole DAMON of
+  their own and hand over, per aggregation, each target's regions with their
+  ``nr_accesses``, ``age`` and probe hits (``aggregations``); these become the
+  monitor's regions (``Monitor.supply``): udamon neither splits nor merges them.
+  Reports other primitives deliver in the same session would count as probe hits
+  over those regions (the monitor supports it; the several-primitives session
+  that feeds both is udamon.Session's job).
 
 The session driver calls ``start`` once, then per aggregation interval
 ``sample_window`` (controlled kind: it runs the interval's sampling turns, one
-page per region per turn, as DAMON's kdamond does) or ``wait``/``poll``
-(observational kind), and ``stop`` on every exit path.
+page per region per turn, as DAMON's kdamond does), ``wait``/``poll``
+(observational kind) or ``wait``/``aggregations`` (regions kind), and ``stop`` on
+every exit path.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-Kind = Literal["observational", "controlled"]
+Kind = Literal["observational", "controlled", "regions"]
 # What a primitive knows about what it sampled: "controlled" (it armed the
 # pages itself), "complete" (it saw every access, e.g. a replay of a full
 # trace) or "unknown" (someone else decides what is sampled, e.g. the NUMA
@@ -52,6 +60,22 @@ class Window:
 
 
 @dataclass
+class SuppliedRegions:
+    """One target's regions at the end of one aggregation of a regions primitive's own
+    DAMON: what a kdamond has when it resets the aggregation."""
+
+    pid: int
+    start_ns: int  # the aggregation's start and end (CLOCK_MONOTONIC)
+    end_ns: int
+    sample_us: int  # the sampling interval in force (auto-tuning changes it)
+    start: np.ndarray  # uint64, sorted, non-overlapping
+    end: np.ndarray
+    nr_accesses: np.ndarray  # int64: sampling intervals with an access, as the supplier saw
+    age: np.ndarray
+    probe_hits: dict[str, np.ndarray] = field(default_factory=dict)  # the supplier's probes
+
+
+@dataclass
 class PrimitiveStats:
     lost_samples: int = 0  # events the kernel or a reader lost before udamon saw them
     notes: list[str] = field(default_factory=list)  # one-line facts for the record header
@@ -59,6 +83,8 @@ class PrimitiveStats:
     warnings: list[str] = field(default_factory=list)
     # more keys for the record's end line (e.g. external's per-producer counts)
     end: dict = field(default_factory=dict)
+    # more keys for the record's header (e.g. which kdamond the kernel primitive ran)
+    header: dict = field(default_factory=dict)
 
 
 class Primitive:
@@ -104,16 +130,27 @@ class Primitive:
 
         return empty()
 
+    def claim_probes(self, probes: list) -> list[str]:
+        """Regions kind: the names of the probes (udamon.probes.probe.Probe) this primitive
+        counts itself (the kernel's probe filters); the monitor counts the others.  Called
+        before ``start``; UsageError for a probe it can neither count nor leave to others."""
+        return []
+
+    def aggregations(self) -> list[SuppliedRegions]:
+        """Regions kind: the aggregations completed since the last call (every target of
+        one aggregation together, in time order)."""
+        return []
+
     def wait(self, timeout_s: float) -> bool:
-        """Observational kind: block until reports may be waiting (True) or the timeout
-        passes (False).  The default just sleeps."""
+        """Observational and regions kinds: block until reports (or aggregations) may be
+        waiting (True) or the timeout passes (False).  The default just sleeps."""
         import time
 
         time.sleep(timeout_s)
         return False
 
     def exited(self) -> list[int]:
-        """Pids among the targets that have exited since start."""
+        """Pids among the targets that have exited since the last call (each once)."""
         return []
 
     def exhausted(self) -> bool:

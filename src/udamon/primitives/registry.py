@@ -28,6 +28,9 @@ class Entry:
     default_aggr_us: int = 100_000
     # False: never picked by 'auto' (it needs options that say where reports come from)
     auto: bool = True
+    # True: it runs a monitor of its own (the kernel's DAMON) and takes the session's
+    # ranges and whether they are physical as options (make(attrs, ranges=, paddr=))
+    own_monitor: bool = False
 
 
 def _hint_available() -> tuple[bool, str]:
@@ -82,6 +85,18 @@ def _make_pmu(attrs: Attrs) -> Primitive:
     return PmuPrimitive()
 
 
+def _kernel_available() -> tuple[bool, str]:
+    from udamon.system.kernel_sysfs import kernel_available
+
+    return kernel_available()
+
+
+def _make_kernel(attrs: Attrs, **options) -> Primitive:
+    from udamon.primitives.kernel import KernelPrimitive
+
+    return KernelPrimitive(attrs, **options)
+
+
 ENTRIES: dict[str, Entry] = {
     "replay": Entry("replay", "recorded reports from a CSV file (--input)", False,
                     lambda: (True, "")),
@@ -108,6 +123,12 @@ ENTRIES: dict[str, Entry] = {
                       "--input - (binary records or CSV; docs/report-channel.md); no "
                       "privileges needed", True, lambda: (True, ""), _make_external,
                       auto=False),
+    "kernel": Entry("kernel", "the kernel's own DAMON (sysfs): vaddr on --pid (fvaddr with "
+                    "--range), paddr with --paddr; the kernel's regions, nr_accesses, ages and "
+                    "probes (anon, memcg: Linux 7.2+; weights: 7.3); it cannot tell "
+                    "CPU, thread, read or write (root; a kdamond of udamon's own, never one "
+                    "it did not start)", True, _kernel_available, _make_kernel,
+                    attach_before_exec=False, auto=False, own_monitor=True),
 }
 
 

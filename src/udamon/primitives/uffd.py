@@ -183,6 +183,7 @@ class UffdPrimitive(Primitive):
         self.attribute = attribute
         self.faults_per_window = faults_per_window
         self._targets: dict[int, _Target] = {}
+        self._told_gone: set[int] = set()  # gone targets exited() has reported
         self._tracer = None
         self._guard = None
         self._notes: list[str] = []
@@ -581,11 +582,13 @@ class UffdPrimitive(Primitive):
     # ------------------------------------------------------------ the rest
 
     def exited(self) -> list[int]:
+        """Targets gone (exited, exec'd, lost) since the last call, each once."""
         out = []
         for pid, t in self._targets.items():
             if not t.gone and not self._alive(t):
                 self._mark_gone(t)
-            if t.gone:
+            if t.gone and pid not in self._told_gone:
+                self._told_gone.add(pid)
                 out.append(pid)
         return out
 

@@ -41,7 +41,15 @@ FILTER_TYPES: dict[str, tuple[bool, str]] = {
     "mem": (True, f"served from one of these levels ({'/'.join(MEM_LEVELS)}; local = "
                   "cache+ram, remote = remote-ram+remote-cache; known for pmu and perf mem "
                   "samples), e.g. mem:remote-ram"),
+    # evaluated by the kernel's DAMON only (--primitive kernel, probes; Linux 7.2+):
+    # reports do not say what backs a page
+    "anon": (False, "to an anonymous page (kernel primitive probes only)"),
+    "memcg": (True, "to a page of this memory cgroup, e.g. memcg:/system.slice (kernel "
+                    "primitive probes only)"),
 }
+
+# types only the kernel's DAMON evaluates (its probe filters); no report carries them
+KERNEL_ONLY_TYPES = ("anon", "memcg")
 
 # shorthands of the mem filter: the two sides of the NUMA question
 MEM_ALIASES = {"local": ("cache", "ram"), "remote": ("remote-ram", "remote-cache")}
@@ -120,6 +128,8 @@ class Filter:
     def test(self, reports: np.ndarray) -> np.ndarray:
         """The type's test on each report (before ``matching`` is applied)."""
         t = self.type
+        if t in KERNEL_ONLY_TYPES:
+            raise ValueError(f"filter type {t!r} is evaluated by the kernel's DAMON only")
         if t == "write":
             return reports["write"].astype(bool, copy=False)
         if t == "read":
@@ -139,6 +149,8 @@ class Filter:
     def test_one(self, report) -> bool:
         """Scalar version of ``test`` used by the reference evaluator."""
         t = self.type
+        if t in KERNEL_ONLY_TYPES:
+            raise ValueError(f"filter type {t!r} is evaluated by the kernel's DAMON only")
         if t == "write":
             return bool(report["write"])
         if t == "read":

@@ -20,6 +20,7 @@ from udamon.errors import RuntimeFailure, UsageError
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
 from udamon.record.format import END_REASONS, FORMAT_NAME, FORMAT_VERSION
+from udamon.record.snapshot_json import snapshot_to_json
 
 
 def build_header(attrs: Attrs, primitive: str, coverage: str, filters: Sequence[Filter],
@@ -71,7 +72,7 @@ class RecordWriter:
         self._header_written = True
 
     def write_snapshot(self, snap: Snapshot | dict) -> None:
-        self._line(snap.to_dict() if isinstance(snap, Snapshot) else snap)
+        self._line(snapshot_to_json(snap) if isinstance(snap, Snapshot) else snap)
         self.snapshots += 1
 
     def close(self, reason: str = "stopped", *, dropped_reports: int = 0,

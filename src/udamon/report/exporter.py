@@ -148,12 +148,12 @@ class MetricsSink:
                 hits = snap.probe_hits[name]
                 for i in np.flatnonzero(hits):
                     where = snap.page_nodes[i]
-                    pages = sum(where.values())
+                    pages = int(where.sum())
                     if not pages:
                         continue
                     w = float(size[i]) * float(hits[i])
                     located += w
-                    local += w * where.get(str(n), 0) / pages
+                    local += w * (int(where[n]) if n < where.size else 0) / pages
             acc[0] += local
             acc[1] += located
             if acc[1]:

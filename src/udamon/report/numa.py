@@ -43,20 +43,12 @@ PageNodes = dict[int, np.ndarray]  # node -> sampled page count per region
 
 
 def page_nodes_of(snap: Snapshot) -> PageNodes | None:
-    """``Snapshot.page_nodes`` (per region {"<node>": sampled pages}) as node ->
-    per-region counts; None when the snapshot has no page locations."""
-    per = getattr(snap, "page_nodes", None)
-    if not per:
+    """``Snapshot.page_nodes`` (regions x nodes pages) as node -> per-region counts
+    of the nodes that hold any; None when the snapshot has no page locations."""
+    per = snap.page_nodes
+    if per is None or not per.any():
         return None
-    nodes = sorted({int(k) for d in per for k in d if int(k) >= 0})
-    if not nodes:
-        return None
-    out = {n: np.zeros(len(per)) for n in nodes}
-    for i, d in enumerate(per):
-        for k, c in d.items():
-            if int(k) >= 0:
-                out[int(k)][i] = float(c)
-    return out
+    return {int(n): per[:, n].astype(float) for n in np.flatnonzero(per.any(axis=0))}
 
 
 def load_page_nodes(rec: Record) -> list[PageNodes | None]:

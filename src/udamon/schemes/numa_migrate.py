@@ -106,7 +106,7 @@ def candidates(snap: Snapshot, params: MigrateParams) -> list[Candidate]:
     for i in np.flatnonzero(ok).tolist():
         to = nodes[int(dom[i])]
         pn = snap.page_nodes[i] if snap.page_nodes is not None else None
-        if pn and set(pn) == {str(to)}:
+        if pn is not None and pn.any() and set(np.flatnonzero(pn).tolist()) == {to}:
             continue  # every reported page is already there
         out.append(Candidate(int(snap.start[i]), int(snap.end[i]), to,
                              int(total[i]), float(share[i])))

@@ -1,0 +1,185 @@
+"""A snapshot as a record line and back: the JSON both the writer and the reader
+use (DESIGN.md, "Record file"), so the two cannot disagree on a key.
+
+A region's ``nodes`` ({"<node>": pages}) is the on-disk form of the snapshot's
+``page_nodes`` matrix (regions x nodes, integer pages).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from udamon.core.monitor import Snapshot
+from udamon.record.format import SNAPSHOT_KEYS
+
+
+class BadLine(Exception):
+    """A record line that is not what the format says (message: ``FILE:LINE: why``)."""
+
+
+def _need(d: dict, keys, where: str) -> None:
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise BadLine(f"{where}: missing {', '.join(repr(k) for k in missing)}")
+
+
+def _int(v, what: str, where: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    """An integer field within [lo, hi] (counts are held as signed 64-bit numbers)."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise BadLine(f"{where}: {what} must be an integer >= {lo}, got {v!r}")
+    if v > hi:
+        raise BadLine(f"{where}: {what} {v} is too large (at most {hi})")
+    return v
+
+
+def snapshot_to_json(snap: Snapshot) -> dict:
+    """The snapshot's record line (a JSON object)."""
+    names = list(snap.probe_hits)
+    hits = [snap.probe_hits[n].tolist() for n in names]
+    wp = snap.written_pages.tolist() if snap.written_pages is not None else None
+    nodes = None
+    if snap.page_nodes is not None:
+        pn = snap.page_nodes
+        nodes = [{str(n): int(pn[i, n]) for n in np.flatnonzero(pn[i]).tolist()}
+                 for i in range(pn.shape[0])]
+    regions = []
+    for i, (s, e, a, g) in enumerate(zip(snap.start.tolist(), snap.end.tolist(),
+                                          snap.nr_accesses.tolist(), snap.age.tolist(),
+                                          strict=True)):
+        reg = {"start": s, "end": e, "nr_accesses": a, "age": g,
+               "probes": {n: h[i] for n, h in zip(names, hits, strict=True)}}
+        if nodes is not None:
+            reg["nodes"] = nodes[i]
+        if wp is not None and wp[i]:
+            reg["written_pages"] = wp[i]
+        regions.append(reg)
+    out = {"time_ns": snap.time_ns, "pid": snap.pid, "sample_us": snap.sample_us,
+           "aggr_us": snap.aggr_us, "nr_reports": snap.nr_reports,
+           "nr_passed": snap.nr_passed, "regions": regions}
+    if snap.mapped is not None:
+        out["mapped"] = [[int(a), int(b)] for a, b in snap.mapped]
+    if snap.mergeable is not None:
+        out["mergeable"] = [[int(a), int(b)] for a, b in snap.mergeable]
+    if snap.numa is not None:
+        out["numa"] = snap.numa
+    return out
+
+
+MAX_NODES = 1024  # the kernel's MAX_NUMNODES
+
+
+def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
+                    written_pages: bool = False, aggr_samples: int | None = None) -> Snapshot:
+    """``aggr_samples``: the header's sampling intervals per aggregation (auto-tuning
+    scales both intervals and keeps it), the ceiling of every count."""
+    _need(obj, SNAPSHOT_KEYS, where)
+    time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63))
+    if time_ns >= 1 << 63:
+        raise BadLine(f"{where}: time_ns {time_ns} does not fit a signed 64-bit clock")
+    pid = _int(obj["pid"], "pid", where, lo=-(1 << 31))
+    sample_us = _int(obj["sample_us"], "sample_us", where, lo=1)
+    aggr_us = _int(obj.get("aggr_us", sample_us), "aggr_us", where, lo=1)
+    # a count is of sampling intervals: at most those of this snapshot's own interval
+    # (a last, shorter one has fewer; +1 for the one its sub-microsecond end starts)
+    max_count = aggr_samples
+    if "aggr_us" in obj:
+        own = aggr_us // sample_us + 1
+        max_count = own if max_count is None else min(max_count, own)
+    regions = obj["regions"]
+    if not isinstance(regions, list):
+        raise BadLine(f"{where}: regions must be a list")
+    n = len(regions)
+    start = np.empty(n, dtype=np.uint64)
+    end = np.empty(n, dtype=np.uint64)
+    acc = np.empty(n, dtype=np.int64)
+    age = np.empty(n, dtype=np.int64)
+    hits = {name: np.zeros(n, dtype=np.int64) for name in probe_names}
+    prev_end = 0
+    located: list[tuple[int, dict]] = []  # (region, its "nodes")
+    wpages = np.zeros(n, dtype=np.int64) if written_pages else None
+    for i, r in enumerate(regions):
+        rw = f"{where}: region {i}"
+        if not isinstance(r, dict):
+            raise BadLine(f"{rw}: must be an object")
+        _need(r, ("start", "end", "nr_accesses", "age"), rw)
+        s = _int(r["start"], "start", rw, hi=(1 << 64) - 1)
+        e = _int(r["end"], "end", rw, hi=(1 << 64) - 1)
+        if e <= s or e >= 1 << 64:
+            raise BadLine(f"{rw}: end {e:#x} must be above start {s:#x} and below 2^64")
+        if s < prev_end:
+            raise BadLine(f"{rw}: starts at {s:#x}, inside or before the previous region")
+        prev_end = e
+        start[i], end[i] = s, e
+        acc[i] = _int(r["nr_accesses"], "nr_accesses", rw)
+        if max_count is not None and acc[i] > max_count:
+            raise BadLine(f"{rw}: nr_accesses {acc[i]} is above the {max_count} sampling "
+                       f"intervals of the snapshot (aggr_us {aggr_us}, sample_us {sample_us})")
+        age[i] = _int(r["age"], "age", rw)
+        probes = r.get("probes", {})
+        if not isinstance(probes, dict):
+            raise BadLine(f"{rw}: probes must be an object")
+        for name, v in probes.items():
+            if name not in hits:
+                raise BadLine(f"{rw}: probe {name!r} is not declared in the header")
+            hits[name][i] = _int(v, f"probe {name!r} hits", rw)
+            if max_count is not None and hits[name][i] > max_count:
+                raise BadLine(f"{rw}: probe {name!r} hits {hits[name][i]} are above the "
+                              f"{max_count} sampling intervals of the snapshot")
+        if "nodes" in r:
+            nodes = r["nodes"]
+            if not isinstance(nodes, dict) or not all(
+                    k.isdigit() and int(k) < MAX_NODES and isinstance(v, int)
+                    and not isinstance(v, bool) and v >= 0 for k, v in nodes.items()):
+                raise BadLine(f"{rw}: nodes must map node numbers (< {MAX_NODES}) to "
+                              "page counts")
+            located.append((i, nodes))
+        if "written_pages" in r:
+            if wpages is None:  # counted, though the header did not say so
+                wpages = np.zeros(n, dtype=np.int64)
+            wpages[i] = _int(r["written_pages"], "written_pages", rw)
+    mapped = _spans(obj, "mapped", where)
+    mergeable = _spans(obj, "mergeable", where)
+    numa = parse_numa(obj["numa"], where) if "numa" in obj else None
+    page_nodes = None
+    if located:
+        top = max((int(k) for _, d in located for k in d), default=-1) + 1
+        page_nodes = np.zeros((n, top), dtype=np.int64)
+        for i, d in located:
+            for k, v in d.items():
+                page_nodes[i, int(k)] = v
+    return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
+                    hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
+                    _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
+                    written_pages=wpages, mapped=mapped, numa=numa, mergeable=mergeable)
+
+
+def _spans(obj: dict, key: str, where: str) -> list[tuple[int, int]] | None:
+    """``mapped`` / ``mergeable``: a list of [start, end] address pairs, when present."""
+    if key not in obj:
+        return None
+    spans = obj[key]
+    if not isinstance(spans, list) or not all(
+            isinstance(x, list) and len(x) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+            and 0 <= x[0] < x[1] < 1 << 64 for x in spans):
+        raise BadLine(f"{where}: {key} must be a list of [start, end] pairs")
+    return [(int(a), int(b)) for a, b in spans]
+
+
+def parse_numa(numa, where: str) -> dict:
+    """A snapshot's locality counts: local/remote/unknown, and per thread ("unknown",
+    or "-1" in older records: reports whose thread is unknown, e.g. wp's writes made by
+    the kernel for the target)."""
+    if not isinstance(numa, dict):
+        raise BadLine(f"{where}: numa must be an object")
+    out = {k: _int(numa.get(k, 0), f"numa {k}", where) for k in ("local", "remote", "unknown")}
+    threads = numa.get("threads", {})
+    if not isinstance(threads, dict) or not all(
+            (k.isdigit() or k in ("other", "unknown", "-1")) and isinstance(v, list)
+            and len(v) == 3
+            and all(isinstance(x, int) and x >= 0 for x in v) for k, v in threads.items()):
+        raise BadLine(f"{where}: numa threads must map thread ids to [local, remote, unknown]")
+    out["threads"] = threads
+    return out
+
+
