@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -719,6 +720,66 @@ def test_record_random_bytes(tmp_path, data, gz):
             assert str(e)
 
 
+# -- damo's record files (record/damo_import.py, read by every report) ---------------------
+
+
+def _damo_snap(t: int, regions: list[tuple[int, int, int, int]]) -> dict:
+    return {"start_time": str(t - 100_000_000), "end_time": str(t),
+            "regions": [{"start": str(a), "end": str(b),
+                         "nr_accesses": {"samples": n, "percent": None},
+                         "age": {"usec": None, "aggr_intervals": str(g)},
+                         "probe_hits": [n, 0], "sz_filter_passed": "0"}
+                        for a, b, n, g in regions],
+            "total_bytes": None, "damos_stats": None, "sample_interval_us": None}
+
+
+DAMO_BASE = [{"kdamond_idx": 0, "context_idx": 0, "scheme_idx": None, "target_id": 4321,
+              "intervals": {"sample_us": 5000, "aggr_us": 100000, "ops_update_us": 1000000},
+              "scheme_filters": [], "data_source": "unknown",
+              "snapshots": [_damo_snap(t * 10**8, [(4096, 8192, k, 1), (8192, 65536, 0, t)])
+                            for t, k in ((1, 4), (2, 7), (3, 1))]}]
+_DK = " kdamond.0   158 [001]   {t}: damon:damon_region_aggregated: target_id=0 " \
+      "nr_regions=2 {r}\n"
+DAMO_TEXT = "".join(_DK.format(t=f"100.{i:09d}", r=r) for i, r in (
+    (100, "4096-8192: 20 1 probe_hits=14 00"), (200, "8192-65536: 0 7 probe_hits=00 14"),
+    (100000100, "4096-8192: 19 2 probe_hits=13 01"), (100000200, "8192-65536: 1 0"),
+    (200000100, "4096-8192: 19 2")))
+
+
+@st.composite
+def damo_files(draw) -> bytes:
+    kind = draw(st.sampled_from(["json", "json_compressed", "text"]))
+    if kind == "text":
+        text = DAMO_TEXT
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(text)))
+            j = draw(st.integers(i, min(len(text), i + 12)))
+            text = text[:i] + draw(st.one_of(JUNK, NUM, st.sampled_from(
+                [":", "-", " ", "\n", "probe_hits=", "damon:damon_aggregated: "]))) + text[j:]
+        return text.encode("utf-8", "surrogatepass")
+    obj = json.loads(json.dumps(DAMO_BASE))
+    for _ in range(draw(st.integers(1, 3))):
+        obj = _mutate_json(draw, obj)
+    data = json.dumps(obj).encode()
+    return zlib.compress(data) if kind == "json_compressed" else data
+
+
+@fuzz(150, 10_000)
+@given(data=damo_files(), kind=st.sampled_from(KINDS[:6]))
+def test_damo_records_read_or_say_why(tmp_path, data, kind):
+    """A damo record file udamon reads (json, json_compressed, perf script text), damaged
+    anyhow: a Record or one InputError, and every report answers 0 or one line."""
+    TRIED["damo record import"] += 1
+    path = tmp_path / "d.data"
+    path.write_bytes(data)
+    try:
+        read_record(str(path))
+    except InputError as e:
+        assert str(e)
+        return
+    check_cli(*cli("report", *kind, "-i", str(path)))
+
+
 # -- what the fuzzing found (kept as plain regression tests) -----------------------------
 
 
@@ -741,6 +802,34 @@ def test_non_ascii_fields_are_line_errors(tmp_path, row, what):
     p = run_udamon("record", "--input", str(src), "-o", str(tmp_path / "u.jsonl"))
     assert p.returncode == 2, (p.returncode, p.stderr)  # was -11 (SIGSEGV) or 0
     assert f"{src}:2: {what}" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+
+
+def _damo_with(path: tuple, value) -> bytes:
+    obj = json.loads(json.dumps(DAMO_BASE))
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    parent[path[-1]] = value
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize("path,value,what", [
+    # each was an internal error (OverflowError, TypeError, ValueError) of the damo import
+    ((0, "snapshots", 0, "regions", 0, "nr_accesses"), 2**63, "nr_accesses"),
+    ((0, "snapshots", 0, "regions", 0, "probe_hits"), [2**70], "probe hit"),
+    ((0, "snapshots", 0, "regions", 0, "age"), {"aggr_intervals": "1e300"}, "age"),
+    ((0, "snapshots", 0, "regions"), True, "regions must be a list"),
+    ((0, "kdamond_idx"), "x", "kdamond_idx"),
+    ((0, "snapshots", 0, "end_time"), "1e30", "end_time"),
+    ((0, "snapshots", 1, "start_time"), "9 h 1.2.3 s", "start_time"),
+])
+def test_damaged_damo_numbers_are_one_line(tmp_path, path, value, what):
+    f = tmp_path / "d.data"
+    f.write_bytes(_damo_with(path, value))
+    with pytest.raises(InputError, match=what):
+        read_record(str(f))
+    rc, err = cli("report", "access", "-i", str(f))
+    assert rc == 2 and len(err.splitlines()) == 1 and what in err, err
 
 
 def test_huge_option_numbers_are_one_line(tmp_path):

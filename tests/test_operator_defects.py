@@ -433,6 +433,25 @@ def test_demo_verdicts_follow_the_numbers():
     assert "not observed" in verdict("R", dict.fromkeys(both, 0), "hint", "cpu:0", "cpu:1")
     assert "sampled and not accessed" in verdict("I", dict.fromkeys(both, 0), "rwp",
                                                  "cpu:0", "cpu:1")
+    # hint,wp: the writes are wp's samples, the reads hint's
+    wp_s = {"cpu:0": 0, "cpu:1": 9, "read": 0, "write": 9}
+    v = verdict("S", wp_s, "hint,wp", "cpu:0", "cpu:1")
+    assert "writes by cpu:1: 9 hits" in v and "no read seen" in v and "wp sees only" in v
+    v = verdict("W", {"cpu:0": 0, "cpu:1": 0, "read": 0, "write": 0}, "hint,wp",
+                "cpu:0", "cpu:1")
+    assert "no write seen" in v and "wp samples" in v
+    assert "wp sampled it" in verdict("I", dict.fromkeys(both, 0), "hint,wp", "cpu:0", "cpu:1")
+
+
+def test_the_demo_takes_hint_and_wp_together_without_rwp():
+    """Without rwp the demo's writes come from wp's samples, not from hint's first
+    touches alone (issue 15 item 4: 'when hint,wp or rwp is available, use it')."""
+    from udamon.cli.demo import live_primitive
+
+    ok = {n: entry(n).available()[0] for n in ("rwp", "hint", "wp")}
+    want = ("rwp" if ok["rwp"] else "hint,wp" if ok["hint"] and ok["wp"]
+            else "hint" if ok["hint"] else None)
+    assert live_primitive()[0] == want
 
 
 @pytest.mark.skipif(not _hint_ok, reason=f"hint unavailable: {_hint_why}")
@@ -441,6 +460,10 @@ def test_live_demo_prints_runnable_commands_and_explains_its_units(tmp_path):
     start = next(ln for ln in p.stdout.splitlines() if "udamon.workloads.pinned" in ln)
     assert start.startswith(f"$ {sys.executable} -m udamon.workloads.pinned"), start
     assert "These are hits, not reports" in p.stdout
+    from udamon.cli.demo import live_primitive
+
+    prim = live_primitive()[0]
+    assert f"--primitive {prim} " in p.stdout
     rows, verdicts = {}, {}
     for ln in p.stdout.splitlines():
         parts = ln.split()
@@ -454,6 +477,8 @@ def test_live_demo_prints_runnable_commands_and_explains_its_units(tmp_path):
             assert (r > 0) == (k in "RS") and (w > 0) == (k in "WS"), (k, rows[k])
         if k == "S" and (r == 0 or w == 0):
             assert "seen" in verdicts[k], verdicts[k]
+    if prim == "hint,wp":  # wp samples the writer's buffers every 5 ms for 5 s
+        assert rows["W"][3] > 0 and rows["S"][3] > 0 and rows["R"][3] == 0, rows
 
 
 # -- 9. a state file left by a SIGKILL in the middle of writing it -----------------------

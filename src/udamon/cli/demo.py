@@ -2,10 +2,11 @@
 
 Live (root): start a small pinned workload, record it with the best live primitive
 for the story (rwp where the kernel has it: controlled sampling of reads and
-writes; else hint) and a CPU and read/write breakdown, and show who touched which
-buffer -- then say, from the table's own numbers, what it shows and what it cannot
-(hint sees only the first access after the kernel's scanner hinted a page, so a
-buffer that both threads use may show only one of them).  Otherwise: the same
+writes; else hint and wp side by side: wp samples the writes the DAMON way, hint
+adds the reads; else hint alone) and a CPU and read/write breakdown, and show who
+touched which buffer -- then say, from the table's own numbers, what it shows and
+what it cannot (hint sees only the first access after the kernel's scanner hinted
+a page, so a buffer that both threads use may show only one of them).  Otherwise: the same
 story on synthetic reports through the replay primitive.  Every step is printed as
 the command it runs.
 """
@@ -39,8 +40,8 @@ def add_parser(sub) -> None:
         description="Record a small two-thread workload with known ground truth and show "
                     "which CPU read or wrote which buffer, and what the primitive could and "
                     "could not see.  Live when this machine allows it (root): with rwp "
-                    "where the kernel has it (Linux 7.3+), else hint; otherwise on "
-                    "synthetic reports.")
+                    "where the kernel has it (Linux 7.3+), else hint and wp together "
+                    "(wp: Linux 6.7+), else hint; otherwise on synthetic reports.")
     p.add_argument("--dir", metavar="DIR", help="where to keep the files (default: a temp dir)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--live", action="store_true", help="insist on the live demo")
@@ -49,16 +50,19 @@ def add_parser(sub) -> None:
 
 
 def live_primitive() -> tuple[str | None, str]:
-    """rwp (reads and writes, controlled sampling) where it runs, else hint; None and
-    why when neither does."""
+    """rwp (reads and writes, controlled sampling) where it runs, else hint,wp (wp
+    samples the writes, hint sees reads too), else hint; None and why when none does."""
     from udamon.primitives.registry import entry
 
-    why = []
-    for name in ("rwp", "hint"):
-        ok, reason = entry(name).available()
-        if ok:
-            return name, ""
-        why.append(f"{name}: {reason}")
+    why, ok = [], {}
+    for name in ("rwp", "hint", "wp"):
+        ok[name], reason = entry(name).available()
+        if not ok[name]:
+            why.append(f"{name}: {reason}")
+    if ok["rwp"]:
+        return "rwp", ""
+    if ok["hint"]:
+        return ("hint,wp" if ok["wp"] else "hint"), ""
     return None, "; ".join(why)
 
 
@@ -91,6 +95,11 @@ HOW = {
     "hint": "hint: NUMA-balancing hinting faults (kernel.numa_balancing is on for the "
             "session, then restored); the kernel's scanner decides which pages fault, and "
             "only the first access after it hinted a page is seen",
+    "hint,wp": "hint and wp side by side: wp write-protects one random page of each region "
+               "every 5 ms and reports its first write (userfaultfd, Linux 6.7+; it drives "
+               "nr_accesses), hint adds the reads it sees from NUMA-balancing hinting faults "
+               "(kernel.numa_balancing is on for the session, then restored; the kernel's "
+               "scanner decides which pages fault)",
 }
 
 
@@ -149,9 +158,11 @@ def verdict(k: str, h: dict[str, int], prim: str, rcpu: str, wcpu: str) -> str:
     seen_w = h["write"] > 0 and (h.get(wcpu, 0) > 0)
     if not want_r and not want_w:
         if h["read"] + h["write"] == 0:
-            return ("no access seen: sampled and not accessed, as the workload does"
-                    if prim == "rwp" else "no access seen: with hint that means 'not "
-                    "observed' (the scanner decides what faults); here it is idle indeed")
+            if prim == "rwp":
+                return "no access seen: sampled and not accessed, as the workload does"
+            return ("no access seen: " + ("wp sampled it and saw no write; " if "wp" in prim
+                                          else "") + "with hint no read means 'not observed' "
+                    "(the scanner decides what faults); here it is idle indeed")
         return "accessed after all (its first touch, or a page the primitive got wrong)"
     parts = []
     if want_r:
@@ -162,12 +173,20 @@ def verdict(k: str, h: dict[str, int], prim: str, rcpu: str, wcpu: str) -> str:
                if want and not seen]
     if not missing:
         return "; ".join(parts) + " -- as the workload does"
-    if prim == "hint" and len(missing) == 1 and k == "S":
+    hint = "hint" in prim.split(",")
+    if prim == "hint,wp" and missing == ["write"]:
+        why = ("no write seen in these 5 s: wp samples one page per region per 5 ms, and the "
+               "sampled pages were not written while protected")
+    elif hint and missing == ["read"] and k == "S":
+        why = ("no read seen: hint reports only the first access to a page after the "
+               "kernel's scanner hinted it, and on S the writer got there first every time "
+               "(wp sees only writes; rwp, Linux 7.3+, samples both)")
+    elif prim == "hint" and len(missing) == 1 and k == "S":
         other = "writer" if missing[0] == "read" else "reader"
         why = (f"no {missing[0]} seen: hint reports only the first access to a page after "
                f"the kernel's scanner hinted it, and on S the {other} got there first every "
                "time (rwp, Linux 7.3+, sees both)")
-    elif prim == "hint":
+    elif hint:
         why = ("not observed: the kernel's scanner did not get to it in these 5 s (a gap is "
                "'not observed', not 'not accessed')")
     else:
