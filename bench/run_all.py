@@ -10,7 +10,10 @@ Sections (each also runs on its own, see the bench_*.py files):
 5. intake and filter throughput (bench/bench_intake.py), and the wp primitive's
    own overhead benchmark (bench/bench_wp_overhead.py) when it is present;
 6. the report channel: reports/s from 1 and 4 other processes into a live session,
-   drops counted exactly, the session's CPU per report (bench/bench_channel.py).
+   drops counted exactly, the session's CPU per report (bench/bench_channel.py);
+7. the reliability campaign (bench/bench_campaign.py: fuzzing, attach/detach cycles
+   with SIGKILLs, stress targets, THP under wp), 1.5-2 h, so not in the default run:
+   ``--only campaign --update`` merges it into the existing results.
 Plus a cProfile of udamon recording the pinned workload (full run only).
 The full run takes about 8-10 minutes on a 2-vCPU machine, --quick under 2.
 Needs root (the live primitives do); exits 1 with one line otherwise.
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import bench_accuracy
+import bench_campaign
 import bench_hint_cost
 import bench_loop
 import bench_scale
@@ -445,6 +449,8 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
         out += ["## 6. Report channel (external primitive)", ""]
         out += (bench_channel.markdown(ch["rows"], ch["args"]) if "rows" in ch
                 else [f"skipped: {ch['skipped']}"]) + [""]
+    if res.get("campaign"):
+        out += bench_campaign.markdown(res["campaign"]) + [""]
     prof = res.get("profile")
     for prim, pr in (prof or {}).get("runs", {}).items():
         if "top_tottime" not in pr:
@@ -474,7 +480,9 @@ def main() -> int:
     ap.add_argument("--only",
                     default="slowdown,scale,loop,hint_cost,accuracy,guest,intake,wp_overhead,"
                             "channel,profile",
-                    help="comma-separated sections to run (default: all)")
+                    help="comma-separated sections to run (default: all but campaign, "
+                         "the reliability campaign of bench/bench_campaign.py, 1.5-2 h: "
+                         "'--only campaign --update' adds it)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/run_all.py: needs root (the live primitives change kernel settings "
@@ -535,6 +543,9 @@ def main() -> int:
             "kernel", {"skipped": 1}):
         section("guest", "4b. kernel DAMON in a QEMU guest (host kdamonds unusable)",
                 run_guest, log)
+    if "campaign" in only:
+        section("campaign", "7. reliability campaign (bench_campaign.py)", bench_campaign.run,
+                a.quick, log)
     if "profile" in only and cfg["profile_s"]:
         section("profile", "profile", run_profile, cfg["profile_s"], log)
     res["load_end"] = load1()
