@@ -66,7 +66,8 @@ def _stats():
     path = os.environ.get("UDAMON_FUZZ_STATS")
     if path:
         old = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
-        old.update(TRIED)
+        for k, v in TRIED.items():  # added up: one parser's tests may run apart
+            old[k] = old.get(k, 0) + v
         Path(path).write_text(json.dumps(old, indent=1, sort_keys=True))
 
 
