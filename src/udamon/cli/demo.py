@@ -138,12 +138,16 @@ def _live(d: str, prim: str) -> int:
 
 
 def buffer_hits(rec, buffers: dict[str, list[int]], names: list[str]) -> dict[str, dict]:
-    """Per buffer, the probe hits of the regions inside it, summed over snapshots."""
+    """Per buffer, the probe hits of the regions inside its whole pages, summed over
+    snapshots.  The buffers are not page-aligned: the page where one ends and the next
+    begins holds both, and a write to the writer's last bytes must not count as a
+    write on its neighbour (wp samples such a page as often as any other)."""
     out = {}
     for k, (lo, hi) in buffers.items():
         tot = dict.fromkeys(names, 0)
+        first, last = np.uint64((lo + 0xFFF) & ~0xFFF), np.uint64(hi & ~0xFFF)
         for s in rec.snapshots:
-            inside = (s.start >= np.uint64(lo & ~0xFFF)) & (s.end <= np.uint64(hi + 0xFFF))
+            inside = (s.start >= first) & (s.end <= last)
             for n in names:
                 tot[n] += int(s.probe_hits[n][inside].sum())
         out[k] = tot
