@@ -833,6 +833,16 @@ def test_damaged_damo_numbers_are_one_line(tmp_path, path, value, what):
     assert rc == 2 and len(err.splitlines()) == 1 and what in err, err
 
 
+@pytest.mark.skipif(not __import__("shutil").which("perf"), reason="perf is not installed")
+def test_a_damaged_perf_data_file_is_bad_input(tmp_path):
+    """b'PERFILE2' alone (perf.data's magic) was exit 1, a runtime failure: perf runs,
+    the file is what it cannot read."""
+    f = tmp_path / "x.data"
+    f.write_bytes(b"PERFILE2")
+    rc, err = cli("report", "access", "-i", str(f))
+    assert rc == 2 and len(err.splitlines()) == 1 and "perf script" in err, (rc, err)
+
+
 def test_huge_option_numbers_are_one_line(tmp_path):
     """'--duration 999...9s' (400 digits) was an internal OverflowError."""
     from conftest import run_udamon

@@ -593,7 +593,7 @@ def _perf_script(path: str) -> str:
                              "it needs perf ('perf script'), which is not installed")
     p = subprocess.run([perf, "script", "--force", "-i", path], capture_output=True,
                        timeout=600)
-    if p.returncode != 0:
+    if p.returncode != 0:  # perf runs, the file is what it cannot read: bad input
         last = (p.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
-        raise RuntimeFailure(f"perf script -i {path} failed: {last}")
+        raise InputError(f"{path}: a perf.data file 'perf script' cannot read: {last}")
     return p.stdout.decode(errors="replace")
