@@ -61,13 +61,14 @@ def fuzz(normal: int, soak: int = 10_000):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _stats():
+def _stats(request):
     yield
     path = os.environ.get("UDAMON_FUZZ_STATS")
     if path:
         old = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
+        failed = " (runs with failures)" if request.session.testsfailed else ""
         for k, v in TRIED.items():  # added up: one parser's tests may run apart
-            old[k] = old.get(k, 0) + v
+            old[k + failed] = old.get(k + failed, 0) + v
         Path(path).write_text(json.dumps(old, indent=1, sort_keys=True))
 
 
