@@ -139,6 +139,11 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else float("nan")
 
 
+def _readable(runs: list[dict]) -> dict:
+    """The first run whose late THP reading was taken (-1: the target had ended)."""
+    return next((r for r in runs if r["thp_kib_end"] >= 0), runs[0])
+
+
 def markdown(res: dict) -> list[str]:
     lines = ["## Reliability campaign (bench/bench_campaign.py)"]
     fz = res.get("fuzz") or {}
@@ -174,8 +179,7 @@ def markdown(res: dict) -> list[str]:
                   "|---|---|---|---|---|---|"]
         for kind in ("thp", "4k"):
             a, w = med[f"{kind}-alone"], med[f"{kind}-wp"]
-            ta, tw = ([r for r in th[f"{kind}-{w}"] if r["thp_kib_end"] >= 0]
-                      or th[f"{kind}-{w}"])[0] for w in ("alone", "wp"))
+            ta, tw = (_readable(th[f"{kind}-{how}"]) for how in ("alone", "wp"))
             lines.append(f"| {'THP (MADV_HUGEPAGE)' if kind == 'thp' else '4 KiB pages'} | "
                          f"{a:.2f} | {w:.2f} | {w / a:.3f} | {ta['thp_kib_start']} -> "
                          f"{ta['thp_kib_end']} | {tw['thp_kib_start']} -> {tw['thp_kib_end']} |")
