@@ -8,9 +8,10 @@ It runs the soak versions of tests/test_fuzz.py (>= 10,000 inputs per parser) an
 tests/test_campaign.py (220 cycles per primitive, kills at random moments; the stress
 targets: 1,000 threads, THP, a forking server, an mremapping heap, each with 20
 cycles per primitive) through pytest, collects the counts the tests write, and
-measures the THP cost with tests/workloads/campaign.c.  The full run takes about
-1.5-2 hours on a 2-vCPU machine (the fuzzing ~1 h, the cycles ~30 min); --quick caps the
-fuzzing at 300 inputs per test and runs the normal cycles (~5 min).
+measures the THP cost with tests/workloads/campaign.c.  The full run takes about an
+hour on a 2-vCPU machine (measured under load 3-14: the fuzzing 34 min, the cycles
+17 min, THP 4 min); --quick caps the fuzzing at 300 inputs per test and runs the
+normal cycles (~5 min).
 
 ``run(quick)`` returns the result dict and ``markdown(res)`` the lines of a
 docs/benchmarks.md section, for bench/run_all.py.
@@ -145,7 +146,9 @@ def _readable(runs: list[dict]) -> dict:
 
 
 def markdown(res: dict) -> list[str]:
-    lines = ["## Reliability campaign (bench/bench_campaign.py)"]
+    lines = ["## 7. Reliability campaign (bench/bench_campaign.py)"]
+    if res.get("notes"):
+        lines += [""] + list(res["notes"])
     fz = res.get("fuzz") or {}
     if fz.get("inputs"):
         lines += ["", "Property-based fuzzing (hypothesis, tests/test_fuzz.py --soak): inputs "

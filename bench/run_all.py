@@ -12,7 +12,7 @@ Sections (each also runs on its own, see the bench_*.py files):
 6. the report channel: reports/s from 1 and 4 other processes into a live session,
    drops counted exactly, the session's CPU per report (bench/bench_channel.py);
 7. the reliability campaign (bench/bench_campaign.py: fuzzing, attach/detach cycles
-   with SIGKILLs, stress targets, THP under wp), 1.5-2 h, so not in the default run:
+   with SIGKILLs, stress targets, THP under wp), about 1 h, so not in the default run:
    ``--only campaign --update`` merges it into the existing results.
 Plus a cProfile of udamon recording the pinned workload (full run only).
 The full run takes about 8-10 minutes on a 2-vCPU machine, --quick under 2.
@@ -481,7 +481,7 @@ def main() -> int:
                     default="slowdown,scale,loop,hint_cost,accuracy,guest,intake,wp_overhead,"
                             "channel,profile",
                     help="comma-separated sections to run (default: all but campaign, "
-                         "the reliability campaign of bench/bench_campaign.py, 1.5-2 h: "
+                         "the reliability campaign of bench/bench_campaign.py, about 1 h: "
                          "'--only campaign --update' adds it)")
     a = ap.parse_args()
     if os.geteuid() != 0:
