@@ -73,7 +73,7 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
     """``aggr_samples``: the header's sampling intervals per aggregation (auto-tuning
     scales both intervals and keeps it), the ceiling of every count."""
     _need(obj, SNAPSHOT_KEYS, where)
-    time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63))
+    time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63), hi=1 << 64)
     if time_ns >= 1 << 63:
         raise BadLine(f"{where}: time_ns {time_ns} does not fit a signed 64-bit clock")
     pid = _int(obj["pid"], "pid", where, lo=-(1 << 31))
