@@ -146,7 +146,7 @@ def _readable(runs: list[dict]) -> dict:
 
 
 def markdown(res: dict) -> list[str]:
-    lines = ["## 7. Reliability campaign (bench/bench_campaign.py)"]
+    lines = ["## 9. Reliability campaign (bench/bench_campaign.py)"]
     if res.get("notes"):
         lines += [""] + list(res["notes"])
     fz = res.get("fuzz") or {}

@@ -11,7 +11,11 @@ Sections (each also runs on its own, see the bench_*.py files):
    own overhead benchmark (bench/bench_wp_overhead.py) when it is present;
 6. the report channel: reports/s from 1 and 4 other processes into a live session,
    drops counted exactly, the session's CPU per report (bench/bench_channel.py);
-7. the reliability campaign (bench/bench_campaign.py: fuzzing, attach/detach cycles
+7. the dirty rate against QEMU's calc-dirty-rate and the truth inside three TCG VMs,
+   and its cost on the target (bench/bench_dirty.py; boots VMs);
+8. the KSM advisor against the real KSM (bench/bench_ksm.py; changes KSM's settings
+   for the run and restores them, waits while other processes offer memory to KSM);
+9. the reliability campaign (bench/bench_campaign.py: fuzzing, attach/detach cycles
    with SIGKILLs, stress targets, THP under wp), about 1 h, so not in the default run:
    ``--only campaign --update`` merges it into the existing results.
 Plus a cProfile of udamon recording the pinned workload (full run only).
@@ -52,7 +56,7 @@ MODES = {
              "channel": ["--reports", "4000000", "--seconds", "2", "--repeat", "5"],
              "loop": {"regions": (10, 20, 50, 100, 200, 500, 1000), "turns": 600},
              "hint_cost": {"rates": (0, 10_000, 100_000), "window": 20.0},
-             "profile_s": 8, "guest": True},
+             "profile_s": 8, "guest": True, "dirty": {"runs": 3}, "ksm": {"runs": 3}},
     "quick": {"slowdown": {"repeat": 3, "duration": 2.0,
                            "workloads": ("access_pattern", "write", "stress-ng")},
               "scale": {"repeat": 1, "duration": 3.0, "sizes": (64, 1024), "threads": (1, 8)},
@@ -62,7 +66,7 @@ MODES = {
               "channel": ["--reports", "2000000", "--seconds", "1", "--repeat", "2"],
               "loop": {"regions": (10, 100, 1000), "turns": 200},
               "hint_cost": {"rates": (0, 100_000), "window": 6.0},
-              "profile_s": 0, "guest": False},
+              "profile_s": 0, "guest": False, "dirty": {"runs": 1}, "ksm": {"runs": 1}},
 }
 
 
@@ -449,6 +453,16 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
         out += ["## 6. Report channel (external primitive)", ""]
         out += (bench_channel.markdown(ch["rows"], ch["args"]) if "rows" in ch
                 else [f"skipped: {ch['skipped']}"]) + [""]
+    if res.get("dirty"):
+        import bench_dirty
+
+        out += ["## 7. Dirty rate: udamon dirty-rate, QEMU's calc-dirty-rate, the guests' truth",
+                ""] + bench_dirty.markdown(res["dirty"])
+    if res.get("ksm"):
+        import bench_ksm
+
+        out += ["## 8. KSM advisor: udamon ksm-advise against the real KSM", ""]
+        out += bench_ksm.markdown(res["ksm"])
     if res.get("campaign"):
         out += bench_campaign.markdown(res["campaign"]) + [""]
     prof = res.get("profile")
@@ -479,7 +493,7 @@ def main() -> int:
                          "results (e.g. to redo a section measured while the machine was busy)")
     ap.add_argument("--only",
                     default="slowdown,scale,loop,hint_cost,accuracy,guest,intake,wp_overhead,"
-                            "channel,profile",
+                            "channel,profile,dirty,ksm",
                     help="comma-separated sections to run (default: all but campaign, "
                          "the reliability campaign of bench/bench_campaign.py, about 1 h: "
                          "'--only campaign --update' adds it)")
@@ -543,8 +557,18 @@ def main() -> int:
             "kernel", {"skipped": 1}):
         section("guest", "4b. kernel DAMON in a QEMU guest (host kdamonds unusable)",
                 run_guest, log)
+    if "dirty" in only:
+        import bench_dirty
+
+        section("dirty", "7. dirty rate vs QEMU (bench_dirty.py)", bench_dirty.run,
+                cfg["dirty"]["runs"], log)
+    if "ksm" in only:
+        import bench_ksm
+
+        section("ksm", "8. KSM advisor vs KSM (bench_ksm.py)", bench_ksm.run, cfg["ksm"]["runs"],
+                log)
     if "campaign" in only:
-        section("campaign", "7. reliability campaign (bench_campaign.py)", bench_campaign.run,
+        section("campaign", "9. reliability campaign (bench_campaign.py)", bench_campaign.run,
                 a.quick, log)
     if "profile" in only and cfg["profile_s"]:
         section("profile", "profile", run_profile, cfg["profile_s"], log)

@@ -311,3 +311,25 @@ def test_intervals_goal_zero_aggrs_turns_tuning_off(tmp_path):
     p = run_udamon("record", "--input", str(src), "-o", str(out),
                    "--intervals-goal", "400,-1,5ms,10s")
     assert "must be >= 0" in one_line_error(p)
+
+
+def test_library_errors_name_parameters_and_the_cli_its_options(tmp_path):
+    """The library says 'pid 99' and 'probe ...'; only the CLI speaks of --pid, --probe."""
+    from udamon.errors import ParameterError
+    from udamon.record.reader import read_record
+    from udamon.report.common import check_probe, pick_pids
+
+    path = tmp_path / "r.jsonl"
+    write_record(path)
+    rec = read_record(str(path))
+    for call, param in ((lambda: pick_pids(rec, 99), "pid"),
+                        (lambda: check_probe(rec, "nope"), "probe")):
+        with pytest.raises(ParameterError) as e:
+            call()
+        assert e.value.param == param and "--" not in str(e.value)
+        assert str(e.value).startswith(param + " ")
+        assert e.value.for_option().startswith(f"--{param} ")
+    p = run_udamon("report", "heatmap", "-i", str(path), "--probe", "nope")
+    assert "--probe 'nope' is not a probe" in one_line_error(p)
+    p = run_udamon("report", "access", "-i", str(path), "--pid", "99")
+    assert "--pid 99 is not a target" in one_line_error(p)

@@ -179,6 +179,41 @@ def test_kernel_vaddr_and_udamon_rwp_agree_on_the_pinned_workload(workload):
     assert abs(uw - truth) <= 0.15 * truth and abs(uw - kw) <= 0.15 * truth
 
 
+def _probe_hits(info, snaps, buf: str, name: str) -> int:
+    lo, hi = info[buf]
+    return sum(g["probes"].get(name, 0) for s in snaps for g in s["regions"]
+               if g["start"] >= lo and g["end"] <= hi)
+
+
+def test_kernel_regions_with_hints_cpu_shares_in_one_record(workload):
+    """kernel,hint: the kernel's DAMON supplies the regions and nr_accesses (hot R, W,
+    S; idle I), hint's faults count the cpu/read/write probes over the same regions:
+    R is read from CPU 0 and W written from CPU 1 (the workload pins them there)."""
+    pid = str(workload["pid"])
+    header, snaps, end, path = _record(["--primitive", "kernel,hint", "--pid", pid,
+                                        "--sample", "20ms", "--aggr", "400ms",
+                                        "--breakdown", "cpu,rw"], 20)
+    names = [p["name"] for p in header["probes"]]
+    assert {"cpu:0", "cpu:1", "write", "read"} <= set(names), names
+    assert [p["name"] for p in header["primitives"]] == ["kernel", "hint"]
+    assert end is not None and end["kernel"]["broken_aggregations"] == 0
+    late = snaps[len(snaps) // 2:]
+    ks = _scores(workload, late)
+    print("kernel,hint", {b: round(v, 2) for b, v in ks.items()})
+    coldest = min(ks["R"], ks["W"], ks["S"])
+    assert coldest > 0 and ks["I"] <= 0.05 * coldest, ks  # the kernel's hot/cold, 4/4
+    r0, r1 = (_probe_hits(workload, snaps, "R", f"cpu:{c}") for c in (0, 1))
+    w0, w1 = (_probe_hits(workload, snaps, "W", f"cpu:{c}") for c in (0, 1))
+    print("hint cpu shares: R", r0, r1, "W", w0, w1)
+    assert r0 + r1 > 0 and w0 + w1 > 0, "hint saw no fault on R or W"
+    assert r0 / (r0 + r1) >= 0.99 and w1 / (w0 + w1) >= 0.99
+    assert _probe_hits(workload, snaps, "R", "write") == 0
+    rc, out, err = _cli("report", "access", "-i", path, "--snapshot", "sum")
+    assert rc == 0, err
+    os.unlink(path)
+    _nothing_left()
+
+
 def test_sigkill_of_udamon_leaves_no_kdamond(workload):
     out = f"/tmp/udamon-kernel-kill-{os.getpid()}.jsonl"
     mon = subprocess.Popen([*UDAMON, "record", "-q", "--primitive", "kernel", "--pid",
@@ -498,11 +533,12 @@ def test_damo_record_of_a_kernel_session_reads_into_udamon_reports(workload):
             rc, _, err = _cli("report", kind, "-i", out)
             assert rc == 0, (kind, err)
         from udamon.record.reader import read_record
+        from udamon.record.snapshot_json import snapshot_to_json
 
         rec = read_record(out)
         assert rec.header["input_format"] == "damo-json_compressed"
         assert rec.pids == [workload["pid"]] and len(rec.snapshots) == 6
-        sc = _scores(workload, [s.to_dict() for s in rec.snapshots[2:]])
+        sc = _scores(workload, [snapshot_to_json(s) for s in rec.snapshots[2:]])
         print("damo record", {b: round(v, 2) for b, v in sc.items()})
         hot = min(sc["R"], sc["W"], sc["S"])
         assert hot > 0 and sc["I"] <= 0.05 * hot, sc

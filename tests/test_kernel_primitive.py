@@ -459,6 +459,27 @@ def test_monitor_takes_supplied_regions_and_counts_other_reports_over_them(tmp_p
     assert rec.snapshots[0].probe_hits["anon"].tolist() == [20, 0, 0]
 
 
+def test_two_aggregations_of_a_target_in_one_batch_are_two_snapshots():
+    """The kernel may end two aggregations between two reads (a slow reader): each is a
+    snapshot over its own regions, with the reports of its own interval (the guest
+    found this: the second's regions got the first's counts, of another length)."""
+    m = Monitor(Attrs(5000, 100000, 1000000, 3, 100), probes=[Probe.parse("c1=cpus:1")],
+                count_written_pages=False)
+    m.add_target(7, [(0, 1 << 20)], name="t")
+    m.start(0)
+    ms = 1_000_000
+    m.report_batch(np.concatenate([make(time_ns=t * ms, pid=7, addr=0x1000, cpu=1)
+                                   for t in (5, 150, 250)]))
+    first = _supplied(7, 0, 100 * ms, [0, 1 << 19], [1 << 19, 1 << 20], [3, 0], [1, 1])
+    second = _supplied(7, 100 * ms, 200 * ms, [0, 0x1000, 1 << 19],
+                       [0x1000, 1 << 19, 1 << 20], [4, 1, 0], [0, 2, 2])
+    snaps = m.supply([second, first])  # in any order: the supplier's times decide
+    assert [s.time_ns for s in snaps] == [100 * ms, 200 * ms]
+    assert [s.nr_accesses.tolist() for s in snaps] == [[3, 0], [4, 1, 0]]
+    assert [s.probe_hits["c1"].tolist() for s in snaps] == [[1, 0], [0, 1, 0]]
+    assert [s.nr_reports for s in snaps] == [1, 1] and len(m.buffer) == 1
+
+
 def test_monitor_closes_an_exited_target_after_its_last_supplied_snapshot():
     m = Monitor(Attrs(), count_written_pages=False)
     m.add_target(1, [(0, 4096 * 16)])
@@ -477,7 +498,11 @@ def test_monitor_closes_an_exited_target_after_its_last_supplied_snapshot():
     (["--primitive", "kernel", "--pid", "1", "--breakdown", "cpu"], "cannot tell which CPU"),
     (["--primitive", "kernel", "--pid", "1", "--probe", "w=write"], "cannot tell 'write'"),
     (["--primitive", "kernel", "--pid", "1", "--probe", "a=anon,cpus:0"], "cannot tell 'cpus'"),
-    (["--primitive", "kernel,hint", "--pid", "1"], "runs alone for now"),
+    (["--primitive", "kernel,wp", "--pid", "1"], "wp samples regions of its own"),
+    (["--primitive", "kernel,hint", "--pid", "1", "--filter", "write"],
+     "sample filters have nothing to select"),
+    (["--primitive", "kernel,hint", "--pid", "1", "--probe", "x=anon,write"],
+     "mixes the kernel's probe filters"),
     (["--primitive", "kernel", "--pid", "1", "--kernel-reader", "x"], "invalid choice"),
     (["--primitive", "kernel", "--paddr", "--pid", "1"], "give no --pid"),
     (["--primitive", "kernel"], "(one of them) (or --paddr)"),

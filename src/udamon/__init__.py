@@ -41,6 +41,7 @@ _LAZY = {
     "RecordDamaged": ("udamon.errors", "RecordDamaged"),
     "UdamonError": ("udamon.errors", "UdamonError"),
     "UsageError": ("udamon.errors", "UsageError"),
+    "ParameterError": ("udamon.errors", "ParameterError"),
     "InputError": ("udamon.errors", "InputError"),
     "RuntimeFailure": ("udamon.errors", "RuntimeFailure"),
     "TargetGone": ("udamon.errors", "TargetGone"),

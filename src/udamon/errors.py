@@ -17,6 +17,23 @@ class UsageError(UdamonError):
     exit_code = 2
 
 
+class ParameterError(UsageError):
+    """A bad value of one parameter.  The library's message names the parameter as
+    the library does (``pid``, ``probe``); the CLI names its option (``--pid``)
+    with ``for_option``, so that no library message speaks of command-line options."""
+
+    def __init__(self, param: str, template: str, **fields: object):
+        self.param = param
+        self.template = template
+        self.fields = fields
+        super().__init__(template.format(param=param, **fields))
+
+    def for_option(self, option: str | None = None) -> str:
+        """The message with the CLI's option (default ``--`` + param, dashed)."""
+        opt = option or "--" + self.param.replace("_", "-")
+        return self.template.format(param=opt, **self.fields)
+
+
 class InputError(UdamonError):
     """Bad input data: a record, CSV or spec file that does not parse (exit 2)."""
 

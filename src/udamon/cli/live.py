@@ -166,7 +166,10 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
                         "that is only its first thread: threads created later are not broken "
                         "down), rw (write, read), numa (local, remote: the accessing CPU's "
                         "node is / is not the node holding the page; needs page nodes, "
-                        "see --no-page-nodes)")
+                        "see --no-page-nodes), auto (cpu, rw, node with two nodes or more, "
+                        "thread, each while its probes stay within 64: the default of a live "
+                        "'udamon record', so that a record answers report sharing, numa and "
+                        "dirty later), none")
     p.add_argument("--no-page-nodes", action="store_true",
                    help="do not look up which NUMA node holds each reported page (by default "
                         "every report gets its page's node, from batched move_pages(2) "

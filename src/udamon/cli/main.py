@@ -11,7 +11,7 @@ import os
 import sys
 
 from udamon import __version__
-from udamon.errors import UdamonError
+from udamon.errors import ParameterError, UdamonError
 
 DESCRIPTION = """\
 DAMON-style data access monitoring from user space.  Every access report says
@@ -27,9 +27,11 @@ def build_parser():
 
     from udamon.cli import (
         demo,
+        dirty_rate,
         export,
         exporter,
         import_cmd,
+        ksm_advise,
         migrate,
         monitor,
         place,
@@ -45,8 +47,8 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"udamon {__version__}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for mod in (record, report, monitor, migrate, place, exporter, export, import_cmd, synth,
-                demo):
+    for mod in (record, report, monitor, migrate, place, dirty_rate, ksm_advise, exporter,
+                export, import_cmd, synth, demo):
         mod.add_parser(sub)
     return p
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UdamonError as e:
-        print(f"udamon: error: {e}", file=sys.stderr)
+        msg = e.for_option() if isinstance(e, ParameterError) else str(e)
+        print(f"udamon: error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("udamon: interrupted", file=sys.stderr)

@@ -15,6 +15,8 @@ from udamon.core.monitor import Monitor
 from udamon.core.session import Session
 from udamon.errors import UsageError
 from udamon.primitives.replay import columns
+from udamon.probes.breakdown import AUTO
+from udamon.record.report_stream import ReportStreamSink
 from udamon.record.sink import RecordSink
 
 DESCRIPTION = """\
@@ -57,15 +59,32 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", metavar="FILE", required=True, help="record file to write")
+    p.add_argument("--keep-reports", metavar="FILE",
+                   help="also keep every report counted, page node included, in FILE "
+                        "(gzip CSV, the --input format), so that other filters, probes or "
+                        "breakdowns can be counted later: udamon record --input FILE ...")
     live.add_session_args(p, replay=True)
     p.set_defaults(func=run)
+
+
+def _sinks(a: argparse.Namespace) -> list:
+    """The record, and first the report stream: its note goes into the record's end."""
+    sinks: list = [RecordSink(a.output, a.quiet)]
+    if a.keep_reports:
+        for other, what in ((a.output, "-o"), (getattr(a, "input", None), "--input")):
+            if other and os.path.abspath(other) == os.path.abspath(a.keep_reports):
+                raise UsageError(f"--keep-reports {a.keep_reports} is also the {what} file")
+        sinks.insert(0, ReportStreamSink(a.keep_reports))
+    return sinks
 
 
 def run(a: argparse.Namespace) -> int:
     s = live.resolve(a, replay=True)
     if s.primitive == "replay":
         return _record_replay(a, s)
-    return live.run_session(a, s, [RecordSink(a.output, a.quiet)])
+    if not a.breakdown:  # a live record keeps what later reports need
+        s.kinds = [AUTO]
+    return live.run_session(a, s, _sinks(a))
 
 
 def _record_replay(a: argparse.Namespace, s: live.SessionSpec) -> int:
@@ -86,7 +105,7 @@ def _record_replay(a: argparse.Namespace, s: live.SessionSpec) -> int:
     progress = _Progress(not a.quiet and sys.stderr.isatty())
     session.progress = progress.update
     try:
-        session.run([RecordSink(a.output, a.quiet)])
+        session.run(_sinks(a))
     finally:
         progress.done()
     _warn_outside(session.monitor, s.ranges is not None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 from udamon.cli.common import open_record
@@ -26,6 +27,13 @@ def _access_args(p: argparse.ArgumentParser) -> None:
                         "the whole record, on the finest cut of the regions: the view for "
                         "bursty primitives such as hint, whose snapshots are mostly empty), "
                         "or an index (negative counts from the end)")
+    p.add_argument("--columns", metavar="NAME[,NAME]", type=lambda t: [
+                   x.strip() for x in t.split(",") if x.strip()],
+                   help="probe columns to show: names or globs, e.g. 'write,thread:*' "
+                        "(default: those that fit the terminal, read/write and locality "
+                        "first)")
+    p.add_argument("--wide", action="store_true",
+                   help="every probe column, however wide the table gets")
     p.add_argument("--sort", default="address", metavar="KEY",
                    help="order of regions: address (default), size, nr_accesses, age, "
                         "or probe:NAME (hottest first)")
@@ -45,7 +53,13 @@ def _access_run(a: argparse.Namespace, rec: Record) -> int:
                              f"or probe:NAME with a probe of the record "
                              f"({', '.join(rec.probe_names) or 'it has none'})")
     pick_pids(rec, a.pid)  # no snapshots to show is an error, as for the other kinds
-    opts = access.AccessOptions(a.snapshot, a.sort, a.pid, a.top)
+    if a.columns is not None and not a.columns:
+        raise UsageError("--columns needs probe names or globs, e.g. write,thread:*")
+    if a.columns and a.wide:
+        raise UsageError("--columns picks columns and --wide shows all: give one")
+    width = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 120
+    opts = access.AccessOptions(a.snapshot, a.sort, a.pid, a.top, a.columns, a.wide,
+                                max(width, 80))
     try:
         if a.format == "json":
             json.dump(access.to_json(rec, opts), sys.stdout, indent=1)

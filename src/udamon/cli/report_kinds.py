@@ -139,8 +139,25 @@ def _ksm_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ksm_run(a: argparse.Namespace, rec: Record) -> int:
+    from udamon.report import ksm_advice
+    from udamon.report.common import pick_pids, record_line
+
     fmt = _formats(a, "ksm", ("text", "json"))
     top = getattr(a, "top", None)
+    if ksm_advice.is_advice_record(rec):
+        if getattr(a, "min_age", None) is not None:
+            raise UsageError("--min-age: a record of udamon ksm-advise holds the advice made "
+                             "with its own --min-age")
+        pick_pids(rec, getattr(a, "pid", None))
+        adv, applied = ksm_advice.advice_from_record(rec, getattr(a, "pid", None))
+        if fmt == "json":
+            doc = ksm_advice.to_json(adv, rec.path)
+            for t in doc["targets"]:
+                if t["pid"] in applied:
+                    t["apply"] = applied[t["pid"]]
+            return _emit_json(doc)
+        sys.stdout.write(ksm_advice.to_text(adv, [record_line(rec)], top or 20))
+        return 0
     res = ksm.compute(rec, getattr(a, "pid", None), getattr(a, "min_age", None))
     if fmt == "json":
         return _emit_json(ksm.to_json(rec, res))
@@ -152,15 +169,49 @@ def _ksm_run(a: argparse.Namespace, rec: Record) -> int:
 
 
 def _dirty_args(p: argparse.ArgumentParser) -> None:
-    pass
+    from udamon.cli.common import duration_arg
+    from udamon.cli.dirty_rate import parse_rate
+
+    p.add_argument("--bandwidth", metavar="RATE", type=typed(parse_rate, "rate"),
+                   help="add QEMU's pre-copy estimate at this bandwidth (e.g. 10Gbit/s); "
+                        "records of udamon dirty-rate")
+    p.add_argument("--downtime", metavar="DUR", type=typed(duration_arg, "duration"),
+                   default=None, help="downtime limit of the pre-copy estimate (default 300ms)")
 
 
 def _dirty_run(a: argparse.Namespace, rec: Record) -> int:
+    from udamon.report import dirty_record
+
     fmt = _formats(a, "dirty", ("text", "json"))
+    if dirty_record.is_dirty_record(rec):
+        return _dirty_rate_run(a, rec, fmt)
+    if getattr(a, "bandwidth", None) is not None or getattr(a, "downtime", None) is not None:
+        raise UsageError("--bandwidth/--downtime need a record of 'udamon dirty-rate' "
+                         f"({rec.path} was made by 'udamon record')")
     res = dirty.compute(rec, getattr(a, "pid", None))
     if fmt == "json":
         return _emit_json(dirty.to_json(rec, res))
     sys.stdout.write(dirty.to_text(rec, res))
+    return 0
+
+
+def _dirty_rate_run(a: argparse.Namespace, rec: Record, fmt: str) -> int:
+    from udamon.report import dirty_rate, dirty_record, precopy
+    from udamon.report.common import pick_pids, record_line
+
+    pick_pids(rec, getattr(a, "pid", None))
+    est = rec.header["estimator"]
+    series = dirty_record.series_from_record(rec, getattr(a, "pid", None))
+    down = getattr(a, "downtime", None)
+    res = dirty_rate.compute(series, window_ns=int(est.get("window_ns", 1_000_000_000)),
+                             confidence=float(est.get("confidence", 0.95)),
+                             precision=float(est.get("precision") or 1.25),
+                             exact=est.get("mode") == "exact",
+                             bandwidth_bps=getattr(a, "bandwidth", None),
+                             downtime_ns=down if down is not None else precopy.DEFAULT_DOWNTIME_NS)
+    if fmt == "json":
+        return _emit_json(dirty_rate.to_json(res, rec.path))
+    sys.stdout.write(dirty_rate.to_text(res, [record_line(rec)]))
     return 0
 
 

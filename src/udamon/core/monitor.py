@@ -22,10 +22,11 @@ import numpy as np
 
 from udamon.arrays import sorted_unique
 from udamon.core.attrs import Attrs
+from udamon.core.names import join_names, region_mappings
 from udamon.core.regions import PAGE, Regions
 from udamon.errors import TargetGone
 from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
-from udamon.intake.reports import make
+from udamon.intake.reports import empty, make
 from udamon.primitives.base import SuppliedRegions
 from udamon.probes.filters import Filter, evaluate
 from udamon.probes.probe import Probe
@@ -94,6 +95,11 @@ class Snapshot:
     # "threads": {"<tid>": [local, remote, unknown]}}; exact counts, independent of
     # the region boundaries
     numa: dict | None = None
+    # the target's mappings as (start, end, name) spans in address order, and its
+    # threads' names {tid: comm}, as udamon.core.names.NameTracker knew them when the
+    # snapshot was taken (live targets; None: not known, e.g. replayed input)
+    names: list[tuple[int, int, str]] | None = None
+    threads: dict[int, str] | None = None
     # per region, distinct pages written in the interval (None: not counted)
     written_pages: np.ndarray | None = None
     # the target's mapped spans, when they changed since its previous snapshot (the
@@ -102,10 +108,25 @@ class Snapshot:
     # the parts of mapped that are private anonymous memory, what KSM could merge
     # (written, and carried forward, like mapped)
     mergeable: list[tuple[int, int]] | None = None
+    # keys of an estimator's snapshot kept as they are (record/format.py ESTIMATE_KEYS)
+    extra: dict | None = None
 
     @property
     def aggr_us(self) -> int:
         return (self.time_ns - self.start_ns) // 1000
+
+    def region_mappings(self) -> list[list[str]] | None:
+        """Per region, the names of the mappings it overlaps, most bytes first ([] for a
+        hole between mappings); None when the snapshot has no names."""
+        if self.names is None:
+            return None
+        return region_mappings(self.names, self.start, self.end)
+
+    def region_names(self, short: bool = False) -> list[str] | None:
+        """Per region, one name: ``a``, ``a+b`` or ``a (+N)`` (udamon.core.names.join_names;
+        ``short``: long paths as ``.../basename``); None when the snapshot has no names."""
+        per = self.region_mappings()
+        return None if per is None else [join_names(x, short) for x in per]
 
     def region_page_nodes(self) -> list[dict[int, int]]:
         """Per region, {node: pages} of the nodes holding any of its reported pages
@@ -154,6 +175,9 @@ class Monitor:
             raise ValueError("probe names must be unique")
         self.targets: list[Target] = []
         self.buffer = ReportBuffer(buffer_capacity, cpu_nodes)
+        # called with the reports each aggregation counts (page nodes filled): a sink
+        # that keeps the report stream (udamon record --keep-reports) sets it
+        self.report_tap: Callable[[np.ndarray], None] | None = None
         self.rng = np.random.default_rng(seed)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None
@@ -373,6 +397,8 @@ class Monitor:
         """kdamond's check_accesses for the interval: count the reports before
         ``until_ns`` into their target's regions; per pid (reports, passed)."""
         reports = self.buffer.take_before(until_ns)
+        if self.report_tap is not None and reports.size:
+            self.report_tap(reports)
         counts: dict[int, tuple[int, int]] = {}
         if reports.size:
             pids = reports["pid"]
@@ -463,22 +489,27 @@ class Monitor:
         end_ns = max(int(b.end_ns) for b in batch)
         if self.window_start is None:
             self.start(min(int(b.start_ns) for b in batch))
-        supplied: list[tuple[Target, SuppliedRegions]] = []
-        for b in batch:
+        # in the supplier's order: two aggregations of one target in a batch are two
+        # snapshots, each over its own regions with the reports of its own interval
+        pool = empty(0)
+        out: list[Snapshot] = []
+        done: list[Target] = []
+        for b in sorted(batch, key=lambda b: int(b.end_ns)):
+            got = self.buffer.take_before(int(b.end_ns))
+            if got.size:
+                if self.report_tap is not None:
+                    self.report_tap(got)
+                pool = np.concatenate([pool, got]) if pool.size else got
             try:
                 t = self.target(b.pid)
             except KeyError:
                 continue
-            if not t.closed:
-                t.regions = Regions(b.start, b.end, len(self.probes))
-                supplied.append((t, b))
-        reports = self.buffer.take_before(end_ns)
-        out: list[Snapshot] = []
-        matched = np.zeros(reports.size, dtype=bool)
-        for t, b in supplied:
-            sel = reports["pid"] == t.pid
-            matched |= sel
-            counts = self._count(t, reports[sel], int(b.start_ns), int(b.end_ns))
+            if t.closed:
+                continue
+            t.regions = Regions(b.start, b.end, len(self.probes))
+            sel = (pool["pid"] == t.pid) & (pool["time_ns"] < int(b.end_ns))
+            counts = self._count(t, pool[sel], int(b.start_ns), int(b.end_ns))
+            pool = pool[~sel]
             r = t.regions
             r.nr_accesses = np.asarray(b.nr_accesses, dtype=np.int64).copy()
             r.age = np.asarray(b.age, dtype=np.int64).copy()
@@ -486,8 +517,9 @@ class Monitor:
             snap.probe_hits.update({k: np.asarray(v, dtype=np.int64).copy()
                                     for k, v in b.probe_hits.items()})
             out.append(snap)
-        self._unmatched += int((~matched).sum())
-        self._reset_aggregated([t for t, _ in supplied])
+            done.append(t)
+        self._unmatched += int(pool.size)  # reports of no target the supplier covered
+        self._reset_aggregated(done)
         self.window_start = end_ns
         assert self._last_update_ns is not None
         if end_ns - self._last_update_ns >= self.attrs.update_us * 1000:

@@ -50,6 +50,7 @@ from udamon.core.loop import (  # noqa: F401 - the session's API
     run_replay,
 )
 from udamon.core.monitor import Monitor, Snapshot
+from udamon.core.names import NameTracker
 from udamon.errors import RuntimeFailure, TargetGone, UsageError
 from udamon.primitives import registry
 from udamon.primitives.base import Primitive
@@ -154,7 +155,10 @@ class Session:
         self._closed = False
         self._released = True
         self._start_notes: list[str] = []
+        self._breakdown_notes: list[str] = []
+        self._supplied_note = ""
         self._lookup = None
+        self._names: NameTracker | None = None  # live: mapping and thread names
         self._perf_stats = None
         self._resolve()
 
@@ -215,8 +219,10 @@ class Session:
                      f"{', '.join(n for n in self.names if n != controlled[0])} feed the probes")
 
     def _check_own_monitor(self) -> None:
-        """A primitive with a monitor of its own (the kernel's DAMON) runs alone here, and
-        has none of what only reports carry (sample filters, origin breakdowns)."""
+        """A primitive with a monitor of its own (the kernel's DAMON) supplies the regions
+        and nr_accesses; observational primitives beside it (hint) supply what only
+        reports carry (CPU, thread, read/write) as probes over those regions.  Without
+        them it has no sample filters and no origin breakdowns."""
         from udamon.probes.filters import KERNEL_ONLY_TYPES
 
         own = [n for n in self.names if registry.entry(n).own_monitor]
@@ -229,14 +235,21 @@ class Session:
                                      f"DAMON only (kernel primitive probes); reports from "
                                      f"{', '.join(self.names)} do not say what backs a page")
             return
-        if len(self.names) > 1:
-            others = ", ".join(n for n in self.names if n != own[0])
-            raise UsageError(f"the {own[0]} primitive runs alone for now (with {others} it "
-                             "would supply the regions they report over; not built yet)")
+        others = [n for n in self.names if n != own[0]]
+        bad = [n for n in others if n in ("wp", "rwp") or registry.entry(n).own_monitor]
+        if bad:
+            raise UsageError(f"the {own[0]} primitive supplies the regions and nr_accesses; "
+                             f"{bad[0]} samples regions of its own and cannot join it (an "
+                             "observational primitive can: hint, pmu, external)")
+        if others:
+            self._check_kernel_with_observers(own[0], others)
+            return
         if self.filters:
             raise UsageError(f"the {own[0]} primitive has no sample filters (the kernel's "
                              "per-CPU, thread and read/write sample filters are not "
                              "upstream): sample filters cannot be used with it")
+        if self.kinds == [breakdown_mod.AUTO]:
+            self.kinds = []  # the default: nothing to break down
         if self.kinds:
             raise UsageError(f"breakdown {','.join(self.kinds)}: the {own[0]} primitive cannot "
                              "tell which CPU, node or thread made an access, nor read from "
@@ -249,6 +262,24 @@ class Session:
                     f"filters are {', '.join(KERNEL_ONLY_TYPES)}; per-CPU, thread, read and "
                     "write sample filters are not upstream): use a primitive that reports "
                     "who and how (hint, rwp, wp) for that probe")
+
+    def _check_kernel_with_observers(self, own: str, others: list[str]) -> None:
+        """kernel,hint: nr_accesses are the kernel's, so sample filters have nothing to
+        select; the kernel's probe filters go to the kernel, the others to udamon's
+        probes over the kernel's regions (the observers' reports)."""
+        from udamon.probes.filters import KERNEL_ONLY_TYPES
+
+        if self.filters:
+            raise UsageError(f"with {own}, nr_accesses are the kernel's: sample filters "
+                             f"have nothing to select ({', '.join(others)} feed the probes)")
+        for p in self.user_probes:
+            types = {f.type for f in p.filters}
+            if types & set(KERNEL_ONLY_TYPES) and types - set(KERNEL_ONLY_TYPES):
+                raise UsageError(f"probe {p.name!r} mixes the kernel's probe filters "
+                                 f"({', '.join(KERNEL_ONLY_TYPES)}) with conditions only "
+                                 "reports carry: split it into two probes")
+        self._supplied_note = (f"{own} supplies the regions and nr_accesses; the probes "
+                               f"count {', '.join(others)}'s reports over them")
 
     # -- start / stop --------------------------------------------------------------
 
@@ -269,10 +300,12 @@ class Session:
 
     def _probes(self, cpus=(), nodes=(), tids=()) -> list[Probe]:
         follow = self.follow_origin
-        if follow is None:
+        if follow is None:  # as asked: 'auto' does not change how regions adjust
             follow = any(k in breakdown_mod.ORIGIN_KINDS for k in self.kinds)
+        kinds, self._breakdown_notes = breakdown_mod.expand_auto(
+            self.kinds, ncpus=len(list(cpus)), nnodes=len(set(nodes)), ntids=len(set(tids)))
         try:
-            extra = (breakdown_mod.breakdown_probes(self.kinds, cpus=cpus, nodes=nodes,
+            extra = (breakdown_mod.breakdown_probes(kinds, cpus=cpus, nodes=nodes,
                                                     tids=tids, follow_origin=follow)
                      if self.kinds else [])
         except ValueError as e:
@@ -325,6 +358,8 @@ class Session:
             self._released = True
         for p in late:  # needs the program's own mappings
             p.start(targets)
+        if self._supplied_note:
+            self.log(self._supplied_note)
         cpus: list[int] = []
         nodes: set[int] = set()
         tids: set[int] = set()
@@ -367,19 +402,28 @@ class Session:
                       for pid in gone]
         for n in gone_notes:
             self.log(n)
-        self._start_notes = [n for p in self.primitives for n in p.stats().notes] + gone_notes
+        self._start_notes = ([n for p in self.primitives for n in p.stats().notes] + gone_notes
+                             + self._breakdown_notes)
         extra: dict = {"command": self.command} if self.command else {}
         for p in self.primitives:
             extra.update(p.stats().header)
         if len(self.primitives) > 1:
             extra["primitives"] = [{"name": p.name, "kind": p.kind, "coverage": p.coverage}
                                    for p in self.primitives]
+        if not self.physical:  # physical memory has no maps and no threads
+            self._names = NameTracker(attrs.update_us * 1000)
+            for t in self.monitor.targets:
+                self._names.add(t.pid, t.provider)
         drive = next((p for p in self.primitives if p.kind != "observational"),
                      self.primitives[0])
         self.header = describe(attrs, ",".join(self.names), drive.coverage, self.filters,
                                probes, self.monitor.targets, clock="monotonic",
                                notes=self._start_notes,
                                written_pages=self.monitor.count_written_pages, **extra)
+        for td in self.header["targets"] if self._names else []:  # threads' names at start
+            names = self._names.threads(td["pid"])
+            if names:
+                td["threads"] = {str(k): v for k, v in sorted(names.items())}
         self._lookup = PageNodeLookup() if self.use_page_nodes else None
 
     def _start_replay(self) -> None:
@@ -472,7 +516,8 @@ class Session:
         try:
             yield from iter_live(self.monitor, self.primitives, duration_ns=self.duration_ns,
                                  stop=self.stop_flag, on_tick=self.on_tick,
-                                 page_nodes=self._lookup, result=self.result)
+                                 page_nodes=self._lookup, result=self.result,
+                                 annotate=self._names.annotate if self._names else None)
         finally:
             self._closed = True  # iter_live stopped every primitive
             self.notes = [n for n in self.result.notes if n not in self._start_notes]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from udamon.errors import InputError, UsageError
+from udamon.errors import InputError, ParameterError
 from udamon.intake import wire
 from udamon.intake.csv_format import is_comment, parse_header, parse_rows
 from udamon.intake.reports import empty
@@ -118,7 +118,8 @@ class ChannelServer:
             s.bind(path)
         except OSError as e:
             s.close()
-            raise UsageError(f"--socket {path}: cannot create it: {e.strerror}") from None
+            raise ParameterError("socket", "{param} {path}: cannot create it: {why}", path=path,
+                                 why=e.strerror) from None
         finally:
             os.umask(old)
         self._created = True
@@ -448,23 +449,28 @@ def check_socket_path(path: str) -> bool:
     """UsageError (exit 2) when ``path`` cannot become the session's socket; True when a
     stale socket (nobody listening) is there and will be replaced."""
     if not path:
-        raise UsageError("--socket needs a path")
+        raise ParameterError("socket", "{param} needs a path")
     if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
-        raise UsageError(f"--socket {path}: too long for a unix socket "
-                         f"({len(os.fsencode(path))} bytes, at most {_SOCKET_PATH_MAX})")
+        raise ParameterError("socket", "{param} {path}: too long for a unix socket "
+                             "({n} bytes, at most {most})", path=path,
+                             n=len(os.fsencode(path)), most=_SOCKET_PATH_MAX)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise UsageError(f"--socket {path}: directory {parent} does not exist")
+        raise ParameterError("socket", "{param} {path}: directory {parent} does not exist",
+                             path=path, parent=parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
     except OSError as e:
-        raise UsageError(f"--socket {path}: {e.strerror}") from None
+        raise ParameterError("socket", "{param} {path}: {why}", path=path,
+                             why=e.strerror) from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise UsageError(f"--socket {path}: exists and is not a socket (choose another path)")
+        raise ParameterError("socket", "{param} {path}: exists and is not a socket (choose "
+                             "another path)", path=path)
     if _someone_listens(path):
-        raise UsageError(f"--socket {path}: another session is listening there")
+        raise ParameterError("socket", "{param} {path}: another session is listening there",
+                             path=path)
     return True
 
 

@@ -139,3 +139,27 @@ def _parse_slow(path: str, rows: list[str], linenos: list[int], cols: list[str],
         table[i] = tuple(f.strip() if name == "source" else _conv(name, f, f"{path}:{ln}")
                          for name, f in zip(cols, fields, strict=True))
     return table
+
+
+# Every column, in the order a writer of the format puts them (the reader takes any order).
+ALL_COLUMNS = ("time_ns", "pid", "tid", "cpu", "node", "addr", "size", "write", "source",
+               "mem", "page_node")
+
+
+def format_rows(reports: np.ndarray) -> str:
+    """REPORT_DTYPE -> CSV lines of ALL_COLUMNS (no header): what parse_rows reads back
+    to the same reports."""
+    if reports.size == 0:
+        return ""
+    from udamon.intake.reports import SOURCES
+
+    names = np.asarray(SOURCES + ("?",) * (256 - len(SOURCES)), dtype=object)
+    cols = [reports[c].astype(str).astype(object) for c in ("time_ns", "pid", "tid", "cpu",
+                                                            "node", "addr", "size")]
+    cols.append(reports["write"].astype(np.int8).astype(str).astype(object))
+    cols.append(names[reports["source"]])
+    cols += [reports[c].astype(str).astype(object) for c in ("mem", "page_node")]
+    line = cols[0]
+    for c in cols[1:]:
+        line = line + "," + c
+    return "\n".join(line.tolist()) + "\n"

@@ -36,6 +36,7 @@ import numpy as np
 from udamon.errors import RuntimeFailure, UsageError
 from udamon.intake.reports import empty
 from udamon.primitives.base import Primitive, PrimitiveStats, SuppliedRegions
+from udamon.probes.filters import KERNEL_ONLY_TYPES
 from udamon.system.kernel_sysfs import (
     ADMIN,
     Kdamond,
@@ -102,10 +103,12 @@ class KernelPrimitive(Primitive):
         self.reader_used = ""
 
     def claim_probes(self, probes: list) -> list[str]:
-        """Every probe of a kernel session is the kernel's: its filters must be the
-        kernel's probe filters (anon, memcg); its weight is the kernel's 7.3 weight."""
+        """The probes whose filters are all the kernel's probe filters (anon, memcg) are
+        the kernel's (their weight is the kernel's 7.3 weight); the others (CPU, thread,
+        read/write) stay udamon's, counted over the kernel's regions from the reports of
+        the observational primitives in the session (kernel,hint)."""
         kp = [KernelProbe(p.name, tuple(p.filters), int(getattr(p, "weight", 0)))
-              for p in probes]
+              for p in probes if all(f.type in KERNEL_ONLY_TYPES for f in p.filters)]
         check_probe_filters(kp)
         self.probes = kp
         return [p.name for p in kp]

@@ -157,6 +157,19 @@ class _Target:
         self.armed = np.zeros(0, np.uint64)
 
 
+@dataclass(frozen=True)
+class Registered:
+    """A live target's userfaultfd, pagemap fd, pidfd and registered spans (sorted
+    uint64 ``starts``/``ends``): what an estimator that arms pages itself needs
+    (udamon.primitives.dirty_sample, udamon.primitives.write_track)."""
+
+    uffd: int
+    pagemap: int
+    pidfd: int
+    starts: np.ndarray
+    ends: np.ndarray
+
+
 @dataclass
 class _Counts:
     armed: int = 0
@@ -518,6 +531,29 @@ class UffdPrimitive(Primitive):
         rep["cpu"][m] = src["cpu"]
         if self.mode is RWP:
             rep["write"][m] = (src["error_code"] & np.uint64(PF_WRITE)) != 0
+
+    # ------------------------------------------------------------ for estimators
+
+    def registered(self, pid: int) -> Registered | None:
+        """The target's fds and registered spans, its mappings re-read at most once a
+        second (new ones registered) as for ``sample_window``; None once it is gone.
+        For code that protects and checks its own pages (a dirty-rate sample, every
+        page); it tells ``lost_mm`` when an ioctl says the mm is gone."""
+        t = self._targets.get(pid)
+        if not self._usable(t):
+            return None
+        assert t is not None
+        self._maybe_refresh(t)
+        if not self._usable(t):
+            return None
+        return Registered(t.uffd, t.pagemap, t.pidfd, t.starts, t.ends)
+
+    def lost_mm(self, pid: int) -> None:
+        """``pid``'s mm is gone (an ioctl failed with ESRCH): attach again after an
+        exec, or mark the target gone."""
+        t = self._targets.get(pid)
+        if t is not None and not t.gone:
+            self._mm_gone(t)
 
     # ------------------------------------------------------------ one turn (API, tests)
 

@@ -50,7 +50,10 @@ PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)           96 byt
 PAGE_IS_WRITTEN = 1 << 1
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
 PAGE_IS_ACCESSED = 1 << 9
+PM_SCAN_WP_MATCHING = 1 << 0  # write-protect the pages the scan matches (atomically)
+PM_SCAN_CHECK_WPASYNC = 1 << 1  # fail when a VMA is not registered for async WP
 
 SCAN_CHUNK = 128 << 20  # FACTS.md: walk_end came back early on a 256 MiB scan
 # Armed pages closer than this share one PAGEMAP_SCAN; farther apart, each cluster gets

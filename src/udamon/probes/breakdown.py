@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from udamon.errors import ParameterError
 from udamon.probes.filters import parse_conditions
 from udamon.probes.probe import Probe
 
 KINDS = ("cpu", "node", "thread", "rw", "numa")
+# 'auto': what later reports need, where it is affordable (a live udamon record's default)
+AUTO = "auto"
+MAX_CPU_PROBES = 64
 # breakdowns whose probes say where an access came from: by default they also steer
 # region adjustment (probe weight 1), so that equally hot neighbours of different origin
 # end up in different regions
@@ -25,11 +29,38 @@ def parse_kinds(texts: Iterable[str]) -> list[str]:
     for text in texts:
         for k in text.split(","):
             k = k.strip()
-            if k not in KINDS:
-                raise ValueError(f"unknown breakdown {k!r} (choose from {', '.join(KINDS)})")
+            if k == "none":
+                continue
+            if k not in KINDS + (AUTO,):
+                raise ValueError(f"unknown breakdown {k!r} (choose from "
+                                 f"{', '.join(KINDS + (AUTO, 'none'))})")
             if k not in out:
                 out.append(k)
     return out
+
+
+def expand_auto(kinds: list[str], *, ncpus: int, nnodes: int,
+                ntids: int) -> tuple[list[str], list[str]]:
+    """``auto`` -> the kinds later reports need (cpu, rw, node with two nodes or more,
+    thread), each only when its probes stay within the caps; the notes say what was
+    left out and why."""
+    if AUTO not in kinds:
+        return kinds, []
+    out = [k for k in kinds if k != AUTO]
+    notes = []
+    want = ["cpu", "rw"] + (["node"] if nnodes > 1 else []) + ["thread"]
+    for k in want:
+        if k in out:
+            continue
+        if k == "cpu" and ncpus > MAX_CPU_PROBES:
+            notes.append(f"breakdown auto: no cpu probes ({ncpus} CPUs, more than "
+                         f"{MAX_CPU_PROBES}); a cpus: probe selects some")
+        elif k == "thread" and ntids > MAX_THREAD_PROBES:
+            notes.append(f"breakdown auto: no thread probes ({ntids} threads, more than "
+                         f"{MAX_THREAD_PROBES}); a threads: probe selects some")
+        else:
+            out.append(k)
+    return out, notes
 
 
 def breakdown_probes(kinds: list[str], *, cpus: Iterable[int] = (), nodes: Iterable[int] = (),
@@ -48,8 +79,9 @@ def breakdown_probes(kinds: list[str], *, cpus: Iterable[int] = (), nodes: Itera
     if "thread" in kinds:
         tids = sorted(tids)
         if len(tids) > MAX_THREAD_PROBES:
-            raise ValueError(f"--breakdown thread would add {len(tids)} probes; at most "
-                             f"{MAX_THREAD_PROBES} (use --probe NAME=threads:... for a subset)")
+            raise ParameterError("breakdown", "{param} thread would add {n} probes; at most "
+                                 "{most} (a probe with a threads: condition selects a "
+                                 "subset)", n=len(tids), most=MAX_THREAD_PROBES)
         out += [Probe(f"thread:{t}", tuple(parse_conditions(f"threads:{t}"))) for t in tids]
     if "rw" in kinds:
         out += [Probe("write", tuple(parse_conditions("write"))),

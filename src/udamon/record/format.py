@@ -10,6 +10,9 @@ FORMAT_VERSION = 1
 
 HEADER_KEYS = ("format", "version", "attrs", "primitive", "filters", "probes", "targets")
 SNAPSHOT_KEYS = ("time_ns", "pid", "sample_us", "regions")
+# what an estimator adds to its snapshots (udamon dirty-rate, udamon ksm-advise), kept
+# by the reader as it is (Snapshot.extra) for its report to read
+ESTIMATE_KEYS = ("dirty", "ksm")
 END_KEYS = ("reason", "dropped_reports", "lost_samples")
 
 # Reasons a record ends with.

@@ -28,7 +28,13 @@ from udamon.record.format import (
     GZIP_MAGIC,
     HEADER_KEYS,
 )
-from udamon.record.snapshot_json import BadLine, _int, _need, snapshot_from_json
+from udamon.record.snapshot_json import (
+    BadLine,
+    _int,
+    _need,
+    parse_threads,
+    snapshot_from_json,
+)
 
 
 @dataclass
@@ -61,6 +67,27 @@ class Record:
 
     def snapshots_of(self, pid: int) -> list[Snapshot]:
         return [s for s in self.snapshots if s.pid == pid]
+
+    def thread_names(self, pid: int | None = None) -> dict[int, str]:
+        """{tid: comm} of the threads the record names (the header's, then the
+        snapshots', later names winning) of target ``pid``, or of all targets; empty
+        when the record has none (replayed input)."""
+        out: dict[int, str] = {}
+        for t in self.header.get("targets", []):
+            if pid is None or t.get("pid") == pid:
+                out.update({int(k): v for k, v in (t.get("threads") or {}).items()})
+        last: dict[int, Snapshot] = {}
+        for s in self.snapshots:
+            if pid is None or s.pid == pid:
+                last[s.pid] = s
+        for s in last.values():  # a snapshot's threads: everything named up to it
+            out.update(s.threads or {})
+        return out
+
+    @property
+    def has_names(self) -> bool:
+        """The record says which mappings its regions are in (live targets)."""
+        return any(s.names is not None for s in self.snapshots)
 
     @property
     def coverage(self) -> str:
@@ -126,6 +153,9 @@ def _parse_header(obj, where: str) -> tuple[dict, Attrs, list[Filter], list[Prob
     if not isinstance(obj["targets"], list) or not all(
             isinstance(t, dict) and isinstance(t.get("pid"), int) for t in obj["targets"]):
         raise BadLine(f"{where}: targets must be a list of objects with a 'pid'")
+    for t in obj["targets"]:
+        if "threads" in t:
+            parse_threads(t["threads"], where, f"target {t['pid']}'s threads")
     return obj, attrs, filters, probes
 
 
@@ -180,6 +210,8 @@ class RecordReader:
         self.snapshots_read = 0
         self._mapped_of: dict[int, list[tuple[int, int]]] = {}
         self._mergeable_of: dict[int, list[tuple[int, int]]] = {}
+        self._names_of: dict[int, list[tuple[int, int, str]]] = {}
+        self._threads_of: dict[int, dict[int, str]] = {}
         self._last_of: dict[int, int] = {}
         self._lines = _lines(path)
         self._done = False
@@ -198,6 +230,9 @@ class RecordReader:
                                  f"magic bytes 1f 8b), nor a plain record: {e}") from None
             raise InputError(str(e)) from None
         self._targets = {int(t["pid"]) for t in self.header["targets"]}
+        for t in self.header["targets"]:
+            if "threads" in t:
+                self._threads_of[int(t["pid"])] = parse_threads(t["threads"], path)
         self._shell = Record(path, self.header, self.attrs, self.filters, self.probes)
 
     @property
@@ -244,8 +279,22 @@ class RecordReader:
                 self._mergeable_of[snap.pid] = snap.mergeable
             else:
                 snap.mergeable = self._mergeable_of.get(snap.pid)
+            self._carry_names(snap)
             self.snapshots_read += 1
             yield snap
+
+    def _carry_names(self, snap: Snapshot) -> None:
+        """``names`` is written when it changes, ``threads`` holds the threads named
+        since: each snapshot gets its target's whole tables (shared until they change)."""
+        if snap.names is not None:
+            self._names_of[snap.pid] = snap.names
+        else:
+            snap.names = self._names_of.get(snap.pid)
+        prev = self._threads_of.get(snap.pid)
+        if snap.threads:
+            snap.threads = self._threads_of[snap.pid] = {**(prev or {}), **snap.threads}
+        else:
+            snap.threads = prev
 
     def _check_count(self) -> None:
         """Snapshot lines lost in between (a damaged copy, a bad merge) leave every

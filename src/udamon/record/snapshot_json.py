@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from udamon.core.monitor import Snapshot
-from udamon.record.format import SNAPSHOT_KEYS
+from udamon.record.format import ESTIMATE_KEYS, SNAPSHOT_KEYS
 
 
 class BadLine(Exception):
@@ -32,8 +32,40 @@ def _int(v, what: str, where: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
     return v
 
 
-def snapshot_to_json(snap: Snapshot) -> dict:
-    """The snapshot's record line (a JSON object)."""
+class NamesWritten:
+    """What a record already says of each target's names, so that a snapshot line
+    carries its target's mapping names only when they differ from the last ones
+    written, and only the thread names that are new or changed (the header's
+    ``targets[].threads`` count as written)."""
+
+    def __init__(self, header: dict | None = None):
+        self._names: dict[int, list] = {}
+        self._threads: dict[int, dict[int, str]] = {}
+        for t in (header or {}).get("targets", []):
+            if isinstance(t.get("threads"), dict):
+                self._threads[int(t["pid"])] = {int(k): v for k, v in t["threads"].items()}
+
+    def delta(self, snap: Snapshot) -> tuple[list | None, dict[int, str] | None]:
+        """(the names table to write or None, the thread names to write or None)."""
+        names = None
+        if snap.names is not None:
+            prev = self._names.get(snap.pid)
+            if prev is not snap.names and prev != snap.names:
+                names = snap.names
+            self._names[snap.pid] = snap.names
+        threads = None
+        if snap.threads:
+            known = self._threads.setdefault(snap.pid, {})
+            new = {k: v for k, v in snap.threads.items() if known.get(k) != v}
+            if new:
+                known.update(new)
+                threads = new
+        return names, threads
+
+
+def snapshot_to_json(snap: Snapshot, written: NamesWritten | None = None) -> dict:
+    """The snapshot's record line (a JSON object).  ``written``: what the record said
+    of names before (a writer's); without it the whole names tables are written."""
     names = list(snap.probe_hits)
     hits = [snap.probe_hits[n].tolist() for n in names]
     wp = snap.written_pages.tolist() if snap.written_pages is not None else None
@@ -62,6 +94,14 @@ def snapshot_to_json(snap: Snapshot) -> dict:
         out["mergeable"] = [[int(a), int(b)] for a, b in snap.mergeable]
     if snap.numa is not None:
         out["numa"] = snap.numa
+    names, threads = (written.delta(snap) if written is not None
+                      else (snap.names, snap.threads or None))
+    if names is not None:
+        out["names"] = [[int(a), int(b), str(n)] for a, b, n in names]
+    if threads:
+        out["threads"] = {str(k): str(v) for k, v in sorted(threads.items())}
+    if snap.extra:
+        out.update(snap.extra)
     return out
 
 
@@ -140,6 +180,12 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
     mapped = _spans(obj, "mapped", where)
     mergeable = _spans(obj, "mergeable", where)
     numa = parse_numa(obj["numa"], where) if "numa" in obj else None
+    names = parse_names(obj["names"], where) if "names" in obj else None
+    threads = parse_threads(obj["threads"], where) if "threads" in obj else None
+    extra = {k: obj[k] for k in ESTIMATE_KEYS if k in obj}
+    for k, v in extra.items():
+        if not isinstance(v, dict):
+            raise BadLine(f"{where}: {k!r} must be an object")
     page_nodes = None
     if located:
         top = max((int(k) for _, d in located for k in d), default=-1) + 1
@@ -150,7 +196,8 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
     return Snapshot(time_ns, time_ns - aggr_us * 1000, pid, sample_us, start, end, acc, age,
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
                     _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
-                    written_pages=wpages, mapped=mapped, numa=numa, mergeable=mergeable)
+                    written_pages=wpages, mapped=mapped, numa=numa, names=names,
+                    threads=threads, extra=extra or None, mergeable=mergeable)
 
 
 def _spans(obj: dict, key: str, where: str) -> list[tuple[int, int]] | None:
@@ -164,6 +211,37 @@ def _spans(obj: dict, key: str, where: str) -> list[tuple[int, int]] | None:
             and 0 <= x[0] < x[1] < 1 << 64 for x in spans):
         raise BadLine(f"{where}: {key} must be a list of [start, end] pairs")
     return [(int(a), int(b)) for a, b in spans]
+
+
+
+MAX_NAME = 4096  # PATH_MAX: a mapping's name is a path at most
+
+
+def parse_names(names, where: str) -> list[tuple[int, int, str]]:
+    """A snapshot's ``names``: [start, end, name] spans in address order."""
+    ok = isinstance(names, list)
+    prev = 0
+    for x in names if ok else ():
+        if not (isinstance(x, list) and len(x) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in x[:2])
+                and isinstance(x[2], str) and 0 < len(x[2]) <= MAX_NAME
+                and prev <= x[0] < x[1] < 1 << 64):
+            ok = False
+            break
+        prev = x[1]
+    if not ok:
+        raise BadLine(f"{where}: names must be a list of [start, end, name] spans in address "
+                      "order (start < end, names of 1..4096 characters)")
+    return [(int(a), int(b), n) for a, b, n in names]
+
+
+def parse_threads(threads, where: str, what: str = "threads") -> dict[int, str]:
+    """Thread names (a snapshot's ``threads``, a header target's): {"<tid>": comm}."""
+    if not isinstance(threads, dict) or not all(
+            k.isdigit() and int(k) < 1 << 31 and isinstance(v, str) and len(v) <= MAX_NAME
+            for k, v in threads.items()):
+        raise BadLine(f"{where}: {what} must map thread ids to names")
+    return {int(k): v for k, v in threads.items()}
 
 
 def parse_numa(numa, where: str) -> dict:

@@ -20,7 +20,7 @@ from udamon.errors import RuntimeFailure, UsageError
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
 from udamon.record.format import END_REASONS, FORMAT_NAME, FORMAT_VERSION
-from udamon.record.snapshot_json import snapshot_to_json
+from udamon.record.snapshot_json import NamesWritten, snapshot_to_json
 
 
 def build_header(attrs: Attrs, primitive: str, coverage: str, filters: Sequence[Filter],
@@ -53,6 +53,7 @@ class RecordWriter:
         self.snapshots = 0
         self.closed = False
         self._header_written = False
+        self._names = NamesWritten()  # mapping and thread names already in the record
 
     def _line(self, obj: dict) -> None:
         data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
@@ -70,9 +71,10 @@ class RecordWriter:
         assert not self._header_written
         self._line({"format": FORMAT_NAME, "version": FORMAT_VERSION, **header})
         self._header_written = True
+        self._names = NamesWritten(header)
 
     def write_snapshot(self, snap: Snapshot | dict) -> None:
-        self._line(snapshot_to_json(snap) if isinstance(snap, Snapshot) else snap)
+        self._line(snapshot_to_json(snap, self._names) if isinstance(snap, Snapshot) else snap)
         self.snapshots += 1
 
     def close(self, reason: str = "stopped", *, dropped_reports: int = 0,

@@ -7,12 +7,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from udamon.core.monitor import Snapshot
+from udamon.core.names import cut_at_spans, join_names, probe_label, union_tables
 from udamon.probes.filters import conditions_text
 from udamon.record.reader import Record
-from udamon.report.common import atom_values, atoms, render_table
+from udamon.report.common import (
+    NO_NAMES_NOTE,
+    atom_values,
+    atoms,
+    pick_columns,
+    render_table,
+)
 from udamon.units import fmt_duration_ns, fmt_size
 
 SORT_KEYS = ("address", "size", "nr_accesses", "age")
+# start, end, size, nr_acc, rate and age, as the table prints them
+BASE_COLUMNS_WIDTH = 66
+MAPPING_COLUMN_WIDTH = 22  # what a short mapping name usually takes
 
 
 @dataclass
@@ -21,6 +31,9 @@ class AccessOptions:
     sort: str = "address"  # a SORT_KEYS entry or "probe:NAME"
     pid: int | None = None
     top: int | None = None
+    columns: list[str] | None = None  # probe columns to show: names or globs (thread:*)
+    wide: bool = False  # every probe column, however wide the table gets
+    width: int = 120  # otherwise the probe columns that fit in this many characters
 
 
 def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[int, Snapshot]]]:
@@ -55,12 +68,15 @@ def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[i
 def summed(snaps: list[Snapshot]) -> Snapshot:
     """One table for the whole record: nr_accesses and probe hits summed over all
     snapshots, on the finest cut of their region boundaries (adjacent pieces with
-    equal sums joined).  Bursty primitives (hint) leave most snapshots empty, so any
-    single one says little; the sum shows where the accesses were and who made them.
+    equal sums joined, unless they are in different mappings).  Bursty primitives
+    (hint) leave most snapshots empty, so any single one says little; the sum shows
+    where the accesses were and who made them.
     Its "rate" is over the whole record; "age" is the last snapshot's, in aggregation
     intervals (``age_unit_us``), never summed."""
     last = snaps[-1]
     lo, hi = atoms(snaps)
+    table = union_tables([s.names for s in snaps])
+    lo, hi, where = cut_at_spans(lo, hi, table or [])  # one mapping per row when named
     names = list(last.probe_hits)
     cols = np.zeros((1 + len(names), lo.size))
     for s in snaps:
@@ -70,7 +86,8 @@ def summed(snaps: list[Snapshot]) -> Snapshot:
     age = np.nan_to_num(atom_values(last, last.age, lo))
     if lo.size:
         new = np.ones(lo.size, dtype=bool)
-        new[1:] = (lo[1:] != hi[:-1]) | np.any(cols[:, 1:] != cols[:, :-1], axis=0)
+        new[1:] = ((lo[1:] != hi[:-1]) | np.any(cols[:, 1:] != cols[:, :-1], axis=0)
+                   | (where[1:] != where[:-1]))
         first = np.flatnonzero(new)
         lst = np.append(first[1:] - 1, lo.size - 1)
         lo, hi, cols, age = lo[first], hi[lst], cols[:, first], age[lst]
@@ -78,7 +95,8 @@ def summed(snaps: list[Snapshot]) -> Snapshot:
     return Snapshot(last.time_ns, snaps[0].start_ns, last.pid, last.sample_us, lo, hi, c[0],
                     age.astype(np.int64), {n: c[k] for k, n in enumerate(names, 1)},
                     sum(s.nr_reports for s in snaps), sum(s.nr_passed for s in snaps),
-                    mapped=last.mapped, mergeable=last.mergeable)
+                    mapped=last.mapped, mergeable=last.mergeable, names=table,
+                    threads=last.threads)
 
 
 def order(snap: Snapshot, key: str) -> np.ndarray:
@@ -112,11 +130,15 @@ def rows(snap: Snapshot, key: str, top: int | None, age_us: int | None = None) -
     idx = order(snap, key)
     if top is not None:
         idx = idx[:top]
+    maps = snap.region_mappings()
     out = []
     for i in idx.tolist():
         s, e = int(snap.start[i]), int(snap.end[i])
         out.append({
             "start": s, "end": e, "size": e - s,
+            # the mappings it overlaps (None: the record has no names, e.g. replay)
+            "mapping": None if maps is None else join_names(maps[i]),
+            "mappings": None if maps is None else maps[i],
             "nr_accesses": int(snap.nr_accesses[i]),
             "access_rate": float(snap.nr_accesses[i]) / aggr_samples,
             "age": int(snap.age[i]),
@@ -135,7 +157,8 @@ def to_json(rec: Record, opts: AccessOptions) -> dict:
     t0 = rec.snapshots[0].start_ns if rec.snapshots else 0
     targets = []
     for pid, chosen in select_snapshots(rec, opts).items():
-        targets.append({"pid": pid, "snapshots": [
+        targets.append({"pid": pid, "threads": {
+            str(k): v for k, v in sorted(rec.thread_names(pid).items())}, "snapshots": [
             {"index": i, "time_ns": s.time_ns, "elapsed_ns": s.time_ns - t0,
              "sample_us": s.sample_us, "aggr_us": s.aggr_us, "nr_reports": s.nr_reports,
              "regions": rows(s, opts.sort, opts.top, _age_us(rec, pid, i, s))}
@@ -156,13 +179,24 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
                      + "; ".join(f.describe() for f in rec.filters) + ")")
     else:
         lines.append("sample filters: none (every report counts)")
+    threads = rec.thread_names()
     for p in rec.probes:
-        lines.append(f"probe {p.name}: {conditions_text(p.filters) or 'every report'}")
+        lines.append(f"probe {probe_label(p.name, threads)}: "
+                     f"{conditions_text(p.filters) or 'every report'}")
+    named = rec.has_names
+    if not named:
+        lines.append(NO_NAMES_NOTE)
     if rec.coverage == "unknown":
         lines.append("note: this primitive does not control what it samples; a region with "
                      "nr_accesses 0 was not observed, which is not the same as not accessed")
     t0 = rec.snapshots[0].start_ns if rec.snapshots else 0
-    names = rec.probe_names
+    names, hidden = pick_columns(rec.probe_names, opts.columns, opts.wide,
+                                 opts.width - BASE_COLUMNS_WIDTH
+                                 - (MAPPING_COLUMN_WIDTH if named else 0),
+                                 label=lambda n: probe_label(n, threads))
+    if hidden and not opts.columns:
+        lines.append(f"columns: {len(names)} of {len(rec.probe_names)} probes fit in "
+                     f"{opts.width}; --columns 'thread:*' picks, --wide shows all")
     for pid, chosen in select_snapshots(rec, opts).items():
         tname = next((t.get("name", "") for t in rec.header.get("targets", [])
                       if t.get("pid") == pid), "")
@@ -178,14 +212,19 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
             lines.append(f"\ntarget {pid} {tname}  {what} "
                          f"{fmt_duration_ns(s.time_ns - t0)} ({span}), {s.nr_reports} reports, "
                          f"{len(s.start)} regions, {fmt_size(int((s.end - s.start).sum()))}")
-            header = ["start", "end", "size", "nr_acc", "rate", "age", *names]
+            labels = [probe_label(n, s.threads or threads) for n in names]
+            header = ["start", "end", *(["mapping"] if named else []), "size", "nr_acc",
+                      "rate", "age", *labels]
             table = [header]
             for r in rows(s, opts.sort, opts.top, _age_us(rec, pid, i, s)):
-                table.append([f"{r['start']:#x}", f"{r['end']:#x}", fmt_size(r["size"]),
+                where = ([join_names(r["mappings"], short=True)
+                          if r["mappings"] is not None else "?"] if named else [])
+                table.append([f"{r['start']:#x}", f"{r['end']:#x}", *where,
+                              fmt_size(r["size"]),
                               str(r["nr_accesses"]), f"{r['access_rate'] * 100:.0f}%",
                               fmt_duration_ns(r["age_ns"]),
                               *[str(r["probes"][n]) for n in names]])
-            lines.extend(render_table(table, left=2))
+            lines.extend(render_table(table, left=3 if named else 2))
     if rec.end is not None:
         e = rec.end
         tail = f"\nend: {e['reason']}, dropped reports {e['dropped_reports']}, " \

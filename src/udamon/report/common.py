@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from udamon.core.monitor import Snapshot
-from udamon.errors import UsageError
+from udamon.core.names import region_mappings, union_tables
+from udamon.errors import ParameterError, UsageError
 from udamon.probes.filters import conditions_text, parse_conditions
 from udamon.record.reader import Record
 from udamon.units import fmt_duration_ns, fmt_size
@@ -34,8 +35,9 @@ def pick_pids(rec: Record, pid: int | None) -> list[int]:
     """The targets to report on: ``pid`` (validated) or all that have snapshots."""
     if pid is not None:
         if pid not in rec.pids:
-            raise UsageError(f"--pid {pid} is not a target of {rec.path} "
-                             f"(targets: {', '.join(map(str, rec.pids)) or 'none'})")
+            raise ParameterError("pid", "{param} {pid} is not a target of {path} "
+                                 "(targets: {targets})", pid=pid, path=rec.path,
+                                 targets=", ".join(map(str, rec.pids)) or "none")
         pids = [pid]
     else:
         pids = [p for p in rec.pids if rec.snapshots_of(p)]
@@ -57,8 +59,9 @@ def target_name(rec: Record, pid: int) -> str:
 
 def check_probe(rec: Record, name: str | None) -> str | None:
     if name is not None and name not in rec.probe_names:
-        raise UsageError(f"--probe {name!r} is not a probe of {rec.path} "
-                         f"(probes: {', '.join(rec.probe_names) or 'none'})")
+        raise ParameterError("probe", "{param} {name!r} is not a probe of {path} "
+                             "(probes: {probes})", name=name, path=rec.path,
+                             probes=", ".join(rec.probe_names) or "none")
     return name
 
 
@@ -406,3 +409,63 @@ def fmt_rate(bps: float) -> str:
 
 def fmt_pct(x: float) -> str:
     return f"{x * 100:.1f}%" if np.isfinite(x) else "-"
+
+
+# -- names ------------------------------------------------------------------------
+
+
+def mappings_of(rec: Record, pid: int, start, end, *, whole_record: bool = False
+                ) -> list[list[str]] | None:
+    """Per range [start[i], end[i]) of target ``pid``, the names of the mappings it
+    overlaps (udamon.core.names.region_mappings) in the last snapshot's table, or in
+    all the target's tables (``whole_record``: ranges that were mapped only for a
+    while); None when the record has no names (replayed input)."""
+    snaps = rec.snapshots_of(pid)
+    table = (union_tables([s.names for s in snaps]) if whole_record
+             else snaps[-1].names if snaps else None)
+    if table is None:
+        return None
+    return region_mappings(table, np.asarray(start, dtype=np.uint64),
+                           np.asarray(end, dtype=np.uint64))
+
+
+NO_NAMES_NOTE = ("mapping names: not in this record (only live targets' /proc/PID/maps "
+                 "say which mapping a region is in)")
+
+
+# Which probe columns a table shows first when not all fit: the user's own probes, then
+# the breakdowns' read/write, locality, nodes, CPUs and threads (the many), each in
+# record order.
+_COLUMN_PRIORITY = (("write", "read"), ("local", "remote"), ("node:",), ("cpu:",),
+                    ("thread:",))
+
+
+def pick_columns(names: Sequence[str], patterns: Sequence[str] | None, wide: bool,
+                 room: int, label=str) -> tuple[list[str], int]:
+    """The probe columns to show (in ``names``' order) and how many are left out:
+    ``patterns`` (names or fnmatch globs such as ``thread:*``) picks them; ``wide``
+    shows all; otherwise as many as fit in ``room`` characters (a column as wide as its
+    ``label``), by _COLUMN_PRIORITY."""
+    import fnmatch
+
+    if patterns:
+        shown = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        return shown, len(names) - len(shown)
+    if wide:
+        return list(names), 0
+
+    def rank(n: str) -> int:
+        for i, group in enumerate(_COLUMN_PRIORITY):
+            if any(n == g or (g.endswith(":") and n.startswith(g)) for g in group):
+                return i + 1
+        return 0
+
+    chosen: set[str] = set()
+    used = 0
+    for n in sorted(names, key=rank):  # stable: record order within a rank
+        w = max(len(label(n)), 5) + 2
+        if used + w > room:
+            break
+        chosen.add(n)
+        used += w
+    return [n for n in names if n in chosen], len(names) - len(chosen)

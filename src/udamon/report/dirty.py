@@ -118,6 +118,7 @@ def to_json(rec: Record, res: DirtyResult) -> dict:
         "record": rec.path, "coverage": rec.coverage,
         "writes_from": describe_source(res.write_src),
         "method": "distinct written pages" if res.distinct_pages else "sampling estimate",
+        "window_ns": rec.attrs.aggr_us * 1000,
         "targets": [{
             "rank": i + 1, "pid": t.pid, "mean_bps": t.mean, "median_bps": t.median,
             "p90_bps": t.p90, "slope_bps_per_s": t.slope, "trend": t.trend,
@@ -145,6 +146,9 @@ def to_text(rec: Record, res: DirtyResult) -> str:
     if rec.coverage == "unknown":
         lines.append("note: with unknown coverage unobserved writes are missing: rates are "
                      "lower bounds")
+    if not res.distinct_pages:
+        lines.append("note: DAMON's region counts are not a migration dirty rate (distinct "
+                     "pages per window, QEMU's definition): 'udamon dirty-rate' measures that")
     lines.append("targets, slowest dirtier first (best live-migration candidate first):")
     table = [["rank", "pid", "name", "mean", "median", "p90", "regions written", "trend",
               "slope"]]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from udamon.core.names import union_tables
 from udamon.record.reader import Record
 from udamon.report.common import (
     AddrAxis,
@@ -185,9 +186,25 @@ def to_json(rec: Record, h: Heatmap) -> dict:
         "time_edges_ns": [int(round(t)) for t in h.t_edges],
         "addr_edges": [int(round(a)) for a in addr],
         "segments": [[a, b] for a, b in h.axis.segments],
+        # the mappings on the axis, from the whole record (None: no names, e.g. replay)
+        "mappings": _axis_mappings(rec, h),
         "matrix": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
                    for row in h.matrix],
     }
+
+
+def _axis_mappings(rec: Record, h: Heatmap) -> list[dict] | None:
+    """The named spans of the target's tables (all snapshots) that lie on the axis."""
+    table = union_tables([s.names for s in rec.snapshots_of(h.pid)])
+    if table is None:
+        return None
+    out = []
+    for s, e, name in table:
+        for a, b in h.axis.segments:
+            lo, hi = max(s, a), min(e, b)
+            if lo < hi:
+                out.append({"start": lo, "end": hi, "name": name})
+    return sorted(out, key=lambda d: (d["start"], d["end"], d["name"]))
 
 
 def _tick_label(h: Heatmap, pos: float) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from udamon.core.names import join_names
 from udamon.record.reader import Record
 from udamon.report.common import (
     atom_values,
@@ -30,6 +31,7 @@ from udamon.report.common import (
     describe_source,
     mapped_in,
     mapped_total,
+    mappings_of,
     notes,
     pick_pids,
     read_source,
@@ -170,6 +172,12 @@ def _read_text(c: Candidate) -> str:
     return f"partly ({fmt_size(c.read_bytes)})"
 
 
+def _mappings(rec: Record, t: TargetKsm) -> list[list[str] | None]:
+    got = mappings_of(rec, t.pid, [c.start for c in t.candidates],
+                      [c.end for c in t.candidates])
+    return got if got is not None else [None] * len(t.candidates)
+
+
 def to_json(rec: Record, res: KsmResult) -> dict:
     return {
         "record": rec.path, "coverage": rec.coverage,
@@ -182,9 +190,12 @@ def to_json(rec: Record, res: KsmResult) -> dict:
             "min_age_ns": t.min_age_ns,
             "candidate_bytes": sum(c.end - c.start for c in t.candidates),
             "candidates": [{"start": c.start, "end": c.end, "size": c.end - c.start,
+                            "mappings": m,
                             "unwritten_ns": c.unwritten_ns, "never_written": c.never_written,
-                            "read_bytes": None if c.read_bytes < 0 else c.read_bytes}
-                           for c in t.candidates],
+                            "read_bytes": None if c.read_bytes < 0 else c.read_bytes,
+                            # content is not in a region record: udamon ksm-advise sees it
+                            "predicted_saving": None}
+                           for c, m in zip(t.candidates, _mappings(rec, t), strict=True)],
         } for t in res.targets],
     }
 
@@ -209,12 +220,16 @@ def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
                      f"{fmt_duration_ns(t.length_ns)}), {len(t.candidates)} range(s)")
         if not t.candidates:
             continue
-        table = [["start", "end", "size", "unwritten for", "read meanwhile"]]
-        for c in t.candidates[:top]:
+        named = rec.has_names
+        maps = _mappings(rec, t)
+        table = [["start", "end", *(["mapping"] if named else []), "size", "unwritten for",
+                  "read meanwhile"]]
+        for c, m in list(zip(t.candidates, maps, strict=True))[:top]:
             age = fmt_duration_ns(c.unwritten_ns) + (" (never)" if c.never_written else "")
-            table.append([f"{c.start:#x}", f"{c.end:#x}", fmt_size(c.end - c.start), age,
-                          _read_text(c)])
-        lines += render_table(table, left=2)
+            where = [join_names(m, short=True) if m is not None else "?"] if named else []
+            table.append([f"{c.start:#x}", f"{c.end:#x}", *where, fmt_size(c.end - c.start),
+                          age, _read_text(c)])
+        lines += render_table(table, left=3 if named else 2)
         if len(t.candidates) > top:
             lines.append(f"  ... {len(t.candidates) - top} more (--top N)")
     if any(t.mapped_known and not t.anonymous_only for t in res.targets):
@@ -223,4 +238,6 @@ def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
                      "among the candidates")
     lines.append("\n'(never)': no write in the whole record; the time is then since the range "
                  "was first seen")
+    lines.append("this record has no page contents: what would really merge (and the saving) "
+                 "is what 'udamon ksm-advise' tells")
     return "\n".join(lines) + "\n"

@@ -8,10 +8,12 @@ import time
 import numpy as np
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from udamon.core.monitor import Monitor, Snapshot
+from udamon.core.names import join_names, probe_label, region_mappings
 from udamon.core.session import SessionResult
 from udamon.units import fmt_duration_ns, fmt_size
 
@@ -87,15 +89,24 @@ class LiveView:
         return Group(*parts)
 
     def _table(self, snap: Snapshot, key: str, vals: np.ndarray) -> Table:
-        t = Table(title=f"hottest by {key}", title_justify="left", box=None, pad_edge=False)
-        for col, just in (("start", "left"), ("end", "left"), ("size", "right"),
-                          (key, "right"), ("age", "right")):
-            t.add_column(col, justify=just)
+        """The top regions by ``key``, with the mappings they are in and the probe's
+        thread named (``thread:<tid> (comm)``) when the session knows the names."""
+        label = escape(probe_label(key, snap.threads))  # names are not rich markup
+        t = Table(title=f"hottest by {label}", title_justify="left", box=None, pad_edge=False)
         order = np.lexsort((snap.start, -vals))[: self.top]
-        for i in order:
-            if vals[i] == 0:
-                break
+        order = order[vals[order] > 0]
+        names = None if snap.names is None else [  # only the rows shown: redrawn often
+            escape(join_names(m, short=True))
+            for m in region_mappings(snap.names, snap.start[order], snap.end[order])]
+        t.add_column("start", no_wrap=True, min_width=14)
+        t.add_column("end", no_wrap=True, min_width=14)
+        for col, w in (("size", 8), (label, 5), ("age", 7)):
+            t.add_column(col, justify="right", no_wrap=col != label, min_width=w)
+        if names is not None:  # last: a narrow terminal cuts the names, not the numbers
+            t.add_column("mapping", no_wrap=True, overflow="ellipsis", max_width=40)
+        for k, i in enumerate(order.tolist()):
             t.add_row(f"{int(snap.start[i]):#x}", f"{int(snap.end[i]):#x}",
                       fmt_size(int(snap.end[i] - snap.start[i])), str(int(vals[i])),
-                      fmt_duration_ns(int(snap.age[i]) * snap.aggr_us * 1000))
+                      fmt_duration_ns(int(snap.age[i]) * snap.aggr_us * 1000),
+                      *([names[k]] if names is not None else []))
         return t

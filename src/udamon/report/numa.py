@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from udamon.core.monitor import Snapshot
+from udamon.core.names import join_names, thread_label
 from udamon.errors import UsageError
 from udamon.record.reader import Record
 from udamon.report.common import (
     aggr_samples,
     breakdown,
     fmt_pct,
+    mappings_of,
     notes,
     onto_regions,
     pick_pids,
@@ -284,6 +286,9 @@ def compute(rec: Record, pid: int | None) -> NumaResult:
 
 def to_json(rec: Record, res: NumaResult) -> dict:
     def target(t: TargetNuma) -> dict:
+        tnames = rec.thread_names(t.pid)
+        maps = mappings_of(rec, t.pid, [r.start for r in t.regions],
+                           [r.end for r in t.regions]) or [None] * len(t.regions)
         local = sum(r.local for r in t.regions)
         known = sum(r.known for r in t.regions)
         ratio = (local / known if known else None) if res.has_pages else None
@@ -292,7 +297,8 @@ def to_json(rec: Record, res: NumaResult) -> dict:
             lr = t.reports["local"] + t.reports["remote"]
             ratio = t.reports["local"] / lr if lr else None  # exact: counts of reports
             extra = {"reports": t.reports, "threads": {
-                tid: {"local": v[0], "remote": v[1], "unknown": v[2],
+                tid: {"name": tnames.get(int(tid)) if tid.isdigit() else None,
+                      "local": v[0], "remote": v[1], "unknown": v[2],
                       "local_ratio": v[0] / (v[0] + v[1]) if v[0] + v[1] else None}
                 for tid, v in sorted((t.threads or {}).items(),
                                      key=lambda kv: -sum(kv[1]))}}
@@ -303,12 +309,13 @@ def to_json(rec: Record, res: NumaResult) -> dict:
             "remote": known - local if per else None,
             "local_ratio": ratio, **extra,
             "regions": [{"start": r.start, "end": r.end, "size": r.end - r.start,
+                         "mappings": m,
                          "by_node": {str(n): v for n, v in r.by_node.items()},
                          "pages": {str(n): v for n, v in r.pages.items()} if res.has_pages
                          else None,
                          "local": r.local if per else None,
                          "remote": r.remote if per else None}
-                        for r in t.regions],
+                        for r, m in zip(t.regions, maps, strict=True)],
         }
     return {"record": rec.path, "coverage": rec.coverage, "nodes": res.nodes,
             "page_locations": res.has_pages, "per_region": res.per_region,
@@ -343,6 +350,11 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
                      "showing the per-node access split only")
     for t in res.targets:
         bn = t.by_node()
+        tnames = rec.thread_names(t.pid)
+
+        def named(regions: list[NumaRegion], pid: int = t.pid) -> list[str]:
+            got = mappings_of(rec, pid, [r.start for r in regions], [r.end for r in regions])
+            return [] if got is None else [join_names(m, short=True) for m in got]
         lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}: accesses by node: "
                      f"{_shares(bn)}")
         if t.reports is not None:
@@ -351,7 +363,7 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
             if thr:
                 table = [["thread", "local", "remote", "local %"]]
                 for tid, v in thr:
-                    table.append([tid, f"{v[0]:,}", f"{v[1]:,}",
+                    table.append([thread_label(tid, tnames), f"{v[0]:,}", f"{v[1]:,}",
                                   fmt_pct(v[0] / (v[0] + v[1]) if v[0] + v[1] else float("nan"))])
                 lines.append("  by thread:")
                 lines += render_table(table, left=1, indent="    ")
@@ -368,13 +380,15 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
                          key=lambda r: (-r.remote, r.start))[:top]
             if hot:
                 lines.append("  hottest remotely accessed regions:")
-                table = [["start", "end", "size", "remote", "remote %", "accessed by",
-                          "pages on"]]
-                for r in hot:
-                    table.append([f"{r.start:#x}", f"{r.end:#x}", fmt_size(r.end - r.start),
+                where = named(hot)
+                table = [["start", "end", *(["mapping"] if where else []), "size", "remote",
+                          "remote %", "accessed by", "pages on"]]
+                for k, r in enumerate(hot):
+                    table.append([f"{r.start:#x}", f"{r.end:#x}", *where[k:k + 1],
+                                  fmt_size(r.end - r.start),
                                   fmt_size(r.remote), fmt_pct(r.remote / r.known),
                                   _shares(r.by_node), _shares(r.pages)])
-                lines += render_table(table, left=2, indent="    ")
+                lines += render_table(table, left=3 if where else 2, indent="    ")
             else:
                 lines.append("  no remote accesses to pages of known location")
         else:
@@ -382,11 +396,14 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
                          key=lambda r: (-r.total, r.start))[:top]
             if hot:
                 lines.append("  most accessed regions:")
-                table = [["start", "end", "size", "accesses", "accessed by"]]
-                for r in hot:
-                    table.append([f"{r.start:#x}", f"{r.end:#x}", fmt_size(r.end - r.start),
+                where = named(hot)
+                table = [["start", "end", *(["mapping"] if where else []), "size",
+                          "accesses", "accessed by"]]
+                for k, r in enumerate(hot):
+                    table.append([f"{r.start:#x}", f"{r.end:#x}", *where[k:k + 1],
+                                  fmt_size(r.end - r.start),
                                   fmt_size(r.total), _shares(r.by_node)])
-                lines += render_table(table, left=2, indent="    ")
+                lines += render_table(table, left=3 if where else 2, indent="    ")
     lines.append("\naccesses in hot bytes: region bytes x access rate (hits per sampling "
                  "interval), mean over the snapshots")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from udamon.core.names import thread_label
 from udamon.errors import UsageError
 from udamon.record.reader import Record
 from udamon.report.common import (
@@ -137,12 +138,26 @@ def _mat_json(m: np.ndarray | None) -> list[list[float]] | None:
     return None if m is None else [[round(float(v), 1) for v in row] for row in m]
 
 
+def _labels(rec: Record, res: SharingResult, kind: str, ids: list[int]) -> list[str]:
+    """``tid (comm)`` for threads (the tid alone when its name is not known)."""
+    if kind != "thread":
+        return [str(i) for i in ids]
+    names = rec.thread_names(res.pid) or rec.thread_names()
+    return [thread_label(i, names) for i in ids]
+
+
 def to_json(rec: Record, res: SharingResult) -> dict:
+    names = rec.thread_names(res.pid) or rec.thread_names()
+    shown = {t for m in res.matrices if m.kind == "thread" for t in m.ids}
     return {
         "record": rec.path, "pid": res.pid, "coverage": rec.coverage,
         "snapshots": res.snapshots, "unit": "bytes per snapshot (mean)",
         "write_probe": res.write_src,
-        "matrices": [{"kind": m.kind, "ids": m.ids, "shared": _mat_json(m.total),
+        # the names of the threads shown (a thread that exited before its name could
+        # be read has none)
+        "thread_names": {str(t): names[t] for t in sorted(shown) if t in names},
+        "matrices": [{"kind": m.kind, "ids": m.ids, "labels": _labels(rec, res, m.kind, m.ids),
+                      "shared": _mat_json(m.total),
                       "shared_written": _mat_json(m.written),
                       "shared_read_only": _mat_json(None if m.written is None
                                                     else m.total - m.written)}
@@ -152,10 +167,10 @@ def to_json(rec: Record, res: SharingResult) -> dict:
     }
 
 
-def _mat_text(title: str, kind: str, ids: list[int], m: np.ndarray) -> list[str]:
+def _mat_text(title: str, kind: str, labels: list[str], m: np.ndarray) -> list[str]:
     lines = [f"  {title}"]
-    head = [kind] + [str(i) for i in ids]
-    table = [head] + [[str(ids[r])] + [fmt_size(v) for v in m[r]] for r in range(len(ids))]
+    head = [kind] + labels
+    table = [head] + [[labels[r]] + [fmt_size(v) for v in m[r]] for r in range(len(labels))]
     return lines + render_table(table, left=1, indent="    ")
 
 
@@ -167,20 +182,23 @@ def to_text(rec: Record, res: SharingResult, top: int = 10) -> str:
     lines += notes(rec)
     if res.write_src is None:
         lines.append("no write probe: shared bytes are not split into written / read-only")
+    names = rec.thread_names(res.pid) or rec.thread_names()
     for m in res.matrices:
         what = "CPUs" if m.kind == "cpu" else "threads"
+        labels = _labels(rec, res, m.kind, m.ids)
         lines.append("")
-        lines += _mat_text(f"{what}: shared bytes", m.kind, m.ids, m.total)
+        lines += _mat_text(f"{what}: shared bytes", m.kind, labels, m.total)
         if m.written is not None:
             lines += _mat_text(f"{what}: shared bytes in regions written (probe "
-                               f"{res.write_src})", m.kind, m.ids, m.written)
-            lines += _mat_text(f"{what}: shared bytes in regions only read", m.kind, m.ids,
+                               f"{res.write_src})", m.kind, labels, m.written)
+            lines += _mat_text(f"{what}: shared bytes in regions only read", m.kind, labels,
                                m.total - m.written)
     if res.pairs:
         lines.append("\nthread pairs, most shared first:")
         table = [["threads", "shared"]]
         for a, b, v in res.pairs[:top]:
-            table.append([f"{a} + {b}", fmt_size(v)])
+            table.append([f"{thread_label(a, names)} + {thread_label(b, names)}",
+                          fmt_size(v)])
         lines += render_table(table, left=1)
         tm = next(m for m in res.matrices if m.kind == "thread")
         idx = {t: i for i, t in enumerate(tm.ids)}
@@ -192,7 +210,8 @@ def to_text(rec: Record, res: SharingResult, top: int = 10) -> str:
             sub = tm.total[np.ix_(ii, ii)]
             v = float(sub.sum() - np.trace(sub)) / 2
             inside += v
-            lines.append(f"  group {g}: threads {', '.join(map(str, members))}  "
+            lines.append(f"  group {g}: threads "
+                         f"{', '.join(thread_label(x, names) for x in members)}  "
                          f"(shared inside: {fmt_size(v)})")
         total = sum(v for _, _, v in res.pairs)
         lines.append(f"  shared across groups: {fmt_size(max(total - inside, 0.0))} of "

@@ -235,9 +235,10 @@ def vaddr_provider(pid: int):
     /proc/PID/maps) plus the spans really mapped inside them -- the three regions
     include unmapped holes, which reports must not call memory -- and the mergeable
     spans among them (``mergeable_spans``: what KSM could merge).  A callable for
-    ``Monitor.add_target(provider=...)``; its ``name`` is the process's.  The maps are
-    parsed again only when they changed (they are read once a second)."""
-    last: list = [None, None]
+    ``Monitor.add_target(provider=...)``; its ``name`` is the process's, its ``vmas()``
+    the VMAs it parsed last (for udamon.core.names).  The maps are parsed again only
+    when they changed (they are read once a second)."""
+    last: list = [None, None, None]
 
     def provide() -> tuple[list[tuple[int, int]], ...]:
         text = read_maps_text(pid)
@@ -247,9 +248,11 @@ def vaddr_provider(pid: int):
                 read_vmas(pid)  # says whether the process is gone
             ranges = three_regions(vmas)
             last[:] = [text, (ranges, mapped_spans(vmas, ranges),
-                              mergeable_spans(vmas, ranges))]
+                              mergeable_spans(vmas, ranges)), vmas]
         return last[1]
 
     name = process_name(pid)
     provide.name = "" if name == "?" else name  # type: ignore[attr-defined]
+    # the VMAs last parsed (a new list when the maps changed): their names
+    provide.vmas = lambda: last[2]  # type: ignore[attr-defined]
     return provide
