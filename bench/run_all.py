@@ -14,7 +14,10 @@ Sections (each also runs on its own, see the bench_*.py files):
 7. the dirty rate against QEMU's calc-dirty-rate and the truth inside three TCG VMs,
    and its cost on the target (bench/bench_dirty.py; boots VMs);
 8. the KSM advisor against the real KSM (bench/bench_ksm.py; changes KSM's settings
-   for the run and restores them, waits while other processes offer memory to KSM).
+   for the run and restores them, waits while other processes offer memory to KSM);
+9. the reliability campaign (bench/bench_campaign.py: fuzzing, attach/detach cycles
+   with SIGKILLs, stress targets, THP under wp), about 1 h, so not in the default run:
+   ``--only campaign --update`` merges it into the existing results.
 Plus a cProfile of udamon recording the pinned workload (full run only).
 The full run takes about 8-10 minutes on a 2-vCPU machine, --quick under 2.
 Needs root (the live primitives do); exits 1 with one line otherwise.
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 import bench_accuracy
+import bench_campaign
 import bench_hint_cost
 import bench_loop
 import bench_scale
@@ -459,6 +463,8 @@ def write_markdown(res: dict, path: Path, png: str | None) -> None:
 
         out += ["## 8. KSM advisor: udamon ksm-advise against the real KSM", ""]
         out += bench_ksm.markdown(res["ksm"])
+    if res.get("campaign"):
+        out += bench_campaign.markdown(res["campaign"]) + [""]
     prof = res.get("profile")
     for prim, pr in (prof or {}).get("runs", {}).items():
         if "top_tottime" not in pr:
@@ -488,7 +494,9 @@ def main() -> int:
     ap.add_argument("--only",
                     default="slowdown,scale,loop,hint_cost,accuracy,guest,intake,wp_overhead,"
                             "channel,profile,dirty,ksm",
-                    help="comma-separated sections to run (default: all)")
+                    help="comma-separated sections to run (default: all but campaign, "
+                         "the reliability campaign of bench/bench_campaign.py, about 1 h: "
+                         "'--only campaign --update' adds it)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/run_all.py: needs root (the live primitives change kernel settings "
@@ -559,6 +567,9 @@ def main() -> int:
 
         section("ksm", "8. KSM advisor vs KSM (bench_ksm.py)", bench_ksm.run, cfg["ksm"]["runs"],
                 log)
+    if "campaign" in only:
+        section("campaign", "9. reliability campaign (bench_campaign.py)", bench_campaign.run,
+                a.quick, log)
     if "profile" in only and cfg["profile_s"]:
         section("profile", "profile", run_profile, cfg["profile_s"], log)
     res["load_end"] = load1()

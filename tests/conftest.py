@@ -62,3 +62,15 @@ def buffers_span(info: dict) -> str:
     lo = min(v[0] for k, v in info.items() if k in "RWSI")
     hi = max(v[1] for k, v in info.items() if k in "RWSI")
     return f"{lo:#x}-{hi:#x}"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the reliability campaign's long version (tests/test_fuzz.py: "
+                          ">= 10,000 inputs per parser; tests/test_campaign.py: 200+ "
+                          "attach/detach cycles per primitive); see bench/bench_campaign.py")
+
+
+def pytest_configure(config):
+    if config.getoption("--soak", default=False):
+        os.environ["UDAMON_SOAK"] = "1"  # read by the campaign modules when collected

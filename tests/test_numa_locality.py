@@ -173,3 +173,23 @@ def test_reports_of_unknown_threads_are_tallied_and_the_record_reads_back(tmp_pa
     assert sum(threads["unknown"]) == int((reps["tid"] == -1).sum())
     p = run_udamon("report", "numa", "-i", str(rec), "--format", "json", check=True)
     assert "unknown" in json.loads(p.stdout)["targets"][0]["threads"]
+
+
+def test_report_numa_says_a_controlled_records_counts_are_page_estimates(tmp_path):
+    """wp/rwp weigh each report by its region's pages (docs/record-format.md ``numa``):
+    the text must call those counts estimated pages, not exact report counts."""
+    csv = tmp_path / "r.csv"
+    _csv(csv, _reports(0.3))
+    rec = tmp_path / "r.jsonl"
+    run_udamon("record", "--input", str(csv), "-q", "--breakdown", "numa", "-o", str(rec),
+               check=True)
+    p = run_udamon("report", "numa", "-i", str(rec), check=True)
+    assert "  reports: local" in p.stdout and "exact counts" in p.stdout
+    lines = open(rec).read().splitlines()
+    header = json.loads(lines[0])
+    header["coverage"] = "controlled"
+    ctl = tmp_path / "c.jsonl"
+    ctl.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    p = run_udamon("report", "numa", "-i", str(ctl), check=True)
+    assert "  pages: local" in p.stdout and "estimated" in p.stdout, p.stdout
+    assert "exact counts" not in p.stdout

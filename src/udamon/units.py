@@ -12,11 +12,34 @@ _DUR = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
 def parse_duration_ns(text: str) -> int:
     """'5ms' -> 5_000_000.  A unit is required: durations mean different things in
     different places (DAMON speaks microseconds, people speak seconds)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zµ]+)\s*", str(text))
+    if str(text).strip().startswith("-"):
+        raise ValueError(f"bad duration {text!r}: a duration cannot be negative")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zµ]+)\s*", str(text), re.ASCII)
     if not m or m.group(2) not in _DUR:
         raise ValueError(f"bad duration {text!r} (expected a number and a unit: "
                          "ns, us, ms, s, m, h; e.g. 5ms)")
-    return int(round(float(m.group(1)) * _DUR[m.group(2)]))
+    ns = _exact(m.group(1), _DUR[m.group(2)], round_half=True)
+    if ns > MAX_DURATION_NS:
+        raise ValueError(f"bad duration {text!r}: longer than a 64-bit nanosecond clock "
+                         "holds (about 292 years)")
+    return ns
+
+
+MAX_DURATION_NS = (1 << 63) - 1
+MAX_SIZE = (1 << 64) - 1
+
+
+def _exact(number: str, unit: int, *, round_half: bool = False) -> int:
+    """``number`` (decimal digits, maybe a fraction) times ``unit``, computed exactly
+    (a float overflows to infinity on long digit strings, and loses bits on big ones);
+    rounded to nearest, else truncated.  Digit strings longer than 40 are refused."""
+    whole, _, frac = number.partition(".")
+    if len(whole) + len(frac) > 40:
+        raise ValueError(f"a number with {len(whole) + len(frac)} digits is too long")
+    num = int(whole or "0") * 10 ** len(frac) + int(frac or "0")
+    den = 10 ** len(frac)
+    q, r = divmod(num * unit, den)
+    return q + (1 if round_half and 2 * r >= den else 0)
 
 
 def parse_duration_us(text: str) -> int:
@@ -95,11 +118,14 @@ _SIZE = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 2
 
 def parse_size(text: str) -> int:
     """'64MiB' -> 67108864 (binary units; K/M/G/T and KB/MB... mean the same)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text), re.ASCII)
     if not m or m.group(2).lower() not in _SIZE:
         raise ValueError(f"bad size {text!r} (expected a number and a unit: B, KiB, MiB, GiB; "
                          "e.g. 64MiB)")
-    return int(float(m.group(1)) * _SIZE[m.group(2).lower()])
+    size = _exact(m.group(1), _SIZE[m.group(2).lower()])
+    if size > MAX_SIZE:
+        raise ValueError(f"bad size {text!r}: larger than 2^64 bytes")
+    return size
 
 
 def parse_int(text: str) -> int:

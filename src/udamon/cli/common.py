@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from udamon.core.attrs import Attrs, IntervalsGoal
@@ -18,7 +19,16 @@ from udamon.units import (
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes as one line and exit code 2."""
+    """argparse that reports mistakes as one line and exit code 2.
+
+    A value that starts with '-' and a digit ('--duration -5s', '--seed -1') is a
+    value, so that its own check can say what is wrong with it; plain argparse takes
+    '-5s' for an option and says "expected one argument" (Python 3.13 does the same
+    as here).  No udamon option starts with a digit."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -226,9 +236,11 @@ def parse_ranges(texts: list[str]) -> list[tuple[int, int]] | None:
 
 
 def duration_arg(text: str) -> int:
+    if text.strip().startswith("-"):
+        raise ValueError(f"duration must be positive, got {text!r}")
     ns = parse_duration_ns(text)
     if ns <= 0:
-        raise ValueError("duration must be positive")
+        raise ValueError(f"duration must be positive, got {text!r}")
     return ns
 
 

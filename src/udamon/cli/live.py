@@ -84,6 +84,9 @@ def primitives_help(replay: bool) -> str:
         if e.live or replay:
             lines.append(f"  {e.name:<8} {e.help}")
     lines.append("\nSystem-wide changes: with --primitive hint, " + SYSTEM_CHANGES + ".")
+    from udamon.cli.guide import GUIDE_HELP
+
+    lines.append("\n" + GUIDE_HELP)
     return "\n".join(lines)
 
 
@@ -252,6 +255,19 @@ def check_cpus(filters: list[Filter]) -> None:
                          f"(its CPUs: {_cpulist(sorted(have))})")
 
 
+def check_pids(pids: list[int]) -> None:
+    """Live targets must be user processes: a kernel thread has no user memory, and
+    each primitive would fail on it in its own way (a ptrace refusal, "does not
+    exist"); say what it is, before anything starts."""
+    from udamon.targets.procmaps import kernel_thread_name
+
+    for pid in pids:
+        name = kernel_thread_name(pid)
+        if name is not None:
+            raise UsageError(f"process {pid} ({name}) is a kernel thread: it has no user "
+                             "memory to monitor")
+
+
 def _scan_period_ms(text: str) -> int:
     from udamon.system.sysctl_guard import SCAN_PERIOD_MS_RANGE
     from udamon.units import parse_duration_us
@@ -288,6 +304,8 @@ def resolve(a: argparse.Namespace, *, replay: bool) -> SessionSpec:
     ranges = parse_ranges(a.range)
     pids = [p for group in a.pid for p in group]
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if getattr(a, "input", None) in (None, "-"):  # live targets (replay pids are the input's)
+        check_pids(pids)
     names = a.primitive.split(",")
     _check_cpu_nodes(getattr(a, "cpu_nodes", None), names, getattr(a, "input", None))
     if len(names) > 1:

@@ -40,8 +40,9 @@ def build_parser():
         synth,
     )
     from udamon.cli.common import Parser
+    from udamon.cli.guide import GUIDE_HELP
 
-    p = Parser(prog="udamon", description=DESCRIPTION,
+    p = Parser(prog="udamon", description=DESCRIPTION, epilog=GUIDE_HELP,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"udamon {__version__}")
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser)

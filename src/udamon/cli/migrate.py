@@ -93,12 +93,47 @@ def run(a: argparse.Namespace) -> int:
     s.kinds = [*s.kinds, *(k for k in ("node", "numa") if k not in s.kinds)]
     params = MigrateParams(quota_bytes=a.quota, min_hits=a.min_hits, min_share=a.min_share,
                            dry_run=a.dry_run)
+    if _single_node(a, params, s):
+        return 0
     sinks: list[live.Sink] = [MigrateSink(params, a.format, a.quiet)]
     if a.output:
         from udamon.record.sink import RecordSink
 
         sinks.append(RecordSink(a.output, a.quiet))
     return live.run_session(a, s, sinks)
+
+
+def _single_node(a: argparse.Namespace, params: MigrateParams, spec: live.SessionSpec) -> bool:
+    """On a machine whose memory is all on one node nothing can ever move: say so at
+    once.  With --pid targets and no -o there is nothing to do: True (the totals say
+    why); with -o (a record is still worth writing) or a command to launch, the
+    session runs, monitoring only."""
+    from udamon.errors import TargetGone, UsageError
+    from udamon.targets.page_nodes import memory_nodes
+    from udamon.targets.procmaps import read_vmas
+
+    nodes = memory_nodes()
+    if len(nodes) > 1:
+        return False
+    where = f"node {nodes[0]}" if nodes else "one node"
+    why = (f"this machine has one NUMA node with memory ({where}): there is no other node "
+           "to move memory to")
+    if a.output or spec.command or not spec.pids:
+        print(f"udamon: note: {why}; monitoring only", file=sys.stderr)
+        return False
+    for pid in spec.pids:  # bad targets are still bad input
+        try:
+            read_vmas(pid)
+        except TargetGone as e:
+            raise UsageError(str(e)) from None
+    if a.format == "json":
+        tot = MigrateSink(params, "json", True).totals()
+        json.dump({**tot, "reason": "single-node", "why": why}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        verb = "would move" if params.dry_run else "moves"
+        print(f"udamon migrate: nothing {verb}: {why}", file=sys.stderr)
+    return True
 
 
 def remote_hits(snap: Snapshot) -> tuple[float, float]:

@@ -36,10 +36,18 @@ from udamon.targets.topology import cpu_to_node
 # this many cells (256 KiB) the distinct (region, interval) pairs are counted instead.
 DENSE_CELLS = 1 << 18
 
-# re-reads a target's ranges: (the ranges to monitor, the mapped spans within them); the
+# re-reads a target's ranges: (the ranges to monitor, the mapped spans within them[, the
+# mergeable spans: private anonymous memory, what KSM could merge]); the
 # kernel's vaddr operations own this for DAMON, and udamon.targets.procmaps.vaddr_provider
 # is the same heuristic for a process (the Session passes it in)
-RangeProvider = Callable[[], tuple[list[tuple[int, int]], list[tuple[int, int]]]]
+Spans = list[tuple[int, int]]
+RangeProvider = Callable[[], tuple[Spans, Spans] | tuple[Spans, Spans, Spans]]
+
+
+def _provided(provider: RangeProvider) -> tuple[Spans, Spans, Spans | None]:
+    """A provider's (ranges, mapped, mergeable); mergeable is None when it says nothing."""
+    got = provider()
+    return got[0], got[1], (got[2] if len(got) > 2 else None)
 
 
 @dataclass
@@ -51,8 +59,9 @@ class Target:
     exited: bool = False  # the process is gone (its last aggregation is still emitted)
     ranges: list[tuple[int, int]] = field(default_factory=list)
     mapped: list[tuple[int, int]] | None = None  # mapped spans inside ranges (VMA targets)
+    mergeable: list[tuple[int, int]] | None = None  # ... of which private anonymous
     closed: bool = False  # exited and its last snapshot emitted
-    mapped_changed: bool = True  # mapped changed since the last snapshot said it
+    mapped_changed: bool = True  # mapped or mergeable changed since a snapshot said it
     # this interval's reports with page nodes (for the snapshot's page_nodes and numa)
     window_reports: list[np.ndarray] = field(default_factory=list)
     window_numa: list[dict] = field(default_factory=list)
@@ -96,6 +105,9 @@ class Snapshot:
     # the target's mapped spans, when they changed since its previous snapshot (the
     # reader carries them forward); None: unchanged or not known
     mapped: list[tuple[int, int]] | None = None
+    # the parts of mapped that are private anonymous memory, what KSM could merge
+    # (written, and carried forward, like mapped)
+    mergeable: list[tuple[int, int]] | None = None
     # keys of an estimator's snapshot kept as they are (record/format.py ESTIMATE_KEYS)
     extra: dict | None = None
 
@@ -186,12 +198,13 @@ class Monitor:
         if any(t.pid == pid for t in self.targets):
             raise ValueError(f"pid {pid} is already a target")
         mapped: list[tuple[int, int]] | None = None
+        mergeable: list[tuple[int, int]] | None = None
         if ranges is None:
             if provider is None:
                 raise ValueError("give the ranges to monitor, or a provider of them "
                                  "(udamon.targets.procmaps.vaddr_provider(pid) follows the "
                                  "process's memory maps)")
-            ranges, mapped = provider()
+            ranges, mapped, mergeable = _provided(provider)
             if not ranges:
                 raise TargetGone(f"process {pid} has no memory mappings (a kernel thread?)")
         else:
@@ -204,7 +217,8 @@ class Monitor:
                 raise ValueError(f"ranges overlap: {s0:#x}-{e0:#x} and {s1:#x}")
         regions = Regions.evenly_split(ranges, self.attrs.min_nr_regions, len(self.probes),
                                        self.min_region_sz)
-        t = Target(pid, regions, provider, name or "", ranges=list(ranges), mapped=mapped)
+        t = Target(pid, regions, provider, name or "", ranges=list(ranges), mapped=mapped,
+                   mergeable=mergeable)
         self.targets.append(t)
         return t
 
@@ -436,7 +450,9 @@ class Monitor:
                         written_pages=(r.written_pages.copy()
                                        if self.count_written_pages else None),
                         mapped=(list(t.mapped) if t.mapped is not None
-                                and t.mapped_changed else None), numa=numa)
+                                and t.mapped_changed else None), numa=numa,
+                        mergeable=(list(t.mergeable) if t.mergeable is not None
+                                   and t.mapped_changed else None))
         t.mapped_changed = False
         return snap
 
@@ -517,15 +533,15 @@ class Monitor:
             if t.exited or t.provider is None:
                 continue
             try:
-                ranges, mapped = t.provider()
+                ranges, mapped, mergeable = _provided(t.provider)
             except TargetGone:
                 t.exited = True
                 continue
             if not ranges:
                 t.exited = True
                 continue
-            if mapped != t.mapped:
-                t.mapped = mapped
+            if mapped != t.mapped or mergeable != t.mergeable:
+                t.mapped, t.mergeable = mapped, mergeable
                 t.mapped_changed = True
             if ranges != t.ranges:
                 t.ranges = ranges

@@ -387,7 +387,10 @@ class Session:
                     self.monitor.add_target(pid, self.ranges, name="paddr")
                     continue
                 provider = None if self.ranges is not None else vaddr_provider(pid)
-                self.monitor.add_target(pid, self.ranges, provider=provider)
+                # a launched command's name is what it exec'd (read before the exec
+                # finished, /proc/PID/comm can still say udamon's)
+                name = self.launched.comm if self.launched is not None else None
+                self.monitor.add_target(pid, self.ranges, provider=provider, name=name)
             except TargetGone:
                 gone.append(pid)
         if not self.monitor.targets:

@@ -36,7 +36,7 @@ import numpy as np
 
 from udamon.errors import InputError, ParameterError
 from udamon.intake import wire
-from udamon.intake.csv_format import parse_header, parse_rows
+from udamon.intake.csv_format import is_comment, parse_header, parse_rows
 from udamon.intake.reports import empty
 
 # A producer's share of one read: bounds the time one call spends on one producer.
@@ -326,7 +326,7 @@ class ChannelServer:
         linenos: list[int] = []
         for line in lines:
             p.lineno += 1
-            if not line.strip():
+            if is_comment(line):
                 continue
             if p.cols is None:
                 try:

@@ -20,6 +20,8 @@ def _conv(name: str, text: str, where: str) -> int:
     """Convert and check one field; used to name the exact bad line."""
     text = text.strip()
     try:
+        if not text.isascii():  # int() takes other scripts' digits ('٣' is 3)
+            raise ValueError
         v = int(text, 0) if name == "addr" else int(text)
     except ValueError:
         raise InputError(f"{where}: field {name!r}: {text!r} is not an integer") from None
@@ -33,12 +35,16 @@ def _conv(name: str, text: str, where: str) -> int:
 # An access must end below the last page under 2^64: monitored ranges are whole pages
 # and a region's end (exclusive) must itself be below 2^64.
 ADDR_END = (1 << 64) - 4096
-_LIMITS = {"time_ns": (-(1 << 63), (1 << 63) - 1), "pid": (0, (1 << 31) - 1),
+# times within +-2^62 ns (146 years): the ends of the aggregation intervals around them
+# stay in the record's signed 64-bit clock
+TIME_LIMIT = 1 << 62
+_LIMITS = {"time_ns": (-TIME_LIMIT, TIME_LIMIT), "pid": (0, (1 << 31) - 1),
            "tid": (-1, (1 << 31) - 1), "cpu": (-1, (1 << 31) - 1), "node": (-1, (1 << 31) - 1),
            "page_node": (-1, (1 << 31) - 1),
            "addr": (0, ADDR_END - 1), "size": (1, ADDR_END), "write": (0, 1),
            "mem": (0, len(MEM_LEVELS) - 1)}
-_LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
+_LIMIT_TEXT = {"time_ns": "within +-2^62 ns, so that interval ends fit a 64-bit clock",
+               "pid": "a process id >= 0",
                "tid": "-1 (unknown) or a thread id", "cpu": "-1 (unknown) or a CPU number",
                "node": "-1 (unknown) or a node number",
                "page_node": "-1 (unknown) or the node number of the accessed page",
@@ -46,6 +52,12 @@ _LIMIT_TEXT = {"time_ns": "a signed 64-bit integer", "pid": "a process id >= 0",
                "size": f"1 to {ADDR_END:#x}", "write": "0 or 1",
                "mem": "a memory level 0 to 5: " + ", ".join(
                    f"{i} {n}" for i, n in enumerate(MEM_LEVELS))}
+
+
+def is_comment(line: str) -> bool:
+    """A line that holds no report: blank, or a comment starting with '#'."""
+    text = line.strip()
+    return not text or text.startswith("#")
 
 
 def parse_header(line: str, where: str) -> list[str]:
@@ -72,7 +84,18 @@ def parse_rows(path: str, rows: list[str], linenos: list[int], cols: list[str],
     dt = np.dtype([(c, "U16" if c == "source" else
                     (np.uint64 if c in ("addr", "size") else np.int64)) for c in cols])
     try:
-        table = np.loadtxt(rows, delimiter=",", dtype=dt, ndmin=1)
+        # numpy's loadtxt reads a lone non-ASCII character in an integer field as its
+        # code point ('\U0010f1ee' -> 1110462) and crashes (SIGSEGV, numpy 2.4) when
+        # such a field comes before an empty last one: every field udamon reads is
+        # ASCII, so other text goes to the field-by-field path, which names the line
+        if not all(r.isascii() for r in rows):
+            raise ValueError("not ASCII")
+        # comments=None: a '#' inside a row is an error of that row (comment lines are
+        # dropped before, is_comment), never a silently shorter table
+        table = np.loadtxt(rows, delimiter=",", dtype=dt, ndmin=1, comments=None,
+                           quotechar=None)
+        if table.size != len(rows):
+            raise ValueError("rows")
         for name in cols:
             if name != "source":
                 lo, hi = _LIMITS[name]

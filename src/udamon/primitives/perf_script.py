@@ -188,6 +188,12 @@ def _parse_line(path: str, lineno: int, line: str, st: PerfScriptStats):
             st.weight_n[mem] += 1
     if addr + size > ADDR_END or pid < 0:
         raise InputError(f"{path}:{lineno}: address {addr:#x} or pid {pid} out of range")
+    if not (pid < 1 << 31 and -1 <= tid < 1 << 31 and cpu < 1 << 31):
+        raise InputError(f"{path}:{lineno}: pid {pid}, tid {tid} or cpu {cpu} out of range "
+                         "(32-bit ids)")
+    if t > 1 << 62:  # (interval ends after it must fit the record's 64-bit clock)
+        raise InputError(f"{path}:{lineno}: time {m.group('sec')}.{m.group('frac')} s is "
+                         "beyond 2^62 ns")
     return t, pid, tid, cpu, addr, size, write, source, mem
 
 

@@ -3,7 +3,8 @@
 Input contract (DESIGN.md): a header ``time_ns,pid,tid,cpu,addr,size,write``
 (column order free; optional extra columns ``node``, ``source``, ``mem`` and
 ``page_node``; udamon.intake.csv_format parses them), one report per line, sorted by
-time.  Integers are decimal; ``addr`` may be 0x-hex.
+time.  Integers are decimal; ``addr`` may be 0x-hex.  Blank lines and lines starting
+with ``#`` (comments) are skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from udamon.intake.csv_format import (  # noqa: F401 - the CSV format, also for 
     ADDR_END,
     OPTIONAL,
     REQUIRED,
+    is_comment,
     parse_header,
     parse_rows,
 )
@@ -87,7 +89,7 @@ def columns(path: str) -> list[str]:
     """The header's column names ([] when unreadable: read_csv says why, with the line)."""
     try:
         with _open_text(path) as f:
-            first = f.readline()
+            first = next((line for line in f if not is_comment(line)), "")
     except (InputError, UnicodeDecodeError, EOFError, OSError, ValueError, zlib.error):
         return []
     return [c.strip().strip('"') for c in first.strip().split(",")]
@@ -104,19 +106,23 @@ def read_csv(path: str, chunk: int = CHUNK,
     """
     f = _open_text(path)
     with f:
+        lineno = 0
         try:
-            first = f.readline()
+            while True:  # comments and blank lines may come before the header
+                first = f.readline()
+                lineno += 1
+                if not first or not is_comment(first):
+                    break
         except (UnicodeDecodeError, EOFError, OSError, zlib.error) as e:
             raise _unreadable(path, e) from None
         if not first.strip():
             raise InputError(f"{path}: empty file (expected a header "
                              f"'{','.join(REQUIRED)}')")
         try:
-            cols = parse_header(first, f"{path}:1")
+            cols = parse_header(first, f"{path}:{lineno}")
         except InputError as e:
             raise InputError(_not_gzip(path, str(e))) from None
         ncol = len(cols)
-        lineno = 1
         last_time: int | None = None
         while True:
             try:
@@ -128,11 +134,12 @@ def read_csv(path: str, chunk: int = CHUNK,
             linenos = []
             rows = []
             for i, line in enumerate(lines, lineno + 1):
-                if line.strip():
+                if not is_comment(line):
                     rows.append(line)
                     linenos.append(i)
             lineno += len(lines)
-            if not lines[-1].endswith("\n") and lines[-1].count(",") != ncol - 1:
+            if (not lines[-1].endswith("\n") and not is_comment(lines[-1])
+                    and lines[-1].count(",") != ncol - 1):
                 raise InputError(f"{path}:{linenos[-1]}: the last line is cut off")
             if not rows:
                 continue

@@ -71,7 +71,7 @@ from udamon.primitives.uffd_abi import (
 from udamon.primitives.uffd_loop import HIT, MmGone, WindowStats, WindowTarget
 from udamon.targets import inject
 from udamon.targets.freeze import FreezeFailed, Freezer, release_stragglers
-from udamon.targets.procmaps import Vma, is_alive, read_vmas
+from udamon.targets.procmaps import Vma, is_alive, mm_path, read_vmas
 from udamon.targets.topology import nodes_of
 
 REFRESH_S = 1.0
@@ -280,8 +280,9 @@ class UffdPrimitive(Primitive):
             # UFFDIO_API works once per uffd: ask for everything wanted that exists.
             have = kernel_features()
             t.features = uffd_api(t.uffd, self.mode.required | (have & self.mode.optional))
-            t.pagemap = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            # (a live thread's when the main thread has exited: the fd keeps the mm)
+            t.pagemap = os.open(mm_path(t.pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, TargetGone):
             t.close()
             raise TargetGone(f"process {t.pid} exited while attaching") from None
         except OSError as e:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -96,10 +97,17 @@ class _Bad(Exception):
     pass
 
 
+I64 = (1 << 63) - 1  # counts, times and intervals are held as signed 64-bit numbers
+
+
 def _number(v, what: str) -> float:
     if isinstance(v, bool):
         raise _Bad(f"{what} is not a number: {v!r}")
-    if isinstance(v, (int, float)):
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise _Bad(f"{what} is not a finite number: {v!r}")
         return v
     if isinstance(v, str):
         t = v.replace(",", "").strip()
@@ -110,29 +118,52 @@ def _number(v, what: str) -> float:
         except ValueError:
             pass
         try:
-            return float(t)
+            f = float(t)
         except ValueError:
             pass
+        else:
+            if math.isfinite(f):
+                return f
     raise _Bad(f"{what} is not a number: {v!r}")
 
 
+def _count(v, what: str, lo: int = 0, hi: int = I64) -> int:
+    """A whole number within [lo, hi] (a count, an index), from any of damo's forms."""
+    n = _number(v, what)
+    if not lo <= n <= hi:
+        raise _Bad(f"{what} {v!r} is out of range ({lo}..{hi})")
+    return int(n)
+
+
+def _index(v, what: str) -> int:
+    """kdamond_idx / context_idx: a small whole number, 0 when absent."""
+    return 0 if v is None else _count(v, what, hi=1 << 20)
+
+
 def _with_unit(v, units: dict[str, int], scale: int, what: str) -> int:
-    """A raw number (in the unit of ``scale``) or damo's '<n> <unit>' forms."""
+    """A raw number (in the unit of ``scale``) or damo's '<n> <unit>' forms; within
+    +-2^63 units of ``scale`` -- times in ns -- and of bytes (2^64 for addresses)."""
+    hi = (1 << 64) if units is _UNITS_B else I64 // scale
     try:
-        return int(round(_number(v, what)))
+        n = _number(v, what)
     except _Bad:
-        pass
-    if not isinstance(v, str):
-        raise _Bad(f"{what} is not a number: {v!r}")
-    total = 0.0
-    parts = re.findall(r"([-+]?[0-9.,]+)\s*([A-Za-z]+)", v)
-    if not parts:
-        raise _Bad(f"{what}: cannot read {v!r}")
-    for num, unit in parts:
-        if unit not in units:
-            raise _Bad(f"{what}: unknown unit {unit!r} in {v!r}")
-        total += float(num.replace(",", "")) * units[unit]
-    return int(round(total / scale))
+        if not isinstance(v, str):
+            raise
+        parts = re.findall(r"([-+]?[0-9.,]+)\s*([A-Za-z]+)", v)
+        if not parts:
+            raise _Bad(f"{what}: cannot read {v!r}") from None
+        total = 0.0
+        for num, unit in parts:
+            if unit not in units:
+                raise _Bad(f"{what}: unknown unit {unit!r} in {v!r}") from None
+            try:
+                total += float(num.replace(",", "")) * units[unit]
+            except ValueError:
+                raise _Bad(f"{what}: cannot read {v!r}") from None
+        n = total / scale
+    if not (math.isfinite(n) and -hi <= n <= hi):
+        raise _Bad(f"{what} {v!r} is out of range")
+    return int(round(n))
 
 
 def _ns(v, what):
@@ -190,14 +221,15 @@ def _attrs(intervals: dict | None, ctx: dict | None) -> tuple[Attrs, list[str]]:
             bp = _number(raw.strip()[:-2], "access_bp")
         else:
             bp = _number(raw, "access_bp")
-        goal = IntervalsGoal(int(bp), int(_number(g.get("aggrs", 0), "aggrs")),
+        goal = IntervalsGoal(_count(bp, "access_bp", hi=10_000 * 100),
+                             _count(g.get("aggrs", 0), "aggrs", hi=1 << 31),
                              _us(g.get("min_sample_us", 0), "min_sample_us"),
                              _us(g.get("max_sample_us", 0), "max_sample_us"))
     lo, hi = 10, 1000
     nr = (ctx or {}).get("nr_regions")
     if isinstance(nr, dict):
-        lo = int(_number(nr.get("min", lo), "nr_regions min"))
-        hi = int(_number(nr.get("max", hi), "nr_regions max"))
+        lo = _count(nr.get("min", lo), "nr_regions min", hi=1 << 31)
+        hi = _count(nr.get("max", hi), "nr_regions max", hi=1 << 31)
     sample = max(1, sample)
     aggr = max(sample, aggr - aggr % sample)
     try:
@@ -227,31 +259,30 @@ def _region_arrays(regions: list, where: str, sample_us: int, aggr_us: int, nr_p
         na = r.get("nr_accesses")
         if isinstance(na, dict):
             if na.get("samples") is not None:
-                a = int(_number(na["samples"], f"{w} nr_accesses"))
+                a = _count(na["samples"], f"{w} nr_accesses")
             elif na.get("percent") is not None:
-                a = int(_number(na["percent"], f"{w} nr_accesses percent") * samples / 100)
+                a = _count(_number(na["percent"], f"{w} nr_accesses percent") * samples / 100,
+                           f"{w} nr_accesses")
             else:
                 raise _Bad(f"{w}: nr_accesses has neither samples nor percent")
         else:
-            a = int(_number(na, f"{w} nr_accesses"))
+            a = _count(na, f"{w} nr_accesses")
         ag = r.get("age")
         if isinstance(ag, dict):
             if ag.get("aggr_intervals") is not None:
-                g = int(_number(ag["aggr_intervals"], f"{w} age"))
+                g = _count(ag["aggr_intervals"], f"{w} age")
             elif ag.get("usec") is not None:
-                g = _us(ag["usec"], f"{w} age usec") // max(aggr_us, 1)
+                g = _count(_us(ag["usec"], f"{w} age usec") // max(aggr_us, 1), f"{w} age")
             else:
                 raise _Bad(f"{w}: age has neither aggr_intervals nor usec")
         else:
-            g = int(_number(ag if ag is not None else 0, f"{w} age"))
-        if a < 0 or g < 0:
-            raise _Bad(f"{w}: negative nr_accesses or age")
+            g = _count(ag if ag is not None else 0, f"{w} age")
         start[i], end[i], acc[i], age[i] = s, e, a, g
         ph = r.get("probe_hits") or []
         if not isinstance(ph, list):
             raise _Bad(f"{w}: probe_hits must be a list")
         for k, h in enumerate(ph[:nr_probes]):
-            hits[k, i] = int(_number(h, f"{w} probe hit"))
+            hits[k, i] = _count(h, f"{w} probe hit")
     order = np.argsort(start, kind="stable")
     start, end, acc, age, hits = start[order], end[order], acc[order], age[order], hits[:, order]
     if n > 1 and np.any(start[1:] < end[:-1]):
@@ -306,11 +337,13 @@ def records_to_record(path: str, kind: str, records: list, *,
         if not isinstance(rec, dict) or not isinstance(rec.get("snapshots"), list):
             raise _Bad("a damo record must be an object with 'snapshots'")
         for s in rec["snapshots"]:
-            for r in (s.get("regions") or []) if isinstance(s, dict) else []:
+            regions = s.get("regions") if isinstance(s, dict) else None
+            for r in regions if isinstance(regions, list) else []:
                 if isinstance(r, dict) and isinstance(r.get("probe_hits"), list):
                     nr_probes = max(nr_probes, len(r["probe_hits"]))
     first = records[0]
-    ctx0 = _ctx(kdamonds, int(first.get("kdamond_idx") or 0), int(first.get("context_idx") or 0))
+    ctx0 = _ctx(kdamonds, _index(first.get("kdamond_idx"), "kdamond_idx"),
+                _index(first.get("context_idx"), "context_idx"))
     attrs, n = _attrs(first.get("intervals"), ctx0)
     all_notes += n
     probes = [Probe(f"probe{i}") for i in range(nr_probes)]
@@ -319,7 +352,8 @@ def records_to_record(path: str, kind: str, records: list, *,
     used: set[int] = set()
     ns_fix = False
     for ri, rec in enumerate(records):
-        kd, ci = int(rec.get("kdamond_idx") or 0), int(rec.get("context_idx") or 0)
+        kd = _index(rec.get("kdamond_idx"), "kdamond_idx")
+        ci = _index(rec.get("context_idx"), "context_idx")
         ctx = _ctx(kdamonds, kd, ci)
         tid = rec.get("target_id")
         pid = None
@@ -350,11 +384,16 @@ def records_to_record(path: str, kind: str, records: list, *,
             if not isinstance(s, dict):
                 raise _Bad(f"{where}: not an object")
             regions = s.get("regions") or []
+            if not isinstance(regions, list):
+                raise _Bad(f"{where}: regions must be a list")
             if not regions or _is_fake(regions):
                 continue
             t1 = _ns(s.get("end_time"), f"{where} end_time")
             t0 = s.get("start_time")
             t0 = _ns(t0, f"{where} start_time") if t0 is not None else t1 - attrs.aggr_us * 1000
+            if not -I64 <= t0 <= t1:
+                raise _Bad(f"{where}: start_time {t0} must be at most end_time {t1} and fit "
+                           "a signed 64-bit clock")
             su = s.get("sample_interval_us")
             sample_us = _us(su, f"{where} sample_interval_us") if su else attrs.sample_us
             if sample_us * 1000 > t1 - t0 and sample_us % 1000 == 0:
@@ -554,7 +593,7 @@ def _perf_script(path: str) -> str:
                              "it needs perf ('perf script'), which is not installed")
     p = subprocess.run([perf, "script", "--force", "-i", path], capture_output=True,
                        timeout=600)
-    if p.returncode != 0:
+    if p.returncode != 0:  # perf runs, the file is what it cannot read: bad input
         last = (p.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
-        raise RuntimeFailure(f"perf script -i {path} failed: {last}")
+        raise InputError(f"{path}: a perf.data file 'perf script' cannot read: {last}")
     return p.stdout.decode(errors="replace")

@@ -209,6 +209,7 @@ class RecordReader:
         self.damage: str | None = None
         self.snapshots_read = 0
         self._mapped_of: dict[int, list[tuple[int, int]]] = {}
+        self._mergeable_of: dict[int, list[tuple[int, int]]] = {}
         self._names_of: dict[int, list[tuple[int, int, str]]] = {}
         self._threads_of: dict[int, dict[int, str]] = {}
         self._last_of: dict[int, int] = {}
@@ -269,11 +270,15 @@ class RecordReader:
                 continue
             snap = snapshot_from_json(obj, where, names, written, self.attrs.aggr_samples)
             _check_order(snap, self._shell, self._targets, self._last_of, where)
-            # "mapped" is written when it changes: carry it forward per target
+            # "mapped" / "mergeable" are written when they change: carried forward
             if snap.mapped is not None:
                 self._mapped_of[snap.pid] = snap.mapped
             else:
                 snap.mapped = self._mapped_of.get(snap.pid)
+            if snap.mergeable is not None:
+                self._mergeable_of[snap.pid] = snap.mergeable
+            else:
+                snap.mergeable = self._mergeable_of.get(snap.pid)
             self._carry_names(snap)
             self.snapshots_read += 1
             yield snap

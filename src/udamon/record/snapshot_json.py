@@ -23,9 +23,12 @@ def _need(d: dict, keys, where: str) -> None:
         raise BadLine(f"{where}: missing {', '.join(repr(k) for k in missing)}")
 
 
-def _int(v, what: str, where: str, lo: int = 0) -> int:
+def _int(v, what: str, where: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    """An integer field within [lo, hi] (counts are held as signed 64-bit numbers)."""
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
         raise BadLine(f"{where}: {what} must be an integer >= {lo}, got {v!r}")
+    if v > hi:
+        raise BadLine(f"{where}: {what} {v} is too large (at most {hi})")
     return v
 
 
@@ -87,6 +90,8 @@ def snapshot_to_json(snap: Snapshot, written: NamesWritten | None = None) -> dic
            "nr_passed": snap.nr_passed, "regions": regions}
     if snap.mapped is not None:
         out["mapped"] = [[int(a), int(b)] for a, b in snap.mapped]
+    if snap.mergeable is not None:
+        out["mergeable"] = [[int(a), int(b)] for a, b in snap.mergeable]
     if snap.numa is not None:
         out["numa"] = snap.numa
     names, threads = (written.delta(snap) if written is not None
@@ -108,7 +113,7 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
     """``aggr_samples``: the header's sampling intervals per aggregation (auto-tuning
     scales both intervals and keeps it), the ceiling of every count."""
     _need(obj, SNAPSHOT_KEYS, where)
-    time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63))
+    time_ns = _int(obj["time_ns"], "time_ns", where, lo=-(1 << 63), hi=1 << 64)
     if time_ns >= 1 << 63:
         raise BadLine(f"{where}: time_ns {time_ns} does not fit a signed 64-bit clock")
     pid = _int(obj["pid"], "pid", where, lo=-(1 << 31))
@@ -137,8 +142,8 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
         if not isinstance(r, dict):
             raise BadLine(f"{rw}: must be an object")
         _need(r, ("start", "end", "nr_accesses", "age"), rw)
-        s = _int(r["start"], "start", rw)
-        e = _int(r["end"], "end", rw)
+        s = _int(r["start"], "start", rw, hi=(1 << 64) - 1)
+        e = _int(r["end"], "end", rw, hi=(1 << 64) - 1)
         if e <= s or e >= 1 << 64:
             raise BadLine(f"{rw}: end {e:#x} must be above start {s:#x} and below 2^64")
         if s < prev_end:
@@ -172,14 +177,8 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
             if wpages is None:  # counted, though the header did not say so
                 wpages = np.zeros(n, dtype=np.int64)
             wpages[i] = _int(r["written_pages"], "written_pages", rw)
-    mapped = None
-    if "mapped" in obj:
-        spans = obj["mapped"]
-        if not isinstance(spans, list) or not all(
-                isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) for v in x)
-                and 0 <= x[0] < x[1] for x in spans):
-            raise BadLine(f"{where}: mapped must be a list of [start, end] pairs")
-        mapped = [(int(a), int(b)) for a, b in spans]
+    mapped = _spans(obj, "mapped", where)
+    mergeable = _spans(obj, "mergeable", where)
     numa = parse_numa(obj["numa"], where) if "numa" in obj else None
     names = parse_names(obj["names"], where) if "names" in obj else None
     threads = parse_threads(obj["threads"], where) if "threads" in obj else None
@@ -198,7 +197,21 @@ def snapshot_from_json(obj: dict, where: str, probe_names: list[str],
                     hits, _int(obj.get("nr_reports", 0), "nr_reports", where),
                     _int(obj.get("nr_passed", 0), "nr_passed", where), page_nodes,
                     written_pages=wpages, mapped=mapped, numa=numa, names=names,
-                    threads=threads, extra=extra or None)
+                    threads=threads, extra=extra or None, mergeable=mergeable)
+
+
+def _spans(obj: dict, key: str, where: str) -> list[tuple[int, int]] | None:
+    """``mapped`` / ``mergeable``: a list of [start, end] address pairs, when present."""
+    if key not in obj:
+        return None
+    spans = obj[key]
+    if not isinstance(spans, list) or not all(
+            isinstance(x, list) and len(x) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+            and 0 <= x[0] < x[1] < 1 << 64 for x in spans):
+        raise BadLine(f"{where}: {key} must be a list of [start, end] pairs")
+    return [(int(a), int(b)) for a, b in spans]
+
 
 
 MAX_NAME = 4096  # PATH_MAX: a mapping's name is a path at most
@@ -232,13 +245,16 @@ def parse_threads(threads, where: str, what: str = "threads") -> dict[int, str]:
 
 
 def parse_numa(numa, where: str) -> dict:
-    """A snapshot's locality counts: local/remote/unknown, and per thread."""
+    """A snapshot's locality counts: local/remote/unknown, and per thread ("unknown",
+    or "-1" in older records: reports whose thread is unknown, e.g. wp's writes made by
+    the kernel for the target)."""
     if not isinstance(numa, dict):
         raise BadLine(f"{where}: numa must be an object")
     out = {k: _int(numa.get(k, 0), f"numa {k}", where) for k in ("local", "remote", "unknown")}
     threads = numa.get("threads", {})
     if not isinstance(threads, dict) or not all(
-            (k.isdigit() or k in ("other", "unknown")) and isinstance(v, list) and len(v) == 3
+            (k.isdigit() or k in ("other", "unknown", "-1")) and isinstance(v, list)
+            and len(v) == 3
             and all(isinstance(x, int) and x >= 0 for x in v) for k, v in threads.items()):
         raise BadLine(f"{where}: numa threads must map thread ids to [local, remote, unknown]")
     out["threads"] = threads

@@ -37,7 +37,8 @@ class AccessOptions:
 
 
 def select_snapshots(rec: Record, opts: AccessOptions) -> dict[int, list[tuple[int, Snapshot]]]:
-    """Per pid: (index within that pid's snapshots, snapshot) pairs to show."""
+    """Per pid: (index within that pid's snapshots, snapshot) pairs to show; index -1 is
+    the sum of all of them."""
     out: dict[int, list[tuple[int, Snapshot]]] = {}
     pids = [opts.pid] if opts.pid is not None else rec.pids
     for pid in pids:
@@ -70,7 +71,8 @@ def summed(snaps: list[Snapshot]) -> Snapshot:
     equal sums joined, unless they are in different mappings).  Bursty primitives
     (hint) leave most snapshots empty, so any single one says little; the sum shows
     where the accesses were and who made them.
-    Its "rate" is over the whole record; "age" is the last snapshot's."""
+    Its "rate" is over the whole record; "age" is the last snapshot's, in aggregation
+    intervals (``age_unit_us``), never summed."""
     last = snaps[-1]
     lo, hi = atoms(snaps)
     table = union_tables([s.names for s in snaps])
@@ -93,7 +95,7 @@ def summed(snaps: list[Snapshot]) -> Snapshot:
     return Snapshot(last.time_ns, snaps[0].start_ns, last.pid, last.sample_us, lo, hi, c[0],
                     age.astype(np.int64), {n: c[k] for k, n in enumerate(names, 1)},
                     sum(s.nr_reports for s in snaps), sum(s.nr_passed for s in snaps),
-                    mapped=last.mapped, names=table,
+                    mapped=last.mapped, mergeable=last.mergeable, names=table,
                     threads=last.threads)
 
 
@@ -111,8 +113,20 @@ def order(snap: Snapshot, key: str) -> np.ndarray:
     return np.lexsort((snap.start, -v))
 
 
-def rows(snap: Snapshot, key: str, top: int | None) -> list[dict]:
+def age_unit_us(snaps: list[Snapshot]) -> int:
+    """The aggregation interval a summed table's ages count in: the last full one (the
+    summed snapshot spans the whole record, and a session's last snapshot may be cut
+    short)."""
+    return max(s.aggr_us for s in snaps[-2:])
+
+
+def rows(snap: Snapshot, key: str, top: int | None, age_us: int | None = None) -> list[dict]:
+    """``age_us``: for a summed snapshot (whose own interval is the whole record), the
+    aggregation interval ``age`` counts in; its ages are then capped at the record's
+    span."""
     aggr_samples = max(snap.aggr_us * 1000 // max(snap.sample_us * 1000, 1), 1)
+    cap = None if age_us is None else snap.aggr_us * 1000
+    age_us = snap.aggr_us if age_us is None else age_us
     idx = order(snap, key)
     if top is not None:
         idx = idx[:top]
@@ -128,10 +142,15 @@ def rows(snap: Snapshot, key: str, top: int | None) -> list[dict]:
             "nr_accesses": int(snap.nr_accesses[i]),
             "access_rate": float(snap.nr_accesses[i]) / aggr_samples,
             "age": int(snap.age[i]),
-            "age_ns": int(snap.age[i]) * snap.aggr_us * 1000,
+            "age_ns": (int(snap.age[i]) * age_us * 1000 if cap is None
+                       else min(int(snap.age[i]) * age_us * 1000, cap)),
             "probes": {n: int(h[i]) for n, h in snap.probe_hits.items()},
         })
     return out
+
+
+def _age_us(rec: Record, pid: int, i: int, s: Snapshot) -> int | None:
+    return age_unit_us(rec.snapshots_of(pid)) if i < 0 else None
 
 
 def to_json(rec: Record, opts: AccessOptions) -> dict:
@@ -142,7 +161,8 @@ def to_json(rec: Record, opts: AccessOptions) -> dict:
             str(k): v for k, v in sorted(rec.thread_names(pid).items())}, "snapshots": [
             {"index": i, "time_ns": s.time_ns, "elapsed_ns": s.time_ns - t0,
              "sample_us": s.sample_us, "aggr_us": s.aggr_us, "nr_reports": s.nr_reports,
-             "regions": rows(s, opts.sort, opts.top)} for i, s in chosen]})
+             "regions": rows(s, opts.sort, opts.top, _age_us(rec, pid, i, s))}
+            for i, s in chosen]})
     return {"record": rec.path, "primitive": rec.header.get("primitive"),
             "coverage": rec.coverage, "complete": rec.complete, "end": rec.end,
             "filters": [f.to_dict() for f in rec.filters],
@@ -186,15 +206,17 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
         for i, s in chosen:
             what = (f"sum of {len(rec.snapshots_of(pid))} snapshots up to" if i < 0
                     else f"snapshot {i} at")
+            span = (f"over {fmt_duration_ns(s.aggr_us * 1000)}; rate over the whole span, "
+                    "age as of the last snapshot" if i < 0
+                    else f"aggr {fmt_duration_ns(s.aggr_us * 1000)}")
             lines.append(f"\ntarget {pid} {tname}  {what} "
-                         f"{fmt_duration_ns(s.time_ns - t0)} (aggr "
-                         f"{fmt_duration_ns(s.aggr_us * 1000)}), {s.nr_reports} reports, "
+                         f"{fmt_duration_ns(s.time_ns - t0)} ({span}), {s.nr_reports} reports, "
                          f"{len(s.start)} regions, {fmt_size(int((s.end - s.start).sum()))}")
             labels = [probe_label(n, s.threads or threads) for n in names]
             header = ["start", "end", *(["mapping"] if named else []), "size", "nr_acc",
                       "rate", "age", *labels]
             table = [header]
-            for r in rows(s, opts.sort, opts.top):
+            for r in rows(s, opts.sort, opts.top, _age_us(rec, pid, i, s)):
                 where = ([join_names(r["mappings"], short=True)
                           if r["mappings"] is not None else "?"] if named else [])
                 table.append([f"{r['start']:#x}", f"{r['end']:#x}", *where,

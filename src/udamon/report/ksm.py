@@ -8,10 +8,13 @@ snapshot (within an atom every snapshot has a single value), and each
 atom's last written snapshot is tracked; the unwritten time is measured from
 then (or from when the atom was first mapped) to the end of the record.
 Adjacent candidate atoms are merged into ranges, ranked by size.  When the record
-says what is mapped (live targets), atoms are also cut at the last snapshot's
-mapping boundaries and only mapped ones can be candidates: DAMON's three regions
-cover the unmapped holes between mappings, which are never written and are not
-memory KSM could merge.
+says what is mergeable (live targets: the snapshots' ``mergeable`` spans, private
+anonymous memory), atoms are also cut at the last snapshot's span boundaries and only
+those inside can be candidates: KSM merges only private anonymous pages, so file
+mappings (program text, libraries, mapped files), shared memory, the [stack] and the
+unmapped holes DAMON's three regions cover are never candidates.  Older records say
+only what is mapped (``mapped``): then mapped memory is kept and the text says that
+file-backed mappings may be among the candidates.
 """
 
 from __future__ import annotations
@@ -57,10 +60,12 @@ class Candidate:
 @dataclass
 class TargetKsm:
     pid: int
-    mapped: int
+    mapped: int  # bytes the candidates are taken from (mergeable, else mapped memory)
     length_ns: int
     min_age_ns: int
     candidates: list[Candidate]
+    anonymous_only: bool = False  # the record said which memory is private anonymous
+    mapped_known: bool = False  # the record said what is mapped (a live target)
 
 
 @dataclass
@@ -78,7 +83,9 @@ def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
         snaps = rec.snapshots_of(p)
         lo, hi = atoms(snaps)
         last = snaps[-1]
-        if last.mapped is not None:
+        if last.mergeable is not None:
+            lo, hi = _atoms_in(lo, hi, last.mergeable)
+        elif last.mapped is not None:
             lo, hi = _mapped_atoms(lo, hi, last)
         last_w = np.full(lo.size, -1, dtype=np.int64)
         last_r = np.full(lo.size, -1, dtype=np.int64)
@@ -113,9 +120,31 @@ def compute(rec: Record, pid: int | None, min_age_ns: int | None) -> KsmResult:
                 found.append(Candidate(int(lo[i]), int(hi[i]), int(unwritten[i]),
                                        bool(last_w[i] < 0), rb))
         found.sort(key=lambda c: (-(c.end - c.start), c.start))
-        mapped = int(mapped_total(last))
-        out.append(TargetKsm(p, mapped, int(length), int(min_age), found))
+        mapped = int(mapped_total(last) if last.mergeable is None
+                     else sum(b - a for a, b in last.mergeable))
+        out.append(TargetKsm(p, mapped, int(length), int(min_age), found,
+                             anonymous_only=last.mergeable is not None,
+                             mapped_known=last.mapped is not None))
     return KsmResult(wsrc, rsrc, out)
+
+
+def _atoms_in(lo: np.ndarray, hi: np.ndarray, spans: list[tuple[int, int]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The atoms cut at the spans' boundaries, keeping the pieces inside a span."""
+    if not spans or lo.size == 0:
+        return lo[:0], hi[:0]
+    ss = np.asarray([a for a, _ in spans], dtype=np.uint64)
+    se = np.asarray([b for _, b in spans], dtype=np.uint64)
+    bounds = np.unique(np.concatenate((lo, hi, ss, se)))
+    plo, phi = bounds[:-1], bounds[1:]
+    i = np.searchsorted(lo, plo, side="right") - 1  # the atom holding each piece
+    inside = i >= 0
+    inside[inside] = plo[inside] < hi[i[inside]]
+    j = np.searchsorted(ss, plo, side="right") - 1  # the span starting at or below it
+    ok = j >= 0
+    ok[ok] = phi[ok] <= se[j[ok]]
+    keep = inside & ok
+    return plo[keep], phi[keep]
 
 
 def _mapped_atoms(lo: np.ndarray, hi: np.ndarray, snap) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +185,8 @@ def to_json(rec: Record, res: KsmResult) -> dict:
         "reads_from": None if res.read_src is None else (
             "nr_accesses" if res.read_src == "nr_accesses" else f"probe {res.read_src}"),
         "targets": [{
-            "pid": t.pid, "mapped": t.mapped, "length_ns": t.length_ns,
+            "pid": t.pid, "mapped": t.mapped, "anonymous_only": t.anonymous_only,
+            "length_ns": t.length_ns,
             "min_age_ns": t.min_age_ns,
             "candidate_bytes": sum(c.end - c.start for c in t.candidates),
             "candidates": [{"start": c.start, "end": c.end, "size": c.end - c.start,
@@ -182,8 +212,10 @@ def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
     for t in res.targets:
         total = sum(c.end - c.start for c in t.candidates)
         share = total / t.mapped * 100 if t.mapped else 0.0
+        of = (" private anonymous memory" if t.anonymous_only else " mapped"
+              if t.mapped_known else "")
         lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}: "
-                     f"{fmt_size(total)} of {fmt_size(t.mapped)} ({share:.1f}%) not written "
+                     f"{fmt_size(total)} of {fmt_size(t.mapped)}{of} ({share:.1f}%) not written "
                      f"for >= {fmt_duration_ns(t.min_age_ns)} (record "
                      f"{fmt_duration_ns(t.length_ns)}), {len(t.candidates)} range(s)")
         if not t.candidates:
@@ -200,6 +232,10 @@ def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
         lines += render_table(table, left=3 if named else 2)
         if len(t.candidates) > top:
             lines.append(f"  ... {len(t.candidates) - top} more (--top N)")
+    if any(t.mapped_known and not t.anonymous_only for t in res.targets):
+        lines.append("\nnote: this record does not say which memory is private anonymous (the "
+                     "only memory KSM merges): file-backed mappings and shared memory may be "
+                     "among the candidates")
     lines.append("\n'(never)': no write in the whole record; the time is then since the range "
                  "was first seen")
     lines.append("this record has no page contents: what would really merge (and the saving) "

@@ -19,7 +19,7 @@ intervals per aggregation), averaged over the snapshots ("hot bytes").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -97,6 +97,14 @@ class NumaResult:
     nodes: list[int]
     has_pages: bool
     targets: list[TargetNuma]
+    # what the record cannot answer (a record without local/remote or node probes:
+    # only the exact report counts and where the reported pages are)
+    cannot: list[str] = field(default_factory=list)
+
+    @property
+    def per_region(self) -> bool:
+        """Whether per-region accesses (by node, local/remote) are known."""
+        return not self.cannot
 
 
 def _tally(snaps: list[Snapshot]) -> tuple[dict[str, int] | None, dict[str, list[int]] | None]:
@@ -156,14 +164,66 @@ def _compute_probed(rec: Record, pids: list[int], probes: dict[int, str]) -> Num
     return NumaResult(list(probes), True, out)
 
 
+CANNOT = ("per-region local and remote accesses, and accesses by the CPUs of each node: "
+          "this record has no local/remote or node:<n> probes (record with --breakdown numa "
+          "for local/remote per region, or --breakdown node for accesses by node)")
+
+
+def _page_shares(snaps: list[Snapshot], start: np.ndarray, end: np.ndarray
+                 ) -> dict[int, np.ndarray]:
+    """Per node, the mean share of each range's reported pages that the node held."""
+    pn = [page_nodes_of(s) for s in snaps]
+    where = {id(s): d for s, d in zip(snaps, pn, strict=True)}
+    seen = onto_regions(snaps, start, end, lambda s: (
+        (sum(where[id(s)].values()) > 0).astype(np.float64) if where[id(s)]
+        else np.zeros(s.start.size)))
+    out: dict[int, np.ndarray] = {}
+    for n in sorted({n for d in pn if d for n in d}):
+        def frac(s: Snapshot, n=n) -> np.ndarray:
+            d = where[id(s)]
+            if not d:
+                return np.zeros(s.start.size)
+            tot = sum(d.values())
+            return np.where(tot > 0, d.get(n, 0) / np.where(tot > 0, tot, 1), 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[n] = np.where(seen > 0, onto_regions(snaps, start, end, frac)
+                              / np.where(seen > 0, seen, 1), 0.0)
+    return out
+
+
+def _compute_counts(rec: Record, pids: list[int]) -> NumaResult:
+    """A record without locality probes: the exact local/remote counts of its reports
+    (per target and thread, the snapshots' ``numa``) and where the reported pages were
+    (``nodes``) still answer "how local is this process / thread"; what needs probes
+    is said, not guessed."""
+    out = []
+    has_pages = False
+    for p in pids:
+        snaps = rec.snapshots_of(p)
+        last = snaps[-1]
+        pages = _page_shares(snaps, last.start, last.end)
+        has_pages = has_pages or bool(pages)
+        regions = [NumaRegion(int(last.start[i]), int(last.end[i]), {},
+                              {n: float(v[i]) for n, v in pages.items() if v[i] > 0}, 0.0, 0.0)
+                   for i in range(last.start.size)]
+        tot, threads = _tally(snaps)
+        out.append(TargetNuma(p, regions, tot, threads))
+    if not has_pages and all(t.reports is None for t in out):
+        raise UsageError(
+            f"{rec.path} holds no NUMA information: no local/remote or node:<n> probes and "
+            "no page nodes (record a live session without --no-page-nodes, and with "
+            "--breakdown numa for local/remote per region or --breakdown node for "
+            "accesses by node)")
+    return NumaResult([], has_pages, out, cannot=[CANNOT])
+
+
 def compute(rec: Record, pid: int | None) -> NumaResult:
     probes = breakdown(rec, "node")
     pids = pick_pids(rec, pid)
     if {"local", "remote"} <= set(rec.probe_names):
         return _compute_probed(rec, pids, probes)
     if not probes:
-        raise UsageError(f"{rec.path} has no local/remote or node:<n> probes: record with "
-                         "--breakdown numa (local/remote per report) or --breakdown node")
+        return _compute_counts(rec, pids)
     page_nodes = load_page_nodes(rec)
     where: dict[int, PageNodes | None] = {id(s): pn for s, pn in zip(rec.snapshots, page_nodes,
                                                                       strict=True)}
@@ -242,22 +302,24 @@ def to_json(rec: Record, res: NumaResult) -> dict:
                       "local_ratio": v[0] / (v[0] + v[1]) if v[0] + v[1] else None}
                 for tid, v in sorted((t.threads or {}).items(),
                                      key=lambda kv: -sum(kv[1]))}}
+        per = res.per_region and res.has_pages
         return {
             "pid": t.pid, "by_node": {str(n): v for n, v in t.by_node().items()},
-            "local": local if res.has_pages else None,
-            "remote": known - local if res.has_pages else None,
+            "local": local if per else None,
+            "remote": known - local if per else None,
             "local_ratio": ratio, **extra,
             "regions": [{"start": r.start, "end": r.end, "size": r.end - r.start,
                          "mappings": m,
                          "by_node": {str(n): v for n, v in r.by_node.items()},
                          "pages": {str(n): v for n, v in r.pages.items()} if res.has_pages
                          else None,
-                         "local": r.local if res.has_pages else None,
-                         "remote": r.remote if res.has_pages else None}
+                         "local": r.local if per else None,
+                         "remote": r.remote if per else None}
                         for r, m in zip(t.regions, maps, strict=True)],
         }
     return {"record": rec.path, "coverage": rec.coverage, "nodes": res.nodes,
-            "page_locations": res.has_pages,
+            "page_locations": res.has_pages, "per_region": res.per_region,
+            "cannot": res.cannot,
             "unit": "hot bytes: region bytes x access rate, mean over snapshots",
             "targets": [target(t) for t in res.targets]}
 
@@ -274,9 +336,14 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
     if res.nodes:
         lines.append(f"NUMA: accesses by the CPUs of each node (probes "
                      f"{', '.join(f'node:{n}' for n in res.nodes)}), in hot bytes")
-    else:
+    elif res.per_region:
         lines.append("NUMA: local and remote accesses (probes local, remote), in hot bytes")
+    else:
+        lines.append("NUMA: local and remote accesses (each report with its page's node) "
+                     "and where the reported pages are")
     lines += notes(rec)
+    if not res.per_region:
+        return _counts_text(rec, res, lines, top)
     if not res.has_pages:
         lines.append("page locations: not in this record, so there is no local/remote split "
                      "(it needs per-region page nodes, key 'nodes' in the snapshots); "
@@ -291,18 +358,13 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
         lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}: accesses by node: "
                      f"{_shares(bn)}")
         if t.reports is not None:
-            rp = t.reports
-            lr = rp["local"] + rp["remote"]
-            nan = float("nan")
-            lines.append(f"  reports: local {fmt_pct(rp['local'] / lr if lr else nan)}, "
-                         f"remote {fmt_pct(rp['remote'] / lr if lr else nan)} of "
-                         f"{lr:,} of known locality ({rp['unknown']:,} unknown; exact counts)")
+            lines.append(_reports_line(t.reports, rec))
             thr = sorted((t.threads or {}).items(), key=lambda kv: -sum(kv[1]))[:top]
             if thr:
                 table = [["thread", "local", "remote", "local %"]]
                 for tid, v in thr:
                     table.append([thread_label(tid, tnames), f"{v[0]:,}", f"{v[1]:,}",
-                                  fmt_pct(v[0] / (v[0] + v[1]) if v[0] + v[1] else nan)])
+                                  fmt_pct(v[0] / (v[0] + v[1]) if v[0] + v[1] else float("nan"))])
                 lines.append("  by thread:")
                 lines += render_table(table, left=1, indent="    ")
         if res.has_pages:
@@ -344,4 +406,47 @@ def to_text(rec: Record, res: NumaResult, top: int = 10) -> str:
                 lines += render_table(table, left=3 if where else 2, indent="    ")
     lines.append("\naccesses in hot bytes: region bytes x access rate (hits per sampling "
                  "interval), mean over the snapshots")
+    return "\n".join(lines) + "\n"
+
+
+def _reports_line(rp: dict[str, int], rec: Record) -> str:
+    """The target's locality counts; a controlled record's count sampled regions' pages
+    (docs/record-format.md), an estimate, not reports."""
+    lr = rp["local"] + rp["remote"]
+    nan = float("nan")
+    what, unit = (("pages", "estimated from the sampled regions' pages")
+                  if rec.coverage == "controlled" else ("reports", "exact counts"))
+    return (f"  {what}: local {fmt_pct(rp['local'] / lr if lr else nan)}, "
+            f"remote {fmt_pct(rp['remote'] / lr if lr else nan)} of "
+            f"{lr:,} of known locality ({rp['unknown']:,} unknown; {unit})")
+
+
+def _counts_text(rec: Record, res: NumaResult, lines: list[str], top: int) -> str:
+    """A record without locality probes: what it can answer, and what it cannot."""
+    nan = float("nan")
+    for t in res.targets:
+        lines.append(f"\ntarget {t.pid} {target_name(rec, t.pid)}")
+        if t.reports is not None:
+            lines.append(_reports_line(t.reports, rec))
+            thr = sorted((t.threads or {}).items(), key=lambda kv: -sum(kv[1]))[:top]
+            if thr:
+                table = [["thread", "local", "remote", "local %"]]
+                for tid, v in thr:
+                    table.append([tid, f"{v[0]:,}", f"{v[1]:,}",
+                                  fmt_pct(v[0] / (v[0] + v[1]) if v[0] + v[1] else nan)])
+                lines.append("  by thread:")
+                lines += render_table(table, left=1, indent="    ")
+        else:
+            lines.append("  reports: no local/remote counts in this record")
+        placed = sorted((r for r in t.regions if r.pages),
+                        key=lambda r: (-(r.end - r.start), r.start))[:top]
+        if placed:
+            lines.append("  where the reported pages are (largest regions first):")
+            table = [["start", "end", "size", "pages on"]]
+            for r in placed:
+                table.append([f"{r.start:#x}", f"{r.end:#x}", fmt_size(r.end - r.start),
+                              _shares(r.pages)])
+            lines += render_table(table, left=2, indent="    ")
+    lines.append("")
+    lines += [f"not in this record: {c}" for c in res.cannot]
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ import numpy as np
 
 from udamon.core.monitor import Snapshot
 from udamon.targets.page_nodes import _NR_MOVE_PAGES, query_nodes
+from udamon.targets.procmaps import mm_task
 
 PAGE = 4096
 MPOL_MF_MOVE = 1 << 1
@@ -142,7 +143,11 @@ def apply(snap: Snapshot, params: MigrateParams) -> Action:
     """Run the scheme on one snapshot; OSError when the process cannot be queried/moved."""
     act = Action(snap.time_ns, snap.pid)
     left = params.quota_bytes // PAGE
-    for c in candidates(snap, params):
+    cands = candidates(snap, params)
+    # move_pages(PID) of a zombie leader (main thread exited, others running) sees no
+    # memory: ask through a live thread of the process
+    task = (mm_task(snap.pid, missing_ok=True) or snap.pid) if cands else snap.pid
+    for c in cands:
         if left <= 0:
             break
         pages = np.arange(c.start, c.end, PAGE, dtype=np.uint64)
@@ -151,7 +156,7 @@ def apply(snap: Snapshot, params: MigrateParams) -> Action:
             if left <= 0:
                 break
             chunk = pages[lo:lo + CHUNK_PAGES]
-            where = query_nodes(snap.pid, chunk)
+            where = query_nodes(task, chunk)
             here = where == c.to_node
             local += int(here.sum())
             absent = where == -errno.ENOENT  # never touched: nothing to move
@@ -163,7 +168,7 @@ def apply(snap: Snapshot, params: MigrateParams) -> Action:
             if params.dry_run:
                 n = todo.size
             else:
-                st = move_pages(snap.pid, todo, c.to_node)
+                st = move_pages(task, todo, c.to_node)
                 n = int((st == c.to_node).sum())
                 _count_failures(act.pages_failed, st)
             moved += n

@@ -344,6 +344,7 @@ def restore_stale(state_dir: str = DEFAULT_STATE_DIR) -> list[str]:
         return out
     try:
         with wd.state_lock(state_dir):
+            out.extend(wd.remove_stale_tmp(state_dir))
             for name in sorted(os.listdir(state_dir)):
                 if not (name.startswith("settings-") and name.endswith(".json")):
                     continue

@@ -106,12 +106,45 @@ def state_lock(state_dir: str):
 
 
 def save_state(path: str, state: dict) -> None:
+    """Write ``path`` atomically through ``PATH.tmpPID`` (PID: the writer).  A writer
+    killed between the two leaves the .tmp file: :func:`remove_stale_tmp` takes it."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _process_gone(pid: int) -> bool:
+    """No such process, or only its zombie: it writes nothing any more."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 :][:1] in (b"Z", b"X")
+
+
+def remove_stale_tmp(state_dir: str, gone: tuple[int, ...] = ()) -> list[str]:
+    """Remove the ``settings-*.json.tmpPID`` files whose writer is gone: a session,
+    watchdog or restorer SIGKILLed between writing a state file and renaming it into
+    place.  The state file itself is intact (the rename never happened), so nothing
+    else is lost.  ``gone``: writers known to be gone (a session being restored for
+    because it died may still be exiting).  Call it holding :func:`state_lock`."""
+    out = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(state_dir)):
+            base, sep, writer = name.rpartition(".tmp")
+            if not (sep and base.startswith("settings-") and base.endswith(".json")
+                    and writer.isdigit()):
+                continue
+            w = int(writer)
+            if w != os.getpid() and (w in gone or _process_gone(w)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(state_dir, name))
+                    out.append(f"removed {name}, left by a process killed while writing it")
+    return out
 
 
 def restore_entry(entry: dict) -> str:
@@ -173,7 +206,9 @@ def restore_session(state_path: str, fallback: dict | None = None) -> list[str]:
     missing (the owner's in-memory state).
     """
     state = load_state(state_path) or fallback
-    out: list[str] = []
+    owner = int((state or {}).get("pid") or -1)
+    out: list[str] = remove_stale_tmp(os.path.dirname(state_path) or ".",
+                                      (owner,) if owner != os.getpid() else ())
     if state is not None:
         others = _live_others(state_path)
         for e in reversed(state.get("entries", [])):

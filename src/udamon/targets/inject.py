@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 
 from udamon.errors import RuntimeFailure, TargetGone
-from udamon.targets.procmaps import live_thread_ids
+from udamon.targets.procmaps import is_alive, live_thread_ids
 from udamon.targets.ptrace import (
     PTRACE_CONT,
     PTRACE_DETACH,
@@ -176,8 +176,8 @@ def check_injectable(pid: int) -> None:
     if pid == os.getpid():
         raise RuntimeFailure("cannot inject a syscall into udamon itself")
     st = _status_fields(pid)
-    if st.get("State", "").startswith(("Z", "X")):
-        raise TargetGone(f"process {pid} has exited")
+    if st.get("State", "").startswith(("Z", "X")) and not is_alive(pid):
+        raise TargetGone(f"process {pid} has exited")  # (a zombie leader's threads may run)
     if st.get("Tgid") and int(st["Tgid"]) != pid:
         raise RuntimeFailure(
             f"{pid} is a thread id, not a process id (its process is {st['Tgid']})"
@@ -191,6 +191,14 @@ def check_injectable(pid: int) -> None:
         )
 
 
+def _task_path(pid: int, tid: int | None, name: str) -> str:
+    """/proc/PID/NAME, or the thread's own file when ``tid`` is another thread (the main
+    thread may have exited: a zombie leader's files show no memory)."""
+    if tid is None or tid == pid:
+        return f"/proc/{pid}/{name}"
+    return f"/proc/{pid}/task/{tid}/{name}"
+
+
 def _pick_thread(pid: int) -> int:
     """The main thread if it is alive, else any live thread."""
     try:
@@ -202,9 +210,9 @@ def _pick_thread(pid: int) -> int:
     return tids[0]
 
 
-def _find_syscall_insn(pid: int, memfd: int) -> int | None:
+def _find_syscall_insn(pid: int, memfd: int, tid: int | None = None) -> int | None:
     try:
-        with open(f"/proc/{pid}/maps") as f:
+        with open(_task_path(pid, tid, "maps")) as f:
             for line in f:
                 if line.rstrip().endswith("[vdso]"):
                     lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
@@ -268,7 +276,9 @@ class Injector:
         self._seized = True
         try:
             self._stop()
-            self._memfd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            # through the stopped thread: a zombie leader's /proc/PID/mem has no memory
+            self._memfd = os.open(_task_path(self.pid, self.tid, "mem"),
+                                  os.O_RDONLY | os.O_CLOEXEC)
         except BaseException as e:
             self._release()
             if isinstance(e, _Gone):
@@ -302,7 +312,7 @@ class Injector:
 
     def _syscall_insn(self) -> int:
         if self._insn is None:
-            self._insn = _find_syscall_insn(self.pid, self._memfd)
+            self._insn = _find_syscall_insn(self.pid, self._memfd, self.tid)
         if self._insn is None:
             saved = self._saved
             assert saved is not None
@@ -433,9 +443,12 @@ O_NONBLOCK = 0o4000
 UFFD_USER_MODE_ONLY = 1
 
 
-def pidfd_open(pid: int) -> int:
+PIDFD_THREAD = 0o200  # O_EXCL: a pidfd of one thread (Linux 6.9+)
+
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
     try:
-        return _syscall(NR_PIDFD_OPEN, pid, 0)
+        return _syscall(NR_PIDFD_OPEN, pid, flags)
     except OSError as e:
         if e.errno == errno.ESRCH:
             raise TargetGone(f"process {pid} does not exist (or has exited)") from None
@@ -462,9 +475,17 @@ def inject_userfaultfd(pid: int, flags: int = O_CLOEXEC | O_NONBLOCK) -> int:
                     f"userfaultfd() inside process {pid} failed: {os.strerror(-r)}"
                 )
             try:
+                if inj.tid != pid:
+                    # the main thread has exited (zombie leader): its pidfd has no file
+                    # table any more, the thread we stopped does (a thread pidfd, 6.9+)
+                    os.close(pidfd)
+                    pidfd = -1
+                    pidfd = pidfd_open(inj.tid, PIDFD_THREAD)
                 ours = _syscall(NR_PIDFD_GETFD, pidfd, r, 0)
-            except OSError as e:
+            except (OSError, RuntimeFailure, TargetGone) as e:
                 inj.call(NR_CLOSE, r)
+                if not isinstance(e, OSError):
+                    raise
                 if e.errno == errno.ESRCH:
                     raise TargetGone(f"process {pid} exited during injection") from None
                 raise RuntimeFailure(f"pidfd_getfd on process {pid} failed: {e.strerror}") from None
@@ -478,7 +499,8 @@ def inject_userfaultfd(pid: int, flags: int = O_CLOEXEC | O_NONBLOCK) -> int:
                 raise RuntimeFailure(f"close({r}) inside process {pid} failed: {os.strerror(-rc)}")
             return ours
     finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 # ------------------------------------------------------------ the helper process

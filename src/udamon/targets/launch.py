@@ -14,7 +14,7 @@ import signal
 import time
 
 from udamon.errors import RuntimeFailure, UsageError
-from udamon.targets.procmaps import read_vmas
+from udamon.targets.procmaps import process_name, read_vmas
 
 
 class Launched:
@@ -43,13 +43,18 @@ class Launched:
         os.close(err_w)
         self.pid = pid
         self.argv = argv
+        # the kernel names a task after the file it execs (TASK_COMM_LEN - 1 bytes)
+        self.comm = os.path.basename(path).encode()[:15].decode(errors="ignore")
         self._go = go_w
         self._err = err_r
         self.returncode: int | None = None
         self._pre_exec_maps = _maps_key(pid)
 
     def release(self, wait_exec_s: float = 0.5) -> None:
-        """Let the child exec; wait (briefly) until its new image is mapped."""
+        """Let the child exec; wait (briefly) until its new image is mapped and it has
+        its new name.  The kernel replaces the mm (new maps) and closes close-on-exec
+        fds before it sets the name, so either alone can be seen while /proc/PID/comm
+        still has the name of the forked udamon."""
         os.write(self._go, b"x")
         os.close(self._go)
         err = os.read(self._err, 16)  # EOF once exec succeeded (close-on-exec)
@@ -59,7 +64,7 @@ class Launched:
             raise RuntimeFailure(f"cannot run {self.argv[0]}: {os.strerror(int(err))}")
         deadline = time.monotonic() + wait_exec_s
         while time.monotonic() < deadline and self.poll() is None:
-            if _maps_key(self.pid) != self._pre_exec_maps:
+            if _maps_key(self.pid) != self._pre_exec_maps and process_name(self.pid) == self.comm:
                 return
             time.sleep(0.002)
 

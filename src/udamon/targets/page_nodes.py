@@ -58,6 +58,20 @@ class LookupStats:
                 f"{per:.2f} us per report)")
 
 
+def _query(pid: int, pages: np.ndarray) -> np.ndarray:
+    """query_nodes, through a live thread when the main thread has exited (move_pages of
+    a zombie leader's pid sees no memory: EINVAL)."""
+    try:
+        return query_nodes(pid, pages)
+    except OSError:
+        from udamon.targets.procmaps import mm_task
+
+        tid = mm_task(pid, missing_ok=True)
+        if tid is None or tid == pid:
+            raise
+        return query_nodes(tid, pages)
+
+
 def memory_nodes() -> list[int]:
     """The NUMA nodes that have memory (/sys/devices/system/node/has_memory)."""
     from udamon.targets.topology import parse_cpulist
@@ -111,7 +125,7 @@ class PageNodeLookup:
             new = uniq[~np.isin(uniq, known_p, assume_unique=True)] if known_p.size else uniq
             if new.size:
                 try:
-                    nodes = query_nodes(pid, new)
+                    nodes = _query(pid, new)
                 except OSError:
                     self._broken.add(pid)  # gone, or not ours to query: unknown from now on
                     continue

@@ -3,6 +3,7 @@ vaddr heuristic that turns them into three monitoring ranges."""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 from udamon.errors import RuntimeFailure, TargetGone
@@ -41,10 +42,16 @@ def parse_maps(text: str) -> list[Vma]:
 
 
 def read_maps_text(pid: int) -> str:
-    """/proc/PID/maps as text; raises TargetGone when the process has exited."""
+    """/proc/PID/maps as text; raises TargetGone when the process has exited.  A process
+    whose main thread exited while others run (a zombie leader) has an empty
+    /proc/PID/maps: its maps are read through a live thread (``mm_path``)."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return f.read()
+            text = f.read()
+        if not text and _state(f"/proc/{pid}/stat") == "Z":
+            with open(mm_path(pid, "maps")) as f:
+                text = f.read()
+        return text
     except FileNotFoundError:
         raise TargetGone(f"process {pid} does not exist (or has exited)") from None
     except PermissionError:
@@ -62,14 +69,68 @@ def read_vmas(pid: int) -> list[Vma]:
     return vmas
 
 
+def _state(stat_path: str) -> str:
+    """The state letter of a /proc/.../stat file ('' when it cannot be read)."""
+    try:
+        with open(stat_path) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def is_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
+    """True while the process exists and has a thread that has not exited.  Its main
+    thread may have exited (pthread_exit in main: a zombie leader) while others run:
+    the process is alive until the last of them exits."""
+    state = _state(f"/proc/{pid}/stat")
+    if state not in ("Z", "X"):
+        return bool(state)
+    return mm_task(pid, missing_ok=True) is not None
+
+
+def mm_task(pid: int, *, missing_ok: bool = False) -> int | None:
+    """A task of process ``pid`` that still has the process's memory: ``pid`` itself,
+    or, when the main thread has exited (zombie leader), a live thread of it.  Files
+    under /proc/PID (maps, pagemap, mem) and move_pages(PID) see no memory for a zombie
+    leader; the same files of a live thread (/proc/PID/task/TID/...) do.  None (or
+    TargetGone) when no thread is left."""
+    if _state(f"/proc/{pid}/stat") not in ("Z", "X", ""):
+        return pid
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for t in sorted(tids):
+        if t.isdigit() and int(t) != pid and _state(f"/proc/{pid}/task/{t}/stat") not in (
+                "Z", "X", ""):
+            return int(t)
+    if missing_ok:
+        return None
+    raise TargetGone(f"process {pid} has exited")
+
+
+def mm_path(pid: int, name: str) -> str:
+    """/proc/PID/NAME, or /proc/PID/task/TID/NAME of a live thread when the main thread
+    has exited (see ``mm_task``)."""
+    tid = mm_task(pid)
+    return f"/proc/{pid}/{name}" if tid == pid else f"/proc/{pid}/task/{tid}/{name}"
+
+
+KTHREAD_FLAG = 0x00200000  # PF_KTHREAD in /proc/PID/stat's flags (field 9)
+
+
+def kernel_thread_name(pid: int) -> str | None:
+    """The name of ``pid`` when it is a kernel thread (no user memory to monitor), else
+    None (also when it does not exist)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+            data = f.read()
+        flags = int(data.rsplit(")", 1)[1].split()[6])
+    except (OSError, IndexError, ValueError):
+        return None
+    if not flags & KTHREAD_FLAG:
+        return None
+    return data[data.find("(") + 1: data.rfind(")")]
 
 
 def three_regions(vmas: list[Vma]) -> list[tuple[int, int]]:
@@ -114,6 +175,21 @@ def mapped_spans(vmas: list[Vma], ranges: list[tuple[int, int]]) -> list[tuple[i
     return out
 
 
+NOT_MEMORY = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+
+
+def mergeable_spans(vmas: list[Vma], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` that KSM could merge: private anonymous memory ([heap],
+    anonymous mmaps, thread stacks) that can hold data.  Not file-backed mappings (their
+    unwritten pages are page cache, which KSM never merges), shared memory (KSM ignores
+    VM_SHARED), the kernel's special mappings, inaccessible guard pages, nor the main
+    thread's [stack] (in use whenever the program runs; no program advises it
+    MADV_MERGEABLE)."""
+    keep = [v for v in vmas if v.private and v.anonymous and v.perms[:3] != "---"
+            and v.path not in NOT_MEMORY and v.path != "[stack]"]
+    return mapped_spans(keep, ranges)
+
+
 def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for s, e in spans:
@@ -126,7 +202,7 @@ def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def process_name(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
             return f.read().strip()
     except OSError:
         return "?"
@@ -148,8 +224,6 @@ def live_thread_ids(pid: int) -> list[int]:
 
 
 def thread_ids(pid: int) -> list[int]:
-    import os
-
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError:
@@ -159,20 +233,22 @@ def thread_ids(pid: int) -> list[int]:
 def vaddr_provider(pid: int):
     """The ranges of a process as DAMON's vaddr operations pick them (three regions over
     /proc/PID/maps) plus the spans really mapped inside them -- the three regions
-    include unmapped holes, which reports must not call memory.  A callable for
+    include unmapped holes, which reports must not call memory -- and the mergeable
+    spans among them (``mergeable_spans``: what KSM could merge).  A callable for
     ``Monitor.add_target(provider=...)``; its ``name`` is the process's, its ``vmas()``
     the VMAs it parsed last (for udamon.core.names).  The maps are parsed again only
     when they changed (they are read once a second)."""
     last: list = [None, None, None]
 
-    def provide() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    def provide() -> tuple[list[tuple[int, int]], ...]:
         text = read_maps_text(pid)
         if text != last[0]:
             vmas = parse_maps(text)
             if not vmas:
                 read_vmas(pid)  # says whether the process is gone
             ranges = three_regions(vmas)
-            last[:] = [text, (ranges, mapped_spans(vmas, ranges)), vmas]
+            last[:] = [text, (ranges, mapped_spans(vmas, ranges),
+                              mergeable_spans(vmas, ranges)), vmas]
         return last[1]
 
     name = process_name(pid)
