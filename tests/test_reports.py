@@ -588,3 +588,29 @@ def test_access_sum_adds_every_snapshot_up(demo):
     lo, hi = (base + x * MiB for x in DEMO_BUFFERS["R"])  # R: read all along, never written
     inside = [r for r in regs if lo <= r["start"] and r["end"] <= hi]
     assert inside and all(r["probes"]["write"] == 0 and r["nr_accesses"] > 0 for r in inside)
+
+
+def test_every_kind_is_an_object_the_library_runs_as_the_cli_does(demo, monkeypatch):
+    """udamon.report.kind.KINDS: the CLI's one runner is the library's; a kind run from
+    Python writes what 'udamon report KIND' prints (text) and the same JSON."""
+    from udamon.errors import ParameterError
+    from udamon.record.reader import read_record
+    from udamon.report.kind import KINDS
+
+    assert list(KINDS) == ["access", "heatmap", "wss", "ksm", "dirty", "sharing", "numa"]
+    monkeypatch.chdir(demo)  # the record's path as the CLI gets it
+    rec = read_record("demo.jsonl")
+    for name, kind in KINDS.items():
+        opts = kind.options()
+        if name == "heatmap":  # the CLI's text defaults
+            opts = kind.options(cols=60, rows=30)
+        cli = report(name, "-i", "demo.jsonl", *(["--color", "never"] if name == "heatmap"
+                                                  else []), cwd=demo).stdout
+        assert kind.run(rec, "text", opts) == cli, name
+        if name == "heatmap":  # and its JSON defaults
+            opts = kind.options(cols=600, rows=300)
+        doc = json.loads(report(name, "-i", "demo.jsonl", "--format", "json", cwd=demo).stdout)
+        assert json.loads(json.dumps(kind.run(rec, "json", opts))) == doc, name
+    with pytest.raises(ParameterError) as e:
+        KINDS["numa"].run(rec, "png")
+    assert e.value.param == "format" and "--" not in str(e.value)

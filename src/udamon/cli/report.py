@@ -1,81 +1,21 @@
 """``udamon report KIND``: read a record and answer a question about it.
 
-Every kind has its own subparser with the common options (-i, --format with
-the formats that kind writes, --pid, --top, --salvage) plus its own; kinds
-other than ``access`` live in ``cli/report_kinds.py``.
+One runner for every kind (udamon.report.kind.KINDS): each kind's subparser has the
+common options (-i, --format with the formats that kind writes, --pid, --top,
+--salvage) plus its own (cli/report_kinds.py), which become the kind's options; the
+kind computes its answer and writes it as text, JSON or an image.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 
 from udamon.cli.common import open_record
-from udamon.cli.report_kinds import KINDS as MORE_KINDS
-from udamon.errors import UsageError
-from udamon.record.reader import Record
-from udamon.report import access
-from udamon.report.common import pick_pids
-
-
-def _access_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", default="last", metavar="last|all|busiest|sum|N",
-                   help="which aggregation snapshot(s): last (default), all, busiest (the one "
-                        "with the most reports), sum (nr_accesses and probe hits summed over "
-                        "the whole record, on the finest cut of the regions: the view for "
-                        "bursty primitives such as hint, whose snapshots are mostly empty), "
-                        "or an index (negative counts from the end)")
-    p.add_argument("--columns", metavar="NAME[,NAME]", type=lambda t: [
-                   x.strip() for x in t.split(",") if x.strip()],
-                   help="probe columns to show: names or globs, e.g. 'write,thread:*' "
-                        "(default: those that fit the terminal, read/write and locality "
-                        "first)")
-    p.add_argument("--wide", action="store_true",
-                   help="every probe column, however wide the table gets")
-    p.add_argument("--sort", default="address", metavar="KEY",
-                   help="order of regions: address (default), size, nr_accesses, age, "
-                        "or probe:NAME (hottest first)")
-
-
-def _access_run(a: argparse.Namespace, rec: Record) -> int:
-    if a.snapshot not in ("last", "all", "busiest", "sum"):
-        try:
-            int(a.snapshot)
-        except ValueError:
-            raise UsageError(f"--snapshot must be last, all, busiest, sum or an integer, "
-                             f"got {a.snapshot!r}") from None
-    if a.sort not in access.SORT_KEYS:
-        name = a.sort.removeprefix("probe:")
-        if not a.sort.startswith("probe:") or name not in rec.probe_names:
-            raise UsageError(f"--sort {a.sort!r}: use one of {', '.join(access.SORT_KEYS)} "
-                             f"or probe:NAME with a probe of the record "
-                             f"({', '.join(rec.probe_names) or 'it has none'})")
-    pick_pids(rec, a.pid)  # no snapshots to show is an error, as for the other kinds
-    if a.columns is not None and not a.columns:
-        raise UsageError("--columns needs probe names or globs, e.g. write,thread:*")
-    if a.columns and a.wide:
-        raise UsageError("--columns picks columns and --wide shows all: give one")
-    width = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 120
-    opts = access.AccessOptions(a.snapshot, a.sort, a.pid, a.top, a.columns, a.wide,
-                                max(width, 80))
-    try:
-        if a.format == "json":
-            json.dump(access.to_json(rec, opts), sys.stdout, indent=1)
-            sys.stdout.write("\n")
-        else:
-            sys.stdout.write(access.to_text(rec, opts))
-    except IndexError as e:
-        raise UsageError(str(e)) from None
-    return 0
-
-
-KINDS = {
-    "access": ("regions table: nr_accesses, age and per-probe hits of each region",
-               ("text", "json"), _access_args, _access_run),
-    **MORE_KINDS,
-}
+from udamon.cli.report_kinds import OPTION_NAMES, OPTIONS
+from udamon.errors import ParameterError, UsageError
+from udamon.report.kind import KINDS
 
 
 def add_parser(sub) -> None:
@@ -83,26 +23,45 @@ def add_parser(sub) -> None:
                        description="Report on a record written by 'udamon record'.  "
                                    "'udamon report KIND --help' tells each kind's options.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="kinds:\n" + "\n".join(f"  {k:<8} {v[0]}" for k, v in KINDS.items()))
+                       epilog="kinds:\n" + "\n".join(f"  {k:<8} {v.help}"
+                                                     for k, v in KINDS.items()))
     kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=type(p))
     kinds.required = True
-    for name, (help_text, formats, add_args, run) in KINDS.items():
-        k = kinds.add_parser(name, help=help_text, description=help_text)
+    for name, kind in KINDS.items():
+        k = kinds.add_parser(name, help=kind.help, description=kind.help)
         k.add_argument("-i", "--input", metavar="FILE", required=True,
                        help="record file (udamon's, or a record file of damo 3.4: "
                             "json_compressed, json, perf_script, perf_data)")
-        k.add_argument("--format", choices=formats, default="text",
+        k.add_argument("--format", choices=kind.formats, default="text",
                        help="output format (default text)")
         k.add_argument("--pid", type=int, help="only this target")
         k.add_argument("--top", type=int, metavar="N", help="at most N rows")
         k.add_argument("--salvage", action="store_true",
                        help="read a damaged record up to the damage instead of failing")
-        add_args(k)
-        k.set_defaults(func=_run, kind_run=run)
+        OPTIONS[name][0](k)
+        k.set_defaults(func=_run)
 
 
 def _run(a: argparse.Namespace) -> int:
     if a.top is not None and a.top <= 0:
         raise UsageError("--top must be positive")
+    kind = KINDS[a.kind]
     rec = open_record(a.input, a.pid, a.salvage)
-    return a.kind_run(a, rec)
+    opts = OPTIONS[a.kind][1](a, rec)
+    output = getattr(a, "output", None)
+    try:
+        out = kind.run(rec, a.format, opts, output)
+    except ParameterError as e:
+        raise UsageError(e.for_option(OPTION_NAMES.get(e.param))) from None
+    except IndexError as e:  # access: no such snapshot
+        raise UsageError(str(e)) from None
+    except OSError as e:  # the image file
+        raise UsageError(f"cannot write {output}: {e.strerror or e}") from None
+    if a.format == "json":
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif a.format == "png":
+        print(f"udamon: wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(out)
+    return 0

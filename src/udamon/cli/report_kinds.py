@@ -1,34 +1,24 @@
-"""The report kinds beyond ``access``, for ``udamon report KIND``.
-
-``KINDS`` maps a kind to ``(help, formats, add_args(parser), run(args, record) ->
-int)``.  ``add_args`` adds only the kind's own options; the common ones are
-expected from ``cli/report.py``: ``-i/--input``, ``--format`` (choices: the
-kind's ``formats``, so that argparse refuses the others before any option that
-only one format has confuses it), ``--pid``, ``--top``, ``--salvage``.  ``--output``
-and ``--color`` are added here by the kinds that use them.  ``run`` writes
-text or JSON to stdout and images to ``--output``.
+"""Each report kind's own command-line options, and how they become the kind's options
+(udamon.report.kind: the kinds themselves).  ``OPTIONS`` maps a kind to ``(add_args
+(parser), options(args, record) -> the kind's options dataclass)``; ``options``
+checks what only the command line can get wrong and names the options it checks.
+The common options (-i, --format, --pid, --top, --salvage) are cli/report.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from udamon.cli.common import typed
+from udamon.cli.common import duration_arg, typed
 from udamon.errors import UsageError
 from udamon.record.reader import Record
-from udamon.report import dirty, heatmap, ksm, numa, sharing, wss
-from udamon.report.common import check_probe
+from udamon.report import access, dirty, heatmap, ksm, numa, sharing, wss
+from udamon.report.common import check_probe, pick_pids
 from udamon.units import parse_duration_ns
-
-
-def _formats(a: argparse.Namespace, kind: str, allowed: tuple[str, ...]) -> str:
-    fmt = getattr(a, "format", None) or "text"
-    if fmt not in allowed:
-        raise UsageError(f"report {kind} supports --format {', '.join(allowed)}, not {fmt}")
-    return fmt
 
 
 def _positive(name: str, v: int | None) -> None:
@@ -36,18 +26,57 @@ def _positive(name: str, v: int | None) -> None:
         raise UsageError(f"{name} must be positive, got {v}")
 
 
-def _emit_json(doc: dict) -> int:
-    json.dump(doc, sys.stdout, indent=1)
-    sys.stdout.write("\n")
-    return 0
-
-
 def _probe_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--probe", metavar="NAME", default=None,
                    help=f"use this probe's hits instead of nr_accesses ({what})")
 
 
-# -- heatmap ----------------------------------------------------------------------
+# -- access ---------------------------------------------------------------------------
+
+
+def _access_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", default="last", metavar="last|all|busiest|sum|N",
+                   help="which aggregation snapshot(s): last (default), all, busiest (the one "
+                        "with the most reports), sum (nr_accesses and probe hits summed over "
+                        "the whole record, on the finest cut of the regions: the view for "
+                        "bursty primitives such as hint, whose snapshots are mostly empty), "
+                        "or an index (negative counts from the end)")
+    p.add_argument("--columns", metavar="NAME[,NAME]", type=lambda t: [
+                   x.strip() for x in t.split(",") if x.strip()],
+                   help="probe columns to show: names or globs, e.g. 'write,thread:*' "
+                        "(default: those that fit the terminal, read/write and locality "
+                        "first)")
+    p.add_argument("--wide", action="store_true",
+                   help="every probe column, however wide the table gets")
+    p.add_argument("--sort", default="address", metavar="KEY",
+                   help="order of regions: address (default), size, nr_accesses, age, "
+                        "or probe:NAME (hottest first)")
+
+
+def _access_options(a: argparse.Namespace, rec: Record) -> access.AccessOptions:
+    if a.snapshot not in ("last", "all", "busiest", "sum"):
+        try:
+            int(a.snapshot)
+        except ValueError:
+            raise UsageError(f"--snapshot must be last, all, busiest, sum or an integer, "
+                             f"got {a.snapshot!r}") from None
+    if a.sort not in access.SORT_KEYS:
+        name = a.sort.removeprefix("probe:")
+        if not a.sort.startswith("probe:") or name not in rec.probe_names:
+            raise UsageError(f"--sort {a.sort!r}: use one of {', '.join(access.SORT_KEYS)} "
+                             f"or probe:NAME with a probe of the record "
+                             f"({', '.join(rec.probe_names) or 'it has none'})")
+    pick_pids(rec, a.pid)  # no snapshots to show is an error, as for the other kinds
+    if a.columns is not None and not a.columns:
+        raise UsageError("--columns needs probe names or globs, e.g. write,thread:*")
+    if a.columns and a.wide:
+        raise UsageError("--columns picks columns and --wide shows all: give one")
+    width = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 120
+    return access.AccessOptions(a.snapshot, a.sort, a.pid, a.top, a.columns, a.wide,
+                                max(width, 80))
+
+
+# -- heatmap --------------------------------------------------------------------------
 
 
 def _heatmap_args(p: argparse.ArgumentParser) -> None:
@@ -73,40 +102,24 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _heatmap_run(a: argparse.Namespace, rec: Record) -> int:
-    fmt = _formats(a, "heatmap", ("text", "json", "png"))
-    probe = check_probe(rec, getattr(a, "probe", None))
-    cols = getattr(a, "resol_addr", None)
-    rows = getattr(a, "resol_time", None)
+def _heatmap_options(a: argparse.Namespace, rec: Record) -> heatmap.HeatmapOptions:
+    cols, rows = a.resol_addr, a.resol_time
     _positive("--resol-addr", cols)
     _positive("--resol-time", rows)
     if (cols or 0) > 10000 or (rows or 0) > 10000:
         raise UsageError("--resol-addr and --resol-time must be at most 10000")
-    out = getattr(a, "output", None)
-    if fmt == "png" and not out:
+    if a.format == "png" and not a.output:
         raise UsageError("--format png needs --output FILE")
-    if fmt != "png" and out:
+    if a.format != "png" and a.output:
         raise UsageError("--output is for --format png; text and json go to stdout")
-    size = _size(getattr(a, "size", "1200x700"))
-    text = fmt == "text"
-    h = heatmap.build(rec, getattr(a, "pid", None), probe, cols or (60 if text else 600),
-                      rows or (30 if text else 300))
-    if fmt == "json":
-        return _emit_json(heatmap.to_json(rec, h))
-    if fmt == "png":
-        try:
-            heatmap.to_png(rec, h, out, *size)
-        except OSError as e:
-            raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-        print(f"udamon: wrote {out}", file=sys.stderr)
-        return 0
-    color = getattr(a, "color", "auto")
-    sys.stdout.write(heatmap.to_text(rec, h, color == "always"
-                                     or (color == "auto" and sys.stdout.isatty())))
-    return 0
+    text = a.format == "text"
+    return heatmap.HeatmapOptions(
+        a.pid, check_probe(rec, a.probe), cols or (60 if text else 600),
+        rows or (30 if text else 300),
+        a.color == "always" or (a.color == "auto" and sys.stdout.isatty()), _size(a.size))
 
 
-# -- wss ----------------------------------------------------------------------------
+# -- the others -----------------------------------------------------------------------
 
 
 def _wss_args(p: argparse.ArgumentParser) -> None:
@@ -117,19 +130,10 @@ def _wss_args(p: argparse.ArgumentParser) -> None:
                    help="rows of the over-time chart (default 20)")
 
 
-def _wss_run(a: argparse.Namespace, rec: Record) -> int:
-    fmt = _formats(a, "wss", ("text", "json"))
-    probe = check_probe(rec, getattr(a, "probe", None))
-    _positive("--min-accesses", getattr(a, "min_accesses", 1))
-    _positive("--resol-time", getattr(a, "resol_time", 20))
-    res = wss.compute(rec, getattr(a, "pid", None), probe, getattr(a, "min_accesses", 1))
-    if fmt == "json":
-        return _emit_json(wss.to_json(rec, res))
-    sys.stdout.write(wss.to_text(rec, res, getattr(a, "resol_time", 20)))
-    return 0
-
-
-# -- ksm ----------------------------------------------------------------------------
+def _wss_options(a: argparse.Namespace, rec: Record) -> wss.WssOptions:
+    _positive("--min-accesses", a.min_accesses)
+    _positive("--resol-time", a.resol_time)
+    return wss.WssOptions(a.pid, check_probe(rec, a.probe), a.min_accesses, a.resol_time)
 
 
 def _ksm_args(p: argparse.ArgumentParser) -> None:
@@ -138,38 +142,7 @@ def _ksm_args(p: argparse.ArgumentParser) -> None:
                         "record, whichever is smaller)")
 
 
-def _ksm_run(a: argparse.Namespace, rec: Record) -> int:
-    from udamon.report import ksm_advice
-    from udamon.report.common import pick_pids, record_line
-
-    fmt = _formats(a, "ksm", ("text", "json"))
-    top = getattr(a, "top", None)
-    if ksm_advice.is_advice_record(rec):
-        if getattr(a, "min_age", None) is not None:
-            raise UsageError("--min-age: a record of udamon ksm-advise holds the advice made "
-                             "with its own --min-age")
-        pick_pids(rec, getattr(a, "pid", None))
-        adv, applied = ksm_advice.advice_from_record(rec, getattr(a, "pid", None))
-        if fmt == "json":
-            doc = ksm_advice.to_json(adv, rec.path)
-            for t in doc["targets"]:
-                if t["pid"] in applied:
-                    t["apply"] = applied[t["pid"]]
-            return _emit_json(doc)
-        sys.stdout.write(ksm_advice.to_text(adv, [record_line(rec)], top or 20))
-        return 0
-    res = ksm.compute(rec, getattr(a, "pid", None), getattr(a, "min_age", None))
-    if fmt == "json":
-        return _emit_json(ksm.to_json(rec, res))
-    sys.stdout.write(ksm.to_text(rec, res, top or 20))
-    return 0
-
-
-# -- dirty --------------------------------------------------------------------------
-
-
 def _dirty_args(p: argparse.ArgumentParser) -> None:
-    from udamon.cli.common import duration_arg
     from udamon.cli.dirty_rate import parse_rate
 
     p.add_argument("--bandwidth", metavar="RATE", type=typed(parse_rate, "rate"),
@@ -179,95 +152,31 @@ def _dirty_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="downtime limit of the pre-copy estimate (default 300ms)")
 
 
-def _dirty_run(a: argparse.Namespace, rec: Record) -> int:
-    from udamon.report import dirty_record
-
-    fmt = _formats(a, "dirty", ("text", "json"))
-    if dirty_record.is_dirty_record(rec):
-        return _dirty_rate_run(a, rec, fmt)
-    if getattr(a, "bandwidth", None) is not None or getattr(a, "downtime", None) is not None:
-        raise UsageError("--bandwidth/--downtime need a record of 'udamon dirty-rate' "
-                         f"({rec.path} was made by 'udamon record')")
-    res = dirty.compute(rec, getattr(a, "pid", None))
-    if fmt == "json":
-        return _emit_json(dirty.to_json(rec, res))
-    sys.stdout.write(dirty.to_text(rec, res))
-    return 0
-
-
-def _dirty_rate_run(a: argparse.Namespace, rec: Record, fmt: str) -> int:
-    from udamon.report import dirty_rate, dirty_record, precopy
-    from udamon.report.common import pick_pids, record_line
-
-    pick_pids(rec, getattr(a, "pid", None))
-    est = rec.header["estimator"]
-    series = dirty_record.series_from_record(rec, getattr(a, "pid", None))
-    down = getattr(a, "downtime", None)
-    res = dirty_rate.compute(series, window_ns=int(est.get("window_ns", 1_000_000_000)),
-                             confidence=float(est.get("confidence", 0.95)),
-                             precision=float(est.get("precision") or 1.25),
-                             exact=est.get("mode") == "exact",
-                             bandwidth_bps=getattr(a, "bandwidth", None),
-                             downtime_ns=down if down is not None else precopy.DEFAULT_DOWNTIME_NS)
-    if fmt == "json":
-        return _emit_json(dirty_rate.to_json(res, rec.path))
-    sys.stdout.write(dirty_rate.to_text(res, [record_line(rec)]))
-    return 0
-
-
-# -- sharing ------------------------------------------------------------------------
-
-
 def _sharing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", type=int, metavar="N",
                    help="thread groups to suggest (default: the number of node:<n> probes, "
                         "at least 2)")
 
 
-def _sharing_run(a: argparse.Namespace, rec: Record) -> int:
-    fmt = _formats(a, "sharing", ("text", "json"))
-    _positive("--groups", getattr(a, "groups", None))
-    top = getattr(a, "top", None)
-    res = sharing.compute(rec, getattr(a, "pid", None), getattr(a, "groups", None))
-    if fmt == "json":
-        return _emit_json(sharing.to_json(rec, res))
-    sys.stdout.write(sharing.to_text(rec, res, top or 10))
-    return 0
+def _sharing_options(a: argparse.Namespace, rec: Record) -> sharing.SharingOptions:
+    _positive("--groups", a.groups)
+    return sharing.SharingOptions(a.pid, a.top, a.groups)
 
 
-# -- numa ---------------------------------------------------------------------------
-
-
-def _numa_args(p: argparse.ArgumentParser) -> None:
+def _no_args(p: argparse.ArgumentParser) -> None:
     pass
 
 
-def _numa_run(a: argparse.Namespace, rec: Record) -> int:
-    fmt = _formats(a, "numa", ("text", "json"))
-    top = getattr(a, "top", None)
-    res = numa.compute(rec, getattr(a, "pid", None))
-    if fmt == "json":
-        return _emit_json(numa.to_json(rec, res))
-    sys.stdout.write(numa.to_text(rec, res, top or 10))
-    return 0
-
-
-Kind = tuple[str, tuple[str, ...], Callable[[argparse.ArgumentParser], None],
-             Callable[[argparse.Namespace, Record], int]]
-
-TEXT_JSON = ("text", "json")
-
-KINDS: dict[str, Kind] = {
-    "heatmap": ("time x address heat of nr_accesses or a probe (text, json, png)",
-                ("text", "json", "png"), _heatmap_args, _heatmap_run),
-    "wss": ("working set size over time and its distribution", TEXT_JSON, _wss_args,
-            _wss_run),
-    "ksm": ("KSM candidates: memory not written for a long time (needs write counts)",
-            TEXT_JSON, _ksm_args, _ksm_run),
-    "dirty": ("dirty rate per target, slowest dirtier first (live migration)", TEXT_JSON,
-              _dirty_args, _dirty_run),
-    "sharing": ("bytes shared between CPUs and threads, thread grouping suggestions",
-                TEXT_JSON, _sharing_args, _sharing_run),
-    "numa": ("accesses per node (node:<n> probes) vs page locations: local/remote",
-             TEXT_JSON, _numa_args, _numa_run),
+OPTIONS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
+                         Callable[[argparse.Namespace, Record], Any]]] = {
+    "access": (_access_args, _access_options),
+    "heatmap": (_heatmap_args, _heatmap_options),
+    "wss": (_wss_args, _wss_options),
+    "ksm": (_ksm_args, lambda a, rec: ksm.KsmOptions(a.pid, a.top, a.min_age)),
+    "dirty": (_dirty_args, lambda a, rec: dirty.DirtyOptions(a.pid, a.bandwidth, a.downtime)),
+    "sharing": (_sharing_args, _sharing_options),
+    "numa": (_no_args, lambda a, rec: numa.NumaOptions(a.pid, a.top)),
 }
+
+# what the kinds call their options, as the command line names them
+OPTION_NAMES = {"min_age_ns": "--min-age", "bandwidth_bps": "--bandwidth/--downtime"}

@@ -17,6 +17,7 @@ from udamon.report.common import (
     pick_columns,
     render_table,
 )
+from udamon.report.kind import ReportKind
 from udamon.units import fmt_duration_ns, fmt_size
 
 SORT_KEYS = ("address", "size", "nr_accesses", "age")
@@ -236,3 +237,15 @@ def to_text(rec: Record, opts: AccessOptions) -> str:
     if rec.damage:
         lines.append(f"damaged: {rec.damage}")
     return "\n".join(lines) + "\n"
+
+
+# -- the kind ---------------------------------------------------------------------
+
+
+def _compute(rec: Record, o: AccessOptions):
+    return select_snapshots(rec, o)  # IndexError: no such snapshot
+
+
+KIND = ReportKind("access", "regions table: nr_accesses, age and per-probe hits of each region",
+                  ("text", "json"), AccessOptions, _compute,
+                  lambda rec, res, o: to_text(rec, o), lambda rec, res, o: to_json(rec, o))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from udamon.core.regions import PAGE
+from udamon.errors import ParameterError
 from udamon.record.reader import Record
 from udamon.report.common import (
     aggr_samples,
@@ -40,6 +41,7 @@ from udamon.report.common import (
     write_source,
     writes_from,
 )
+from udamon.report.kind import ReportKind
 from udamon.units import fmt_duration_ns
 
 STABLE_WITHIN = 0.10  # |slope * duration| below this fraction of the mean: stable
@@ -164,3 +166,56 @@ def to_text(rec: Record, res: DirtyResult) -> str:
                  "bound); trend: least-squares slope, stable when it changes the rate by less "
                  f"than {STABLE_WITHIN:.0%} of the mean over the record")
     return "\n".join(lines) + "\n"
+
+
+# -- the kind ---------------------------------------------------------------------
+
+
+@dataclass
+class DirtyOptions:
+    pid: int | None = None
+    bandwidth_bps: float | None = None  # add QEMU's pre-copy estimate (dirty-rate records)
+    downtime_ns: int | None = None  # its downtime limit (default QEMU's 300 ms)
+
+
+def _compute(rec: Record, o: DirtyOptions):
+    """A record of ``udamon dirty-rate`` holds the estimator's windows; any other
+    record is read for its written regions."""
+    from udamon.report import dirty_rate, dirty_record, precopy
+    from udamon.report.common import pick_pids
+
+    if not dirty_record.is_dirty_record(rec):
+        if o.bandwidth_bps is not None or o.downtime_ns is not None:
+            raise ParameterError("bandwidth_bps", "{param} and the downtime need a record of "
+                                 "'udamon dirty-rate' ({path} was made by 'udamon record')",
+                                 path=rec.path)
+        return compute(rec, o.pid)
+    pick_pids(rec, o.pid)
+    est = rec.header["estimator"]
+    series = dirty_record.series_from_record(rec, o.pid)
+    return dirty_rate.compute(series, window_ns=int(est.get("window_ns", 1_000_000_000)),
+                              confidence=float(est.get("confidence", 0.95)),
+                              precision=float(est.get("precision") or 1.25),
+                              exact=est.get("mode") == "exact", bandwidth_bps=o.bandwidth_bps,
+                              downtime_ns=(o.downtime_ns if o.downtime_ns is not None
+                                           else precopy.DEFAULT_DOWNTIME_NS))
+
+
+def _text(rec: Record, res, o: DirtyOptions) -> str:
+    from udamon.report import dirty_rate
+    from udamon.report.common import record_line
+
+    if isinstance(res, DirtyResult):
+        return to_text(rec, res)
+    return dirty_rate.to_text(res, [record_line(rec)])
+
+
+def _json(rec: Record, res, o: DirtyOptions) -> dict:
+    from udamon.report import dirty_rate
+
+    return to_json(rec, res) if isinstance(res, DirtyResult) else dirty_rate.to_json(res, rec.path)
+
+
+KIND = ReportKind("dirty", "dirty rate per target, slowest dirtier first (live migration; "
+                  "records of udamon dirty-rate too)", ("text", "json"), DirtyOptions,
+                  _compute, _text, _json)

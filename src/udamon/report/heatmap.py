@@ -25,6 +25,7 @@ from udamon.report.common import (
     target_name,
     values,
 )
+from udamon.report.kind import ReportKind
 from udamon.units import fmt_duration_ns, fmt_num, fmt_size
 
 # 256-colour background palette for levels 0..9 (dark blue -> yellow -> red).
@@ -299,3 +300,24 @@ def to_png(rec: Record, h: Heatmap, path: str, width: int = 1200, height: int = 
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
+
+
+# -- the kind ---------------------------------------------------------------------
+
+
+@dataclass
+class HeatmapOptions:
+    pid: int | None = None
+    probe: str | None = None  # this probe's hits instead of nr_accesses
+    cols: int = 60  # address columns
+    rows: int = 30  # time rows
+    color: bool = False  # ANSI colours in text
+    size: tuple[int, int] = (1200, 700)  # png pixels
+
+
+KIND = ReportKind(
+    "heatmap", "time x address heat of nr_accesses or a probe (text, json, png)",
+    ("text", "json", "png"), HeatmapOptions,
+    lambda rec, o: build(rec, o.pid, o.probe, o.cols, o.rows),
+    lambda rec, h, o: to_text(rec, h, o.color), lambda rec, h, o: to_json(rec, h),
+    lambda rec, h, o, path: to_png(rec, h, path, *o.size))

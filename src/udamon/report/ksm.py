@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from udamon.core.names import join_names
+from udamon.errors import ParameterError
 from udamon.record.reader import Record
 from udamon.report.common import (
     atom_values,
@@ -43,6 +44,7 @@ from udamon.report.common import (
     write_source,
     writes_from,
 )
+from udamon.report.kind import ReportKind
 from udamon.units import fmt_duration_ns, fmt_size
 
 DEFAULT_MIN_AGE_NS = 10_000_000_000
@@ -241,3 +243,55 @@ def to_text(rec: Record, res: KsmResult, top: int = 20) -> str:
     lines.append("this record has no page contents: what would really merge (and the saving) "
                  "is what 'udamon ksm-advise' tells")
     return "\n".join(lines) + "\n"
+
+
+# -- the kind ---------------------------------------------------------------------
+
+
+@dataclass
+class KsmOptions:
+    pid: int | None = None
+    top: int | None = None
+    min_age_ns: int | None = None  # unwritten at least this long (DAMON records)
+
+
+def _compute(rec: Record, o: KsmOptions):
+    """A record of ``udamon ksm-advise`` holds its advice; any other record is read
+    for memory not written for long (by write counts, not content)."""
+    from udamon.report import ksm_advice
+    from udamon.report.common import pick_pids
+
+    if not ksm_advice.is_advice_record(rec):
+        return compute(rec, o.pid, o.min_age_ns)
+    if o.min_age_ns is not None:
+        raise ParameterError("min_age_ns", "{param}: a record of udamon ksm-advise holds the "
+                             "advice made with its own minimum age")
+    pick_pids(rec, o.pid)
+    return ksm_advice.advice_from_record(rec, o.pid)
+
+
+def _text(rec: Record, res, o: KsmOptions) -> str:
+    from udamon.report import ksm_advice
+    from udamon.report.common import record_line
+
+    if isinstance(res, KsmResult):
+        return to_text(rec, res, o.top or 20)
+    return ksm_advice.to_text(res[0], [record_line(rec)], o.top or 20)
+
+
+def _json(rec: Record, res, o: KsmOptions) -> dict:
+    from udamon.report import ksm_advice
+
+    if isinstance(res, KsmResult):
+        return to_json(rec, res)
+    adv, applied = res
+    doc = ksm_advice.to_json(adv, rec.path)
+    for t in doc["targets"]:
+        if t["pid"] in applied:
+            t["apply"] = applied[t["pid"]]
+    return doc
+
+
+KIND = ReportKind("ksm", "KSM candidates: memory not written for a long time (needs write "
+                  "counts), or the advice of udamon ksm-advise", ("text", "json"), KsmOptions,
+                  _compute, _text, _json)

@@ -39,6 +39,7 @@ from udamon.report.common import (
     render_table,
     target_name,
 )
+from udamon.report.kind import ReportKind
 from udamon.units import fmt_size
 
 PageNodes = dict[int, np.ndarray]  # node -> sampled page count per region
@@ -450,3 +451,19 @@ def _counts_text(rec: Record, res: NumaResult, lines: list[str], top: int) -> st
     lines.append("")
     lines += [f"not in this record: {c}" for c in res.cannot]
     return "\n".join(lines) + "\n"
+
+
+# -- the kind ---------------------------------------------------------------------
+
+
+@dataclass
+class NumaOptions:
+    pid: int | None = None
+    top: int | None = None
+
+
+KIND = ReportKind("numa", "accesses per node (node:<n> probes) vs page locations: "
+                  "local/remote", ("text", "json"), NumaOptions,
+                  lambda rec, o: compute(rec, o.pid),
+                  lambda rec, res, o: to_text(rec, res, o.top or 10),
+                  lambda rec, res, o: to_json(rec, res))

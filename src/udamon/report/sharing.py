@@ -28,6 +28,7 @@ from udamon.report.common import (
     rw_probe,
     target_name,
 )
+from udamon.report.kind import ReportKind
 from udamon.units import fmt_size
 
 
@@ -217,3 +218,20 @@ def to_text(rec: Record, res: SharingResult, top: int = 10) -> str:
         lines.append(f"  shared across groups: {fmt_size(max(total - inside, 0.0))} of "
                      f"{fmt_size(total)}")
     return "\n".join(lines) + "\n"
+
+
+# -- the kind ---------------------------------------------------------------------
+
+
+@dataclass
+class SharingOptions:
+    pid: int | None = None
+    top: int | None = None
+    groups: int | None = None  # thread groups to suggest (default: node probes, >= 2)
+
+
+KIND = ReportKind("sharing", "bytes shared between CPUs and threads, thread grouping "
+                  "suggestions", ("text", "json"), SharingOptions,
+                  lambda rec, o: compute(rec, o.pid, o.groups),
+                  lambda rec, res, o: to_text(rec, res, o.top or 10),
+                  lambda rec, res, o: to_json(rec, res))

@@ -25,6 +25,7 @@ from udamon.report.common import (
     target_name,
     values,
 )
+from udamon.report.kind import ReportKind
 from udamon.units import fmt_duration_ns, fmt_size
 
 PERCENTILES = (0, 25, 50, 75, 90, 99, 100)
@@ -125,3 +126,20 @@ def to_text(rec: Record, res: WssResult, resol_time: int = 20) -> str:
                           "" if v is None else bar(v / top)])
         lines += render_table(table, left=0, indent="    ")
     return "\n".join(lines) + "\n"
+
+
+# -- the kind ---------------------------------------------------------------------
+
+
+@dataclass
+class WssOptions:
+    pid: int | None = None
+    probe: str | None = None  # the working set of this probe's hits (e.g. write)
+    min_accesses: int = 1  # a region is in the working set when its count is >= this
+    resol_time: int = 20  # rows of the over-time chart
+
+
+KIND = ReportKind("wss", "working set size over time and its distribution", ("text", "json"),
+                  WssOptions, lambda rec, o: compute(rec, o.pid, o.probe, o.min_accesses),
+                  lambda rec, res, o: to_text(rec, res, o.resol_time),
+                  lambda rec, res, o: to_json(rec, res))
