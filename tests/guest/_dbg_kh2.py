@@ -4,7 +4,7 @@ from workloads.build import build
 b = build("access_pattern")
 p = subprocess.Popen([b, "--duration", "300", "--size", "8", "--flush-tlb", "--reader-cpu", "0",
                       "--writer-cpu", "1"], stdout=subprocess.PIPE, text=True,
-                     preexec_fn=lambda: os.nice(10))
+                     )
 info = json.loads(p.stdout.readline())
 I0 = info["I"][0]
 print("buffers (MiB from I0):", {k: ((info[k][0] - I0) >> 20, (info[k][1] - I0) >> 20) for k in "RWSI"})
