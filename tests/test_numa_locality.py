@@ -193,3 +193,34 @@ def test_report_numa_says_a_controlled_records_counts_are_page_estimates(tmp_pat
     p = run_udamon("report", "numa", "-i", str(ctl), check=True)
     assert "  pages: local" in p.stdout and "estimated" in p.stdout, p.stdout
     assert "exact counts" not in p.stdout
+
+
+def test_one_locality_analysis_for_report_exporter_and_migrate():
+    """udamon.core.locality: local/remote probes when there are, else node probes by
+    page location; the exporter's ratio and migrate's node hits are read from it."""
+    import numpy as np
+
+    from udamon.core.locality import node_probe_hits, region_locality, target_locality
+    from udamon.core.monitor import Snapshot
+
+    u = np.uint64
+    start, end = np.array([0, 4096 * 4], dtype=u), np.array([4096 * 4, 4096 * 12], dtype=u)
+    # region 0: 4 pages all on node 0, accessed 6 x from node 0 and 2 x from node 1;
+    # region 1: 8 pages, half on each node, accessed 4 x from node 1
+    pn = np.array([[4, 0], [4, 4]], dtype=np.int64)
+    snap = Snapshot(10, 0, 1, 5000, start, end, np.array([8, 4]), np.array([0, 0]),
+                    {"node:0": np.array([6, 0]), "node:1": np.array([2, 4])}, 12, 12,
+                    page_nodes=pn)
+    nodes, hits = node_probe_hits(snap)
+    assert nodes == [0, 1] and hits.tolist() == [[6, 0], [2, 4]]
+    local, located = region_locality(snap)
+    assert local.tolist() == [6.0, 2.0] and located.tolist() == [8.0, 4.0]
+    assert target_locality(snap) == (6 * 16384 + 2 * 32768, 8 * 16384 + 4 * 32768)
+    snap.probe_hits.update(local=np.array([5, 1]), remote=np.array([3, 3]))
+    local, located = region_locality(snap)  # per-report probes win
+    assert local.tolist() == [5.0, 1.0] and located.tolist() == [8.0, 4.0]
+    snap.numa = {"local": 7, "remote": 5, "unknown": 0, "threads": {}}
+    assert target_locality(snap) == (7.0, 12.0)  # exact counts win for the target
+    snap.page_nodes = None
+    del snap.probe_hits["local"], snap.probe_hits["remote"]
+    assert region_locality(snap) is None  # nothing says where the pages are

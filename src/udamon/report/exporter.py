@@ -32,6 +32,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 
+from udamon.core.locality import target_locality
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.core.session import SessionResult
 from udamon.report.thread_labels import DEFAULT_CAP, ThreadLabels
@@ -168,29 +169,12 @@ class MetricsSink:
         total = sum(tot.values())
         for n, b in tot.items():
             self.node_share.labels(*pid, str(n)).set(b / total if total else 0.0)
-        if snap.numa is not None:  # exact: counts of reports with a page node
+        loc = target_locality(snap)  # exact report counts, or hits by page location
+        if loc is not None and loc[1] > 0:
             acc = self._local.setdefault(pid, [0.0, 0.0])
-            acc[0] += snap.numa["local"]
-            acc[1] += snap.numa["local"] + snap.numa["remote"]
-            if acc[1]:
-                self.local_ratio.labels(*pid).set(acc[0] / acc[1])
-        elif snap.page_nodes is not None and self._nodes:  # older way: sampled pages
-            acc = self._local.setdefault(pid, [0.0, 0.0])
-            local = located = 0.0
-            for n, name in self._nodes.items():
-                hits = snap.probe_hits[name]
-                for i in np.flatnonzero(hits):
-                    where = snap.page_nodes[i]
-                    pages = int(where.sum())
-                    if not pages:
-                        continue
-                    w = float(size[i]) * float(hits[i])
-                    located += w
-                    local += w * (int(where[n]) if n < where.size else 0) / pages
-            acc[0] += local
-            acc[1] += located
-            if acc[1]:
-                self.local_ratio.labels(*pid).set(acc[0] / acc[1])
+            acc[0] += loc[0]
+            acc[1] += loc[1]
+            self.local_ratio.labels(*pid).set(acc[0] / acc[1])
         self._threads(snap, pid)
         self.reports.labels(*pid).set(snap.nr_reports)
         self.regions.labels(*pid).set(len(snap.start))

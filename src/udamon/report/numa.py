@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from udamon.core.locality import region_locality
 from udamon.core.monitor import Snapshot
 from udamon.core.names import join_names, thread_label
 from udamon.errors import UsageError
@@ -134,8 +135,8 @@ def _compute_probed(rec: Record, pids: list[int], probes: dict[int, str]) -> Num
         def rate(s: Snapshot, name: str) -> np.ndarray:
             return s.probe_hits[name] / aggr_samples(s)
 
-        local = onto_regions(snaps, start, end, lambda s: rate(s, "local")) * scale
-        remote = onto_regions(snaps, start, end, lambda s: rate(s, "remote")) * scale
+        local = onto_regions(snaps, start, end, lambda s: _locality_rate(s, 0)) * scale
+        known = onto_regions(snaps, start, end, lambda s: _locality_rate(s, 1)) * scale
         by_node = {n: onto_regions(snaps, start, end, lambda s, name=name: rate(s, name))
                    * scale for n, name in probes.items()}
         pn = [page_nodes_of(s) for s in snaps]
@@ -158,7 +159,7 @@ def _compute_probed(rec: Record, pids: list[int], probes: dict[int, str]) -> Num
         regions = [NumaRegion(int(start[i]), int(end[i]),
                               {n: float(v[i]) for n, v in by_node.items()},
                               {n: float(v[i]) for n, v in pages.items() if v[i] > 0},
-                              float(local[i]), float(local[i] + remote[i]))
+                              float(local[i]), float(known[i]))
                    for i in range(size.size)]
         tot, threads = _tally(snaps)
         out.append(TargetNuma(p, regions, tot, threads))
@@ -218,6 +219,13 @@ def _compute_counts(rec: Record, pids: list[int]) -> NumaResult:
     return NumaResult([], has_pages, out, cannot=[CANNOT])
 
 
+def _locality_rate(s: Snapshot, which: int) -> np.ndarray:
+    """Per region, hits known local (0) or of known locality (1) per sampling interval:
+    the one analysis of udamon.core.locality (the exporter and migrate read it too)."""
+    per = region_locality(s)
+    return np.zeros(s.start.size) if per is None else per[which] / aggr_samples(s)
+
+
 def compute(rec: Record, pid: int | None) -> NumaResult:
     probes = breakdown(rec, "node")
     pids = pick_pids(rec, pid)
@@ -263,13 +271,8 @@ def compute(rec: Record, pid: int | None) -> NumaResult:
         known = np.zeros(size.size)
         pages: dict[int, np.ndarray] = {}
         if has_pages:
-            for n, name in probes.items():
-                local += onto_regions(snaps, start, end,
-                                      lambda s, n=n, name=name: rate(s, name) * frac(s, n)
-                                      ) * scale
-                known += onto_regions(snaps, start, end,
-                                      lambda s, name=name: rate(s, name) * known_mask(s)
-                                      ) * scale
+            local = onto_regions(snaps, start, end, lambda s: _locality_rate(s, 0)) * scale
+            known = onto_regions(snaps, start, end, lambda s: _locality_rate(s, 1)) * scale
             all_nodes = sorted({n for pn in page_nodes if pn for n in pn} | set(nodes))
             seen = onto_regions(snaps, start, end, known_mask)
             for n in all_nodes:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from udamon.core.locality import node_probe_hits
 from udamon.core.monitor import Snapshot
 from udamon.targets.page_nodes import _NR_MOVE_PAGES, query_nodes
 from udamon.targets.procmaps import mm_task
@@ -77,22 +78,9 @@ class Action:
                 "pages_failed": self.pages_failed}
 
 
-def node_hits(snap: Snapshot) -> tuple[list[int], np.ndarray]:
-    """The nodes with a ``node:<n>`` probe and a (nodes x regions) matrix of their hits."""
-    nodes, rows = [], []
-    for name, hits in snap.probe_hits.items():
-        kind, _, val = name.partition(":")
-        if kind == "node" and val.isdigit():
-            nodes.append(int(val))
-            rows.append(np.asarray(hits, dtype=np.int64))
-    if not nodes:
-        return [], np.zeros((0, snap.start.size), dtype=np.int64)
-    return nodes, np.vstack(rows)
-
-
 def candidates(snap: Snapshot, params: MigrateParams) -> list[Candidate]:
     """Regions that qualify, hottest first (most node-probe hits, then highest share)."""
-    nodes, h = node_hits(snap)
+    nodes, h = node_probe_hits(snap)
     if not nodes or snap.start.size == 0:
         return []
     total = h.sum(axis=0)
