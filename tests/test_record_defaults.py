@@ -84,3 +84,37 @@ def test_columns_picks_and_wide_shows_all(many_probes):
 def test_bad_columns(many_probes, args):
     p = run_udamon("report", "access", "-i", str(many_probes), *args)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_one_default_record_answers_every_report(tmp_path, access_pattern_bin):
+    """issue 15: from one default 'udamon record --pid P', report numa, sharing, dirty
+    and a CPU breakdown work without recording again (or say in one line why not)."""
+    import signal
+
+    from conftest import start_workload
+
+    from udamon.primitives.registry import entry
+
+    ok, why = entry("hint").available()
+    if not ok:
+        pytest.skip(f"hint unavailable: {why}")
+    wl, info = start_workload(access_pattern_bin, "--duration", "30", "--size", "8")
+    out = tmp_path / "r.jsonl"
+    try:
+        p = run_udamon("record", "--pid", str(info["pid"]), "--duration", "4s", "-q",
+                       "-o", str(out), timeout=90)
+        assert p.returncode == 0, p.stderr
+    finally:
+        wl.send_signal(signal.SIGTERM)
+        assert wl.wait(10) == 0
+    names = read_record(str(out)).probe_names
+    assert {"cpu:0", "cpu:1", f"thread:{info['reader_tid']}", "write"} <= set(names), names
+    for kind in ("numa", "sharing", "dirty", "wss", "heatmap"):
+        p = run_udamon("report", kind, "-i", str(out))
+        assert p.returncode == 0 or (p.returncode == 2 and len(
+            p.stderr.strip().splitlines()) == 1), (kind, p.stderr)
+        assert "Traceback" not in p.stderr
+        print(kind, p.returncode, (p.stdout or p.stderr).splitlines()[:2])
+    p = run_udamon("report", "access", "-i", str(out), "--snapshot", "sum",
+                   "--columns", "cpu:*")
+    assert p.returncode == 0 and "cpu:0" in p.stdout, p.stderr
