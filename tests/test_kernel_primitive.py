@@ -542,3 +542,19 @@ def test_replay_refuses_kernel_only_filters(tmp_path):
 def test_migrate_refuses_the_kernel_primitive():
     r = run_udamon("migrate", "--primitive", "kernel", "--pid", "1", "--dry-run")
     assert r.returncode == 2 and "cannot tell" in r.stderr
+
+
+def test_the_first_supplied_aggregation_holds_the_reports_since_the_start():
+    """hint attaches before the kernel's first aggregation starts: its first faults are
+    counted in the first snapshot, which begins at the session's start (not as late
+    reports: 10 % of hint's in the guest were)."""
+    m = Monitor(Attrs(5000, 100000, 1000000, 3, 100), probes=[Probe.parse("c1=cpus:1")],
+                count_written_pages=False)
+    m.add_target(7, [(0, 1 << 20)], name="t")
+    m.start(0)
+    ms = 1_000_000
+    m.report_batch(make(time_ns=5 * ms, pid=7, addr=0x1000, cpu=1))
+    (s,) = m.supply([_supplied(7, 50 * ms, 150 * ms, [0, 1 << 19], [1 << 19, 1 << 20],
+                               [3, 0], [1, 1])])
+    assert s.start_ns == 0 and s.nr_reports == 1 and s.probe_hits["c1"].tolist() == [1, 0]
+    assert m.stats.late == 0

@@ -178,6 +178,8 @@ class Monitor:
         # called with the reports each aggregation counts (page nodes filled): a sink
         # that keeps the report stream (udamon record --keep-reports) sets it
         self.report_tap: Callable[[np.ndarray], None] | None = None
+        self._started_ns: int | None = None  # the session's start (Monitor.start)
+        self._supplied: set[int] = set()  # targets a regions primitive supplied
         self.rng = np.random.default_rng(seed)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None
@@ -254,6 +256,7 @@ class Monitor:
         if self.window_start is None:
             self.window_start = int(now_ns)
             self._last_update_ns = int(now_ns)
+            self._started_ns = int(now_ns)
 
     @property
     def window_end(self) -> int | None:
@@ -508,12 +511,16 @@ class Monitor:
                 continue
             t.regions = Regions(b.start, b.end, len(self.probes))
             sel = (pool["pid"] == t.pid) & (pool["time_ns"] < int(b.end_ns))
-            counts = self._count(t, pool[sel], int(b.start_ns), int(b.end_ns))
+            ws = int(b.start_ns)
+            if t.pid not in self._supplied:  # the first: it holds what came before too
+                self._supplied.add(t.pid)
+                ws = min(ws, self._started_ns if self._started_ns is not None else ws)
+            counts = self._count(t, pool[sel], ws, int(b.end_ns))
             pool = pool[~sel]
             r = t.regions
             r.nr_accesses = np.asarray(b.nr_accesses, dtype=np.int64).copy()
             r.age = np.asarray(b.age, dtype=np.int64).copy()
-            snap = self._snapshot(t, int(b.start_ns), int(b.end_ns), int(b.sample_us), counts)
+            snap = self._snapshot(t, ws, int(b.end_ns), int(b.sample_us), counts)
             snap.probe_hits.update({k: np.asarray(v, dtype=np.int64).copy()
                                     for k, v in b.probe_hits.items()})
             out.append(snap)
