@@ -329,8 +329,9 @@ def test_paddr_anon_and_memcg_probes_match_the_kernels_page_flags(memcg, no_numa
     kernel's own page flags (/proc/kpageflags) give for every page; the private buffer's
     pages are anonymous, the shared (shmem) buffer's are not.  The probe is a column of
     the record and of 'report access'."""
-    p = subprocess.Popen([sys.executable, "-c", _BUFFERS], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", _BUFFERS,
+                          *([str(memcg)] if memcg is not None else [])],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         anon_va, shm_va, n = (int(x) for x in p.stdout.readline().split())
         anon = virt_to_pfns(p.pid, anon_va, anon_va + n)

@@ -551,10 +551,10 @@ def test_the_first_supplied_aggregation_holds_the_reports_since_the_start():
     m = Monitor(Attrs(5000, 100000, 1000000, 3, 100), probes=[Probe.parse("c1=cpus:1")],
                 count_written_pages=False)
     m.add_target(7, [(0, 1 << 20)], name="t")
-    m.start(0)
     ms = 1_000_000
-    m.report_batch(make(time_ns=5 * ms, pid=7, addr=0x1000, cpu=1))
+    m.start(2 * ms)
+    m.report_batch(make(time_ns=1 * ms, pid=7, addr=0x1000, cpu=1))  # before the start
     (s,) = m.supply([_supplied(7, 50 * ms, 150 * ms, [0, 1 << 19], [1 << 19, 1 << 20],
                                [3, 0], [1, 1])])
-    assert s.start_ns == 0 and s.nr_reports == 1 and s.probe_hits["c1"].tolist() == [1, 0]
+    assert s.start_ns == 1 * ms and s.nr_reports == 1 and s.probe_hits["c1"].tolist() == [1, 0]
     assert m.stats.late == 0

@@ -513,8 +513,9 @@ class Monitor:
             sel = (pool["pid"] == t.pid) & (pool["time_ns"] < int(b.end_ns))
             ws = int(b.start_ns)
             if t.pid not in self._supplied:  # the first: it holds what came before too
-                self._supplied.add(t.pid)
-                ws = min(ws, self._started_ns if self._started_ns is not None else ws)
+                self._supplied.add(t.pid)  # (observers attach before the session starts)
+                ws = min(ws, self._started_ns if self._started_ns is not None else ws,
+                         int(pool["time_ns"][sel].min()) if sel.any() else ws)
             counts = self._count(t, pool[sel], ws, int(b.end_ns))
             pool = pool[~sel]
             r = t.regions
