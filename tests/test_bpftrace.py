@@ -56,8 +56,7 @@ pytestmark = [pytest.mark.skipif(not _ok, reason=_why),
 def test_bpftrace_page_faults_feed_a_live_session(tmp_path, access_pattern_bin):
     from udamon.system.sysctl_guard import SettingsGuard, apply_numa_balancing, apply_tracefs
 
-    # 12 s: the NUMA scanner's first pass over a busy target can take ~8 s on this machine
-    prog = documented_one_liner() + " interval:s:12 { exit(); }"
+    prog = documented_one_liner() + " interval:s:7 { exit(); }"
     numa_before = Path(NUMA).read_text().strip()
     wl, info = start_workload(access_pattern_bin, "--duration", "40", "--size", "16")
     guard = SettingsGuard(handle_signals=False)
