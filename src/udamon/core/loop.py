@@ -295,17 +295,22 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
                 res.snapshots += 1
                 yield s
     finally:
-        for p in prims:
-            p.stop()
-        stop.close()
-        res.lost_samples = 0
-        res.notes = []
-        res.end = {}
-        for p in prims:
-            st = p.stats()
-            res.lost_samples += st.lost_samples
-            res.notes.extend(st.notes)
-            res.end.update(st.end)
+        _stop_all(prims, stop, res)
+
+
+def _stop_all(prims: list[Primitive], stop: StopFlag, res: SessionResult) -> None:
+    """Every path out of a loop: stop the primitives, then gather what they say."""
+    for p in prims:
+        p.stop()
+    stop.close()
+    res.lost_samples = 0
+    res.notes = []
+    res.end = {}
+    for p in prims:
+        st = p.stats()
+        res.lost_samples += st.lost_samples
+        res.notes.extend(st.notes)
+        res.end.update(st.end)
 
 
 # how long an aggregation of a regions primitive waits for the observers' reports of
@@ -405,17 +410,7 @@ def _iter_supplied(monitor: Monitor, prims: list[Primitive], *, duration_ns: int
                 res.reason = "input-exhausted"
                 break
     finally:
-        for p in prims:
-            p.stop()
-        stop.close()
-        res.lost_samples = 0
-        res.notes = []
-        res.end = {}
-        for p in prims:
-            st = p.stats()
-            res.lost_samples += st.lost_samples
-            res.notes.extend(st.notes)
-            res.end.update(st.end)
+        _stop_all(prims, stop, res)
 
 
 def run_live(monitor: Monitor, primitive: Primitive | list[Primitive], sink: SnapshotSink, *,
