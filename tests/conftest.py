@@ -74,3 +74,20 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--soak", default=False):
         os.environ["UDAMON_SOAK"] = "1"  # read by the campaign modules when collected
+
+
+@pytest.fixture
+def no_numa_balancing():
+    """Automatic NUMA balancing off for the test, restored after: a paddr test watches
+    the frames its buffers had at the start, and balancing (on by default in the
+    two-node guest) moved them away (an anon buffer 0 % anonymous at its old frames,
+    a hot buffer's old frames idle)."""
+    path = "/proc/sys/kernel/numa_balancing"
+    old = open(path).read().strip() if os.path.exists(path) else None
+    if old is not None:
+        with open(path, "w") as f:
+            f.write("0\n")
+    yield
+    if old is not None:
+        with open(path, "w") as f:
+            f.write(old + "\n")

@@ -223,22 +223,6 @@ def workload():
     p.wait(10)
 
 
-@pytest.fixture
-def no_numa_balancing():
-    """paddr watches the frames the buffers had at the start: automatic NUMA balancing
-    (on by default in the two-node guest) must not move the hot buffer's pages away
-    meanwhile (a CI run found its old frames idle: hot 0)."""
-    from pathlib import Path
-
-    path = Path("/proc/sys/kernel/numa_balancing")
-    old = path.read_text().strip() if path.exists() else None
-    if old is not None:
-        path.write_text("0\n")
-    yield
-    if old is not None:
-        path.write_text(old + "\n")
-
-
 def test_live_hot_buffer_hotter_than_idle(workload, no_numa_balancing):
     nr0, _ = _kdamond_states()
     pid = workload["pid"]

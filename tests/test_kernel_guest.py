@@ -309,20 +309,6 @@ def memcg():
             subprocess.run(["umount", str(root)], capture_output=True)
 
 
-@pytest.fixture
-def no_numa_balancing():
-    """The page flags are read for the physical pages the buffers had at the start: no
-    automatic NUMA balancing may move them meanwhile (the guest boots with it on, and
-    an anon buffer was found all migrated, 0 % anonymous at its old frames)."""
-    path = Path("/proc/sys/kernel/numa_balancing")
-    old = path.read_text().strip() if path.exists() else None
-    if old is not None:
-        path.write_text("0\n")
-    yield
-    if old is not None:
-        path.write_text(old + "\n")
-
-
 def test_paddr_anon_and_memcg_probes_match_the_kernels_page_flags(memcg, no_numa_balancing):
     """--paddr over two buffers' physical pages with the kernel's 7.2 'anon' probe: a
     region's hits are the share of its samples that fell on anonymous pages, which the
