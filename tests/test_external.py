@@ -355,12 +355,14 @@ def test_csv_framing_and_a_bad_producer(tmp_path):
 
 def test_stdin_csv_live_and_bad_line_is_exit_2(tmp_path):
     """`... | udamon record --input -`: a live session fed from stdin, ending at the end
-    of the input; time 0 means 'now'; a bad line is bad input (exit 2, stdin:LINE)."""
+    of the input; time 0 means 'now'; bpftrace's 'Lost N events' line between the
+    rows is N reports the producer lost; a bad line is bad input (exit 2, stdin:LINE)."""
     lo = 0x10000000
     me = os.getpid()
     out = tmp_path / "rec.jsonl"
     lines = ["time_ns,pid,tid,cpu,addr,size,write,source"] + \
         [f"0,{me},{me},{i % 2},{lo + i * 4096},4096,{i % 2},external" for i in range(64)]
+    lines.insert(40, "Lost 17 events")
     p = run_udamon("record", "--input", "-", "--pid", str(me), "--range",
                    f"{lo:#x}-{lo + (1 << 20):#x}", "--breakdown", "cpu,rw", "-o", str(out),
                    input="\n".join(lines) + "\n", timeout=60)
@@ -368,6 +370,7 @@ def test_stdin_csv_live_and_bad_line_is_exit_2(tmp_path):
     rec = read_record(str(out))
     assert rec.header["primitive"] == "external"
     assert rec.end["reason"] == "input-exhausted" and rec.end["reports"] == 64
+    assert rec.end["lost_samples"] == 17 and rec.end["producers"][0]["dropped"] == 17
     h = buffer_hits(rec, lo, lo + (1 << 20))
     assert h["cpu:0"] > 0 and h["cpu:1"] > 0 and h["write"] > 0 and h["read"] > 0
     lines[3] = f"0,{me},{me},x,{lo},4096,0,external"

@@ -18,13 +18,17 @@ never grows without bound:
 * a producer that breaks the format (a binary stream out of step, a CSV line
   that does not parse) is disconnected and noted; the session goes on.  stdin
   is different: it is the user's own input, so a bad line there is bad input
-  (``InputError``, exit 2), as for a replay file.
+  (``InputError``, exit 2), as for a replay file;
+* a CSV line ``Lost N events`` is bpftrace's own note (on its stdout, between the
+  producer's lines, whatever ``-q`` says) that its perf ring overflowed: N reports
+  the producer lost, counted as its drops, never a bad line.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import select
 import socket
 import stat
@@ -45,6 +49,8 @@ DEFAULT_BUDGET = 8 << 20
 # can have in flight while the session closes an aggregation interval).
 RCVBUF = 4 << 20
 MAX_LINE = 4096  # a CSV line longer than this is not a report
+# bpftrace's note that its perf ring overflowed (TextOutput::lost_events, on stdout)
+_BPFTRACE_LOST = re.compile(r"Lost (\d+) events")
 _SOCKET_PATH_MAX = 107  # sizeof(sun_path) - 1
 
 
@@ -327,6 +333,10 @@ class ChannelServer:
         for line in lines:
             p.lineno += 1
             if is_comment(line):
+                continue
+            lost = _BPFTRACE_LOST.fullmatch(line.strip())
+            if lost:
+                p.dropped += int(lost[1])
                 continue
             if p.cols is None:
                 try:
