@@ -130,6 +130,14 @@ def _scores(info, snaps) -> dict[str, float]:
     return {b: v / max(len(snaps), 1) for b, v in sc.items()}
 
 
+def _near(info, buf: str, snaps) -> list[list[tuple[int, int, int]]]:
+    """The regions over one buffer, in KiB from its start, with nr_accesses (for an
+    assertion's message)."""
+    lo, hi = info[buf]
+    return [[((g["start"] - lo) >> 10, (g["end"] - lo) >> 10, g["nr_accesses"])
+             for g in s["regions"] if _overlap(g["start"], g["end"], lo, hi)] for s in snaps]
+
+
 def _wss(snaps) -> float:
     return float(np.median([sum(g["end"] - g["start"] for g in s["regions"] if g["nr_accesses"])
                             for s in snaps]))
@@ -175,7 +183,9 @@ def test_kernel_vaddr_and_udamon_rwp_agree_on_the_pinned_workload(workload):
     uw = _wss(ulate)
     print("rwp   ", {b: round(v, 2) for b, v in us.items()}, f"wss {uw / 2**20:.1f} MiB")
     ucold = min(us["R"], us["W"], us["S"])
-    assert ucold > 0 and us["I"] <= 0.05 * ucold, us
+    assert ucold > 0 and us["I"] <= 0.05 * ucold, (
+        us, len(ulate), _near(workload, "I", ulate[-4:]),
+        [n for n in (uend or {}).get("notes", []) if "late" in n or "populated" in n])
     assert abs(uw - truth) <= 0.15 * truth and abs(uw - kw) <= 0.15 * truth
 
 
