@@ -176,7 +176,10 @@ def test_kernel_vaddr_and_udamon_rwp_agree_on_the_pinned_workload(workload):
 
     if not rwp_available()[0]:
         pytest.skip(f"no RWP here for the comparison ({rwp_available()[1]})")
-    _, usnaps, uend, upath = _record(["--primitive", "rwp", "--pid", pid, *attrs], 12)
+    # longer than the kernel's: udamon's loop shares the TCG guest's one host thread with
+    # the workload, so its regions settle later (a CI run's second half of 12 s still had
+    # a region over the idle buffer and part of its neighbour)
+    _, usnaps, uend, upath = _record(["--primitive", "rwp", "--pid", pid, *attrs], 20)
     os.unlink(upath)
     ulate = usnaps[len(usnaps) // 2:]
     us = _scores(workload, ulate)
