@@ -244,6 +244,14 @@ def duration_arg(text: str) -> int:
     return ns
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1 (pages, rows): the argparse type of such options."""
+    v = int(text)
+    if v < 1:
+        raise ValueError("must be at least 1")
+    return v
+
+
 def pid_list(text: str) -> list[int]:
     out = []
     for part in text.split(","):

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 
-from udamon.cli.common import duration_arg, pid_list, typed
+from udamon.cli.common import duration_arg, pid_list, positive_int, typed
 from udamon.errors import UsageError
 from udamon.report import precopy
 from udamon.units import parse_range, parse_size
@@ -81,12 +81,6 @@ def _confidence(text: str) -> float:
     return v
 
 
-def _pages(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise ValueError("must be at least 1")
-    return v
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("dirty-rate", help="live dirty rate per VM/process, ranked for "
@@ -125,10 +119,10 @@ def _estimate_args(g) -> None:
     g.add_argument("--exact", action="store_true",
                    help="count every page (PAGEMAP_SCAN with PM_SCAN_WP_MATCHING each window) "
                         "instead of a sample: exact, and costlier for the target")
-    g.add_argument("--sample-pages", metavar="N", type=typed(_pages, "count"), default=512,
+    g.add_argument("--sample-pages", metavar="N", type=typed(positive_int, "count"), default=512,
                    help="first window's sample per GiB of resident memory (default 512, "
                         "QEMU's sample-pages); later windows grow it as the share seen needs")
-    g.add_argument("--max-sample-pages", metavar="N", type=typed(_pages, "count"),
+    g.add_argument("--max-sample-pages", metavar="N", type=typed(positive_int, "count"),
                    default=65536, help="at most this many pages per part per window "
                                        "(default 65536)")
     g.add_argument("--range", metavar="[PID:]START-END", action="append", default=[],

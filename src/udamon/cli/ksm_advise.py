@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from udamon.cli.common import duration_arg, pid_list, typed
+from udamon.cli.common import duration_arg, pid_list, positive_int, typed
 
 DESCRIPTION = """\
 Find the memory KSM would merge and that stays merged: pages whose content
@@ -43,12 +43,6 @@ Exit codes: 0 ok, 1 runtime failure (no userfaultfd write-protect, no KSM for --
 2 bad usage."""
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise ValueError("must be at least 1")
-    return v
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ksm-advise", help="what to give KSM: duplicate, unwritten memory by "
@@ -71,7 +65,7 @@ def add_parser(sub) -> None:
                         "MADV_UNMERGEABLE in the targets, then wait for KSM and compare")
     a.add_argument("--dry-run", action="store_true", help="with --apply: only say what it "
                                                           "would do")
-    a.add_argument("--top", type=typed(_positive_int, "count"), metavar="N",
+    a.add_argument("--top", type=typed(positive_int, "count"), metavar="N",
                    help="at most N candidate ranges per target (shown and applied)")
     a.add_argument("--no-unmerge", action="store_true",
                    help="with --apply: do not MADV_UNMERGEABLE the write-hot ranges")
@@ -80,7 +74,7 @@ def add_parser(sub) -> None:
                                                 "to merge (default 60s)")
     k = p.add_argument_group("KSM's global settings (changed only when asked, restored at exit)")
     k.add_argument("--ksm-run", action="store_true", help="run ksmd for this command")
-    k.add_argument("--ksm-pages-to-scan", type=typed(_positive_int, "count"), metavar="N",
+    k.add_argument("--ksm-pages-to-scan", type=typed(positive_int, "count"), metavar="N",
                    help="with --ksm-run: pages ksmd scans per wake-up")
     k.add_argument("--ksm-sleep", metavar="DUR", type=typed(duration_arg, "duration"),
                    help="with --ksm-run: ksmd's sleep between wake-ups (e.g. 20ms)")
