@@ -103,6 +103,16 @@ def test_bad_options_are_exit_2(tmp_path, args, msg):
     assert msg in one_line_error(p)
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["ksm-advise", "--pid", "1", "--top", "x"], "--top: expected a whole number, got 'x'"),
+    (["ksm-advise", "--pid", "1", "--top", "0"], "--top: must be at least 1"),
+    (["dirty-rate", "--pid", "1", "--sample-pages", "2.5"], "expected a whole number"),
+    (["dirty-rate", "--pid", "1", "--sample-pages", "-4"], "must be at least 1"),
+])
+def test_bad_counts_are_exit_2(args, msg):
+    assert msg in one_line_error(run_udamon(*args))
+
+
 @pytest.mark.parametrize("addr,size,what", [
     ("0xfffffffffffff000", "8", "field 'addr'"),
     ("18446744073709551615", "8", "field 'addr'"),

@@ -246,7 +246,10 @@ def duration_arg(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """A count of at least 1 (pages, rows): the argparse type of such options."""
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
     if v < 1:
         raise ValueError("must be at least 1")
     return v
