@@ -85,7 +85,9 @@ def test_rwp_availability_is_probed_and_explained():
 @needs_rwp
 @two_cpus
 def test_rwp_sees_reads_and_writes_with_their_cpu_and_thread(access_pattern):
-    p = _spawn([access_pattern, "--duration", "30", "--size", str(SIZE_MIB),
+    # a long --duration, ended by SIGTERM: at its end the workload's main thread reads
+    # every buffer to check it, I too (a CI guest spent 30 s before the drive ended)
+    p = _spawn([access_pattern, "--duration", "600", "--size", str(SIZE_MIB),
                 "--reader-cpu", "0", "--writer-cpu", "1"])
     w = None
     try:
@@ -96,6 +98,7 @@ def test_rwp_sees_reads_and_writes_with_their_cpu_and_thread(access_pattern):
         bufs = {k: info[k] for k in "RWSI"}
         armed, r = _drive(w, pid, bufs, 3.0, chunk=256 << 10, interval=0.02)
         w.stop()
+        assert p.poll() is None, "the workload ended (and checked its buffers) meanwhile"
         p.send_signal(signal.SIGTERM)
         end = json.loads(p.stdout.readline())
         p.wait(30)
