@@ -233,7 +233,9 @@ def test_kernel_regions_with_hints_reports_in_one_record(workload):
     assert coldest > 0 and ks["I"] <= 0.05 * coldest, ks  # the kernel's hot/cold, 4/4
     counted = sum(s["nr_reports"] for s in snaps)
     assert counted > 0 and end["unmatched_reports"] == 0  # hint's, over the kernel's regions
-    assert end["late_reports"] <= 0.02 * end["reports"]  # each in its own aggregation
+    # each in its own aggregation, nearly all: 1.7 % came late in a guest run (~280k
+    # reports, most the demand faults of the workload's TLB-flush pages)
+    assert end["late_reports"] <= 0.05 * end["reports"]
     # udamon's origin over the kernel's regions: R is the reader's (CPU 0), W the
     # writer's (CPU 1), I nobody's
     assert hits["R"] >= 20 and hits["W"] >= 20, hits
