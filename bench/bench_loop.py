@@ -31,7 +31,7 @@ from common import build, start_json_workload
 
 from udamon.primitives import uffd_loop
 from udamon.primitives.uffd import RwpPrimitive, WpPrimitive, uffd_available
-from udamon.primitives.uffd_abi import MODES
+from udamon.primitives.uffd_abi import MODES, SCAN_JOIN
 from udamon.primitives.uffd_loop import WindowStats, WindowTarget
 
 SAMPLE_NS = 5_000_000
@@ -50,10 +50,10 @@ def _plan(lo: int, hi: int, n: int, turns: int, rng) -> np.ndarray:
     return (edges[:-1] + off) & ~np.uint64(4095)
 
 
-def measure(prim, pid: int, lo: int, hi: int, n: int, turns: int, native: bool) -> dict:
+def measure(prim, pid: int, lo: int, hi: int, n: int, turns: int, native: bool,
+            join: int = SCAN_JOIN) -> dict:
     t = prim._targets[pid]
     rng = np.random.default_rng(n)
-    fn = uffd_loop.run_window if native else uffd_loop.run_window_py
     stats = WindowStats()
     done = 0
     cpu0, wall0 = _thread_cpu(), time.monotonic()
@@ -62,10 +62,13 @@ def measure(prim, pid: int, lo: int, hi: int, n: int, turns: int, native: bool) 
         wt = WindowTarget(t.uffd, t.pagemap, t.pidfd, _plan(lo, hi, n, k, rng), t.starts,
                           t.ends)
         arm, scan = np.zeros(k, np.int64), np.zeros(k, np.int64)
-        nxt, _ = fn([wt], prim.mode, time.monotonic_ns(), SAMPLE_NS, 0, -1, arm, scan, stats)
+        args = ([wt], prim.mode, time.monotonic_ns(), SAMPLE_NS, 0, -1, arm, scan, stats)
+        nxt, _ = (uffd_loop.run_window(*args, join=join) if native
+                  else uffd_loop.run_window_py(*args))
         done += nxt
     cpu, wall = _thread_cpu() - cpu0, time.monotonic() - wall0
-    return {"regions": n, "native": native, "turns": stats.turns, "late": stats.late,
+    return {"regions": n, "native": native, "join": join, "turns": stats.turns,
+            "late": stats.late,
             "wall_s": wall, "cpu_s": cpu, "cpu_us_per_turn": cpu / stats.turns * 1e6,
             "cpu_pct": cpu / wall * 100, "turns_per_s": stats.turns / wall,
             "due_per_s": 1e9 / SAMPLE_NS}
@@ -115,6 +118,69 @@ def cli_steady(mode: str, regions: str = "10,20", window: float = 20.0) -> dict:
             "peak_rss_mib": hwm, "notes": lines[-1].get("end", {}).get("notes", [])}
 
 
+OLD_JOIN = 2 << 20  # SCAN_JOIN before it was set from scan_cost's break-even
+
+
+def scan_cost(mode: str, reps: int = 2000) -> dict:
+    """What one PAGEMAP_SCAN costs, per call and per page walked, and one protect ioctl:
+    measured in this process on a populated, registered, protected 64 MiB buffer (the
+    worst case for the walk: every PTE present).  The break-even of SCAN_JOIN: the gap
+    whose walk costs as much as another call."""
+    import ctypes
+    import fcntl
+    import mmap
+    import struct
+
+    from udamon.primitives import uffd_abi as abi
+
+    m = MODES[mode]
+    n = 16384
+    buf = mmap.mmap(-1, n * 4096)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    arr[::4096] = 1
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    fd = abi.self_uffd()
+    pm = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        abi.uffd_api(fd, m.required)
+        fcntl.ioctl(fd, abi.UFFDIO_REGISTER,
+                    bytearray(struct.pack("<QQQQ", addr, n * 4096, m.register, 0)))
+        fcntl.ioctl(fd, m.protect_cmd, bytearray(struct.pack("<QQQ", addr, n * 4096,
+                                                             m.protect_flag)))
+        vec = (ctypes.c_uint64 * (3 * abi.VEC_LEN))()
+        cat, anyof, ret = m.scan_masks
+
+        def one(length: int) -> float:
+            arg = abi.PmScanArg(size=96, vec=ctypes.addressof(vec), vec_len=abi.VEC_LEN,
+                                category_mask=cat, category_anyof_mask=anyof,
+                                return_mask=ret)
+            t = time.perf_counter()
+            for _ in range(reps):
+                arg.start, arg.end = addr, addr + length
+                abi.ioctl_ptr(pm, abi.PAGEMAP_SCAN, arg)
+            return (time.perf_counter() - t) / reps * 1e6
+
+        kib = [4, 512, 2048, 8192, 32768, 65536]
+        us = [one(k << 10) for k in kib]
+        prot = bytearray(struct.pack("<QQQ", addr, 4096, m.protect_flag))
+        t = time.perf_counter()
+        for _ in range(reps):
+            fcntl.ioctl(fd, m.protect_cmd, prot)
+        protect_us = (time.perf_counter() - t) / reps * 1e6
+    except OSError as e:
+        return {"skipped": f"{mode}: {e}"}
+    finally:
+        os.close(pm)
+        os.close(fd)
+        del arr
+        buf.close()
+    per_page_us, per_call_us = np.polyfit(np.asarray(kib) / 4, us, 1)
+    return {"kib": kib, "us": us, "us_per_call": float(per_call_us),
+            "ns_per_page": float(per_page_us * 1000), "protect_us": protect_us,
+            "break_even_mib": float(per_call_us / per_page_us * 4096 / 2**20),
+            "scan_join_mib": SCAN_JOIN / 2**20}
+
+
 def fit(rows: list[dict]) -> dict:
     x = np.asarray([r["regions"] for r in rows], dtype=float)
     y = np.asarray([r["cpu_us_per_turn"] for r in rows], dtype=float)
@@ -137,21 +203,30 @@ def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int 
         prim.start([wl.pid])
         lo = min(info[b][0] for b in "RWSI")
         hi = max(info[b][1] for b in "RWSI")
+        runs = ([(True, SCAN_JOIN), (True, OLD_JOIN), (False, SCAN_JOIN)]
+                if uffd_loop.native() else [(False, SCAN_JOIN)])
         for n in regions:
-            for native in ([True, False] if uffd_loop.native() else [False]):
-                r = measure(prim, wl.pid, lo, hi, n, turns, native)
+            for native, join in runs:
+                r = measure(prim, wl.pid, lo, hi, n, turns, native, join)
                 out["rows"].append(r)
-                log(f"  loop {mode} {'C' if native else 'Python'} {n} regions: "
-                    f"{r['cpu_us_per_turn']:.0f} us CPU/turn ({r['cpu_pct']:.1f}% of a CPU), "
+                log(f"  loop {mode} {'C' if native else 'Python'} join {join >> 20} MiB "
+                    f"{n} regions: {r['cpu_us_per_turn']:.0f} us CPU/turn "
+                    f"({r['cpu_pct']:.1f}% of a CPU), "
                     f"{r['turns_per_s']:.0f}/{r['due_per_s']:.0f} turns/s, {r['late']} late")
     finally:
         prim.stop()
         wl.terminate()
         wl.wait(30)
     for native in (True, False):
-        rows = [r for r in out["rows"] if r["native"] == native]
+        rows = [r for r in out["rows"] if r["native"] == native and r["join"] == SCAN_JOIN]
         if len(rows) >= 2:
             out["fit_c" if native else "fit_python"] = fit(rows)
+    out["scan_cost"] = scan_cost(mode)
+    sc = out["scan_cost"]
+    if "skipped" not in sc:
+        log(f"  PAGEMAP_SCAN {sc['us_per_call']:.2f} us a call + {sc['ns_per_page']:.2f} ns a "
+            f"page walked: joining pays up to {sc['break_even_mib']:.1f} MiB; protect "
+            f"{sc['protect_us']:.2f} us a page (this process, no other CPU)")
     out["cli"] = cli_steady(mode)
     c = out["cli"]
     log(f"  udamon record --primitive {mode} --regions {c['regions_opt']}: "
@@ -165,12 +240,14 @@ def markdown(res: dict) -> list[str]:
         return [f"skipped: {res['skipped']}"]
     out = [f"`{res['mode']}` at {res['sample_ms']:g} ms sampling, 4 x 64 MiB pinned "
            "reader/writer target; udamon's monitoring-thread CPU (user + system):", "",
-           "| regions | C: us CPU per turn | C: % of one CPU | C: turns/s (due) | C: late | "
+           f"| regions | C: us CPU per turn | C: % of one CPU | C: turns/s (due) | C: late | "
+           f"C, join {OLD_JOIN >> 20} MiB: us CPU per turn | "
            "Python: us CPU per turn | Python: % of one CPU | Python: turns/s | C vs Python |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    by = {(r["regions"], r["native"]): r for r in res["rows"]}
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["regions"], r["native"], r.get("join", SCAN_JOIN)): r for r in res["rows"]}
     for n in sorted({r["regions"] for r in res["rows"]}):
-        c, p = by.get((n, True)), by.get((n, False))
+        c, p = by.get((n, True, SCAN_JOIN)), by.get((n, False, SCAN_JOIN))
+        old = by.get((n, True, OLD_JOIN))
 
         def cols(r):
             return (["–"] * 4 if r is None else
@@ -178,7 +255,7 @@ def markdown(res: dict) -> list[str]:
                      f"{r['turns_per_s']:.0f} ({r['due_per_s']:.0f})", str(r["late"])])
 
         ratio = (f"{p['cpu_us_per_turn'] / c['cpu_us_per_turn']:.1f}x" if c and p else "–")
-        out.append(f"| {n} | " + " | ".join(cols(c)) + " | "
+        out.append(f"| {n} | " + " | ".join(cols(c)) + " | " + cols(old)[0] + " | "
                    + " | ".join(cols(p)[:3]) + f" | {ratio} |")
     for key, name in (("fit_c", "C"), ("fit_python", "Python")):
         f = res.get(key)
@@ -187,6 +264,16 @@ def markdown(res: dict) -> list[str]:
             out.append(f"{name} loop, least squares over the rows: fixed cost "
                        f"{f['fixed_us_per_turn']:.1f} us per turn, "
                        f"{f['us_per_armed_page']:.2f} us per armed page.")
+    sc = res.get("scan_cost")
+    if sc and "skipped" not in sc:
+        pts = ", ".join(f"{k} KiB {u:.1f} us"
+                        for k, u in zip(sc["kib"], sc["us"], strict=True))
+        out += ["", f"One PAGEMAP_SCAN (this process, a populated protected 64 MiB buffer): "
+                f"{sc['us_per_call']:.2f} us a call + {sc['ns_per_page']:.2f} ns a page "
+                f"walked ({pts}), so joining armed pages into one scan pays for gaps up to "
+                f"{sc['break_even_mib']:.1f} MiB (SCAN_JOIN is {sc['scan_join_mib']:g} MiB); "
+                f"one protect ioctl of a page {sc['protect_us']:.2f} us with no other CPU "
+                "running the mm (the target's threads make it a TLB-flush IPI too)."]
     c = res.get("cli")
     if c:
         out += ["", f"The whole session (`udamon record --primitive {res['mode']} --regions "
