@@ -51,7 +51,7 @@ def _plan(lo: int, hi: int, n: int, turns: int, rng) -> np.ndarray:
 
 
 def measure(prim, pid: int, lo: int, hi: int, n: int, turns: int, native: bool,
-            join: int = SCAN_JOIN) -> dict:
+            join: int = SCAN_JOIN, rt: int = 0) -> dict:
     t = prim._targets[pid]
     rng = np.random.default_rng(n)
     stats = WindowStats()
@@ -63,11 +63,11 @@ def measure(prim, pid: int, lo: int, hi: int, n: int, turns: int, native: bool,
                           t.ends)
         arm, scan = np.zeros(k, np.int64), np.zeros(k, np.int64)
         args = ([wt], prim.mode, time.monotonic_ns(), SAMPLE_NS, 0, -1, arm, scan, stats)
-        nxt, _ = (uffd_loop.run_window(*args, join=join) if native
+        nxt, _ = (uffd_loop.run_window(*args, join=join, rt_priority=rt) if native
                   else uffd_loop.run_window_py(*args))
         done += nxt
     cpu, wall = _thread_cpu() - cpu0, time.monotonic() - wall0
-    return {"regions": n, "native": native, "join": join, "turns": stats.turns,
+    return {"regions": n, "native": native, "join": join, "rt": rt, "turns": stats.turns,
             "late": stats.late,
             "wall_s": wall, "cpu_s": cpu, "cpu_us_per_turn": cpu / stats.turns * 1e6,
             "cpu_pct": cpu / wall * 100, "turns_per_s": stats.turns / wall,
@@ -118,14 +118,15 @@ def cli_steady(mode: str, regions: str = "10,20", window: float = 20.0) -> dict:
             "peak_rss_mib": hwm, "notes": lines[-1].get("end", {}).get("notes", [])}
 
 
-OLD_JOIN = 2 << 20  # SCAN_JOIN before it was set from scan_cost's break-even
+OLD_JOIN = 2 << 20  # SCAN_JOIN before it was set from scan_cost's break-even (1 MiB)
 
 
-def scan_cost(mode: str, reps: int = 2000) -> dict:
+def scan_cost(mode: str, reps: int = 1000) -> dict:
     """What one PAGEMAP_SCAN costs, per call and per page walked, and one protect ioctl:
-    measured in this process on a populated, registered, protected 64 MiB buffer (the
-    worst case for the walk: every PTE present).  The break-even of SCAN_JOIN: the gap
-    whose walk costs as much as another call."""
+    measured in this process on a populated, registered 64 MiB buffer, its pages left
+    unprotected as the pages between a turn's armed pages are (they match the scan and
+    are reported), and, for comparison, all protected (nothing matches).  The break-even
+    of SCAN_JOIN is the gap whose walk costs as much as another call."""
     import ctypes
     import fcntl
     import mmap
@@ -141,12 +142,11 @@ def scan_cost(mode: str, reps: int = 2000) -> dict:
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     fd = abi.self_uffd()
     pm = os.open("/proc/self/pagemap", os.O_RDONLY)
+    kib = [4, 256, 1024, 4096, 16384, 65536]
     try:
         abi.uffd_api(fd, m.required)
         fcntl.ioctl(fd, abi.UFFDIO_REGISTER,
                     bytearray(struct.pack("<QQQQ", addr, n * 4096, m.register, 0)))
-        fcntl.ioctl(fd, m.protect_cmd, bytearray(struct.pack("<QQQ", addr, n * 4096,
-                                                             m.protect_flag)))
         vec = (ctypes.c_uint64 * (3 * abi.VEC_LEN))()
         cat, anyof, ret = m.scan_masks
 
@@ -160,8 +160,10 @@ def scan_cost(mode: str, reps: int = 2000) -> dict:
                 abi.ioctl_ptr(pm, abi.PAGEMAP_SCAN, arg)
             return (time.perf_counter() - t) / reps * 1e6
 
-        kib = [4, 512, 2048, 8192, 32768, 65536]
-        us = [one(k << 10) for k in kib]
+        unprotected = [one(k << 10) for k in kib]
+        fcntl.ioctl(fd, m.protect_cmd, bytearray(struct.pack("<QQQ", addr, n * 4096,
+                                                             m.protect_flag)))
+        protected = [one(k << 10) for k in kib]
         prot = bytearray(struct.pack("<QQQ", addr, 4096, m.protect_flag))
         t = time.perf_counter()
         for _ in range(reps):
@@ -174,9 +176,12 @@ def scan_cost(mode: str, reps: int = 2000) -> dict:
         os.close(fd)
         del arr
         buf.close()
-    per_page_us, per_call_us = np.polyfit(np.asarray(kib) / 4, us, 1)
-    return {"kib": kib, "us": us, "us_per_call": float(per_call_us),
-            "ns_per_page": float(per_page_us * 1000), "protect_us": protect_us,
+    pages = np.asarray(kib) / 4
+    per_page_us, per_call_us = np.polyfit(pages, unprotected, 1)
+    quiet_page_us, _ = np.polyfit(pages, protected, 1)
+    return {"kib": kib, "us": unprotected, "us_protected": protected,
+            "us_per_call": float(per_call_us), "ns_per_page": float(per_page_us * 1000),
+            "ns_per_page_protected": float(quiet_page_us * 1000), "protect_us": protect_us,
             "break_even_mib": float(per_call_us / per_page_us * 4096 / 2**20),
             "scan_join_mib": SCAN_JOIN / 2**20}
 
@@ -203,13 +208,14 @@ def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int 
         prim.start([wl.pid])
         lo = min(info[b][0] for b in "RWSI")
         hi = max(info[b][1] for b in "RWSI")
-        runs = ([(True, SCAN_JOIN), (True, OLD_JOIN), (False, SCAN_JOIN)]
-                if uffd_loop.native() else [(False, SCAN_JOIN)])
+        runs = ([(True, SCAN_JOIN, 0), (True, OLD_JOIN, 0), (True, SCAN_JOIN, 1),
+                 (False, SCAN_JOIN, 0)] if uffd_loop.native() else [(False, SCAN_JOIN, 0)])
         for n in regions:
-            for native, join in runs:
-                r = measure(prim, wl.pid, lo, hi, n, turns, native, join)
+            for native, join, rt in runs:
+                r = measure(prim, wl.pid, lo, hi, n, turns, native, join, rt)
                 out["rows"].append(r)
                 log(f"  loop {mode} {'C' if native else 'Python'} join {join >> 20} MiB "
+                    f"{'SCHED_FIFO ' if rt else ''}"
                     f"{n} regions: {r['cpu_us_per_turn']:.0f} us CPU/turn "
                     f"({r['cpu_pct']:.1f}% of a CPU), "
                     f"{r['turns_per_s']:.0f}/{r['due_per_s']:.0f} turns/s, {r['late']} late")
@@ -218,14 +224,15 @@ def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int 
         wl.terminate()
         wl.wait(30)
     for native in (True, False):
-        rows = [r for r in out["rows"] if r["native"] == native and r["join"] == SCAN_JOIN]
+        rows = [r for r in out["rows"] if r["native"] == native and r["join"] == SCAN_JOIN
+                and not r["rt"]]
         if len(rows) >= 2:
             out["fit_c" if native else "fit_python"] = fit(rows)
     out["scan_cost"] = scan_cost(mode)
     sc = out["scan_cost"]
     if "skipped" not in sc:
         log(f"  PAGEMAP_SCAN {sc['us_per_call']:.2f} us a call + {sc['ns_per_page']:.2f} ns a "
-            f"page walked: joining pays up to {sc['break_even_mib']:.1f} MiB; protect "
+            f"page walked: joining pays up to {sc['break_even_mib']:.2f} MiB; protect "
             f"{sc['protect_us']:.2f} us a page (this process, no other CPU)")
     out["cli"] = cli_steady(mode)
     c = out["cli"]
@@ -241,13 +248,14 @@ def markdown(res: dict) -> list[str]:
     out = [f"`{res['mode']}` at {res['sample_ms']:g} ms sampling, 4 x 64 MiB pinned "
            "reader/writer target; udamon's monitoring-thread CPU (user + system):", "",
            f"| regions | C: us CPU per turn | C: % of one CPU | C: turns/s (due) | C: late | "
-           f"C, join {OLD_JOIN >> 20} MiB: us CPU per turn | "
+           f"C, join {OLD_JOIN >> 20} MiB: us CPU per turn | C, SCHED_FIFO: turns/s (late) | "
            "Python: us CPU per turn | Python: % of one CPU | Python: turns/s | C vs Python |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    by = {(r["regions"], r["native"], r.get("join", SCAN_JOIN)): r for r in res["rows"]}
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["regions"], r["native"], r.get("join", SCAN_JOIN), r.get("rt", 0)): r
+          for r in res["rows"]}
     for n in sorted({r["regions"] for r in res["rows"]}):
-        c, p = by.get((n, True, SCAN_JOIN)), by.get((n, False, SCAN_JOIN))
-        old = by.get((n, True, OLD_JOIN))
+        c, p = by.get((n, True, SCAN_JOIN, 0)), by.get((n, False, SCAN_JOIN, 0))
+        old, fifo = by.get((n, True, OLD_JOIN, 0)), by.get((n, True, SCAN_JOIN, 1))
 
         def cols(r):
             return (["–"] * 4 if r is None else
@@ -255,7 +263,8 @@ def markdown(res: dict) -> list[str]:
                      f"{r['turns_per_s']:.0f} ({r['due_per_s']:.0f})", str(r["late"])])
 
         ratio = (f"{p['cpu_us_per_turn'] / c['cpu_us_per_turn']:.1f}x" if c and p else "–")
-        out.append(f"| {n} | " + " | ".join(cols(c)) + " | " + cols(old)[0] + " | "
+        rt = "–" if fifo is None else f"{fifo['turns_per_s']:.0f} ({fifo['late']})"
+        out.append(f"| {n} | " + " | ".join(cols(c)) + " | " + cols(old)[0] + f" | {rt} | "
                    + " | ".join(cols(p)[:3]) + f" | {ratio} |")
     for key, name in (("fit_c", "C"), ("fit_python", "Python")):
         f = res.get(key)
@@ -268,12 +277,15 @@ def markdown(res: dict) -> list[str]:
     if sc and "skipped" not in sc:
         pts = ", ".join(f"{k} KiB {u:.1f} us"
                         for k, u in zip(sc["kib"], sc["us"], strict=True))
-        out += ["", f"One PAGEMAP_SCAN (this process, a populated protected 64 MiB buffer): "
+        out += ["", "One PAGEMAP_SCAN (this process, a populated registered 64 MiB buffer "
+                "whose pages are unprotected, as those between armed pages are): "
                 f"{sc['us_per_call']:.2f} us a call + {sc['ns_per_page']:.2f} ns a page "
-                f"walked ({pts}), so joining armed pages into one scan pays for gaps up to "
-                f"{sc['break_even_mib']:.1f} MiB (SCAN_JOIN is {sc['scan_join_mib']:g} MiB); "
-                f"one protect ioctl of a page {sc['protect_us']:.2f} us with no other CPU "
-                "running the mm (the target's threads make it a TLB-flush IPI too)."]
+                f"walked ({pts}; {sc['ns_per_page_protected']:.2f} ns a page when all are "
+                "protected and nothing matches), so joining armed pages into one scan pays "
+                f"for gaps up to {sc['break_even_mib']:.2f} MiB (SCAN_JOIN is "
+                f"{sc['scan_join_mib']:g} MiB); one protect ioctl of a page "
+                f"{sc['protect_us']:.2f} us with no other CPU running the mm (the target's "
+                "threads make it a TLB-flush IPI too)."]
     c = res.get("cli")
     if c:
         out += ["", f"The whole session (`udamon record --primitive {res['mode']} --regions "

@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sched.h>
 #include <time.h>
 
 enum { NOT_ARMED = 0, ARMED = 1, HIT = 2, UNPOPULATED = 3, FAILED = 4 };
@@ -219,7 +220,7 @@ static PyObject *run_window(PyObject *self, PyObject *args, PyObject *kw)
 	static char *kwlist[] = {"targets", "protect_cmd", "protect_flag", "cat_mask",
 				 "anyof_mask", "ret_mask", "hit", "populated", "tick0_ns",
 				 "sample_ns", "first", "turns", "stop_fd", "arm_ns", "scan_ns",
-				 "page_size", "join", "chunk", NULL};
+				 "page_size", "join", "chunk", "rt_priority", NULL};
 	PyObject *targets_o, *result = NULL;
 	struct params p;
 	long long tick0, sample;
@@ -233,14 +234,16 @@ static PyObject *run_window(PyObject *self, PyObject *args, PyObject *kw)
 	struct page_region *vec = NULL;
 	struct pollfd *pfds = NULL;
 	int why = WHY_DONE;
+	int rt_priority = 0, rt_on = 0, old_policy = SCHED_OTHER;
+	struct sched_param old_param = {0};
 	long late = 0, run = 0;
 	Py_ssize_t next;
 	(void)self;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "OkKKKKKKLLnniw*w*KKK", kwlist, &targets_o,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "OkKKKKKKLLnniw*w*KKK|i", kwlist, &targets_o,
 					 &pcmd, &pflag, &cmask, &amask, &rmask, &hit,
 					 &populated, &tick0, &sample, &first, &turns, &stop_fd,
-					 &arm_b, &scan_b, &page_size, &join, &chunk))
+					 &arm_b, &scan_b, &page_size, &join, &chunk, &rt_priority))
 		return NULL;
 	p.protect_cmd = pcmd;
 	p.protect_flag = pflag;
@@ -300,6 +303,14 @@ static PyObject *run_window(PyObject *self, PyObject *args, PyObject *kw)
 	}
 
 	Py_BEGIN_ALLOW_THREADS
+	/* rt_priority > 0: this thread is SCHED_FIFO for the window's turns only (woken on
+	 * time however busy the target keeps the CPUs), normal again before Python runs */
+	if (rt_priority > 0) {
+		struct sched_param sp = {.sched_priority = rt_priority};
+		old_policy = sched_getscheduler(0);
+		sched_getparam(0, &old_param);
+		rt_on = old_policy >= 0 && sched_setscheduler(0, SCHED_FIFO, &sp) == 0;
+	}
 	int64_t *arm_ns = arm_b.buf, *scan_ns = scan_b.buf;
 	int64_t late_ns = sample / 10;
 	int64_t prev_end = 0;
@@ -393,6 +404,8 @@ static PyObject *run_window(PyObject *self, PyObject *args, PyObject *kw)
 			break;
 		}
 	}
+	if (rt_on)
+		sched_setscheduler(0, old_policy, &old_param);
 	Py_END_ALLOW_THREADS
 
 	{

@@ -57,12 +57,12 @@ PM_SCAN_CHECK_WPASYNC = 1 << 1  # fail when a VMA is not registered for async WP
 
 SCAN_CHUNK = 128 << 20  # FACTS.md: walk_end came back early on a 256 MiB scan
 # Armed pages closer than this share one PAGEMAP_SCAN; farther apart, each cluster gets
-# its own.  Measured on this project's host (populated 4 KiB PTEs, the worst case: holes
-# and huge pages walk faster): a call costs 2.5 us, and walking 1.15 ns more per page,
-# so joining a gap of up to ~8.5 MiB (2170 pages) is cheaper than another call.  Never
-# the whole span: that made the cost grow with the target's size, where DAMON's must
-# not; with a bounded join the walk costs at most about one call per armed page.
-SCAN_JOIN = 8 << 20
+# its own.  Measured on this project's host (bench/bench_loop.py scan_cost): a call costs
+# ~2.5 us and the walk ~11 ns more per page between armed pages (those are unprotected,
+# so they match the scan and are reported: 1-2 ns a page only when nothing matches), so
+# joining pays for gaps up to ~1 MiB.  Never the whole span: that made the cost grow
+# with the target's size, where DAMON's must not.
+SCAN_JOIN = 1 << 20
 VEC_LEN = 4096
 
 

@@ -227,9 +227,11 @@ def native() -> bool:
 def run_window(targets: list[WindowTarget], mode: Mode, tick0_ns: int, sample_ns: int,
                first: int, stop_fd: int, arm_ns: np.ndarray, scan_ns: np.ndarray,
                stats: WindowStats, page_size: int = 4096,
-               scanner: Scanner | None = None, join: int = SCAN_JOIN) -> tuple[int, str]:
+               scanner: Scanner | None = None, join: int = SCAN_JOIN,
+               rt_priority: int = 0) -> tuple[int, str]:
     """Run turns ``first``.. of the window; returns (next turn, why).  ``join``: the
-    C loop's scan clustering (uffd_abi.SCAN_JOIN; other values for the benchmark)."""
+    C loop's scan clustering (uffd_abi.SCAN_JOIN; other values for the benchmark);
+    ``rt_priority`` > 0: the C loop runs its turns as SCHED_FIFO at that priority."""
     if _native is not None and targets:
         cat, anyof, ret = mode.scan_masks
         tup = [(tg.uffd, tg.pagemap, tg.pidfd, tg.pages, tg.spans_lo, tg.spans_hi, tg.state,
@@ -239,7 +241,7 @@ def run_window(targets: list[WindowTarget], mode: Mode, tick0_ns: int, sample_ns
             cat_mask=cat, anyof_mask=anyof, ret_mask=ret, hit=mode.hit,
             populated=mode.populated, tick0_ns=tick0_ns, sample_ns=sample_ns, first=first,
             turns=targets[0].pages.shape[0], stop_fd=stop_fd, arm_ns=arm_ns, scan_ns=scan_ns,
-            page_size=page_size, join=join, chunk=SCAN_CHUNK)
+            page_size=page_size, join=join, chunk=SCAN_CHUNK, rt_priority=rt_priority)
         stats.late += late
         stats.turns += run
         for tg, g in zip(targets, gone, strict=True):
