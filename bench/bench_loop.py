@@ -118,7 +118,7 @@ def cli_steady(mode: str, regions: str = "10,20", window: float = 20.0) -> dict:
             "peak_rss_mib": hwm, "notes": lines[-1].get("end", {}).get("notes", [])}
 
 
-OLD_JOIN = 2 << 20  # SCAN_JOIN before it was set from scan_cost's break-even (1 MiB)
+ALT_JOIN = 2 << 20  # SCAN_JOIN before scan_cost's break-even (1 MiB), in the same run
 
 
 def scan_cost(mode: str, reps: int = 1000) -> dict:
@@ -186,6 +186,20 @@ def scan_cost(mode: str, reps: int = 1000) -> dict:
             "scan_join_mib": SCAN_JOIN / 2**20}
 
 
+ROUNDS = 4
+
+
+def _combine(parts: list[dict]) -> dict:
+    """One row of several measurements of the same variant."""
+    r = dict(parts[0])
+    for k in ("turns", "late", "wall_s", "cpu_s"):
+        r[k] = sum(p[k] for p in parts)
+    r["cpu_us_per_turn"] = r["cpu_s"] / max(r["turns"], 1) * 1e6
+    r["cpu_pct"] = r["cpu_s"] / r["wall_s"] * 100
+    r["turns_per_s"] = r["turns"] / r["wall_s"]
+    return r
+
+
 def fit(rows: list[dict]) -> dict:
     x = np.asarray([r["regions"] for r in rows], dtype=float)
     y = np.asarray([r["cpu_us_per_turn"] for r in rows], dtype=float)
@@ -208,11 +222,19 @@ def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int 
         prim.start([wl.pid])
         lo = min(info[b][0] for b in "RWSI")
         hi = max(info[b][1] for b in "RWSI")
-        runs = ([(True, SCAN_JOIN, 0), (True, OLD_JOIN, 0), (True, SCAN_JOIN, 1),
+        runs = ([(True, SCAN_JOIN, 0), (True, ALT_JOIN, 0), (True, SCAN_JOIN, 1),
                  (False, SCAN_JOIN, 0)] if uffd_loop.native() else [(False, SCAN_JOIN, 0)])
         for n in regions:
-            for native, join, rt in runs:
-                r = measure(prim, wl.pid, lo, hi, n, turns, native, join, rt)
+            # the variants take turns, ROUNDS times each and in a rotating order, so that
+            # drift in the machine's load and the cost of coming first (after another
+            # variant left the caches cold: 10-20% here) fall on all of them alike
+            parts: dict[tuple, list[dict]] = {v: [] for v in runs}
+            for i in range(ROUNDS):
+                for v in runs[i % len(runs):] + runs[:i % len(runs)]:
+                    parts[v].append(measure(prim, wl.pid, lo, hi, n,
+                                            max(turns // ROUNDS, 1), *v))
+            for (native, join, rt), ps in parts.items():
+                r = _combine(ps)
                 out["rows"].append(r)
                 log(f"  loop {mode} {'C' if native else 'Python'} join {join >> 20} MiB "
                     f"{'SCHED_FIFO ' if rt else ''}"
@@ -248,14 +270,14 @@ def markdown(res: dict) -> list[str]:
     out = [f"`{res['mode']}` at {res['sample_ms']:g} ms sampling, 4 x 64 MiB pinned "
            "reader/writer target; udamon's monitoring-thread CPU (user + system):", "",
            f"| regions | C: us CPU per turn | C: % of one CPU | C: turns/s (due) | C: late | "
-           f"C, join {OLD_JOIN >> 20} MiB: us CPU per turn | C, SCHED_FIFO: turns/s (late) | "
+           f"C, join {ALT_JOIN >> 20} MiB: us CPU per turn | C, SCHED_FIFO: turns/s (late) | "
            "Python: us CPU per turn | Python: % of one CPU | Python: turns/s | C vs Python |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["regions"], r["native"], r.get("join", SCAN_JOIN), r.get("rt", 0)): r
           for r in res["rows"]}
     for n in sorted({r["regions"] for r in res["rows"]}):
         c, p = by.get((n, True, SCAN_JOIN, 0)), by.get((n, False, SCAN_JOIN, 0))
-        old, fifo = by.get((n, True, OLD_JOIN, 0)), by.get((n, True, SCAN_JOIN, 1))
+        old, fifo = by.get((n, True, ALT_JOIN, 0)), by.get((n, True, SCAN_JOIN, 1))
 
         def cols(r):
             return (["–"] * 4 if r is None else

@@ -58,10 +58,12 @@ PM_SCAN_CHECK_WPASYNC = 1 << 1  # fail when a VMA is not registered for async WP
 SCAN_CHUNK = 128 << 20  # FACTS.md: walk_end came back early on a 256 MiB scan
 # Armed pages closer than this share one PAGEMAP_SCAN; farther apart, each cluster gets
 # its own.  Measured on this project's host (bench/bench_loop.py scan_cost): a call costs
-# ~2.5 us and the walk ~11 ns more per page between armed pages (those are unprotected,
-# so they match the scan and are reported: 1-2 ns a page only when nothing matches), so
-# joining pays for gaps up to ~1 MiB.  Never the whole span: that made the cost grow
-# with the target's size, where DAMON's must not.
+# ~2.7 us and the walk ~9 ns more per page between armed pages (those are unprotected,
+# so they match the scan and are reported; 1 ns a page only when nothing matches), so
+# joining pays for gaps up to ~1.2 MiB.  In the loop (bench_loop, interleaved and
+# rotated) 1 MiB cost 2-20% less per turn than 2 MiB at 10..1000 regions; 8 MiB made a
+# 100-region turn 50% dearer.  Never the whole span: that made the cost grow with the
+# target's size, where DAMON's must not.
 SCAN_JOIN = 1 << 20
 VEC_LEN = 4096
 
