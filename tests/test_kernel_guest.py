@@ -441,9 +441,19 @@ def test_fvaddr_and_two_targets(workload):
     assert min(sc["R"], sc["W"], sc["S"]) > 0 and sc["I"] <= 0.05 * min(sc["R"], sc["W"], sc["S"])
     from udamon.targets.procmaps import read_vmas, three_regions
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # a second target whose memory map holds still: sleep(1), not a Python that is still
+    # starting (~20 s under TCG: its map changed after the test had read it, and a region
+    # of the kernel's fell outside the spans the test expected)
+    other = subprocess.Popen(["sleep", "120"])
     try:
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        before: list = []
+        while time.monotonic() < deadline:
+            now = [(v.start, v.end) for v in read_vmas(other.pid)]
+            if now and now == before:
+                break
+            before = now
+            time.sleep(0.5)
         spans = {p: three_regions(read_vmas(p)) for p in (workload["pid"], other.pid)}
         prim = KernelPrimitive(Attrs(10_000, 200_000, 2_000_000, 10, 1000))
         prim.start([workload["pid"], other.pid])
