@@ -233,9 +233,11 @@ def test_kernel_regions_with_hints_reports_in_one_record(workload):
     assert coldest > 0 and ks["I"] <= 0.05 * coldest, ks  # the kernel's hot/cold, 4/4
     counted = sum(s["nr_reports"] for s in snaps)
     assert counted > 0 and end["unmatched_reports"] == 0  # hint's, over the kernel's regions
-    # each in its own aggregation, nearly all: 1.7 % came late in a guest run (~280k
-    # reports, most the demand faults of the workload's TLB-flush pages)
-    assert end["late_reports"] <= 0.05 * end["reports"]
+    # each in its own aggregation, nearly all (before the 150 ms hold, 16 % were not):
+    # late were 0 % in a CI run, 1.7 % in another guest run and 5.9 % with a second TCG
+    # guest beside it on the host (~200k-350k reports, most the demand faults of the
+    # workload's TLB-flush pages), so the bound leaves room for a loaded host
+    assert end["late_reports"] <= 0.10 * end["reports"]
     # udamon's origin over the kernel's regions: R is the reader's (CPU 0), W the
     # writer's (CPU 1), I nobody's
     # (how many hinting faults land in 20 s varies with the scanner's passes: 56 / 48
