@@ -184,12 +184,17 @@ def weigh_probes(probes: list[Probe], weights: dict[str, int]) -> list[Probe]:
             for p in probes]
 
 
+def _whole_number(text: str, bound: str = "") -> int:
+    """int(text), or the ValueError an option's user reads (``bound``: e.g. " >= 0")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number{bound}, got {text!r}") from None
+
+
 def _seed(text: str) -> int:
     """numpy's generators take seeds >= 0 only."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number >= 0, got {text!r}") from None
+    v = _whole_number(text, " >= 0")
     if v < 0:
         raise ValueError(f"the seed must be >= 0, got {v}")
     return v
@@ -246,10 +251,7 @@ def duration_arg(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """A count of at least 1 (pages, rows): the argparse type of such options."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
+    v = _whole_number(text)
     if v < 1:
         raise ValueError("must be at least 1")
     return v

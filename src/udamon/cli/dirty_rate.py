@@ -81,7 +81,6 @@ def _confidence(text: str) -> float:
     return v
 
 
-
 def add_parser(sub) -> None:
     p = sub.add_parser("dirty-rate", help="live dirty rate per VM/process, ranked for "
                                           "live migration (QEMU's definition)",

@@ -43,7 +43,6 @@ Exit codes: 0 ok, 1 runtime failure (no userfaultfd write-protect, no KSM for --
 2 bad usage."""
 
 
-
 def add_parser(sub) -> None:
     p = sub.add_parser("ksm-advise", help="what to give KSM: duplicate, unwritten memory by "
                                           "page; --apply marks it mergeable",
