@@ -40,6 +40,21 @@ def buffer_hits(rec, lo, hi):
     return tot
 
 
+def buffer_probes(info, write: bool = True) -> list[str]:
+    """--probe options per buffer B of access_pattern: B (its address range), B_c0 /
+    B_c1 (and CPU 0 / 1) and, with ``write``, B_w (and a write): exact per-buffer
+    counts whatever the region boundaries (equally warm adjacent buffers merge into
+    one DAMON region)."""
+    out = []
+    for b in "RWSI":
+        a = f"addr:{info[b][0]:#x}-{info[b][1]:#x}"
+        out += ["--probe", f"{b}={a}", "--probe", f"{b}_c0={a},cpus:0",
+                "--probe", f"{b}_c1={a},cpus:1"]
+        if write:
+            out += ["--probe", f"{b}_w={a},write"]
+    return out
+
+
 def share(hits, name, *others):
     total = hits.get(name, 0) + sum(hits.get(o, 0) for o in others)
     return hits.get(name, 0) / total if total else float("nan")

@@ -40,6 +40,7 @@ from udamon.system.kernel_damon import (
 from udamon.system.kernel_sysfs import ADMIN, KernelProbe, kernel_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import buffer_probes  # noqa: E402
 from workloads.build import BuildError, build  # noqa: E402
 
 _ok, _why = kernel_available() if os.path.exists(ADMIN) else (False, "no DAMON sysfs")
@@ -192,17 +193,6 @@ def test_kernel_vaddr_and_udamon_rwp_agree_on_the_pinned_workload(workload):
     assert abs(uw - truth) <= 0.15 * truth and abs(uw - kw) <= 0.15 * truth
 
 
-def _buffer_probes(info) -> list[str]:
-    """Per buffer B: probes B (its address range) and B_c0 / B_c1 (and CPU 0 / 1):
-    hint's counts per buffer whatever the kernel's region boundaries."""
-    out = []
-    for b in "RWSI":
-        a = f"addr:{info[b][0]:#x}-{info[b][1]:#x}"
-        out += ["--probe", f"{b}={a}", "--probe", f"{b}_c0={a},cpus:0",
-                "--probe", f"{b}_c1={a},cpus:1"]
-    return out
-
-
 def test_kernel_regions_with_hints_reports_in_one_record(workload):
     """kernel,hint: the kernel's DAMON supplies the regions and nr_accesses (hot R, W,
     S; idle I), hint's faults count the cpu/read/write probes over the same regions,
@@ -216,8 +206,8 @@ def test_kernel_regions_with_hints_reports_in_one_record(workload):
     pid = str(workload["pid"])
     header, snaps, end, path = _record(["--primitive", "kernel,hint", "--pid", pid,
                                         "--sample", "20ms", "--aggr", "400ms",
-                                        "--hint-scan-period", "100ms",
-                                        "--breakdown", "cpu,rw", *_buffer_probes(workload)],
+                                        "--hint-scan-period", "100ms", "--breakdown",
+                                        "cpu,rw", *buffer_probes(workload, write=False)],
                                        20)
     names = [p["name"] for p in header["probes"]]
     assert {"cpu:0", "cpu:1", "write", "read", "R_c0", "W_c1"} <= set(names), names

@@ -27,6 +27,7 @@ from udamon.primitives.uffd import RwpPrimitive, rwp_available
 from udamon.system.perf_tracepoint import online_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import buffer_probes  # noqa: E402
 from test_uffd_wp import (  # noqa: E402
     _drive,
     _spawn,
@@ -185,18 +186,6 @@ def _uffd_vmas(pid: int) -> int:
                    and ({"ur", "uw"} & set(line.split()[1:])))
 
 
-def _buffer_probes(info) -> list[str]:
-    """Per buffer B: probes B (its address range), B_c0/B_c1 (and CPU 0/1), B_w (and a
-    write): exact per-buffer counts whatever the region boundaries (equally warm
-    adjacent buffers merge into one DAMON region)."""
-    out = []
-    for b in "RWSI":
-        a = f"addr:{info[b][0]:#x}-{info[b][1]:#x}"
-        out += ["--probe", f"{b}={a}", "--probe", f"{b}_c0={a},cpus:0",
-                "--probe", f"{b}_c1={a},cpus:1", "--probe", f"{b}_w={a},write"]
-    return out
-
-
 def _overlap(a0, a1, b0, b1) -> int:
     return max(0, min(a1, b1) - max(a0, b0))
 
@@ -225,7 +214,7 @@ def test_rwp_record_classifies_buffers_and_attributes_cpus(access_pattern, thp):
     working set, and the workload intact."""
     info, header, snaps, end, wend, rc = _record(
         access_pattern, lambda info: ["--sample", "20ms", "--aggr", "400ms",
-                                      *_buffer_probes(info)], seconds=30, thp=thp)
+                                      *buffer_probes(info)], seconds=30, thp=thp)
     assert header["primitive"] == "rwp" and end is not None
     assert wend["intact"] and rc == 0
     # DAMON's regions start as ten pieces of the whole address space and need a few
