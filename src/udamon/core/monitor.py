@@ -23,7 +23,7 @@ import numpy as np
 from udamon.arrays import sorted_unique
 from udamon.core.attrs import Attrs
 from udamon.core.names import join_names, region_mappings
-from udamon.core.regions import PAGE, Regions
+from udamon.core.regions import PAGE, Regions, SplitDraws
 from udamon.errors import TargetGone
 from udamon.intake.buffer import DEFAULT_CAPACITY, ReportBuffer
 from udamon.intake.reports import empty, make
@@ -181,6 +181,7 @@ class Monitor:
         self._started_ns: int | None = None  # the session's start (Monitor.start)
         self._supplied: set[int] = set()  # targets a regions primitive supplied
         self.rng = np.random.default_rng(seed)
+        self._split_draws = SplitDraws(self.rng)
         self.min_region_sz = min_region_sz
         self.window_start: int | None = None
         self._last_update_ns: int | None = None
@@ -418,12 +419,12 @@ class Monitor:
         are too many regions (ages updated first, against the same threshold).  Weighted
         probes (a DAMON probe's weight) each get a threshold the same way, from the
         region with the most weighted hits."""
-        max_nr = max((int(t.regions.nr_accesses.max(initial=0)) for t in live), default=0)
-        thres = max_nr // 10
+        sums = [t.regions.summary() for t in live]  # (bytes, highest nr_accesses)
+        thres = max((hi for _, hi in sums), default=0) // 10
         weighted = [(i, p.weight, max((int(t.regions.probe_hits[i].max(initial=0))
                                        for t in live), default=0) * p.weight // 10)
                     for i, p in enumerate(self.probes) if p.weight]
-        total = sum(t.regions.total_size() for t in live)
+        total = sum(sz for sz, _ in sums)
         sz_limit = max(total // self.attrs.min_nr_regions, self.min_region_sz)
         for t in live:
             t.regions.update_ages(thres)
@@ -476,7 +477,7 @@ class Monitor:
             subs = 3 if (nr == self._last_nr_regions
                          and nr < self.attrs.max_nr_regions // 3) else 2
             for t in live:
-                t.regions.split(subs, self.rng, self.min_region_sz)
+                t.regions.split(subs, self._split_draws, self.min_region_sz)
             self._last_nr_regions = nr
 
     def supply(self, batch: Sequence[SuppliedRegions]) -> list[Snapshot]:

@@ -1,17 +1,40 @@
 """Per-target region list and DAMON's region adjustment (mm/damon/core.c).
 
 Regions are kept in parallel numpy arrays sorted by address, non-overlapping.
-Merging and splitting walk the list once per aggregation in Python: the list
-is bounded by max_nr_regions, which is what keeps DAMON's overhead bounded.
+Merging and splitting walk the list once per aggregation: in C
+(``udamon.core._regions``) when it is built, else in numpy here, with the same
+results (tests/test_regions_native.py).  The list is bounded by max_nr_regions,
+which is what keeps DAMON's overhead bounded; the C walk exists because an idle
+session spent most of its CPU in the numpy version's small array calls.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
 PAGE = 4096
+
+
+def _load_native():
+    """The C region walk, unless it is missing or UDAMON_PURE_PYTHON=1 asks for numpy."""
+    if os.environ.get("UDAMON_PURE_PYTHON") == "1":
+        return None
+    try:
+        from udamon.core import _regions
+    except ImportError:
+        return None
+    return _regions
+
+
+_native = _load_native()
+
+
+def native() -> bool:
+    """Whether merge, split and the age rule run in C."""
+    return _native is not None
 
 
 def align_down(x: int, a: int) -> int:
@@ -20,6 +43,29 @@ def align_down(x: int, a: int) -> int:
 
 def align_up(x: int, a: int) -> int:
     return -(-x // a) * a
+
+
+class SplitDraws:
+    """The random cut points of region splits (integers 1..9), drawn from a generator in
+    blocks: a split then slices the block instead of calling the generator, whose first
+    call after a sleep cost ~50 us of an idle session's aggregation.  Seeded, it draws
+    the same sequence every run, as the generator would (not the same values)."""
+
+    def __init__(self, rng: np.random.Generator, block: int = 4096):
+        self.rng = rng
+        self.block = block
+        self._pool = np.zeros(0, dtype=np.int64)
+        self._pos = 0
+
+    def integers(self, low: int, high: int, size: int) -> np.ndarray:
+        if (low, high) != (1, 10):
+            return self.rng.integers(low, high, size=size)
+        if self._pos + size > self._pool.size:
+            self._pool = self.rng.integers(1, 10, size=max(self.block, size))
+            self._pos = 0
+        out = self._pool[self._pos:self._pos + size]
+        self._pos += size
+        return out
 
 
 class Regions:
@@ -52,6 +98,15 @@ class Regions:
 
     def total_size(self) -> int:
         return int(self.sizes().sum())
+
+    def summary(self) -> tuple[int, int]:
+        """(total bytes, highest nr_accesses or 0): what a merge needs first."""
+        if _native is not None:
+            try:
+                return _native.summary(self.start, self.end, self.nr_accesses)
+            except (ValueError, BufferError):
+                pass
+        return self.total_size(), int(self.nr_accesses.max(initial=0))
 
     # -- construction ------------------------------------------------------
 
@@ -113,6 +168,15 @@ class Regions:
 
     def update_ages(self, thres: int) -> None:
         """kdamond_merge_regions' age rule, applied once per aggregation."""
+        if _native is not None:
+            out = np.empty(len(self), dtype=np.int64)
+            try:
+                _native.ages(self.nr_accesses, self.last_nr_accesses, self.age, thres, out)
+            except (ValueError, BufferError, OverflowError):
+                pass  # not int64 arrays: the numpy rule below
+            else:
+                self.age = out
+                return
         changed = (np.abs(self.nr_accesses - self.last_nr_accesses) > thres) | (
             (self.nr_accesses == 0) != (self.last_nr_accesses == 0)
         )
@@ -133,6 +197,40 @@ class Regions:
         n = len(self)
         if n < 2:
             return
+        if _native is not None and self._merge_c(thres, sz_limit, weighted):
+            return
+        self._merge_numpy(thres, sz_limit, weighted)
+
+    def _merge_c(self, thres: int, sz_limit: int,
+                 weighted: list[tuple[int, int, int]] | None) -> bool:
+        """merge() in C: one output table, the region arrays become views of its rows.
+        False (nothing changed) when an array is not the 8-byte integers C expects."""
+        n, nprobes = len(self), self.nr_probes
+        tab = np.empty((6 + nprobes, n), dtype=np.int64)
+        rows = list(tab)
+        probes = list(self.probe_hits)
+        try:
+            m = _native.merge(self.start, self.end,
+                              [self.nr_accesses, self.age, self.last_nr_accesses, *probes],
+                              [self.written_pages],
+                              [(3 + p, w, th) for p, w, th in (weighted or ())],
+                              thres, sz_limit, rows[0].view(np.uint64), rows[1].view(np.uint64),
+                              rows[3:], rows[2:3])
+        except (ValueError, BufferError, OverflowError):
+            return False
+        if m == n:
+            return True  # nothing merged: keep the arrays
+        tab = tab[:, :m]
+        self.start = tab[0].view(np.uint64)
+        self.end = tab[1].view(np.uint64)
+        self.written_pages = tab[2]
+        self.nr_accesses, self.age, self.last_nr_accesses = tab[3], tab[4], tab[5]
+        self.probe_hits = tab[6:]
+        return True
+
+    def _merge_numpy(self, thres: int, sz_limit: int,
+                     weighted: list[tuple[int, int, int]] | None) -> None:
+        n = len(self)
         start = self.start.tolist()
         end = self.end.tolist()
         acc = self.nr_accesses.tolist()
@@ -192,7 +290,8 @@ class Regions:
                                                              out[2].copy())
         self.probe_hits = np.ascontiguousarray(out[3:]).reshape(self.nr_probes, f.size)
 
-    def split(self, nr_subs: int, rng: np.random.Generator, min_sz: int = PAGE) -> None:
+    def split(self, nr_subs: int, rng: np.random.Generator | SplitDraws,
+              min_sz: int = PAGE) -> None:
         """damon_split_regions_of: split each region into up to ``nr_subs`` (2 or 3)
         pieces at random points (10%..90% of the remaining size); pieces keep the
         counters.  As in the kernel, the second cut goes into the first piece, and a
@@ -200,12 +299,41 @@ class Regions:
         one draw per region per cut."""
         if nr_subs < 2 or len(self) == 0:
             return
+        # one draw per region per cut, made here so that both versions cut alike
+        draws = [rng.integers(1, 10, size=len(self)) for _ in range(min(nr_subs, 3) - 1)]
+        if _native is not None and self._split_c(draws, min_sz):
+            return
+        self._split_numpy(draws, min_sz)
+
+    def _split_c(self, draws: list[np.ndarray], min_sz: int) -> bool:
+        """split() in C (see _merge_c)."""
+        n, nprobes = len(self), self.nr_probes
+        tab = np.empty((6 + nprobes, (len(draws) + 1) * n), dtype=np.int64)
+        rows = list(tab)
+        try:
+            m = _native.split(self.start, self.end,
+                              [self.written_pages, self.nr_accesses, self.age,
+                               self.last_nr_accesses, *self.probe_hits],
+                              draws, min_sz, rows[0].view(np.uint64), rows[1].view(np.uint64),
+                              rows[2:])
+        except (ValueError, BufferError, OverflowError):
+            return False
+        if m == n:
+            return True  # no cut
+        tab = tab[:, :m]
+        self.start = tab[0].view(np.uint64)
+        self.end = tab[1].view(np.uint64)
+        self.written_pages = tab[2]
+        self.nr_accesses, self.age, self.last_nr_accesses = tab[3], tab[4], tab[5]
+        self.probe_hits = tab[6:]
+        return True
+
+    def _split_numpy(self, draws: list[np.ndarray], min_sz: int) -> None:
         start = self.start.astype(np.int64)
         end = self.end.astype(np.int64)
         sz = end - start
         cuts_s: list[np.ndarray] = []
-        for _ in range(min(nr_subs, 3) - 1):
-            r = rng.integers(1, 10, size=sz.size)
+        for r in draws:
             sub = (r * sz // 10) // min_sz * min_sz  # damon_split_region_at(r, sz_sub)
             ok = (sz > 2 * min_sz) & (sub > 0) & (sub < sz)
             cuts_s.append(start[ok] + sub[ok])
@@ -257,9 +385,12 @@ class Regions:
 
     def reset_aggregated(self) -> None:
         self.last_nr_accesses = self.nr_accesses
-        self.nr_accesses = np.zeros_like(self.last_nr_accesses)
-        self.probe_hits = np.zeros_like(self.probe_hits)
-        self.written_pages = np.zeros_like(self.written_pages)
+        # one zeroed table for the counters that restart (fewer array calls per
+        # aggregation; the rows are independent arrays to their users)
+        n = len(self)
+        z = np.zeros((2 + self.nr_probes, n), dtype=np.int64)
+        self.nr_accesses, self.written_pages = z[0], z[1]
+        self.probe_hits = z[2:]
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the list is not sorted and non-overlapping."""

@@ -217,6 +217,9 @@ class Session:
             self.log(f"nr_accesses counts {controlled[0]}'s samples (sample filter "
                      f"source:{controlled[0]}); "
                      f"{', '.join(n for n in self.names if n != controlled[0])} feed the probes")
+        missing = native_missing(bool(controlled))
+        if missing:
+            self.log(missing)
 
     def _check_own_monitor(self) -> None:
         """A primitive with a monitor of its own (the kernel's DAMON) supplies the regions
@@ -553,6 +556,25 @@ class Session:
         finally:
             self.close()
         return self.result
+
+
+def native_missing(controlled: bool) -> str:
+    """The one-line notice of a session that runs without udamon's C extensions (the
+    install could not build them): the same algorithms in Python, at a higher CPU cost.
+    Empty when they are there."""
+    from udamon.core import regions
+    from udamon.primitives import uffd_loop
+
+    names = ([] if regions.native() else ["udamon.core._regions (region merge and split)"])
+    if controlled and not uffd_loop.native():
+        names.append("udamon.primitives._uffd_loop (the sampling turns)")
+    if not names:
+        return ""
+    why = ("UDAMON_PURE_PYTHON=1" if os.environ.get("UDAMON_PURE_PYTHON") == "1"
+           else "not built; reinstall with a C compiler and the Python headers, e.g. "
+                "apt-get install gcc python3-dev")
+    return (f"running without the C extension(s) {' and '.join(names)} ({why}): the same "
+            "algorithm in Python, at a higher CPU cost")
 
 
 def stderr_log(msg: str) -> None:

@@ -74,6 +74,9 @@ def faults_to_reports(faults: np.ndarray) -> np.ndarray:
     return out
 
 
+_NO_REPORTS = empty(0)  # shared, never written: it has no element
+
+
 class HintPrimitive(Primitive):
     name = "hint"
     kind = "observational"
@@ -155,10 +158,11 @@ class HintPrimitive(Primitive):
         if self._tracer is None:
             return empty(0)
         faults = self._tracer.read()
-        if faults.size:
-            pids, counts = np.unique(faults["pid"], return_counts=True)
-            for pid, n in zip(pids.tolist(), counts.tolist(), strict=True):
-                self._faults[pid] = self._faults.get(pid, 0) + n
+        if not faults.size:
+            return _NO_REPORTS  # an idle interval: no array work (its cost is hint's idle cost)
+        pids, counts = np.unique(faults["pid"], return_counts=True)
+        for pid, n in zip(pids.tolist(), counts.tolist(), strict=True):
+            self._faults[pid] = self._faults.get(pid, 0) + n
         return faults_to_reports(faults)
 
     def wait(self, timeout_s: float) -> bool:

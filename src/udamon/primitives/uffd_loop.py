@@ -211,9 +211,6 @@ def _load_native():
 
 
 _native = _load_native()
-NATIVE_MISSING = ("the C sampling loop (udamon.primitives._uffd_loop) is not built: using the "
-                  "slower pure-Python loop (reinstall with a C compiler and the Python headers, "
-                  "e.g. apt-get install gcc python3-dev)")
 _WHY = {0: DONE, 1: STOPPED, 2: EXITED, 3: MM_GONE, 4: STOPPED}
 _GONE = {0: "", 1: EXITED, 2: MM_GONE}
 _GONE_CODE = {v: k for k, v in _GONE.items()}

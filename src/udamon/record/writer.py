@@ -20,7 +20,7 @@ from udamon.errors import RuntimeFailure, UsageError
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
 from udamon.record.format import END_REASONS, FORMAT_NAME, FORMAT_VERSION
-from udamon.record.snapshot_json import NamesWritten, snapshot_to_json
+from udamon.record.snapshot_json import NamesWritten, snapshot_line
 
 
 def build_header(attrs: Attrs, primitive: str, coverage: str, filters: Sequence[Filter],
@@ -55,8 +55,9 @@ class RecordWriter:
         self._header_written = False
         self._names = NamesWritten()  # mapping and thread names already in the record
 
-    def _line(self, obj: dict) -> None:
-        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    def _line(self, obj: dict | str) -> None:
+        text = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+        data = (text + "\n").encode()
         try:
             self._f.write(data)
             if self._gz is not None:
@@ -74,7 +75,7 @@ class RecordWriter:
         self._names = NamesWritten(header)
 
     def write_snapshot(self, snap: Snapshot | dict) -> None:
-        self._line(snapshot_to_json(snap, self._names) if isinstance(snap, Snapshot) else snap)
+        self._line(snapshot_line(snap, self._names) if isinstance(snap, Snapshot) else snap)
         self.snapshots += 1
 
     def close(self, reason: str = "stopped", *, dropped_reports: int = 0,

@@ -97,6 +97,8 @@ FAULT_DTYPE = np.dtype(
     ]
 )
 
+_NO_FAULTS = np.zeros(0, dtype=FAULT_DTYPE)  # what read() returns when nothing came
+
 Mode = Literal["auto", "per-thread", "system-wide"]
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -469,14 +471,14 @@ class FaultTracer:
         return self._parser.lost if self._parser is not None else 0
 
     def read(self) -> np.ndarray:
-        """Every fault sampled since the last call (FAULT_DTYPE)."""
+        """Every fault sampled since the last call (FAULT_DTYPE; an empty one is shared)."""
         if not self._rings:
             return np.zeros(0, dtype=FAULT_DTYPE)
         # one parse of every ring's records (per-CPU order kept): cheaper than parsing
         # each and concatenating structured arrays
         data = b"".join([r.take() for r in self._rings])
         if not data:
-            return np.zeros(0, dtype=FAULT_DTYPE)
+            return _NO_FAULTS
         recs = self._filter(self._parse(data))
         out = np.empty(recs.size, dtype=FAULT_DTYPE)
         out["time_ns"] = recs["time"]
