@@ -311,26 +311,29 @@ class Monitor:
 
         nr = len(r)
         dense = nsamp * nr <= DENSE_CELLS
+        # each report's (region, sampling interval) cell, once for every count below
+        # (meaningless outside the regions, which no mask passed to count selects)
+        cell = ridx * nsamp + k
 
         def count(mask: np.ndarray) -> np.ndarray:
             """Per region, the sampling intervals in which a report of ``mask`` landed."""
             if dense:  # a small intervals x regions bitmap
-                seen = np.zeros((nr, nsamp), dtype=bool)
-                seen[ridx[mask], k[mask]] = True
-                return seen.sum(axis=1)
+                seen = np.zeros(nr * nsamp, dtype=bool)
+                seen[cell[mask]] = True
+                return seen.reshape(nr, nsamp).sum(axis=1)
             # many sampling intervals (e.g. 1 us in 1 s): distinct (region, interval)
             # pairs, so memory follows the reports, not intervals x regions
-            key = sorted_unique(ridx[mask] * nsamp + k[mask])
-            return np.bincount(key // nsamp, minlength=nr)
+            return np.bincount(sorted_unique(cell[mask]) // nsamp, minlength=nr)
 
         passed = evaluate(self.filters, reports) & inside
         r.nr_accesses += count(passed)
         if (reports["page_node"] >= 0).any():
-            t.window_reports.append(reports[inside])
+            every = bool(passed.all())  # (passed implies inside) no copy when all count
+            t.window_reports.append(reports if every else reports[inside])
             weight = None
             if self.sampled:  # a sample stands for its region: weigh it by its pages
                 weight = ((r.end - r.start) // np.uint64(PAGE)).astype(np.int64)[ridx[passed]]
-            t.window_numa.append(_locality(reports[passed], weight))
+            t.window_numa.append(_locality(reports if every else reports[passed], weight))
         if self.count_written_pages:
             w = passed & reports["write"]
             if w.any():
@@ -410,7 +413,9 @@ class Monitor:
             for t in live:
                 sel = pids == t.pid
                 matched |= sel
-                counts[t.pid] = self._count(t, reports[sel], ws)
+                # one target's interval (the usual case): its reports as they are
+                counts[t.pid] = self._count(t, reports if len(live) == 1 and sel.all()
+                                            else reports[sel], ws)
             self._unmatched += int((~matched).sum())
         return counts
 

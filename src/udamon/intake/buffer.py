@@ -27,6 +27,7 @@ class ReportBuffer:
         self.capacity = capacity
         self.cpu_nodes = cpu_nodes
         self._chunks: list[np.ndarray] = []
+        self._spans: list[tuple[int, int]] = []  # each chunk's (earliest, latest) time
         self._len = 0
         self.dropped = 0
         self.accepted = 0
@@ -52,7 +53,9 @@ class ReportBuffer:
             need = (chunk["node"] < 0) & (chunk["cpu"] >= 0)
             if need.any():
                 chunk["node"][need] = nodes_of(chunk["cpu"][need], self.cpu_nodes)
+        t = chunk["time_ns"]
         self._chunks.append(chunk)
+        self._spans.append((int(t.min()), int(t.max())))
         self._len += n
         self.accepted += n
         return n
@@ -60,24 +63,34 @@ class ReportBuffer:
     def take_before(self, end_ns: int) -> np.ndarray:
         """Remove and return every report with ``time_ns < end_ns``.
 
-        Chunks whose times are sorted (the usual case) are cut with a binary
-        search, as views; only unsorted chunks pay for a boolean mask."""
+        A chunk wholly before (or after) ``end_ns`` is taken (or kept) whole: the
+        usual case, as a session takes its interval's reports after the interval.
+        A chunk that straddles it is cut with a binary search when its times are
+        sorted; only unsorted ones (per-CPU rings read in turn) pay for a mask."""
         outs: list[np.ndarray] = []
         rest: list[np.ndarray] = []
-        for chunk in self._chunks:
+        spans: list[tuple[int, int]] = []
+        for chunk, (lo, hi) in zip(self._chunks, self._spans, strict=True):
+            if hi < end_ns:
+                outs.append(chunk)
+                continue
+            if lo >= end_ns:
+                rest.append(chunk)
+                spans.append((lo, hi))
+                continue
             t = chunk["time_ns"]
-            if t.size > 1 and not (t[1:] >= t[:-1]).all():
+            if not (t[1:] >= t[:-1]).all():
                 mask = t < end_ns
                 outs.append(chunk[mask])
-                if not mask.all():
-                    rest.append(chunk[~mask])
-                continue
-            i = int(np.searchsorted(t, end_ns, side="left"))
-            if i:
+                kept = chunk[~mask]
+            else:
+                i = int(np.searchsorted(t, end_ns, side="left"))
                 outs.append(chunk[:i])
-            if i < t.size:
-                rest.append(chunk[i:])
-        self._chunks = rest
+                kept = chunk[i:]
+            rest.append(kept)
+            kt = kept["time_ns"]
+            spans.append((int(kt.min()), int(kt.max())))
+        self._chunks, self._spans = rest, spans
         self._len = sum(int(c.size) for c in rest)
         if not outs:
             return np.empty(0, dtype=REPORT_DTYPE)
@@ -90,4 +103,4 @@ class ReportBuffer:
     def earliest(self) -> int | None:
         if not self._chunks:
             return None
-        return int(min(int(c["time_ns"].min()) for c in self._chunks))
+        return min(lo for lo, _ in self._spans)

@@ -197,6 +197,10 @@ def evaluate(filters: Sequence[Filter], reports: np.ndarray) -> np.ndarray:
     n = reports.shape[0]
     if not filters:
         return np.ones(n, dtype=bool)
+    if len(filters) == 1:  # a probe's one condition: it decides every report
+        f = filters[0]
+        hit = f.test(reports) == f.matching
+        return hit if f.allow else ~hit
     allowed = np.full(n, not filters[-1].allow, dtype=bool)  # the default when none decides
     undecided = np.ones(n, dtype=bool)
     for f in filters:
