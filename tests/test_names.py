@@ -434,8 +434,11 @@ def test_hint_record_names_regions_and_threads(tmp_path, named_bin):
     wl, info = _start(named_bin, tmp_path, "--duration", "60", "--churn")
     try:
         rec_path = tmp_path / "hint.jsonl"
+        # at least 300 regions: merged ones stay within span/300 (<= 3.4 MiB of the
+        # workload's <= ~1 GiB), so every 8 MiB buffer holds whole regions; with 30 (up
+        # to 34 MiB each) that was left to a lucky split, and 1 run in 4 had none
         p = run_udamon("record", "--primitive", "hint", "--pid", str(info["pid"]),
-                       "--breakdown", "thread,rw", "--regions", "30,1000", "--duration", "4s",
+                       "--breakdown", "thread,rw", "--regions", "300,1000", "--duration", "4s",
                        "-q", "-o", str(rec_path), timeout=90)
         assert p.returncode == 0, p.stderr
     finally:
