@@ -14,8 +14,8 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "udamon"
-ORDER = ["arrays", "errors", "units", "targets", "system", "intake", "probes", "primitives",
-         "core", "record", "schemes", "report", "reporter", "workloads", "cli"]
+ORDER = ["arrays", "errors", "units", "native", "targets", "system", "intake", "probes",
+         "primitives", "core", "record", "schemes", "report", "reporter", "workloads", "cli"]
 
 
 def _package(path: Path) -> str:

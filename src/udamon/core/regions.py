@@ -10,26 +10,16 @@ session spent most of its CPU in the numpy version's small array calls.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from udamon.native import load as load_native
+
 PAGE = 4096
 
 
-def _load_native():
-    """The C region walk, unless it is missing or UDAMON_PURE_PYTHON=1 asks for numpy."""
-    if os.environ.get("UDAMON_PURE_PYTHON") == "1":
-        return None
-    try:
-        from udamon.core import _regions
-    except ImportError:
-        return None
-    return _regions
-
-
-_native = _load_native()
+_native = load_native("udamon.core._regions")
 
 
 def native() -> bool:
@@ -218,15 +208,20 @@ class Regions:
                               rows[3:], rows[2:3])
         except (ValueError, BufferError, OverflowError):
             return False
-        if m == n:
-            return True  # nothing merged: keep the arrays
+        if m != n:  # else nothing merged: keep the arrays
+            self._take_table(tab, m)
+        return True
+
+    def _take_table(self, tab: np.ndarray, m: int) -> None:
+        """The region arrays become views of the first ``m`` columns of a C walk's
+        output table (rows: start, end, written pages, nr_accesses, age, last
+        nr_accesses, probe hits)."""
         tab = tab[:, :m]
         self.start = tab[0].view(np.uint64)
         self.end = tab[1].view(np.uint64)
         self.written_pages = tab[2]
         self.nr_accesses, self.age, self.last_nr_accesses = tab[3], tab[4], tab[5]
         self.probe_hits = tab[6:]
-        return True
 
     def _merge_numpy(self, thres: int, sz_limit: int,
                      weighted: list[tuple[int, int, int]] | None) -> None:
@@ -318,14 +313,8 @@ class Regions:
                               rows[2:])
         except (ValueError, BufferError, OverflowError):
             return False
-        if m == n:
-            return True  # no cut
-        tab = tab[:, :m]
-        self.start = tab[0].view(np.uint64)
-        self.end = tab[1].view(np.uint64)
-        self.written_pages = tab[2]
-        self.nr_accesses, self.age, self.last_nr_accesses = tab[3], tab[4], tab[5]
-        self.probe_hits = tab[6:]
+        if m != n:  # else no cut
+            self._take_table(tab, m)
         return True
 
     def _split_numpy(self, draws: list[np.ndarray], min_sz: int) -> None:

@@ -570,7 +570,9 @@ def native_missing(controlled: bool) -> str:
         names.append("udamon.primitives._uffd_loop (the sampling turns)")
     if not names:
         return ""
-    why = ("UDAMON_PURE_PYTHON=1" if os.environ.get("UDAMON_PURE_PYTHON") == "1"
+    from udamon import native
+
+    why = (f"{native.PURE_PYTHON_ENV}=1" if native.pure_python_asked()
            else "not built; reinstall with a C compiler and the Python headers, e.g. "
                 "apt-get install gcc python3-dev")
     return (f"running without the C extension(s) {' and '.join(names)} ({why}): the same "

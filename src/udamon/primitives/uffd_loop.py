@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from udamon.native import load as load_native
 from udamon.primitives.uffd_abi import (
     PAGEMAP_SCAN,
     SCAN_CHUNK,
@@ -199,18 +200,7 @@ def _wait_until(deadline_ns: int, poller: select.poll | None) -> list[int]:
             return [fd for fd, _ in ev]
 
 
-def _load_native():
-    """The C loop, unless it is missing or UDAMON_PURE_PYTHON=1 asks for the Python one."""
-    if os.environ.get("UDAMON_PURE_PYTHON") == "1":
-        return None
-    try:
-        from udamon.primitives import _uffd_loop
-    except ImportError:
-        return None
-    return _uffd_loop
-
-
-_native = _load_native()
+_native = load_native("udamon.primitives._uffd_loop")
 _WHY = {0: DONE, 1: STOPPED, 2: EXITED, 3: MM_GONE, 4: STOPPED}
 _GONE = {0: "", 1: EXITED, 2: MM_GONE}
 _GONE_CODE = {v: k for k, v in _GONE.items()}
