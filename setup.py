@@ -1,5 +1,6 @@
 """Builds udamon's optional C extensions: the controlled sampling loop
-(udamon.primitives._uffd_loop) and DAMON's region adjustment (udamon.core._regions).
+(udamon.primitives._uffd_loop), DAMON's region adjustment (udamon.core._regions)
+and the page-fault tracer's ring reader (udamon.system._perf_ring).
 
 Everything else is in pyproject.toml.  The extension is optional, as psutil's
 platform code is not: when it cannot be compiled (no C compiler, no Python
@@ -31,6 +32,9 @@ setup(
                            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
                            optional=True),
                  Extension("udamon.core._regions", ["src/udamon/core/_regions.c"],
+                           extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+                           optional=True),
+                 Extension("udamon.system._perf_ring", ["src/udamon/system/_perf_ring.c"],
                            extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
                            optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},

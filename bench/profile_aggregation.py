@@ -42,15 +42,18 @@ def main() -> int:
         return 2
 
     import udamon.core.monitor as monitor
+    import udamon.core.names as names
     import udamon.core.regions as regions
     import udamon.intake.buffer as buffer
     import udamon.primitives.hint as hint
     import udamon.record.writer as writer
     import udamon.system.perf_tracepoint as tracepoint
+    import udamon.targets.page_nodes as page_nodes
     from udamon.cli.main import main as udamon_main
 
     cpu: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
+    closes: list[int] = []  # the main thread's CPU time at each interval's close
 
     def wrap(owner, name: str, label: str) -> None:
         f = getattr(owner, name)
@@ -58,6 +61,8 @@ def main() -> int:
         @functools.wraps(f)
         def timed(*args, **kw):
             t = time.thread_time_ns()
+            if label == "close_window":
+                closes.append(t)
             try:
                 return f(*args, **kw)
             finally:
@@ -79,6 +84,9 @@ def main() -> int:
             (hint.HintPrimitive, "wait", "hint wait (poll, sleeping)"),
             (hint.HintPrimitive, "poll", "hint poll (read the tracer)"),
             (tracepoint.FaultTracer, "read", "  tracer read + parse"),
+            (tracepoint.FaultTracer, "read_reports", "  tracer read_reports (C)"),
+            (names.NameTracker, "annotate", "region names (annotate)"),
+            (page_nodes.PageNodeLookup, "annotate", "page-node lookup (move_pages)"),
             (hint.HintPrimitive, "exited", "hint exited (pidfd poll)"),
             (monitor.Monitor, "report_batch", "report_batch (buffer add)")]:
         wrap(owner, name, label)
@@ -103,9 +111,16 @@ def main() -> int:
              "  merge_regions (ages + merge)", "    merge", "  snapshot (page nodes, copies)",
              "  split_regions", "  update_ranges (memory map)", "write_snapshot (JSON line)",
              "hint wait (poll, sleeping)", "hint poll (read the tracer)",
-             "  tracer read + parse", "hint exited (pidfd poll)", "report_batch (buffer add)"]
+             "  tracer read + parse", "  tracer read_reports (C)", "hint exited (pidfd poll)",
+             "report_batch (buffer add)", "region names (annotate)",
+             "page-node lookup (move_pages)"]
     for label in order:
         print(f"  {label:36s} {cpu[label] / n / 1000:8.1f} us per aggregation")
+    if len(closes) > 2:  # steady: from the first interval's close to the last's
+        steady = (closes[-1] - closes[0]) / (len(closes) - 1)
+        top = sum(cpu[x] for x in order if not x.startswith(" ")) / n
+        print(f"  {'steady main-thread CPU, all steps':36s} {steady / 1000:8.1f} us per "
+              f"aggregation ({steady / 1000 - top / 1000:.1f} us outside the steps above)")
     return rc
 
 

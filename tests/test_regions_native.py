@@ -165,3 +165,28 @@ def test_a_session_without_the_extensions_says_so_once(tmp_path, udamon):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@settings(max_examples=300, deadline=None)
+@given(region_lists(), st.lists(st.tuples(st.integers(0, 2**21), st.integers(0, 5)),
+                                max_size=300),
+       st.sampled_from([0, 3, 10]), st.integers(1, 6))
+def test_distinct_agrees(r, pairs, shift, width):
+    """Distinct (page, column) keys per region: the hash set in C counts what numpy's
+    sort counts, with pages inside, between and outside the regions, repeats, and
+    columns past the width."""
+    base = 1 << 20 >> 12  # the first region's page
+    cols = [c & ((1 << shift) - 1) for _, c in pairs] if shift else [0] * len(pairs)
+    keys = np.asarray([((base + p // 64) << shift) | c for (p, _), c in
+                       zip(pairs, cols, strict=True)], dtype=np.uint64)
+    keys = np.concatenate([keys, keys[::2]])  # repeats
+    got = r.count_distinct(keys, shift, width)
+    saved = regions_mod._native
+    try:
+        regions_mod._native = None
+        want = r.count_distinct(keys, shift, width)
+    finally:
+        regions_mod._native = saved
+    assert got.shape == want.shape == (len(r), width)
+    assert got.dtype == want.dtype == np.int64
+    assert np.array_equal(got, want)

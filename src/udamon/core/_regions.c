@@ -371,11 +371,105 @@ done:
 	return Py_BuildValue("KL", total, hi);
 }
 
+
+/*
+ * distinct(starts, ends, keys, shift, out): per region, the distinct keys among
+ * ``keys`` (uint64: page number << shift | column) by column: out[region * width +
+ * column] += 1 for each distinct key whose page (page * 4096) a region holds, with
+ * width = len(out) / len(starts); columns >= width are left out.  A hash set instead
+ * of numpy's sort: sorting 10k page keys cost ~280 us here, this ~30 (written pages
+ * and the pages by node of each aggregation of hint's reports).
+ */
+static PyObject *distinct(PyObject *self, PyObject *args)
+{
+	(void)self;
+	PyObject *so, *eo, *ko, *oo;
+	int shift;
+	if (!PyArg_ParseTuple(args, "OOOiO", &so, &eo, &ko, &shift, &oo))
+		return NULL;
+	if (shift < 0 || shift > 32) {
+		PyErr_SetString(PyExc_ValueError, "distinct: shift must be in 0..32");
+		return NULL;
+	}
+	Py_buffer sb, eb, kb, ob;
+	if (get(so, &sb, 0, 0, "starts") < 0)
+		return NULL;
+	Py_ssize_t nr = sb.len / 8;
+	if (get(eo, &eb, 0, nr, "ends") < 0) {
+		PyBuffer_Release(&sb);
+		return NULL;
+	}
+	if (get(ko, &kb, 0, 0, "keys") < 0) {
+		PyBuffer_Release(&sb);
+		PyBuffer_Release(&eb);
+		return NULL;
+	}
+	if (get(oo, &ob, 1, nr, "out") < 0) {
+		PyBuffer_Release(&sb);
+		PyBuffer_Release(&eb);
+		PyBuffer_Release(&kb);
+		return NULL;
+	}
+	PyObject *ret = NULL;
+	const uint64_t *st = sb.buf, *en = eb.buf, *keys = kb.buf;
+	int64_t *out = ob.buf;
+	Py_ssize_t nk = kb.len / 8, width = nr ? (ob.len / 8) / nr : 0;
+	size_t cap = 16;
+	int bits = 4;
+	while (cap < (size_t)nk * 2) {
+		cap <<= 1;
+		bits++;
+	}
+	uint64_t *table = PyMem_Malloc(cap * sizeof(uint64_t));
+	unsigned char *used = PyMem_Calloc(cap, 1);
+	if (!table || !used) {
+		PyErr_NoMemory();
+		goto done;
+	}
+	uint64_t colmask = shift ? ((1ULL << shift) - 1) : 0;
+	for (Py_ssize_t i = 0; i < nk; i++) {
+		uint64_t k = keys[i];
+		size_t h = (size_t)((k * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
+		while (used[h] && table[h] != k)
+			h = (h + 1) & (cap - 1);
+		if (used[h])
+			continue; /* seen */
+		used[h] = 1;
+		table[h] = k;
+		uint64_t col = k & colmask;
+		if (nr == 0 || (Py_ssize_t)col >= width)
+			continue;
+		uint64_t addr = (k >> shift) * 4096ULL;
+		Py_ssize_t lo = 0, hi = nr; /* the last region starting at or before addr */
+		while (lo < hi) {
+			Py_ssize_t mid = lo + (hi - lo) / 2;
+			if (st[mid] <= addr)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		if (lo == 0 || addr >= en[lo - 1])
+			continue;
+		out[(lo - 1) * width + (Py_ssize_t)col]++;
+	}
+	ret = Py_None;
+	Py_INCREF(ret);
+done:
+	PyMem_Free(table);
+	PyMem_Free(used);
+	PyBuffer_Release(&sb);
+	PyBuffer_Release(&eb);
+	PyBuffer_Release(&kb);
+	PyBuffer_Release(&ob);
+	return ret;
+}
+
 static PyMethodDef methods[] = {
 	{"merge", merge, METH_VARARGS, "damon_merge_regions_of over udamon's region arrays"},
 	{"split", split, METH_VARARGS, "damon_split_regions_of over udamon's region arrays"},
 	{"ages", ages, METH_VARARGS, "kdamond_merge_regions' age rule"},
 	{"summary", summary, METH_VARARGS, "(total bytes, highest nr_accesses) of the regions"},
+	{"distinct", distinct, METH_VARARGS, "distinct page keys per region and column"},
 	{NULL, NULL, 0, NULL},
 };
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from udamon.arrays import keep_freed_memory
 from udamon.core.monitor import Monitor, Snapshot
 from udamon.errors import InputError
 from udamon.primitives.base import Primitive, Window
@@ -188,6 +189,7 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
     fills each report's ``page_node`` before the monitor counts it; ``result`` (when
     given) is filled in as the loop runs and ends."""
     prims = list(primitives) if isinstance(primitives, list) else [primitives]
+    keep_freed_memory()  # the same arrays every aggregation: no page faults for them
     if any(p.kind == "regions" for p in prims):
         yield from _iter_supplied(monitor, prims, duration_ns=duration_ns, stop=stop,
                                   clock=clock, on_tick=on_tick, annotate=annotate,

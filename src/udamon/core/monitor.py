@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from udamon.arrays import sorted_unique
+from udamon.arrays import concat_rows, select_rows, sorted_unique
 from udamon.core.attrs import Attrs
 from udamon.core.names import join_names, region_mappings
 from udamon.core.regions import PAGE, Regions, SplitDraws
@@ -329,17 +329,17 @@ class Monitor:
         r.nr_accesses += count(passed)
         if (reports["page_node"] >= 0).any():
             every = bool(passed.all())  # (passed implies inside) no copy when all count
-            t.window_reports.append(reports if every else reports[inside])
+            t.window_reports.append(reports if every else select_rows(reports, inside))
             weight = None
             if self.sampled:  # a sample stands for its region: weigh it by its pages
                 weight = ((r.end - r.start) // np.uint64(PAGE)).astype(np.int64)[ridx[passed]]
-            t.window_numa.append(_locality(reports if every else reports[passed], weight))
+            t.window_numa.append(_locality(reports if every else select_rows(reports, passed),
+                                          weight))
         if self.count_written_pages:
             w = passed & reports["write"]
             if w.any():
-                pages = sorted_unique(reports["addr"][w] // np.uint64(PAGE))
-                idx = r.index_of(pages * np.uint64(PAGE))
-                r.written_pages += np.bincount(idx[idx >= 0], minlength=len(r))
+                r.written_pages += r.count_distinct(reports["addr"][w] // np.uint64(PAGE),
+                                                    0, 1)[:, 0]
         for i, p in enumerate(self.probes):
             r.probe_hits[i] += count(evaluate(p.filters, reports) & inside)
         return int(reports.size), int(passed.sum())
@@ -415,7 +415,7 @@ class Monitor:
                 matched |= sel
                 # one target's interval (the usual case): its reports as they are
                 counts[t.pid] = self._count(t, reports if len(live) == 1 and sel.all()
-                                            else reports[sel], ws)
+                                            else select_rows(reports, sel), ws)
             self._unmatched += int((~matched).sum())
         return counts
 
@@ -449,7 +449,8 @@ class Monitor:
         r = t.regions
         page_nodes = numa = None
         if t.window_reports:
-            page_nodes = _pages_by_node(r, np.concatenate(t.window_reports))
+            page_nodes = _pages_by_node(r, t.window_reports[0] if len(t.window_reports) == 1
+                                        else concat_rows(t.window_reports))
             numa = _merge_locality(t.window_numa)
             t.window_reports, t.window_numa = [], []
         snap = Snapshot(we, ws, t.pid, sample_us, r.start.copy(), r.end.copy(),
@@ -508,7 +509,7 @@ class Monitor:
             if got.size:
                 if self.report_tap is not None:
                     self.report_tap(got)
-                pool = np.concatenate([pool, got]) if pool.size else got
+                pool = concat_rows([pool, got]) if pool.size else got
             try:
                 t = self.target(b.pid)
             except KeyError:
@@ -522,8 +523,8 @@ class Monitor:
                 self._supplied.add(t.pid)  # (observers attach before the session starts)
                 ws = min(ws, self._started_ns if self._started_ns is not None else ws,
                          int(pool["time_ns"][sel].min()) if sel.any() else ws)
-            counts = self._count(t, pool[sel], ws, int(b.end_ns))
-            pool = pool[~sel]
+            counts = self._count(t, select_rows(pool, sel), ws, int(b.end_ns))
+            pool = select_rows(pool, ~sel)
             r = t.regions
             r.nr_accesses = np.asarray(b.nr_accesses, dtype=np.int64).copy()
             r.age = np.asarray(b.age, dtype=np.int64).copy()
@@ -637,14 +638,10 @@ def _pages_by_node(r: Regions, reports: np.ndarray) -> np.ndarray:
     if not known.any():
         return np.zeros((len(r), 0), dtype=np.int64)
     # distinct (page, node) pairs: the page number with the node in the low 10 bits
-    key = sorted_unique(((reports["addr"][known] // np.uint64(PAGE)) << np.uint64(10))
-                        | reports["page_node"][known].astype(np.uint64))
-    node = (key & np.uint64(1023)).astype(np.int64)
-    ridx = r.index_of((key >> np.uint64(10)) * np.uint64(PAGE))
-    ok = ridx >= 0
-    top = int(node.max()) + 1
-    return np.bincount(ridx[ok] * top + node[ok],
-                       minlength=len(r) * top).reshape(len(r), top).astype(np.int64)
+    pn = reports["page_node"][known]
+    key = (((reports["addr"][known] // np.uint64(PAGE)) << np.uint64(10))
+           | pn.astype(np.uint64))
+    return r.count_distinct(key, 10, int(pn.max()) + 1)
 
 
 ULONG_MAX = (1 << 64) - 1

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from udamon.arrays import sorted_unique
 from udamon.native import load as load_native
 
 PAGE = 4096
@@ -153,6 +154,24 @@ class Regions:
         ok[ok] = addrs[ok] < self.end[idx[ok]]
         idx[~ok] = -1
         return idx
+
+    def count_distinct(self, keys: np.ndarray, shift: int, width: int) -> np.ndarray:
+        """Regions x ``width`` columns: the distinct ``keys`` (uint64, page number <<
+        ``shift`` | column) whose page a region holds, counted in their column (columns
+        past ``width`` are left out).  A hash set in C; numpy's sort otherwise."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        n = len(self)
+        out = np.zeros(n * width, dtype=np.int64)
+        if n and width and keys.size:
+            if _native is not None:
+                _native.distinct(self.start, self.end, keys, shift, out)
+            else:
+                key = sorted_unique(keys)
+                col = (key & np.uint64((1 << shift) - 1)).astype(np.int64)
+                ridx = self.index_of((key >> np.uint64(shift)) * np.uint64(PAGE))
+                ok = (ridx >= 0) & (col < width)
+                out = np.bincount(ridx[ok] * width + col[ok], minlength=n * width)
+        return out.reshape(n, width).astype(np.int64, copy=False)
 
     # -- DAMON adjustments ---------------------------------------------------
 

@@ -217,7 +217,7 @@ class Session:
             self.log(f"nr_accesses counts {controlled[0]}'s samples (sample filter "
                      f"source:{controlled[0]}); "
                      f"{', '.join(n for n in self.names if n != controlled[0])} feed the probes")
-        missing = native_missing(bool(controlled))
+        missing = native_missing(bool(controlled), traced="hint" in self.names)
         if missing:
             self.log(missing)
 
@@ -558,16 +558,22 @@ class Session:
         return self.result
 
 
-def native_missing(controlled: bool) -> str:
+def native_missing(controlled: bool, traced: bool = False) -> str:
     """The one-line notice of a session that runs without udamon's C extensions (the
     install could not build them): the same algorithms in Python, at a higher CPU cost.
-    Empty when they are there."""
+    ``traced``: a primitive reads the page-fault tracer (hint).  Empty when they are
+    there."""
     from udamon.core import regions
     from udamon.primitives import uffd_loop
 
     names = ([] if regions.native() else ["udamon.core._regions (region merge and split)"])
     if controlled and not uffd_loop.native():
         names.append("udamon.primitives._uffd_loop (the sampling turns)")
+    if traced:
+        from udamon.system import perf_tracepoint
+
+        if perf_tracepoint._native is None:
+            names.append("udamon.system._perf_ring (the fault tracer's ring reader)")
     if not names:
         return ""
     from udamon import native

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from udamon.arrays import concat_rows, copy_rows, select_rows
 from udamon.intake.reports import REPORT_DTYPE
 from udamon.targets.topology import nodes_of
 
@@ -48,7 +49,7 @@ class ReportBuffer:
             n = room
         if n == 0:
             return 0
-        chunk = reports.copy()
+        chunk = copy_rows(reports)
         if self.cpu_nodes is not None:
             need = (chunk["node"] < 0) & (chunk["cpu"] >= 0)
             if need.any():
@@ -81,8 +82,8 @@ class ReportBuffer:
             t = chunk["time_ns"]
             if not (t[1:] >= t[:-1]).all():
                 mask = t < end_ns
-                outs.append(chunk[mask])
-                kept = chunk[~mask]
+                outs.append(select_rows(chunk, mask))
+                kept = select_rows(chunk, ~mask)
             else:
                 i = int(np.searchsorted(t, end_ns, side="left"))
                 outs.append(chunk[:i])
@@ -94,7 +95,7 @@ class ReportBuffer:
         self._len = sum(int(c.size) for c in rest)
         if not outs:
             return np.empty(0, dtype=REPORT_DTYPE)
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else concat_rows(outs)
 
     def holds_pid(self, pid: int) -> bool:
         """Whether any report waiting in the buffer is for ``pid``."""

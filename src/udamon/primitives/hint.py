@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from udamon.errors import RuntimeFailure
-from udamon.intake.reports import SOURCE_IDS, empty
+from udamon.intake.reports import REPORT_DTYPE, SOURCE_IDS, empty
 from udamon.primitives.base import Primitive, PrimitiveStats
 from udamon.system.perf_tracepoint import FaultTracer, page_fault_tracepoint_available
 from udamon.system.sysctl_guard import (
@@ -34,7 +34,7 @@ from udamon.system.sysctl_guard import (
     restore_stale,
 )
 from udamon.targets.procmaps import is_alive
-from udamon.targets.topology import nodes_of
+from udamon.targets.topology import cpu_to_node, nodes_of
 
 PAGE = 4096
 WRITE_BIT = 0x2
@@ -102,6 +102,7 @@ class HintPrimitive(Primitive):
         self._stopped = False
         self._pidfds: dict[int, int] | None = None
         self._pidpoll: select.poll | None = None
+        self._cpu_nodes = cpu_to_node()
 
     def start(self, pids: list[int]) -> None:
         ok, why = hint_available()
@@ -157,13 +158,20 @@ class HintPrimitive(Primitive):
     def poll(self, now_ns: int) -> np.ndarray:
         if self._tracer is None:
             return empty(0)
-        faults = self._tracer.read()
-        if not faults.size:
+        reports = self._tracer.read_reports(REPORT_DTYPE, SOURCE_IDS["hint"],
+                                            self._cpu_nodes)
+        if reports is None:  # no C ring reader: the numpy path, same reports
+            reports = faults_to_reports(self._tracer.read())
+        if not reports.size:
             return _NO_REPORTS  # an idle interval: no array work (its cost is hint's idle cost)
-        pids, counts = np.unique(faults["pid"], return_counts=True)
-        for pid, n in zip(pids.tolist(), counts.tolist(), strict=True):
-            self._faults[pid] = self._faults.get(pid, 0) + n
-        return faults_to_reports(faults)
+        if len(self._faults) == 1:
+            for pid in self._faults:
+                self._faults[pid] += int(reports.size)
+        else:
+            pids, counts = np.unique(reports["pid"], return_counts=True)
+            for pid, n in zip(pids.tolist(), counts.tolist(), strict=True):
+                self._faults[pid] = self._faults.get(pid, 0) + n
+        return reports
 
     def wait(self, timeout_s: float) -> bool:
         if self._tracer is None:

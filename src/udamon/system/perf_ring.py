@@ -197,6 +197,10 @@ class Ring:
         self.aux: mmap.mmap | None = None
         self.aux_size = 0
 
+    def pending(self) -> int:
+        """Bytes of records the kernel has written and the reader not yet released."""
+        return self._head.value - self._tail.value
+
     def take(self) -> bytes:
         """Copy every complete record available and release the space."""
         head = self._head.value  # one aligned load (smp_rmb implied on x86)

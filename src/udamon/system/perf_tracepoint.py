@@ -51,8 +51,9 @@ from typing import Literal
 
 import numpy as np
 
-from udamon.arrays import sorted_unique
+from udamon.arrays import select_rows, sorted_unique
 from udamon.errors import RuntimeFailure
+from udamon.native import load as load_native
 from udamon.system.mounts import is_mounted, mount, umount
 from udamon.system.perf_ring import (
     ATTR_DISABLED,
@@ -98,6 +99,7 @@ FAULT_DTYPE = np.dtype(
 )
 
 _NO_FAULTS = np.zeros(0, dtype=FAULT_DTYPE)  # what read() returns when nothing came
+_native = load_native("udamon.system._perf_ring")
 
 Mode = Literal["auto", "per-thread", "system-wide"]
 
@@ -328,6 +330,7 @@ class FaultTracer:
         self._pid_arr = np.asarray(self.pids, dtype=np.int32)
         self._dtype: np.dtype | None = None
         self._rec_size = 0
+        self._native_args: tuple | None = None
         self.duplicates_dropped = 0
         self.foreign_dropped = 0
 
@@ -490,6 +493,61 @@ class FaultTracer:
         out["error_code"] = recs["error_code"]
         return out
 
+    def read_reports(self, dtype: np.dtype, source: int,
+                     cpu_nodes: np.ndarray) -> np.ndarray | None:
+        """Every fault sampled since the last call, straight from the rings as access
+        reports: an array of ``dtype`` (udamon's REPORT_DTYPE; this layer does not import
+        it) with the page, the write bit of error_code, the CPU's node from
+        ``cpu_nodes`` and ``source``.  One C pass (udamon.system._perf_ring) instead of
+        ``read()`` and a conversion; None when the extension is not built (the caller
+        converts ``read()``'s faults then)."""
+        if _native is None or self._parser is None:
+            return None
+        if not self._rings:
+            return np.zeros(0, dtype=dtype)
+        pending = sum(r.pending() for r in self._rings)
+        if pending <= 0:
+            return np.zeros(0, dtype=dtype)
+        if self._native_args is None or self._native_args[0] is not dtype:
+            dt = self._dtype
+            assert dt is not None
+            f = dt.fields
+            layout = (dt.itemsize, f["id"][1], f["pid"][1], f["tid"][1], f["time"][1],
+                      f["cpu"][1], f["addr"][1], f["error_code"][1])
+            rf = dtype.fields
+            out_layout = (dtype.itemsize, *(rf[k][1] for k in (
+                "time_ns", "pid", "tid", "cpu", "node", "addr", "size", "write", "source",
+                "mem", "page_node")))
+            self._native_args = (dtype, layout, out_layout)
+        _, layout, out_layout = self._native_args
+        per_thread = self.mode == "per-thread" and self._ids.size > 0
+        ids = self._ids.tobytes() if per_thread else b""
+        fams = self._fam_of_id.astype(np.int64).tobytes() if per_thread else b""
+        good = self._good_keys.astype(np.int64).tobytes() if per_thread else b""
+        pids = self._pid_arr.tobytes()
+        nodes = np.ascontiguousarray(cpu_nodes, dtype=np.int32).tobytes()
+        # samples are at least a record each: the rings' bytes bound their number
+        cap = pending // self._rec_size + 1
+        out = np.empty(cap, dtype=dtype)
+        keys = np.empty(cap, dtype=np.int64)
+        n = undecided = 0
+        for r in self._rings:
+            if n >= cap:
+                break
+            got, foreign, und, lost = _native.take_reports(
+                r.mm, r.data_off, r.data_size, layout, pids, ids, fams, good, nodes,
+                int(source), out[n:], out_layout, keys[n:])
+            n += got
+            undecided += und
+            self.foreign_dropped += foreign
+            self._parser.lost += lost
+        out = out[:n]
+        if undecided:  # a thread's first samples: decide its event family as read() does
+            mask = self._family_mask(keys[:n])
+            if mask is not None:
+                out = select_rows(out, mask)
+        return out
+
     def _parse(self, data: bytes) -> np.ndarray:
         assert self._parser is not None
         return self._parser.parse(data)
@@ -504,7 +562,7 @@ class FaultTracer:
         nforeign = int(recs.size - np.count_nonzero(keep))
         if nforeign:
             self.foreign_dropped += nforeign
-            recs = recs[keep]
+            recs = select_rows(recs, keep)
         if self.mode != "per-thread" or recs.size == 0 or self._ids.size == 0:
             return recs
         # Keep one event family per thread (see module docstring).
@@ -512,13 +570,18 @@ class FaultTracer:
         idx = np.minimum(idx, self._ids.size - 1)
         fam = np.where(self._ids[idx] == recs["id"], self._fam_of_id[idx], -1)
         tids = recs["tid"].astype(np.int64)
-        key = (tids << 20) | (fam & 0xFFFFF)
+        mask = self._family_mask((tids << 20) | (fam & 0xFFFFF))
+        return recs if mask is None else select_rows(recs, mask)
+
+    def _family_mask(self, key: np.ndarray) -> np.ndarray | None:
+        """Which samples (by ``tid << 20 | family`` key) are of their thread's kept event
+        family; None when all are.  A thread's earliest-seen family is kept."""
         good = _member(key, self._good_keys)
         if (good | _member(key, self._bad_keys)).all():  # every (thread, family) known
-            if not good.all():
-                self.duplicates_dropped += int(recs.size - np.count_nonzero(good))
-                recs = recs[good]
-            return recs
+            if good.all():
+                return None
+            self.duplicates_dropped += int(key.size - np.count_nonzero(good))
+            return good
         ukeys, first = np.unique(key, return_index=True)
         keep: list[int] = []
         drop: list[int] = []
@@ -531,8 +594,8 @@ class FaultTracer:
         self._bad_keys = sorted_unique(np.concatenate(
             (self._bad_keys, np.asarray(drop, dtype=np.int64))))
         mask = _member(key, self._good_keys)
-        self.duplicates_dropped += int(recs.size - np.count_nonzero(mask))
-        return recs[mask] if not mask.all() else recs
+        self.duplicates_dropped += int(key.size - np.count_nonzero(mask))
+        return None if mask.all() else mask
 
     # -- teardown ---------------------------------------------------------
 
