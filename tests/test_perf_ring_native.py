@@ -62,14 +62,6 @@ def _fake_ring(data_pages: int) -> Ring:
 
 def _write(r: Ring, start: int, data: bytes) -> None:
     """Put ``data`` in the ring at position ``start`` (wrapping) and publish it."""
-    size = r.data_size
-    for i in range(0, len(data), 1):  # byte-wise is fine for test sizes
-        r.mm[r.data_off + (start + i) % size] = data[i]
-    r._tail.value = start
-    r._head.value = start + len(data)
-
-
-def _write_fast(r: Ring, start: int, data: bytes) -> None:
     size, off = r.data_size, r.data_off
     pos = start % size
     first = min(len(data), size - pos)
@@ -163,8 +155,8 @@ def test_same_reports_as_the_numpy_path(batches, start, pids, per_thread):
     pos = start
     for batch in batches:
         data = _encode(a, batch, PAGE)
-        _write_fast(ra, pos, data)
-        _write_fast(rb, pos, data)
+        _write(ra, pos, data)
+        _write(rb, pos, data)
         got = a.read_reports(REPORT_DTYPE, HINT, NODES)
         want = _numpy_reports(b)
         assert got is not None and got.dtype == REPORT_DTYPE
@@ -176,7 +168,7 @@ def test_same_reports_as_the_numpy_path(batches, start, pids, per_thread):
     assert a.duplicates_dropped == b.duplicates_dropped
 
 
-def test_record_split_at_the_ring_end_and_bytewise_writes():
+def test_record_split_at_the_ring_end():
     t = _layout_tracer()
     r = _fake_ring(1)
     t._rings = [r]
@@ -198,7 +190,7 @@ def test_incomplete_record_stays_in_the_ring():
     r = _fake_ring(1)
     t._rings = [r]
     one = _sample(t, pid=100, tid=100, ident=10, cpu=0, addr=PAGE, err=0, time_ns=1)
-    _write_fast(r, 0, one + one[:16])  # the second record is not all there yet
+    _write(r, 0, one + one[:16])  # the second record is not all there yet
     assert t.read_reports(REPORT_DTYPE, HINT, NODES).size == 1
     assert r._tail.value == len(one)
 

@@ -572,7 +572,7 @@ def native_missing(controlled: bool, traced: bool = False) -> str:
     if traced:
         from udamon.system import perf_tracepoint
 
-        if perf_tracepoint._native is None:
+        if not perf_tracepoint.native():
             names.append("udamon.system._perf_ring (the fault tracer's ring reader)")
     if not names:
         return ""

@@ -64,43 +64,36 @@ static inline int32_t ld32(const unsigned char *p)
 	return v;
 }
 
+/* The first index of sorted a[0..n) whose element is >= v (one search for every type). */
+#define LOWER_BOUND(a, n, v)                                                   \
+	({                                                                     \
+		Py_ssize_t lo_ = 0, hi_ = (n);                                 \
+		while (lo_ < hi_) {                                            \
+			Py_ssize_t mid_ = lo_ + (hi_ - lo_) / 2;               \
+			if ((a)[mid_] < (v))                                   \
+				lo_ = mid_ + 1;                                \
+			else                                                   \
+				hi_ = mid_;                                    \
+		}                                                              \
+		lo_;                                                           \
+	})
+
 static int in_sorted_i32(const int32_t *a, Py_ssize_t n, int32_t v)
 {
-	Py_ssize_t lo = 0, hi = n;
-	while (lo < hi) {
-		Py_ssize_t mid = lo + (hi - lo) / 2;
-		if (a[mid] < v)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return lo < n && a[lo] == v;
+	Py_ssize_t i = LOWER_BOUND(a, n, v);
+	return i < n && a[i] == v;
 }
 
 static int in_sorted_i64(const int64_t *a, Py_ssize_t n, int64_t v)
 {
-	Py_ssize_t lo = 0, hi = n;
-	while (lo < hi) {
-		Py_ssize_t mid = lo + (hi - lo) / 2;
-		if (a[mid] < v)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return lo < n && a[lo] == v;
+	Py_ssize_t i = LOWER_BOUND(a, n, v);
+	return i < n && a[i] == v;
 }
 
 static int64_t family_of(const uint64_t *ids, const int64_t *fams, Py_ssize_t n, uint64_t id)
 {
-	Py_ssize_t lo = 0, hi = n;
-	while (lo < hi) {
-		Py_ssize_t mid = lo + (hi - lo) / 2;
-		if (ids[mid] < id)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return (lo < n && ids[lo] == id) ? fams[lo] : -1;
+	Py_ssize_t i = LOWER_BOUND(ids, n, id);
+	return (i < n && ids[i] == id) ? fams[i] : -1;
 }
 
 static PyObject *take_reports(PyObject *self, PyObject *args)

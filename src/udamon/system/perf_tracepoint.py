@@ -101,6 +101,11 @@ FAULT_DTYPE = np.dtype(
 _NO_FAULTS = np.zeros(0, dtype=FAULT_DTYPE)  # what read() returns when nothing came
 _native = load_native("udamon.system._perf_ring")
 
+
+def native() -> bool:
+    """Whether ``FaultTracer.read_reports`` reads the rings in C."""
+    return _native is not None
+
 Mode = Literal["auto", "per-thread", "system-wide"]
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -520,12 +525,12 @@ class FaultTracer:
                 "mem", "page_node")))
             self._native_args = (dtype, layout, out_layout)
         _, layout, out_layout = self._native_args
+        # the arrays themselves (contiguous, of the C types): no copies per read
         per_thread = self.mode == "per-thread" and self._ids.size > 0
-        ids = self._ids.tobytes() if per_thread else b""
-        fams = self._fam_of_id.astype(np.int64).tobytes() if per_thread else b""
-        good = self._good_keys.astype(np.int64).tobytes() if per_thread else b""
-        pids = self._pid_arr.tobytes()
-        nodes = np.ascontiguousarray(cpu_nodes, dtype=np.int32).tobytes()
+        ids = self._ids if per_thread else b""
+        fams = self._fam_of_id if per_thread else b""
+        good = np.ascontiguousarray(self._good_keys, dtype=np.int64) if per_thread else b""
+        nodes = np.ascontiguousarray(cpu_nodes, dtype=np.int32)
         # samples are at least a record each: the rings' bytes bound their number
         cap = pending // self._rec_size + 1
         out = np.empty(cap, dtype=dtype)
@@ -535,7 +540,7 @@ class FaultTracer:
             if n >= cap:
                 break
             got, foreign, und, lost = _native.take_reports(
-                r.mm, r.data_off, r.data_size, layout, pids, ids, fams, good, nodes,
+                r.mm, r.data_off, r.data_size, layout, self._pid_arr, ids, fams, good, nodes,
                 int(source), out[n:], out_layout, keys[n:])
             n += got
             undecided += und
