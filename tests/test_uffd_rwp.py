@@ -190,15 +190,13 @@ def _overlap(a0, a1, b0, b1) -> int:
     return max(0, min(a1, b1) - max(a0, b0))
 
 
-def _scores(info, snaps) -> dict[str, float]:
-    """Page-weighted nr_accesses of each buffer, averaged over snapshots (DAMON's view)."""
-    score = dict.fromkeys("RWSI", 0.0)
-    for s in snaps:
-        for b in score:
-            lo, hi = info[b]
-            score[b] += sum(_overlap(g["start"], g["end"], lo, hi) * g["nr_accesses"]
-                            for g in s["regions"]) / (hi - lo)
-    return {b: v / max(len(snaps), 1) for b, v in score.items()}
+def _scores(info, snaps, how=np.mean) -> dict[str, float]:
+    """Page-weighted nr_accesses of each buffer in each snapshot (DAMON's view), then
+    ``how`` over the snapshots."""
+    per = {b: [sum(_overlap(g["start"], g["end"], lo, hi) * g["nr_accesses"]
+                   for g in s["regions"]) / (hi - lo) for s in snaps]
+           for b, (lo, hi) in ((b, info[b]) for b in "RWSI")}
+    return {b: float(how(v)) if v else 0.0 for b, v in per.items()}
 
 
 def _hits(snaps, probe: str) -> int:
@@ -221,8 +219,14 @@ def test_rwp_record_classifies_buffers_and_attributes_cpus(access_pattern, thp):
     # aggregations of splitting and merging to find the buffers' edges (the kernel's
     # too): hot/cold and the working set are read from the second half of the record
     late = snaps[len(snaps) // 2:]
-    sc = _scores(info, late)
-    print({b: round(v, 3) for b, v in sc.items()}, len(late), "of", len(snaps), "snapshots")
+    # the idle buffer (mapped right after the shared one, usually next to it) is judged
+    # by the median snapshot: a region still straddling the two buffers' edge in some
+    # snapshots (random split points, as the kernel's) gave one CI run a mean of 10 % of
+    # the hot ones
+    sc = _scores(info, late, np.median)
+    print({b: round(v, 3) for b, v in sc.items()}, "means",
+          {b: round(v, 3) for b, v in _scores(info, late).items()},
+          len(late), "of", len(snaps), "snapshots")
     coldest_hot = min(sc["R"], sc["W"], sc["S"])
     assert coldest_hot > 0 and sc["I"] <= 0.05 * coldest_hot, sc
     # CPU attribution of the private buffers: the share of each one's hits (all of the
