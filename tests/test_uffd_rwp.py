@@ -133,8 +133,11 @@ def _record(access_pattern, extra, *, seconds: float, thp: bool = False,
     """Run access_pattern under ``udamon record --primitive rwp``; return (info, header,
     snapshots, end line or None, workload end line, workload exit code).  ``extra`` is a
     list of options or a function of the workload's start line that returns one."""
-    args = [access_pattern, "--duration", "600", "--size", str(SIZE_MIB),
-            "--reader-cpu", "0", "--writer-cpu", "1"] + (["--thp"] if thp else [])
+    # niced, as the NUMA guest tests' workloads: its two busy threads fill both vCPUs
+    # of the TCG guest, where udamon's start-up then took ~100 s of CPU-starved imports
+    args = ["nice", "-n", "5", access_pattern, "--duration", "600", "--size",
+            str(SIZE_MIB), "--reader-cpu", "0", "--writer-cpu", "1"] + (
+                ["--thp"] if thp else [])
     wl = _spawn(args)
     rec = f"/tmp/udamon-rwp-{os.getpid()}-{time.monotonic_ns()}.jsonl"
     try:
