@@ -58,7 +58,7 @@ def test_two_llc_domains_in_the_guest(tmp_path, guest_cache):
 
 
 def _run_and_check(tmp_path, guest_cache, tests: list[str], min_tests: int,
-                   timeout: float = 1500, **kw) -> None:
+                   timeout: float = 1700, **kw) -> None:
     results = tmp_path / "results"
     s = run_guest(tests, cache=guest_cache, results=results,
                   python=default_python(), timeout=timeout, **kw)

@@ -40,6 +40,10 @@ PAGE = 4096
 # Python and injecting take seconds: target lifetimes and the bounds on a target's
 # stalls stretch by this factor there (the bounds stay far below a hang).
 SLOW = 10 if os.environ.get("UDAMON_GUEST") == "1" else 1
+# A target that must outlive an injection: in the TCG guest the injection helper's
+# Python start alone takes 20-30 s next to a busy target (a CI run saw the target end
+# first), on the host milliseconds
+INJECT_SLACK_S = 40 if SLOW > 1 else 0
 
 
 def _bin(name: str) -> str:
@@ -534,19 +538,29 @@ def check_stop_drops_protection(cls) -> None:
     assert p.returncode == 0
 
 
+# The monitor child imports first and then reads the target's pid from stdin: its
+# start-up (~30 s in a TCG guest) must not eat the target's lifetime of a few seconds
 _MONITOR_CHILD = textwrap.dedent("""
     import sys, time
     import numpy as np
     from udamon.primitives import uffd
     from udamon.targets.procmaps import read_vmas
-    pid = int(sys.argv[1])
-    w = getattr(uffd, sys.argv[2])([pid]); w.start([pid])
+    pid = int(sys.stdin.readline())
+    w = getattr(uffd, sys.argv[1])([pid]); w.start([pid])
     vmas = [v for v in read_vmas(pid) if v.anonymous and v.private and "w" in v.perms]
     pages = np.concatenate([np.arange(v.start, v.end, 4096, dtype=np.uint64) for v in vmas])
     w.arm(pid, pages)
     print("armed", pages.size, flush=True)
     time.sleep(60)
 """)
+
+
+def _monitor_child(cls, **env: str) -> subprocess.Popen:
+    """A process that will monitor the pid written to its stdin with ``cls``, arm every
+    page of its private writable mappings, say "armed N" and sleep."""
+    return subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, cls.__name__],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **env))
 
 
 def _assert_ended_intact(rc: int, watch: TickWatch) -> None:
@@ -563,14 +577,14 @@ def test_sigkill_of_monitor_leaves_target_running(torture):
 
 
 def check_sigkill_of_monitor(torture, cls) -> None:
-    p = _spawn([torture, "churn", str(3 * SLOW)])
+    mon = _monitor_child(cls)
+    p = _spawn([torture, "churn", str(3 * SLOW + INJECT_SLACK_S)])
     watch = None
-    mon = None
     try:
         start = json.loads(p.stdout.readline())
         watch = TickWatch(p)
-        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(start["pid"]),
-                                cls.__name__], stdout=subprocess.PIPE, text=True)
+        mon.stdin.write(f"{start['pid']}\n")
+        mon.stdin.flush()
         line = mon.stdout.readline()
         assert line.startswith("armed"), line
         time.sleep(0.3)
@@ -612,15 +626,14 @@ def test_sigkill_of_monitor_during_injection_leaves_target_running(torture):
 
 
 def check_sigkill_during_injection(torture, cls) -> None:
-    p = _spawn([torture, "churn", str(4 * SLOW)])
-    mon = None
+    mon = _monitor_child(cls, UDAMON_TEST_INJECT_PAUSE_S=str(1.0 * SLOW))
+    p = _spawn([torture, "churn", str(4 * SLOW + INJECT_SLACK_S)])
     try:
         start = json.loads(p.stdout.readline())
         pid = start["pid"]
         watch = TickWatch(p)
-        env = dict(os.environ, UDAMON_TEST_INJECT_PAUSE_S=str(1.0 * SLOW))
-        mon = subprocess.Popen([sys.executable, "-c", _MONITOR_CHILD, str(pid), cls.__name__],
-                               stdout=subprocess.PIPE, text=True, env=env)
+        mon.stdin.write(f"{pid}\n")
+        mon.stdin.flush()
         deadline = time.monotonic() + 10 * SLOW
         while _tracer_of(pid) == 0:  # the helper has seized the target
             assert time.monotonic() < deadline and mon.poll() is None
