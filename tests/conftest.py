@@ -40,6 +40,12 @@ def buffer_hits(rec, lo, hi):
     return tot
 
 
+# The Linux 7.3 guest (tests/guest/) runs the uffd tests under TCG, where starting
+# Python and injecting take seconds: target lifetimes, turn lengths and the bounds on a
+# target's stalls stretch by this factor there (the bounds stay far below a hang).
+SLOW = 10 if os.environ.get("UDAMON_GUEST") == "1" else 1
+
+
 def buffer_probes(info, write: bool = True) -> list[str]:
     """--probe options per buffer B of access_pattern: B (its address range), B_c0 /
     B_c1 (and CPU 0 / 1) and, with ``write``, B_w (and a write): exact per-buffer

@@ -27,6 +27,7 @@ from udamon.system.perf_tracepoint import FaultTracer, online_cpus
 from udamon.targets import inject
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import SLOW  # noqa: E402
 from workloads.build import BuildError, build  # noqa: E402
 
 _root = os.geteuid() == 0
@@ -36,10 +37,6 @@ needs_root = pytest.mark.skipif(not (_root and _x86), reason="needs root on x86_
 needs_wp = pytest.mark.skipif(not _avail, reason=f"wp unavailable: {_why}")
 two_cpus = pytest.mark.skipif(not {0, 1} <= set(online_cpus()), reason="needs CPUs 0 and 1")
 PAGE = 4096
-# The Linux 7.3 guest (tests/guest/) runs these checks for rwp under TCG, where starting
-# Python and injecting take seconds: target lifetimes and the bounds on a target's
-# stalls stretch by this factor there (the bounds stay far below a hang).
-SLOW = 10 if os.environ.get("UDAMON_GUEST") == "1" else 1
 # A target that must outlive an injection: in the TCG guest the injection helper's
 # Python start alone takes 20-30 s next to a busy target (a CI run saw the target end
 # first), on the host milliseconds
