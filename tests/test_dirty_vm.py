@@ -4,12 +4,12 @@ Three TCG VMs (tests/workloads/dirty_vm.py: bare-metal guests whose only writes
 are a dirtier's, which prints the distinct pages it wrote per 1 s window) at
 200 / 2000 / 20000 pages per second over 128 MiB.  ``udamon dirty-rate`` at its
 defaults must rank them right, find each VM's guest RAM (QEMU's RAM blocks) and
-estimate each rate within x1.25 of the guest's truth with an interval that
-covers it, converged within 5 s.  QEMU's ``calc-dirty-rate`` (page-sampling,
-its default 512 pages per GiB; the dirty-bitmap mode segfaults QEMU 7.2 under
-TCG) is asked on the same VMs and printed beside (bench/bench_dirty.py has the
-side-by-side numbers).  The VMs must keep running with their data when udamon
-ends and when it is SIGKILLed.
+estimate each rate within x1.25 of the guest's truth with 95 % intervals that
+cover it (all but at most two of nine), converged within 5 s.  QEMU's
+``calc-dirty-rate`` (page-sampling, its default 512 pages per GiB; the
+dirty-bitmap mode segfaults QEMU 7.2 under TCG) is asked on the same VMs and
+printed beside (bench/bench_dirty.py has the side-by-side numbers).  The VMs must
+keep running with their data when udamon ends and when it is SIGKILLed.
 
 These boot VMs: run them alone (``flock /tmp/udamon-guest.lock``).  They skip
 only when qemu-system-x86_64 is missing.  Needs root (ptrace) and WP_ASYNC.
@@ -64,6 +64,7 @@ def _truth(vm: VM, first: int) -> float:
 
 def test_three_vms_ranked_within_truth_at_the_defaults(vms):
     qemu = {}
+    covered: list[bool] = []
     for run in range(3):
         for v in vms:
             v.poll_console()
@@ -85,13 +86,20 @@ def test_three_vms_ranked_within_truth_at_the_defaults(vms):
                   f"{t['interval']['high_bps'] / 2**20:.3f}], truth {truth / 2**20:.3f} MiB/s, "
                   f"ratio {ratio:.3f}, converged after {t['converged_after_ns']} ns")
             assert 1 / 1.25 <= ratio <= 1.25, (v.rate, t, truth)
-            assert t["interval"]["low_bps"] <= truth <= t["interval"]["high_bps"], (v.rate, t)
+            covered.append(t["interval"]["low_bps"] <= truth <= t["interval"]["high_bps"])
+            if not covered[-1]:
+                print(f"run {run}: VM {v.rate}: the interval misses the truth")
             assert t["converged"] and t["converged_after_ns"] <= 5_000_000_000, t
             assert t["rate_of"] == "guest-ram" and t["vmm"]["kind"] == "qemu"
             ram = sum(e - s for s, e in t["vmm"]["ram"])
             assert 800 << 20 <= ram <= 804 << 20  # pc.ram, plus the ROM blocks' 2 MiB
             parts = {x["name"]: x for x in t["parts"]}
             assert set(parts) == {"guest-ram", "vmm"}
+    # Nine 95 % intervals: even calibrated ones miss one or more of nine truths in ~37 %
+    # of runs (asserting all nine made this test fail about every other CI run, 2-5 %
+    # off); three or more misses have a chance of 0.8 % if they are calibrated, but are
+    # the rule for an interval half as wide as it should be (~68 % coverage)
+    assert sum(covered) >= len(covered) - 2, covered
     for v in vms:
         qemu[v.rate] = v.calc_dirty_rate(1, 512)["dirty-rate"]
     print(f"QEMU calc-dirty-rate (page-sampling, 512 pages/GiB), MiB/s: {qemu}")
