@@ -3,9 +3,10 @@
 Boots the two-node Linux 7.3 guest of tests/guest/ (see docs/guest.md) and
 runs its default tests inside it (tests/guest/run.py DEFAULT_TESTS: NUMA
 hit/miss and migration, the kernel DAMON paddr/vaddr driver, the rwp
-primitive and the controlled sampling loop), then boots it again with two
-sockets (two LLC domains) for thread placement (LLC_TESTS); passes when the
-guest's pytest ran them all (none skipped but the pmu case: a TCG guest has no
+primitive and the controlled sampling loop), and thread placement in a second,
+two-socket boot (LLC_TESTS).  The boots run in two lanes side by side
+(run.py LANES: a single-threaded TCG guest keeps one host CPU busy).  Passes
+when every guest's pytest ran its tests (none skipped but the pmu case: a TCG guest has no
 PMU) and they passed.  Takes several minutes.  CI runs it (.ci/run runs
 tests/guest/ci.sh first).  Skips with the
 reason when qemu-system-x86_64 is not installed (``bash tests/guest/ci.sh``
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ import pytest
 GUEST = Path(__file__).resolve().parent / "guest"
 sys.path.insert(0, str(GUEST))
 from prepare import default_cache, prepare  # noqa: E402
-from run import DEFAULT_TESTS, LLC_SMP, LLC_TESTS, default_python, run_guest  # noqa: E402
+from run import LANES, default_python, precompile, run_guest  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("UDAMON_GUEST") == "1", reason="already in the guest"),
@@ -48,28 +50,39 @@ def guest_cache():
         pytest.skip(f"cannot prepare the guest image in {cache}: {e}")
 
 
-def test_two_node_numa_in_the_guest(tmp_path, guest_cache):
-    # CI's 45 minutes: the tier's ~26 min leave no room for the rwp acceptance run's THP
-    # twin (~90 s); `python3 tests/guest/run.py` runs it
-    _run_and_check(tmp_path, guest_cache, DEFAULT_TESTS + [
-        "--deselect",
-        "tests/test_uffd_rwp.py::test_rwp_record_classifies_buffers_and_attributes_cpus[thp]"],
-        5)
+def test_guest_tier(tmp_path, guest_cache):
+    """Every boot of tests/guest/run.py LANES, the lanes side by side (two TCG guests on
+    a two-CPU host take the time of one): the default tests in a one-socket, two-node
+    guest and thread placement in a two-socket one."""
+    if (os.cpu_count() or 1) < 2:
+        lanes = [[boot for lane in LANES for boot in lane]]  # one after the other
+    else:
+        lanes = LANES
+    precompile(default_python())
+    errors: list[str] = []
+
+    def run_lane(i: int, lane) -> None:
+        for j, (smp, tests) in enumerate(lane):
+            name = f"lane{i}.{j}"
+            try:
+                _run_and_check(tmp_path / name, guest_cache, tests, 1, smp=smp,
+                               prefix=f"{name}| ")
+            except AssertionError as e:  # the other lane goes on; both are reported
+                errors.append(f"{name} ({' '.join(tests)}): {e}")
+            except Exception as e:  # noqa: BLE001 -- a thread's error must reach the test
+                errors.append(f"{name} ({' '.join(tests)}): {type(e).__name__}: {e}")
+
+    with ThreadPoolExecutor(len(lanes)) as ex:
+        list(ex.map(run_lane, range(len(lanes)), lanes))
+    assert not errors, "\n\n".join(errors)
 
 
-def test_two_llc_domains_in_the_guest(tmp_path, guest_cache):
-    """A second boot with two sockets (each its own L3): thread placement."""
-    _run_and_check(tmp_path, guest_cache, LLC_TESTS, 1, smp=LLC_SMP, timeout=1200)
-
-
-def _run_and_check(tmp_path, guest_cache, tests: list[str], min_tests: int,
-                   timeout: float = 1700, **kw) -> None:
-    results = tmp_path / "results"
-    s = run_guest(tests, cache=guest_cache, results=results,
-                  python=default_python(), timeout=timeout, **kw)
+def _run_and_check(results: Path, guest_cache, tests: list[str], min_tests: int,
+                   timeout: float = 1500, **kw) -> None:
+    s = run_guest(tests, cache=guest_cache, results=results, python=default_python(),
+                  timeout=timeout, compile_first=False, **kw)
     log = (results / "guest.log").read_text(errors="replace") if (
         results / "guest.log").is_file() else ""
-    print(log)
     print({k: v for k, v in s.items() if k != "qemu_output"})
     assert s["guest_status"] is not None, (
         f"{s['why']}\n{s['qemu_output']}\n"

@@ -42,6 +42,19 @@ DEFAULT_SMP = "2"  # QEMU 7.2: one socket of two cores, one shared L3
 # each its own L3 and (as in the default boot) its own NUMA node
 LLC_SMP = "2,sockets=2"
 LLC_TESTS = ["tests/test_guest_place.py"]
+# tests/test_guest_tier.py boots guests two at a time: a TCG guest runs its vCPUs on
+# one host thread, so a two-CPU host runs two of them side by side in the time of one.
+# Each lane is a list of boots, (smp, pytest args), one after the other; the lanes split
+# the default tests (plus the two-socket boot) into halves of about equal guest time.
+LANES = [
+    [(DEFAULT_SMP, ["tests/test_guest_numa.py", "tests/test_kernel_damon.py",
+                    "tests/test_kernel_guest.py"])],
+    [(DEFAULT_SMP, ["tests/test_uffd_rwp.py", "tests/test_uffd_loop.py",
+                    "tests/test_primitive_contract.py"]),
+     (LLC_SMP, LLC_TESTS)],
+]
+assert sorted(t for lane in LANES for smp, ts in lane if smp == DEFAULT_SMP
+              for t in ts) == sorted(DEFAULT_TESTS)
 
 
 def default_python() -> str:
@@ -146,11 +159,13 @@ def precompile(python: str) -> None:
 def run_guest(pytest_args: list[str], *, cache: Path, results: Path, python: str,
               timeout: float = 900, mem_per_node_mb: int = 512, stream: bool = True,
               install: bool = False, shell: str | None = None,
-              smp: str = DEFAULT_SMP) -> dict:
+              smp: str = DEFAULT_SMP, prefix: str = "guest| ",
+              compile_first: bool = True) -> dict:
     """Boot the guest, run pytest in it; return the summary (also in results/summary.json)."""
     t0 = time.monotonic()
     prepare(cache, install=install)
-    precompile(python)
+    if compile_first:
+        precompile(python)
     t_prep = time.monotonic() - t0
     results.mkdir(parents=True, exist_ok=True)
     for name in ("status", "guest.log", "junit.xml", "boot_s", "console.log"):
@@ -161,7 +176,7 @@ def run_guest(pytest_args: list[str], *, cache: Path, results: Path, python: str
     t1 = time.monotonic()
     qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    tail = Tail(results / "guest.log", "guest| ")
+    tail = Tail(results / "guest.log", prefix)
     timed_out = False
     try:
         while qemu.poll() is None:
