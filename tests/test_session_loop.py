@@ -298,3 +298,60 @@ def test_supplied_aggregations_wait_for_the_observers_reports_of_their_interval(
     assert all(s.nr_accesses.tolist() == [20, 0] for s in snaps)  # the kernel's counts
     assert [s.probe_hits["c0"].tolist() for s in snaps[:5]] == [[1, 0]] * 5  # each its own
     assert m.stats.late == 0
+
+
+def _delivered(latency_ns: int | None, script, duration_ms: int = 2_500):
+    clock = Clock()
+    prim = Observing(clock, script)
+    out = []  # (snapshot, the clock when it was handed over)
+    res = run_live(_monitor(), prim, lambda s: out.append((s, clock.t)),
+                   duration_ns=duration_ms * MS, clock=clock, latency_ns=latency_ns)
+    return res, out, clock.t - prim.t0
+
+
+def test_a_longer_latency_hands_over_the_same_snapshots_later_in_bursts():
+    """With latency L the loop closes the due intervals every L (fewer wake-ups with
+    cold caches: an idle hint session's cost), and the snapshots are the very same."""
+    script = [(2 * MS, 1), (3 * MS, 1), (12 * MS, 1), (151 * MS, 2), (1_230 * MS, 0),
+              (2_401 * MS, 3)]
+    r0, on_time, end0 = _delivered(0, script)
+    r1, late, end1 = _delivered(1_000 * MS, script)
+    assert r0.reason == r1.reason == "duration"
+    assert len(on_time) == len(late) == 25  # 2.5 s of 100 ms intervals
+    for (a, _), (b, _) in zip(on_time, late, strict=True):
+        assert (a.time_ns, a.start_ns) == (b.time_ns, b.start_ns)
+        assert np.array_equal(a.start, b.start) and np.array_equal(a.end, b.end)
+        assert np.array_equal(a.nr_accesses, b.nr_accesses)
+        assert np.array_equal(a.age, b.age)
+    # six accesses in five sampling intervals (2 and 3 ms share one)
+    assert sum(int(s.nr_accesses.sum()) for s, _ in late) == 5
+    # latency 0: each interval as it ends; 1 s: the first ten together, 1 s in
+    t0 = 1_000 * MS
+    assert all(at - (s.time_ns) < 20 * MS for s, at in on_time)
+    first_ten = {at for _, at in late[:10]}
+    assert len(first_ten) == 1 and first_ten.pop() >= t0 + 1_000 * MS
+    assert max(at - s.time_ns for s, at in late) >= 900 * MS
+    assert all(at - s.time_ns <= 1_000 * MS + 20 * MS for s, at in late)
+    # the duration still ends the session on time, not at the next latency step
+    assert end0 == end1 == 2_500 * MS
+
+
+def test_a_stop_still_ends_a_long_latency_session_at_once():
+    clock = Clock()
+    stop = StopFlag()
+    prim = Observing(clock, [(20 * MS, 0), (130 * MS, 3)])
+    orig = prim.wait
+
+    def wait(timeout_s):  # Ctrl-C 150 ms in, with 1 s of latency
+        if clock.t - prim.t0 >= 150 * MS:
+            stop.set()
+        return orig(timeout_s)
+
+    prim.wait = wait
+    snaps = []
+    res = run_live(_monitor(), prim, snaps.append, stop=stop, clock=clock,
+                   latency_ns=1_000 * MS)
+    assert res.reason == "interrupted"
+    assert clock.t - prim.t0 < 200 * MS  # not at the next latency step
+    assert [s.time_ns - s.start_ns for s in snaps] == [100 * MS, snaps[-1].time_ns - 1_100 * MS]
+    assert sum(int(s.nr_accesses.sum()) for s in snaps) == 2

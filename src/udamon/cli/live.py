@@ -31,6 +31,7 @@ from udamon.primitives import registry
 from udamon.probes import breakdown as breakdown_mod
 from udamon.probes.filters import Filter
 from udamon.probes.probe import Probe
+from udamon.units import parse_duration_ns
 
 INPUT_FORMATS = ("csv", "perf-script")
 
@@ -90,12 +91,15 @@ def primitives_help(replay: bool) -> str:
     return "\n".join(lines)
 
 
-def add_session_args(p: argparse.ArgumentParser, *, replay: bool) -> None:
-    """The target, primitive, filter and monitoring options of a session."""
+def add_session_args(p: argparse.ArgumentParser, *, replay: bool,
+                     acts: bool = False) -> None:
+    """The target, primitive, filter and monitoring options of a session.  ``acts``: the
+    command acts on every interval's snapshots as they come (a scheme): its latency
+    defaults to 0."""
     p.epilog = primitives_help(replay) + ("\n\n" + p.epilog if p.epilog else "")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_source_args(p, replay)
-    _add_target_args(p, replay)
+    _add_target_args(p, replay, acts)
     _add_output_args(p)
     _add_hint_args(p)
     _add_kernel_args(p)
@@ -144,7 +148,13 @@ def _add_source_args(p: argparse.ArgumentParser, replay: bool) -> None:
                         "clients: python -m udamon.reporter, udamon_report.h)")
 
 
-def _add_target_args(p: argparse.ArgumentParser, replay: bool) -> None:
+def _latency_arg(text: str) -> int:
+    if text.strip().startswith("-"):
+        raise ValueError(f"latency must not be negative, got {text!r}")
+    return 0 if text.strip() == "0" else parse_duration_ns(text)
+
+
+def _add_target_args(p: argparse.ArgumentParser, replay: bool, acts: bool = False) -> None:
     """What is monitored and for how long."""
     p.add_argument("--pid", metavar="PID[,PID...]", action="append", default=[],
                    type=typed(pid_list, "pid list"),
@@ -156,6 +166,17 @@ def _add_target_args(p: argparse.ArgumentParser, replay: bool) -> None:
                         (" or, for replay, the ranges the reports touch" if replay else ""))
     p.add_argument("--duration", metavar="DUR", type=typed(duration_arg, "duration"),
                    help="stop after this long (default: until the targets exit or Ctrl-C)")
+    p.add_argument("--latency", metavar="DUR", type=typed(_latency_arg, "duration"),
+                   default=0 if acts else None,
+                   help="hint, pmu and external sessions: how late a finished aggregation "
+                        "interval may be closed; udamon then closes the due ones together "
+                        "and wakes once per latency instead of once per interval (same "
+                        "snapshots, less CPU) " + (
+                            "(default 0: each interval as it ends, so that actions follow "
+                            "the intervals)" if acts else
+                            "(default 1s, or the aggregation interval when that is longer; "
+                            "0: each interval as it ends).  wp, rwp and kernel sessions close "
+                            "each interval when it ends; see docs/primitives.md"))
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -444,7 +465,7 @@ def run_session(a, spec: SessionSpec, sinks: list[Sink], *, progress: bool = Tru
                       seed=a.seed, page_nodes=not a.no_page_nodes,
                       regions_follow_origin=getattr(a, "regions_follow_origin", None),
                       probe_weights=probe_weights(a), options=spec.options,
-                      physical=spec.physical,
+                      physical=spec.physical, latency_ns=getattr(a, "latency", None),
                       stop=install_stop(), log=stderr_log, on_tick=bar.update)
     try:
         session.run(sinks)

@@ -81,7 +81,7 @@ def add_parser(sub) -> None:
                    help="text: a line per interval that acts and the totals; json: one object")
     g.add_argument("-o", "--output", metavar="FILE",
                    help="also write the record of the session (as 'udamon record' does)")
-    live.add_session_args(p, replay=False)
+    live.add_session_args(p, replay=False, acts=True)
     p.set_defaults(func=run)
 
 

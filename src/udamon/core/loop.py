@@ -15,6 +15,7 @@ with a reason for the record's end line and stop every primitive on every path.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import time
@@ -180,14 +181,20 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
               on_tick: Callable[[int], None] | None = None,
               annotate: Callable[[Snapshot], None] | None = None,
               page_nodes: PageNodeLookup | None = None,
-              result: SessionResult | None = None) -> Iterator[Snapshot]:
+              result: SessionResult | None = None,
+              latency_ns: int = 0) -> Iterator[Snapshot]:
     """Real-time loop, yielding each snapshot as its aggregation interval closes.  With a
     controlled primitive, each interval is its sampling turns (arm, wait, check); with
-    observational ones only, the loop sleeps until each interval ends or a primitive has
-    data waiting.  The caller has started the primitives; this stops them before it
-    returns, on every path (also when the caller stops iterating).  ``page_nodes``
-    fills each report's ``page_node`` before the monitor counts it; ``result`` (when
-    given) is filled in as the loop runs and ends."""
+    observational ones only, the loop sleeps until intervals are due or a primitive has
+    data waiting.  ``latency_ns`` (observational only): how long a finished interval
+    may wait to be closed; the due intervals are then closed together, every
+    ``latency_ns`` (rounded down to whole intervals; 0: each as it ends).  Reports carry
+    their time, so the snapshots are the same; what changes is that the loop wakes once
+    per latency instead of once per interval, each time with caches gone cold (most of
+    an idle session's cost: bench/analysis.md).  The caller has started the
+    primitives; this stops them before it returns, on every path (also when the caller
+    stops iterating).  ``page_nodes`` fills each report's ``page_node`` before the
+    monitor counts it; ``result`` (when given) is filled in as the loop runs and ends."""
     prims = list(primitives) if isinstance(primitives, list) else [primitives]
     keep_freed_memory()  # the same arrays every aggregation: no page faults for them
     if any(p.kind == "regions" for p in prims):
@@ -218,8 +225,14 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
         monitor.start(t0)
         ran = 0
         delay = max((0, *(int(p.report_delay_ns) for p in observers))) if not driver else 0
+        aggr_ns = monitor.attrs.aggr_us * 1000
+        ahead_ns = max(0, int(latency_ns) // aggr_ns - 1) * aggr_ns  # whole intervals more
         exit_seen: dict[int, int] = {}  # pid -> when its exit was seen (with a delay)
         lead = observers[0] if observers else None
+        # one observer whose wait() also watches the stop flag: one wait per latency;
+        # else 0.1 s waits (the other observers are polled, a stop is seen, that often)
+        wake_on_stop = (lead is not None and len(observers) == 1
+                        and "wake_fd" in inspect.signature(lead.wait).parameters)
         while True:
             if driver is not None:
                 # the sampling turns of one aggregation interval, as kdamond_fn runs them:
@@ -228,16 +241,19 @@ def iter_live(monitor: Monitor, primitives: Primitive | list[Primitive], *,
                 if stop.is_set():
                     res.reason = stop.why
             else:
-                # observational: reports carry their time, so wake at the end of each
-                # aggregation (plus the primitives' report delay), or earlier when one
-                # has data waiting
-                next_tick = (monitor.window_end or clock()) + delay
+                # observational: reports carry their time, so wake when the intervals of
+                # the latency are due (plus the primitives' report delay), to take what a
+                # primitive has waiting meanwhile, and at the end of the duration
+                next_tick = (monitor.window_end or clock()) + ahead_ns + delay
+                if duration_ns is not None:
+                    next_tick = min(next_tick, t0 + duration_ns)
                 while not stop.is_set() and not all(p.exhausted() for p in observers):
                     remaining = (next_tick - clock()) / 1e9
                     if remaining <= 0:
                         break
                     assert lead is not None
-                    if lead.wait(min(remaining, 0.1)) or len(observers) > 1:
+                    if (lead.wait(remaining, stop.fileno()) if wake_on_stop
+                            else lead.wait(min(remaining, 0.1))) or len(observers) > 1:
                         take(clock())
                 if stop.is_set():
                     res.reason = stop.why
@@ -420,12 +436,13 @@ def run_live(monitor: Monitor, primitive: Primitive | list[Primitive], sink: Sna
              clock: Callable[[], int] = time.monotonic_ns,
              on_tick: Callable[[int], None] | None = None,
              annotate: Callable[[Snapshot], None] | None = None,
-             page_nodes: PageNodeLookup | None = None) -> SessionResult:
+             page_nodes: PageNodeLookup | None = None,
+             latency_ns: int = 0) -> SessionResult:
     """``iter_live`` handing every snapshot to ``sink``; returns how the session ended."""
     res = SessionResult("duration")
     for snap in iter_live(monitor, primitive, duration_ns=duration_ns, stop=stop, clock=clock,
                           on_tick=on_tick, annotate=annotate, page_nodes=page_nodes,
-                          result=res):
+                          result=res, latency_ns=latency_ns):
         sink(snap)
     return res
 

@@ -58,6 +58,11 @@ from udamon.probes import breakdown as breakdown_mod
 from udamon.probes.filters import Filter, parse_conditions
 from udamon.probes.probe import Probe
 
+# How late an observational session hands over a finished interval by default: it
+# wakes once a second instead of ten times (an idle hint session's cost is its wake-ups,
+# bench/analysis.md); a record or a live view a second behind loses nothing.
+DEFAULT_LATENCY_NS = 1_000_000_000
+
 
 class Sink(Protocol):
     """What consumes a session's snapshots (record file, live view, exporter, scheme)."""
@@ -112,7 +117,8 @@ class Session:
                  cpu_nodes: str | None = None, physical: bool = False,
                  options: dict[str, dict] | None = None, stop: StopFlag | None = None,
                  log: Callable[[str], None] | None = None,
-                 on_tick: Callable[[int], None] | None = None) -> None:
+                 on_tick: Callable[[int], None] | None = None,
+                 latency_ns: int | None = None) -> None:
         """``attrs``: None for each primitive's defaults (DAMON's).  ``options``: per
         primitive name, its own options (hint's ``scan_period_ms``, external's
         ``socket_path``...).  ``log``: where one-line notes for the user go (the CLI
@@ -120,7 +126,13 @@ class Session:
         script output with ``input_format="perf-script"``).  ``cpu_nodes``: replay only,
         the recorded machine's CPU-to-node map (``"0-3=0,4-7=1"``) for reports whose
         input gives no node; default: this machine's.  ``physical``: the kernel
-        primitive monitors the physical address space over ``ranges`` (no pids)."""
+        primitive monitors the physical address space over ``ranges`` (no pids).
+        ``latency_ns``: with observational primitives only (hint, pmu, external), how
+        long a finished aggregation interval may wait before its snapshots are handed
+        over; the due ones are closed together, so the loop wakes once per latency
+        instead of once per interval.  The snapshots are the same.  Default
+        DEFAULT_LATENCY_NS (1 s, or the aggregation interval when that is longer); 0:
+        each interval as it ends, as schemes that act on it need."""
         self.pids = [int(p) for p in pids]
         self.command = list(command or [])
         self.input = input
@@ -138,6 +150,9 @@ class Session:
         self.probe_weights = dict(probe_weights or {})
         self.cpu_nodes = cpu_nodes
         self.physical = physical
+        if latency_ns is not None and latency_ns < 0:
+            raise UsageError(f"latency must not be negative, not {latency_ns} ns")
+        self.latency_ns = DEFAULT_LATENCY_NS if latency_ns is None else int(latency_ns)
         self.options = {k: dict(v) for k, v in (options or {}).items()}
         self.stop_flag = stop or StopFlag()
         self.log = log or (lambda msg: None)
@@ -520,6 +535,7 @@ class Session:
             yield from iter_live(self.monitor, self.primitives, duration_ns=self.duration_ns,
                                  stop=self.stop_flag, on_tick=self.on_tick,
                                  page_nodes=self._lookup, result=self.result,
+                                 latency_ns=self.latency_ns,
                                  annotate=self._names.annotate if self._names else None)
         finally:
             self._closed = True  # iter_live stopped every primitive

@@ -148,16 +148,19 @@ class ChannelServer:
             out.append(self._listen.fileno())
         return out
 
-    def wait(self, timeout_s: float) -> bool:
-        """Block until a producer (or a new connection) has something, or the timeout."""
+    def wait(self, timeout_s: float, wake_fd: int = -1) -> bool:
+        """Block until a producer (or a new connection) has something (True), ``wake_fd``
+        (when >= 0) is readable, or the timeout passes."""
         fds = self.fds()
-        if not fds:
+        if not fds and wake_fd < 0:
             time.sleep(max(0.0, timeout_s))
             return False
         p = select.poll()
         for fd in fds:
             p.register(fd, select.POLLIN)
-        return bool(p.poll(max(0, int(timeout_s * 1000 + 0.999))))
+        if wake_fd >= 0:
+            p.register(wake_fd, select.POLLIN)
+        return any(fd != wake_fd for fd, _ in p.poll(max(0, int(timeout_s * 1000 + 0.999))))
 
     @property
     def stdin_done(self) -> bool:

@@ -25,6 +25,9 @@ every exit path.
 
 from __future__ import annotations
 
+import math
+import select
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -141,13 +144,13 @@ class Primitive:
         one aggregation together, in time order)."""
         return []
 
-    def wait(self, timeout_s: float) -> bool:
+    def wait(self, timeout_s: float, wake_fd: int = -1) -> bool:
         """Observational and regions kinds: block until reports (or aggregations) may be
-        waiting (True) or the timeout passes (False).  The default just sleeps."""
-        import time
-
-        time.sleep(timeout_s)
-        return False
+        waiting (True), ``wake_fd`` (when >= 0) is readable, or the timeout passes
+        (False).  The default just sleeps.  ``wake_fd`` is the session's stop flag: the
+        loop can then wait a whole latency in one call (a subclass whose ``wait`` takes
+        no ``wake_fd`` is woken every 0.1 s instead)."""
+        return wait_fds([], timeout_s, wake_fd)
 
     def exited(self) -> list[int]:
         """Pids among the targets that have exited since the last call (each once)."""
@@ -167,3 +170,19 @@ class Primitive:
 
     def stop(self) -> None:  # noqa: B027 - optional hook
         """Release everything; must be safe to call more than once."""
+
+
+def wait_fds(fds: list[int], timeout_s: float, wake_fd: int = -1) -> bool:
+    """poll() ``fds`` and ``wake_fd`` for input up to ``timeout_s`` (rounded up to whole
+    milliseconds: rounding down woke callers early, and they spun on poll(0) until
+    their deadline); True when one of ``fds`` is readable."""
+    ms = max(0, math.ceil(timeout_s * 1000))
+    if not fds and wake_fd < 0:
+        time.sleep(ms / 1000)
+        return False
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    if wake_fd >= 0:
+        p.register(wake_fd, select.POLLIN)
+    return any(fd != wake_fd for fd, _ in p.poll(ms))

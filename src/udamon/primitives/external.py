@@ -90,10 +90,10 @@ class ExternalPrimitive(Primitive):
         if self.stdin:
             self._notes.append("reading reports from stdin")
 
-    def wait(self, timeout_s: float) -> bool:
+    def wait(self, timeout_s: float, wake_fd: int = -1) -> bool:
         if self._server is None:
-            return super().wait(timeout_s)
-        return self._server.wait(timeout_s)
+            return super().wait(timeout_s, wake_fd)
+        return self._server.wait(timeout_s, wake_fd)
 
     def poll(self, now_ns: int) -> np.ndarray:
         if self._server is None:

@@ -173,10 +173,10 @@ class HintPrimitive(Primitive):
                 self._faults[pid] = self._faults.get(pid, 0) + n
         return reports
 
-    def wait(self, timeout_s: float) -> bool:
+    def wait(self, timeout_s: float, wake_fd: int = -1) -> bool:
         if self._tracer is None:
-            return super().wait(timeout_s)
-        return self._tracer.wait(timeout_s)
+            return super().wait(timeout_s, wake_fd)
+        return self._tracer.wait(timeout_s, wake_fd)
 
     def exited(self) -> list[int]:
         """Targets that exited since the last call: a pidfd (readable once the whole

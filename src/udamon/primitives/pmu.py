@@ -39,7 +39,6 @@ import ctypes
 import errno
 import os
 import re
-import select
 import struct
 from dataclasses import dataclass, field
 
@@ -49,7 +48,7 @@ from udamon.errors import RuntimeFailure
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives import perf_mem
 from udamon.primitives.arm_spe import SpeDecoder
-from udamon.primitives.base import Primitive, PrimitiveStats
+from udamon.primitives.base import Primitive, PrimitiveStats, wait_fds
 from udamon.system.perf_ring import (
     ATTR_DISABLED,
     ATTR_EXCLUDE_HV,
@@ -507,13 +506,8 @@ class PmuPrimitive(Primitive):
             return empty(0)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def wait(self, timeout_s: float) -> bool:
-        if not self._rings:
-            return super().wait(timeout_s)
-        p = select.poll()
-        for ring, _, _ in self._rings:
-            p.register(ring.fd, select.POLLIN)
-        return bool(p.poll(max(0, int(timeout_s * 1000 + 0.999))))
+    def wait(self, timeout_s: float, wake_fd: int = -1) -> bool:
+        return wait_fds([ring.fd for ring, _, _ in self._rings], timeout_s, wake_fd)
 
     def exited(self) -> list[int]:
         out = []

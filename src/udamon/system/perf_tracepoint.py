@@ -332,6 +332,7 @@ class FaultTracer:
         self._good_keys = np.zeros(0, dtype=np.int64)
         self._bad_keys = np.zeros(0, dtype=np.int64)
         self._poller: select.poll | None = None
+        self._poll_wake = -1
         self._pid_arr = np.asarray(self.pids, dtype=np.int32)
         self._dtype: np.dtype | None = None
         self._rec_size = 0
@@ -459,19 +460,23 @@ class FaultTracer:
     def filenos(self) -> list[int]:
         return [r.fd for r in self._rings]
 
-    def wait(self, timeout_s: float | None) -> bool:
-        """Block until a ring has data past its wakeup mark (or timeout); True if so."""
+    def wait(self, timeout_s: float | None, wake_fd: int = -1) -> bool:
+        """Block until a ring has data past its wakeup mark (True), ``wake_fd`` (when
+        >= 0) is readable, or the timeout passes."""
         if not self._rings:
             return False
         p = self._poller
-        if p is None:
+        if p is None or wake_fd != self._poll_wake:
             p = self._poller = select.poll()
             for r in self._rings:
                 p.register(r.fd, select.POLLIN)
+            if wake_fd >= 0:
+                p.register(wake_fd, select.POLLIN)
+            self._poll_wake = wake_fd
         # round up: rounding down woke the caller up to 1 ms early, and it then spun
         # on poll(0) until its deadline
         ms = None if timeout_s is None else max(0, math.ceil(timeout_s * 1000))
-        return bool(p.poll(ms))
+        return any(fd != wake_fd for fd, _ in p.poll(ms))
 
     @property
     def lost(self) -> int:
