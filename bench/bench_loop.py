@@ -14,7 +14,10 @@ per turn, the turns run versus due in the wall time taken, and the turns that
 started late.  A least-squares line over N gives the fixed cost per turn
 (intercept) and the cost per armed page (slope).  Only the loop is measured:
 the primitive's per-aggregation Python (fault join, reports) and the core are
-in bench_scale / the steady-state profiles.
+in bench_scale / the steady-state profiles.  Beside the loop, its floors: a bare C
+process sleeping in ppoll at the same period (bench/workloads/sleeper.c), a turn with
+no region, and the loop with the target SIGSTOPped (no TLB-flush IPIs; SIGCONT on every
+path).
 """
 
 from __future__ import annotations
@@ -207,6 +210,41 @@ def fit(rows: list[dict]) -> dict:
     return {"fixed_us_per_turn": float(icpt), "us_per_armed_page": float(slope)}
 
 
+FLOOR_REGIONS = (10, 100)
+
+
+def floor(prim, wl, lo: int, hi: int, turns: int, log=print) -> dict:
+    """What no change to the loop can take away, measured beside it: a bare C process
+    sleeping in ppoll at the same period (the kernel's sleep and wake-up), the C loop's
+    turn with no region (its own fixed work), and the C loop with the target stopped
+    (SIGSTOP: no thread of the target runs, so a protect needs no TLB-flush IPI to
+    another CPU; the difference to the running target is that IPI)."""
+    import signal
+    import subprocess
+
+    n = max(turns, 200)
+    p = subprocess.run([build("sleeper"), str(n), str(SAMPLE_NS // 1000)], check=True,
+                       capture_output=True, text=True, timeout=600)
+    out: dict = {"sleeper": json.loads(p.stdout)}
+    out["empty_turn"] = measure(prim, wl.pid, lo, hi, 0, n, True)
+    out["running"] = [measure(prim, wl.pid, lo, hi, k, n, True) for k in FLOOR_REGIONS]
+    os.kill(wl.pid, signal.SIGSTOP)
+    try:
+        out["stopped"] = [measure(prim, wl.pid, lo, hi, k, n, True) for k in FLOOR_REGIONS]
+    finally:
+        os.kill(wl.pid, signal.SIGCONT)
+    k0, k1 = FLOOR_REGIONS
+    for key in ("running", "stopped"):
+        a, b = out[key]
+        out[f"{key}_us_per_page"] = (b["cpu_us_per_turn"] - a["cpu_us_per_turn"]) / (k1 - k0)
+    log(f"  floor: a bare C ppoll({SAMPLE_NS // 1000} us) loop "
+        f"{out['sleeper']['cpu_us_per_turn']:.0f} us CPU per turn; the C loop with no region "
+        f"{out['empty_turn']['cpu_us_per_turn']:.0f}; per armed page "
+        f"{out['running_us_per_page']:.2f} us with the target running, "
+        f"{out['stopped_us_per_page']:.2f} stopped")
+    return out
+
+
 def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int = 400,
         log=print) -> dict:
     ok, why = uffd_available(MODES[mode])
@@ -241,6 +279,7 @@ def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int 
                     f"{n} regions: {r['cpu_us_per_turn']:.0f} us CPU/turn "
                     f"({r['cpu_pct']:.1f}% of a CPU), "
                     f"{r['turns_per_s']:.0f}/{r['due_per_s']:.0f} turns/s, {r['late']} late")
+        out["floor"] = floor(prim, wl, lo, hi, turns, log)
     finally:
         prim.stop()
         wl.terminate()
@@ -308,6 +347,21 @@ def markdown(res: dict) -> list[str]:
                 f"{sc['scan_join_mib']:g} MiB); one protect ioctl of a page "
                 f"{sc['protect_us']:.2f} us with no other CPU running the mm (the target's "
                 "threads make it a TLB-flush IPI too)."]
+    fl = res.get("floor")
+    if fl:
+        (a, b), (sa, sb) = fl["running"], fl["stopped"]
+        out += ["", "Floors, measured beside the loop: a bare C process sleeping in ppoll("
+                f"{fl['sleeper']['period_us'] / 1000:g} ms) costs "
+                f"{fl['sleeper']['cpu_us_per_turn']:.0f} us of CPU per wake-up "
+                "(bench/workloads/sleeper.c: the kernel's sleep and wake-up, which every loop "
+                "that sleeps between turns pays); a turn of the C loop with no region "
+                f"{fl['empty_turn']['cpu_us_per_turn']:.0f} us. With the target stopped "
+                f"(SIGSTOP) a turn costs {sa['cpu_us_per_turn']:.0f} / "
+                f"{sb['cpu_us_per_turn']:.0f} us at {sa['regions']} / {sb['regions']} regions, "
+                f"{fl['stopped_us_per_page']:.2f} us per armed page; running, "
+                f"{a['cpu_us_per_turn']:.0f} / {b['cpu_us_per_turn']:.0f} us, "
+                f"{fl['running_us_per_page']:.2f} us per armed page: the difference is the "
+                "TLB-flush IPI each protect sends to the CPUs running the target."]
     c = res.get("cli")
     if c:
         out += ["", f"The whole session (`udamon record --primitive {res['mode']} --regions "

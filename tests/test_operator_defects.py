@@ -410,6 +410,8 @@ def test_migrate_on_one_node_says_at_once_that_nothing_can_move():
     ["exporter", "--pid", "1", "--duration", "-0.5s"],
     ["record", "--pid", "1", "-o", "x.jsonl", "--sample", "-5ms"],
     ["record", "--pid", "1", "-o", "x.jsonl", "--aggr", "-.5s"],
+    ["record", "--pid", "1", "-o", "x.jsonl", "--latency", "-1s"],
+    ["monitor", "--pid", "1", "--latency", "-0.5s"],
 ])
 def test_a_negative_duration_is_one_clear_line(tmp_path, argv):
     """--duration -5s gave argparse's 'expected one argument'."""

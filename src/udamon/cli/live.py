@@ -150,7 +150,7 @@ def _add_source_args(p: argparse.ArgumentParser, replay: bool) -> None:
 
 def _latency_arg(text: str) -> int:
     if text.strip().startswith("-"):
-        raise ValueError(f"latency must not be negative, got {text!r}")
+        raise ValueError(f"latency cannot be negative, got {text!r}")
     return 0 if text.strip() == "0" else parse_duration_ns(text)
 
 
