@@ -202,20 +202,30 @@ def test_kernel_regions_with_hints_reports_in_one_record(workload):
     --hint-scan-period 100ms: at the derived period (1 s for 20 ms sampling) this
     TCG guest's NUMA scanner passes over the workload's memory about once per 10 s
     (measured: numa_scan_seq 2 -> 3 in 15 s; at 100 ms, one pass per ~1.1 s, each
-    with thousands of hinting faults on the buffers)."""
+    with thousands of hinting faults on the buffers).  Even so a pass can miss the
+    buffers for a whole recording (a CI run with a second TCG guest beside it saw no
+    hinting fault on any buffer in 20 s, while the kernel's scores were right), so, as
+    the NUMA guest tests do, it records again, at most three times, until hint saw the
+    reader's and the writer's buffers, and asserts on that record."""
     pid = str(workload["pid"])
-    header, snaps, end, path = _record(["--primitive", "kernel,hint", "--pid", pid,
-                                        "--sample", "20ms", "--aggr", "400ms",
-                                        "--hint-scan-period", "100ms", "--breakdown",
-                                        "cpu,rw", *buffer_probes(workload, write=False)],
-                                       20)
-    names = [p["name"] for p in header["probes"]]
+    for attempt in range(3):
+        header, snaps, end, path = _record(["--primitive", "kernel,hint", "--pid", pid,
+                                            "--sample", "20ms", "--aggr", "400ms",
+                                            "--hint-scan-period", "100ms", "--breakdown",
+                                            "cpu,rw", *buffer_probes(workload, write=False)],
+                                           20)
+        names = [p["name"] for p in header["probes"]]
+        hits = {n: sum(g["probes"][n] for s in snaps for g in s["regions"]) for n in names}
+        if hits.get("R", 0) >= 5 and hits.get("W", 0) >= 5:
+            break
+        print(f"attempt {attempt + 1}: hint saw too few faults on R / W", hits)
+        if attempt < 2:
+            os.unlink(path)
     assert {"cpu:0", "cpu:1", "write", "read", "R_c0", "W_c1"} <= set(names), names
     assert [p["name"] for p in header["primitives"]] == ["kernel", "hint"]
     assert end is not None and end["kernel"]["broken_aggregations"] == 0
     late = snaps[len(snaps) // 2:]
     ks = _scores(workload, late)
-    hits = {n: sum(g["probes"][n] for s in snaps for g in s["regions"]) for n in names}
     print("kernel,hint", {b: round(v, 2) for b, v in ks.items()}, "reports", end["reports"],
           "late", end["late_reports"], "outside", end["outside_reports"],
           {n: hits[n] for n in names if n[0] in "RWSI"})
