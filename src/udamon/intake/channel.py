@@ -42,6 +42,7 @@ from udamon.errors import InputError, ParameterError
 from udamon.intake import wire
 from udamon.intake.csv_format import is_comment, parse_header, parse_rows
 from udamon.intake.reports import empty
+from udamon.system.fdwait import wait_fds
 
 # A producer's share of one read: bounds the time one call spends on one producer.
 DEFAULT_BUDGET = 8 << 20
@@ -151,16 +152,7 @@ class ChannelServer:
     def wait(self, timeout_s: float, wake_fd: int = -1) -> bool:
         """Block until a producer (or a new connection) has something (True), ``wake_fd``
         (when >= 0) is readable, or the timeout passes."""
-        fds = self.fds()
-        if not fds and wake_fd < 0:
-            time.sleep(max(0.0, timeout_s))
-            return False
-        p = select.poll()
-        for fd in fds:
-            p.register(fd, select.POLLIN)
-        if wake_fd >= 0:
-            p.register(wake_fd, select.POLLIN)
-        return any(fd != wake_fd for fd, _ in p.poll(max(0, int(timeout_s * 1000 + 0.999))))
+        return wait_fds(self.fds(), timeout_s, wake_fd)
 
     @property
     def stdin_done(self) -> bool:

@@ -25,13 +25,12 @@ every exit path.
 
 from __future__ import annotations
 
-import math
-import select
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from udamon.system.fdwait import wait_fds
 
 Kind = Literal["observational", "controlled", "regions"]
 # What a primitive knows about what it sampled: "controlled" (it armed the
@@ -171,18 +170,3 @@ class Primitive:
     def stop(self) -> None:  # noqa: B027 - optional hook
         """Release everything; must be safe to call more than once."""
 
-
-def wait_fds(fds: list[int], timeout_s: float, wake_fd: int = -1) -> bool:
-    """poll() ``fds`` and ``wake_fd`` for input up to ``timeout_s`` (rounded up to whole
-    milliseconds: rounding down woke callers early, and they spun on poll(0) until
-    their deadline); True when one of ``fds`` is readable."""
-    ms = max(0, math.ceil(timeout_s * 1000))
-    if not fds and wake_fd < 0:
-        time.sleep(ms / 1000)
-        return False
-    p = select.poll()
-    for fd in fds:
-        p.register(fd, select.POLLIN)
-    if wake_fd >= 0:
-        p.register(wake_fd, select.POLLIN)
-    return any(fd != wake_fd for fd, _ in p.poll(ms))

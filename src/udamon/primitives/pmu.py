@@ -48,7 +48,8 @@ from udamon.errors import RuntimeFailure
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives import perf_mem
 from udamon.primitives.arm_spe import SpeDecoder
-from udamon.primitives.base import Primitive, PrimitiveStats, wait_fds
+from udamon.primitives.base import Primitive, PrimitiveStats
+from udamon.system.fdwait import wait_fds
 from udamon.system.perf_ring import (
     ATTR_DISABLED,
     ATTR_EXCLUDE_HV,
