@@ -33,6 +33,7 @@ from test_uffd_wp import (  # noqa: E402
     _spawn,
     check_churning_target,
     check_far_apart,
+    check_resident_protected,
     check_shared_memory,
     check_sigkill_during_injection,
     check_sigkill_of_monitor,
@@ -320,6 +321,11 @@ def test_rwp_shared_memory():
 @needs_rwp
 def test_rwp_armed_pages_far_apart_each_seen_exactly():
     check_far_apart(RwpPrimitive)
+
+
+@needs_rwp
+def test_rwp_registration_protects_resident_pages_not_holes():
+    check_resident_protected(RwpPrimitive)
 
 
 @needs_rwp

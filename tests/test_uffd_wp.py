@@ -467,6 +467,73 @@ def check_far_apart(cls) -> None:
         p.wait()
 
 
+@needs_wp
+def test_wp_registration_protects_resident_pages_not_holes():
+    check_resident_protected(WpPrimitive)
+
+
+def _vm_pte_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmPTE:"))
+
+
+def check_resident_protected(cls) -> None:
+    """Registering a mapping protects its resident pages once (so that sampling a page
+    the target leaves alone needs no TLB flush), leaves its holes alone (no marker, no
+    page table under a sparse heap), and arming still means "protected now": a page
+    written after the registration is protected again when armed, and only a write
+    after that is seen.  ``protect_resident=False`` is the control."""
+    from udamon.primitives.page_scan import SpanScanner, pages_in
+
+    n = 64
+    offs = [i * PAGE for i in range(n)]
+    p = subprocess.Popen([sys.executable, "-c", _SPARSE_TARGET, *map(str, offs)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hit = cls.mode.hit
+    ws = []
+    try:
+        base = int(p.stdout.readline())
+        fd = os.open(f"/proc/{p.pid}/pagemap", os.O_RDONLY)
+        lo = np.asarray([base], np.uint64)
+        hi = np.asarray([base + n * PAGE], np.uint64)
+
+        def unprotected() -> int:
+            runs, _ = SpanScanner().scan(fd, lo, hi, cat=hit, ret=hit)
+            return pages_in(runs[:, 0], runs[:, 1])
+
+        def poke(addr: int) -> None:
+            with open(f"/proc/{p.pid}/mem", "r+b", buffering=0) as f:
+                f.seek(addr)
+                f.write(b"\x03")
+
+        pte0 = _vm_pte_kib(p.pid)
+        ws.append(cls([p.pid], attribute=False))
+        w = ws[-1]
+        w.start([p.pid])
+        assert w.resident_protected >= n or cls.mode.name != "wp"
+        assert unprotected() == 0
+        # a marker under every hole of the 1 GiB mapping would be 2 MiB of page tables
+        assert _vm_pte_kib(p.pid) - pte0 < 512
+        a, b = base + 3 * PAGE, base + 40 * PAGE
+        poke(a)
+        assert unprotected() == 1
+        w.arm(p.pid, np.asarray([a, b], np.uint64))
+        assert w.poll(time.monotonic_ns()).size == 0
+        w.arm(p.pid, np.asarray([a, b], np.uint64))
+        poke(b)
+        assert [int(x) for x in w.poll(time.monotonic_ns())["addr"]] == [b]
+        w.stop()
+        ws.append(cls([p.pid], attribute=False, protect_resident=False))
+        ws[-1].start([p.pid])
+        assert unprotected() == n
+        os.close(fd)
+    finally:
+        for w in ws:
+            w.stop()
+        p.kill()
+        p.wait()
+
+
 def _anon_rw(pid: int) -> list[tuple[int, int]]:
     from udamon.targets.procmaps import read_vmas
 

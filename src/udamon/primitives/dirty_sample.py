@@ -160,7 +160,8 @@ class DirtySampler:
         self.min_sample = min_sample
         self.max_sample = max_sample
         self.rng = np.random.default_rng(seed)
-        self.prim = WpPrimitive(sorted(self.parts), attribute=False)
+        self.prim = WpPrimitive(sorted(self.parts), attribute=False,
+                                protect_resident=False)
         self.scanner = SpanScanner()
         self.page_scanner = uffd_loop.Scanner()
         self._state: dict[tuple[int, str], _PartState] = {}

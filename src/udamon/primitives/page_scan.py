@@ -116,17 +116,20 @@ class SpanScanner:
         return runs[:, 0], runs[:, 1], failed
 
 
-def protect_spans(uffd: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Write-protect whole spans (holes too, with ``UFFD_FEATURE_WP_UNPOPULATED``);
-    returns which succeeded.  Raises MmGone when the mm is gone."""
+def protect_spans(uffd: int, starts: np.ndarray, ends: np.ndarray, *,
+                  cmd: int = UFFDIO_WRITEPROTECT,
+                  flag: int = UFFDIO_WRITEPROTECT_MODE_WP) -> np.ndarray:
+    """Write-protect whole spans (holes too, with ``UFFD_FEATURE_WP_UNPOPULATED``), or
+    with ``cmd``/``flag`` another mode's protection; returns which succeeded.  Raises
+    MmGone when the mm is gone."""
     buf = bytearray(24)
     lo_l = np.asarray(starts).tolist()
     hi_l = np.asarray(ends).tolist()
     ok = np.ones(len(lo_l), dtype=bool)
     for i, (lo, hi) in enumerate(zip(lo_l, hi_l, strict=True)):
-        struct.pack_into("<QQQ", buf, 0, lo, hi - lo, UFFDIO_WRITEPROTECT_MODE_WP)
+        struct.pack_into("<QQQ", buf, 0, lo, hi - lo, flag)
         try:
-            fcntl.ioctl(uffd, UFFDIO_WRITEPROTECT, buf)
+            fcntl.ioctl(uffd, cmd, buf)
         except OSError as e:
             if e.errno == errno.ESRCH:
                 raise MmGone() from None

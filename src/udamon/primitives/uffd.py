@@ -56,8 +56,13 @@ from udamon.errors import RuntimeFailure, TargetGone
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives import uffd_loop
 from udamon.primitives.base import Primitive, PrimitiveStats, Window
+from udamon.primitives.page_scan import SpanScanner, pages_in, protect_spans
 from udamon.primitives.uffd_abi import (
+    PAGE_IS_PRESENT,
+    PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
+    PM_SCAN_CHECK_WPASYNC,
+    PM_SCAN_WP_MATCHING,
     RWP,
     UFFDIO_REGISTER,
     WP,
@@ -187,7 +192,7 @@ class UffdPrimitive(Primitive):
     mode: Mode = WP
 
     def __init__(self, pids: list[int], *, page_size: int = 4096, attribute: bool = True,
-                 faults_per_window: int = 0) -> None:
+                 faults_per_window: int = 0, protect_resident: bool = True) -> None:
         if page_size <= 0 or page_size & (page_size - 1):
             raise ValueError("page_size must be a power of two")
         self.pids = sorted(set(int(p) for p in pids))
@@ -195,6 +200,9 @@ class UffdPrimitive(Primitive):
         self._mask = np.uint64(~(page_size - 1) & ((1 << 64) - 1))
         self.attribute = attribute
         self.faults_per_window = faults_per_window
+        self.protect_resident = protect_resident
+        self.resident_protected = 0  # pages protected whole-mapping at registration
+        self.resident_protect_s = 0.0
         self._targets: dict[int, _Target] = {}
         self._told_gone: set[int] = set()  # gone targets exited() has reported
         self._tracer = None
@@ -203,6 +211,7 @@ class UffdPrimitive(Primitive):
         self._stopped = False
         self._started = False
         self._scanner = uffd_loop.Scanner()
+        self._span_scanner = SpanScanner()
         self.unmatched = 0
         self.freezes = 0
         self.freeze_s = 0.0
@@ -327,6 +336,7 @@ class UffdPrimitive(Primitive):
             # Register only while the target is frozen: a stale range would split
             # one of its VMAs and make its own mremap() of it fail (freeze.py).
             try:
+                before = set(t.registered)
                 with Freezer(t.pid) as fz:
                     vmas = read_vmas(t.pid)
                     alive = self._register(t, vmas)
@@ -335,6 +345,10 @@ class UffdPrimitive(Primitive):
                     return
                 self.freezes += 1
                 self.freeze_s += fz.held_s
+                if self.protect_resident and not self._protect_resident(
+                        t, sorted(t.registered - before)):
+                    self._mm_gone(t)
+                    return
             except TargetGone:
                 self._mark_gone(t)
                 return
@@ -372,6 +386,44 @@ class UffdPrimitive(Primitive):
                 continue  # not registrable...
             t.registered.add(key)
         t.busy = busy
+        return True
+
+    def _protect_resident(self, t: _Target, spans: list[tuple[int, int]]) -> bool:
+        """Protect every resident page of newly registered mappings once, with one TLB
+        flush per ioctl; False when the mm is gone.
+
+        Why: protecting a page whose PTE is writable (wp) or accessible (rwp) must flush
+        it from every CPU running the target -- an IPI to each, ~10-20 us on a VM -- while
+        protecting a page that is protected already changes nothing and needs no flush
+        (x86 ``pte_needs_flush``; 0.5 us a page measured, bench/analysis.md).  Without
+        this, nearly every page sampled in memory the target no longer writes is a first
+        protection and pays the IPI, for as long as sampling takes to reach every page
+        once (minutes on a large target).  Semantics do not change: arming a page still
+        means "protected now", and a page written since this protection is protected
+        again when it is sampled.  The target pays one async fault, resolved by the
+        kernel, for its first write (rwp: access) to each page afterwards.  wp protects
+        present pages only (``PAGEMAP_SCAN`` with ``PM_SCAN_WP_MATCHING`` and
+        ``PAGE_IS_PRESENT``): ``UFFDIO_WRITEPROTECT`` of a whole mapping would put a
+        marker, and a page table, under every hole of a sparse heap.  rwp's
+        ``UFFDIO_RWPROTECT`` protects present PTEs only by itself.  Done after the
+        freeze: the target runs on meanwhile."""
+        if not spans:
+            return True
+        lo = np.asarray([a for a, _ in spans], dtype=np.uint64)
+        hi = np.asarray([b for _, b in spans], dtype=np.uint64)
+        t0 = time.monotonic()
+        try:
+            if self.mode is WP:
+                runs, _ = self._span_scanner.scan(
+                    t.pagemap, lo, hi, cat=PAGE_IS_PRESENT | PAGE_IS_WRITTEN,
+                    ret=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
+                self.resident_protected += pages_in(runs[:, 0], runs[:, 1])
+            else:
+                protect_spans(t.uffd, lo, hi, cmd=self.mode.protect_cmd,
+                              flag=self.mode.protect_flag)
+        except MmGone:
+            return False
+        self.resident_protect_s += time.monotonic() - t0
         return True
 
     def _mm_dead(self, t: _Target, addr: int) -> bool:
@@ -636,6 +688,12 @@ class UffdPrimitive(Primitive):
             notes.append(f"{name}: froze the target {self.freezes} time(s) to register new "
                          f"mappings (threads held {self.freeze_s / self.freezes * 1e6:.0f} us "
                          "on average)")
+        if self.resident_protect_s:
+            what = (f"{self.resident_protected} resident written pages" if self.mode is WP
+                    else "the resident pages")
+            notes.append(f"{name}: protected {what} of newly registered mappings in "
+                         f"{self.resident_protect_s * 1e3:.1f} ms (so that sampling memory the "
+                         "target leaves alone needs no TLB flush)")
         c = self.counts
         if c.unpopulated:
             notes.append(f"{name}: {c.unpopulated} of {c.armed} armed pages "

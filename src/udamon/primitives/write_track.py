@@ -79,7 +79,7 @@ class WriteHistory:
 class WriteTracker:
     def __init__(self, pids: list[int]) -> None:
         self.pids = sorted(set(pids))
-        self.prim = WpPrimitive(self.pids, attribute=False)
+        self.prim = WpPrimitive(self.pids, attribute=False, protect_resident=False)
         self.scanner = SpanScanner()
         self._t: dict[int, _Track] = {p: _Track() for p in self.pids}
         self.start_ns = 0
