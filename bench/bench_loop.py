@@ -213,7 +213,8 @@ def fit(rows: list[dict]) -> dict:
 FLOOR_REGIONS = (10, 100)
 
 
-def floor(prim, wl, lo: int, hi: int, turns: int, log=print) -> dict:
+def floor(prim, wl, lo: int, hi: int, turns: int, log=print, info: dict | None = None
+          ) -> dict:
     """What no change to the loop can take away, measured beside it: a bare C process
     sleeping in ppoll at the same period (the kernel's sleep and wake-up), the C loop's
     turn with no region (its own fixed work), and the C loop with the target stopped
@@ -228,13 +229,22 @@ def floor(prim, wl, lo: int, hi: int, turns: int, log=print) -> dict:
     out: dict = {"sleeper": json.loads(p.stdout)}
     out["empty_turn"] = measure(prim, wl.pid, lo, hi, 0, n, True)
     out["running"] = [measure(prim, wl.pid, lo, hi, k, n, True) for k in FLOOR_REGIONS]
+    if info:
+        # the same, with every region in one buffer: R (only read: its pages stay
+        # protected from the registration on, so arming one needs no flush) and W (written
+        # all the time: every armed page was written since it was last protected)
+        for b in "RW":
+            out[f"buffer_{b}"] = [measure(prim, wl.pid, *info[b], k, n, True)
+                                  for k in FLOOR_REGIONS]
     os.kill(wl.pid, signal.SIGSTOP)
     try:
         out["stopped"] = [measure(prim, wl.pid, lo, hi, k, n, True) for k in FLOOR_REGIONS]
     finally:
         os.kill(wl.pid, signal.SIGCONT)
     k0, k1 = FLOOR_REGIONS
-    for key in ("running", "stopped"):
+    for key in ("running", "stopped", "buffer_R", "buffer_W"):
+        if key not in out:
+            continue
         a, b = out[key]
         out[f"{key}_us_per_page"] = (b["cpu_us_per_turn"] - a["cpu_us_per_turn"]) / (k1 - k0)
     log(f"  floor: a bare C ppoll({SAMPLE_NS // 1000} us) loop "
@@ -242,6 +252,10 @@ def floor(prim, wl, lo: int, hi: int, turns: int, log=print) -> dict:
         f"{out['empty_turn']['cpu_us_per_turn']:.0f}; per armed page "
         f"{out['running_us_per_page']:.2f} us with the target running, "
         f"{out['stopped_us_per_page']:.2f} stopped")
+    if "buffer_R_us_per_page" in out:
+        log(f"  per armed page, regions in one buffer: {out['buffer_R_us_per_page']:.2f} us in "
+            f"the read-only R (no flush), {out['buffer_W_us_per_page']:.2f} us in the "
+            "written W (a TLB-flush IPI each)")
     return out
 
 
@@ -279,7 +293,7 @@ def run(mode: str = "wp", regions=(10, 20, 50, 100, 200, 500, 1000), turns: int 
                     f"{n} regions: {r['cpu_us_per_turn']:.0f} us CPU/turn "
                     f"({r['cpu_pct']:.1f}% of a CPU), "
                     f"{r['turns_per_s']:.0f}/{r['due_per_s']:.0f} turns/s, {r['late']} late")
-        out["floor"] = floor(prim, wl, lo, hi, turns, log)
+        out["floor"] = floor(prim, wl, lo, hi, turns, log, info)
     finally:
         prim.stop()
         wl.terminate()
@@ -362,6 +376,14 @@ def markdown(res: dict) -> list[str]:
                 f"{a['cpu_us_per_turn']:.0f} / {b['cpu_us_per_turn']:.0f} us, "
                 f"{fl['running_us_per_page']:.2f} us per armed page: the difference is the "
                 "TLB-flush IPI each protect sends to the CPUs running the target."]
+        if "buffer_R_us_per_page" in fl:
+            out += ["", "Which pages pay the IPI: with every region in the buffer the target "
+                    f"only reads, an armed page costs {fl['buffer_R_us_per_page']:.2f} us "
+                    "(its pages were protected once when the mapping was registered and "
+                    "stay so: protecting them again changes no PTE and flushes nothing); in "
+                    f"the buffer it writes all the time, {fl['buffer_W_us_per_page']:.2f} us "
+                    "(each armed page was written since it was last protected, so its PTE "
+                    "is writable and must be flushed from the other CPU)."]
     c = res.get("cli")
     if c:
         out += ["", f"The whole session (`udamon record --primitive {res['mode']} --regions "

@@ -297,6 +297,12 @@ def goals_table(res: dict) -> list[str]:
                      f"{fl['sleeper']['cpu_us_per_turn']:.0f} us", None))
         rows.append(("floor, no goal: wp loop (C) per armed page with the target stopped "
                      "(no TLB-flush IPI)", "–", f"{fl['stopped_us_per_page']:.2f} us", None))
+        if "buffer_R_us_per_page" in fl:
+            r, w = fl["buffer_R_us_per_page"], fl["buffer_W_us_per_page"]
+            rows.append(("wp loop (C): per armed page in memory the target does not write "
+                         "(target running)", "<= 2 us", f"{r:.2f} us", r <= 2))
+            rows.append(("wp loop (C): per armed page in memory the target writes all the "
+                         "time (a TLB-flush IPI each)", "<= 2 us", f"{w:.2f} us", w <= 2))
     big = [r for r in loop.get("rows", []) if r["native"] and r["regions"] == max(
         x["regions"] for x in loop["rows"])] if loop.get("rows") else []
     if big:
