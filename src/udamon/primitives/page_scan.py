@@ -47,13 +47,10 @@ class SpanScanner:
         self._vec = np.zeros((vec_len, 3), dtype=np.uint64)
         self.calls = 0
 
-    def scan(self, fd: int, starts: np.ndarray, ends: np.ndarray, *, cat: int = 0,
-             anyof: int = 0, ret: int = 0, flags: int = 0) -> tuple[np.ndarray, int]:
-        """Runs ``[start, end, categories]`` (uint64, sorted) of the pages of the spans
-        that match; and how many spans failed (EPERM/EINVAL: the VMA changed or is not
-        registered -- that span is not observed).  Raises MmGone when the mm is gone."""
-        out: list[np.ndarray] = []
-        failed = 0
+    def _walk(self, fd: int, starts: np.ndarray, ends: np.ndarray, cat: int, anyof: int,
+              ret: int, flags: int):
+        """Yield each filled part of the result vector (a view, valid until the next
+        one), and -1 for each span that failed (EPERM/EINVAL)."""
         arg, vec = self._arg, self._vec
         for lo, hi in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist(), strict=True):
             ok = True
@@ -78,11 +75,11 @@ class SpanScanner:
                     if n < 0:
                         if n == -errno.ESRCH:
                             raise MmGone()
-                        failed += 1
+                        yield -1
                         ok = False
                         break
                     if n:
-                        out.append(vec[:n].copy())
+                        yield vec[:n]
                     if n < vec.shape[0]:
                         break  # all of [cur, end) reported: ignore walk_end (FACTS.md)
                     nxt = int(arg.walk_end)
@@ -90,9 +87,35 @@ class SpanScanner:
                         break
                     cur = nxt
                 lo = end
+
+    def scan(self, fd: int, starts: np.ndarray, ends: np.ndarray, *, cat: int = 0,
+             anyof: int = 0, ret: int = 0, flags: int = 0) -> tuple[np.ndarray, int]:
+        """Runs ``[start, end, categories]`` (uint64, sorted) of the pages of the spans
+        that match; and how many spans failed (EPERM/EINVAL: the VMA changed or is not
+        registered -- that span is not observed).  Raises MmGone when the mm is gone."""
+        out: list[np.ndarray] = []
+        failed = 0
+        for part in self._walk(fd, starts, ends, cat, anyof, ret, flags):
+            if isinstance(part, int):
+                failed += 1
+            else:
+                out.append(part.copy())
         if not out:
             return np.zeros((0, 3), dtype=np.uint64), failed
         return np.concatenate(out), failed
+
+    def protect_written_resident(self, fd: int, starts: np.ndarray, ends: np.ndarray
+                                 ) -> int:
+        """Write-protect the present pages of the spans that are not protected, in the
+        walk that finds them (``PM_SCAN_WP_MATCHING``; holes get no marker); returns how
+        many.  The runs are counted, not kept: memory stays flat however fragmented the
+        pattern.  Raises MmGone when the mm is gone."""
+        pages = 0
+        for part in self._walk(fd, starts, ends, PAGE_IS_PRESENT | PAGE_IS_WRITTEN, 0,
+                               PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC):
+            if not isinstance(part, int):
+                pages += int((part[:, 1] - part[:, 0]).sum()) // PAGE
+        return pages
 
     def resident(self, fd: int, starts: np.ndarray, ends: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, int]:

@@ -56,13 +56,9 @@ from udamon.errors import RuntimeFailure, TargetGone
 from udamon.intake.reports import SOURCE_IDS, empty
 from udamon.primitives import uffd_loop
 from udamon.primitives.base import Primitive, PrimitiveStats, Window
-from udamon.primitives.page_scan import SpanScanner, pages_in, protect_spans
+from udamon.primitives.page_scan import SpanScanner, protect_spans
 from udamon.primitives.uffd_abi import (
-    PAGE_IS_PRESENT,
-    PAGE_IS_WRITTEN,
     PAGEMAP_SCAN,
-    PM_SCAN_CHECK_WPASYNC,
-    PM_SCAN_WP_MATCHING,
     RWP,
     UFFDIO_REGISTER,
     WP,
@@ -414,10 +410,8 @@ class UffdPrimitive(Primitive):
         t0 = time.monotonic()
         try:
             if self.mode is WP:
-                runs, _ = self._span_scanner.scan(
-                    t.pagemap, lo, hi, cat=PAGE_IS_PRESENT | PAGE_IS_WRITTEN,
-                    ret=PAGE_IS_WRITTEN, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC)
-                self.resident_protected += pages_in(runs[:, 0], runs[:, 1])
+                self.resident_protected += self._span_scanner.protect_written_resident(
+                    t.pagemap, lo, hi)
             else:
                 protect_spans(t.uffd, lo, hi, cmd=self.mode.protect_cmd,
                               flag=self.mode.protect_flag)
