@@ -387,17 +387,30 @@ def test_paddr_anon_and_memcg_probes_match_the_kernels_page_flags(memcg, no_numa
             sz = g["end"] - g["start"]
             err_w += sz * abs(g["probes"]["anon"] / 20 - _anon_share(g["start"], g["end"], flags))
             tot += sz
-    per_anon, per_shm = [], []
+    # per buffer: the mean hits of the regions holding its pages, measured and as the
+    # page flags predict them (20 x the region's anonymous share, in thousandths)
+    per_anon, per_shm, want_anon, want_shm = [], [], [], []
     for s in snaps[2:]:
         regs = [(g["start"], g["end"], g["probes"]["anon"], 0) for g in s["regions"]]
+        want = [(g["start"], g["end"], round(20000 * _anon_share(g["start"], g["end"], flags)),
+                 0) for g in s["regions"]]
         per_anon.append(float(np.mean(classify_pages(anon, regs)[0])))
         per_shm.append(float(np.mean(classify_pages(shm, regs)[0])))
+        want_anon.append(float(np.mean(classify_pages(anon, want)[0])) / 1000)
+        want_shm.append(float(np.mean(classify_pages(shm, want)[0])) / 1000)
+    got_a, got_s = np.mean(per_anon), np.mean(per_shm)
+    exp_a, exp_s = np.mean(want_anon), np.mean(want_shm)
     print(f"anon probe: mean |hits/20 - anonymous share| {err_w / tot:.3f}; hits over the "
-          f"private buffer {np.mean(per_anon):.1f}, the shared one {np.mean(per_shm):.1f}")
+          f"private buffer {got_a:.1f} (page flags: {exp_a:.1f}), the shared one "
+          f"{got_s:.1f} ({exp_s:.1f})")
     # (a run: 0.061; the buffers' pages interleave physically with each other and with
-    # other memory, so their regions mix: 10.0 and 5.2 hits; the page flags say by how much)
+    # other memory, so their regions mix: 10.0 and 5.2 hits; the page flags say by how
+    # much -- a CI run had the regions mixed so far that they predicted 6-7 for both, and
+    # the order of the two measured means alone was chance)
     assert err_w / tot <= 0.12
-    assert np.mean(per_anon) > np.mean(per_shm)
+    assert abs(got_a - exp_a) <= 3 and abs(got_s - exp_s) <= 3
+    if exp_a - exp_s >= 4:
+        assert got_a > got_s
     if memcg is None:
         print("memcg probe not checked: the guest kernel offers no memory cgroups")
         return
