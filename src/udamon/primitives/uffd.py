@@ -385,8 +385,9 @@ class UffdPrimitive(Primitive):
         return True
 
     def _protect_resident(self, t: _Target, spans: list[tuple[int, int]]) -> bool:
-        """Protect every resident page of newly registered mappings once, with one TLB
-        flush per ioctl; False when the mm is gone.
+        """Protect every resident page of newly registered mappings once, with few TLB
+        flushes (rwp: one per mapping; wp: one per 2 MiB walked); False when the mm is
+        gone.
 
         Why: protecting a page whose PTE is writable (wp) or accessible (rwp) must flush
         it from every CPU running the target -- an IPI to each, ~10-20 us on a VM -- while
