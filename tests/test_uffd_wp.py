@@ -496,6 +496,7 @@ def check_resident_protected(cls) -> None:
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     hit = cls.mode.hit
     ws = []
+    fd = -1
     try:
         base = int(p.stdout.readline())
         fd = os.open(f"/proc/{p.pid}/pagemap", os.O_RDONLY)
@@ -531,8 +532,9 @@ def check_resident_protected(cls) -> None:
         ws.append(cls([p.pid], attribute=False, protect_resident=False))
         ws[-1].start([p.pid])
         assert unprotected() == n
-        os.close(fd)
     finally:
+        if fd >= 0:
+            os.close(fd)
         for w in ws:
             w.stop()
         p.kill()

@@ -114,7 +114,7 @@ class SpanScanner:
         for part in self._walk(fd, starts, ends, PAGE_IS_PRESENT | PAGE_IS_WRITTEN, 0,
                                PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC):
             if not isinstance(part, int):
-                pages += int((part[:, 1] - part[:, 0]).sum()) // PAGE
+                pages += pages_in(part[:, 0], part[:, 1])
         return pages
 
     def resident(self, fd: int, starts: np.ndarray, ends: np.ndarray
